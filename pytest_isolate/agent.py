@@ -1,0 +1,924 @@
+"""The agent: the one file of pytest-isolate that runs inside an environment.
+
+Standard library only, Python 3.9+.  The host sends this file as source over
+the environment's stdin (see ``BOOTSTRAP``); from then on fds 0/1 carry frames::
+
+    frame := MAGIC(2) channel(u32) json_len(u32) blob_len(u32) json blob
+
+Channel 0 is the agent itself.  Every *worker* -- a forked child with a fresh
+copy-on-write root and a PID namespace of its own -- gets a channel chosen by
+the host.  The agent relays whole frames between the host and its workers, so
+a worker that dies mid-write can never corrupt the host's stream, and a worker
+that outlives its deadline is killed together with everything it started.
+
+The same file is the host-side launcher of namespace backends
+(``python3 -I -S agent.py launch CONFIG_JSON``): the namespace and mount code
+is needed on both sides of the boundary, and keeping it here keeps it stdlib
+only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import io
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+MAGIC = b"PI"
+HEADER = struct.Struct(">2sIII")
+MAX_JSON = 64 << 20
+MAX_BLOB = 1 << 30
+PROTOCOL_VERSION = 1
+MIN_PYTHON = (3, 9)
+
+#: What the host runs inside an environment: read the agent's source from fd 0 (exact
+#: byte counts: a buffered reader would swallow the first frames), then run it.
+BOOTSTRAP = (
+    "import os\n"
+    "def r(n):\n"
+    " d=os.read(0,n)\n"
+    " if not d:raise SystemExit('pytest-isolate: no agent source on stdin')\n"
+    " return d\n"
+    "h=b''\n"
+    "while h[-1:]!=b'\\n':h+=r(1)\n"
+    "n=int(h);s=b''\n"
+    "while len(s)<n:s+=r(n-len(s))\n"
+    "g={'__name__':'pytest_isolate_agent'}\n"
+    "exec(compile(s,'pytest_isolate/agent.py','exec'),g)\n"
+    "g['main']()\n"
+)
+
+Frame = Tuple[int, Dict[str, Any], bytes]
+
+
+class ProtocolError(Exception):
+    """A frame that is malformed or larger than allowed; the stream is unusable."""
+
+
+def encode_frame(ch: int, obj: Dict[str, Any], blob: bytes = b"") -> bytes:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    return HEADER.pack(MAGIC, ch, len(data), len(blob)) + data + blob
+
+
+class FrameDecoder:
+    """Incremental frame parser; rejects bad magic, oversized frames, non-object JSON."""
+
+    def __init__(self, max_json: int = MAX_JSON, max_blob: int = MAX_BLOB) -> None:
+        self._buf = bytearray()
+        self.max_json = max_json
+        self.max_blob = max_blob
+
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> List[Frame]:
+        self._buf += data
+        frames: List[Frame] = []
+        while len(self._buf) >= HEADER.size:
+            magic, ch, jlen, blen = HEADER.unpack_from(self._buf)
+            if magic != MAGIC:
+                raise ProtocolError("bad frame magic %r" % bytes(magic))
+            if jlen > self.max_json or blen > self.max_blob:
+                raise ProtocolError(
+                    "oversized frame (json %d bytes, blob %d bytes; limits %d, %d)"
+                    % (jlen, blen, self.max_json, self.max_blob)
+                )
+            end = HEADER.size + jlen + blen
+            if len(self._buf) < end:
+                break
+            try:
+                obj = json.loads(bytes(self._buf[HEADER.size : HEADER.size + jlen]))
+            except ValueError as exc:
+                raise ProtocolError("malformed JSON in frame: %s" % exc) from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
+                raise ProtocolError("frame is not an object with an 'op'")
+            blob = bytes(self._buf[HEADER.size + jlen : end])
+            del self._buf[:end]
+            frames.append((ch, obj, blob))
+        return frames
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+# --------------------------------------------------------------------------
+# Namespaces and mounts (ctypes: os.unshare only exists from Python 3.12)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+SYS_PIVOT_ROOT = {
+    "x86_64": 155, "aarch64": 41, "arm64": 41, "riscv64": 41, "loongarch64": 41,
+    "armv7l": 218, "armv6l": 218, "i686": 217, "i386": 217, "ppc64le": 203,
+    "ppc64": 203, "s390x": 217, "mips64": 5151,
+}
+
+_libc: Any = None
+
+
+def libc() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+
+def unshare(flags: int) -> None:
+    _check(libc().unshare(flags), "unshare(0x%x)" % flags)
+
+
+def mount(src: Optional[str], target: str, fstype: Optional[str], flags: int = 0,
+          data: Optional[str] = None) -> None:
+    def enc(s: Optional[str]) -> Optional[bytes]:
+        return None if s is None else s.encode()
+
+    _check(
+        libc().mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+        "mount %s on %s (%s)" % (src, target, fstype),
+    )
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(libc().umount2(target.encode(), flags), "umount %s" % target)
+
+
+def pivot_root(new_root: str) -> None:
+    """Make new_root the root and detach the old one (new_root must be a mount point)."""
+    nr = SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, "pivot_root: unknown syscall number on " + platform.machine())
+    os.chdir(new_root)
+    _check(libc().syscall(nr, b".", b"."), "pivot_root " + new_root)
+    umount(".", MNT_DETACH)
+    os.chdir("/")
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    libc().prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def loopback_up() -> None:
+    """Bring 'lo' up in a fresh network namespace (SIOCGIFFLAGS / SIOCSIFFLAGS)."""
+    import fcntl
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        ifr = struct.pack("16sh14x", b"lo", 0)
+        flags = struct.unpack("16sh14x", fcntl.ioctl(s.fileno(), 0x8913, ifr))[1]
+        fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sh14x", b"lo", flags | 1))
+    finally:
+        s.close()
+
+
+_ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC))
+
+
+def bind(src: str, dst: str, readonly: bool = False) -> None:
+    """Recursive bind mount; read-only remount keeps the flags a user namespace locks."""
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if not os.path.exists(dst):
+            open(dst, "a").close()
+    mount(src, dst, None, MS_BIND | MS_REC)
+    if readonly:
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+        st = os.statvfs(dst).f_flag
+        for st_bit, ms_bit in _ST_TO_MS[1:]:
+            if st & st_bit:
+                flags |= ms_bit
+        mount(None, dst, None, flags)
+
+
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
+                  fresh_dev: bool) -> None:
+    """Mount /proc, /dev, /sys, /tmp and the bind mounts into a new root."""
+    proc = os.path.join(root, "proc")
+    os.makedirs(proc, exist_ok=True)
+    mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    dev = os.path.join(root, "dev")
+    os.makedirs(dev, exist_ok=True)
+    if fresh_dev:
+        mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755")
+        for name in DEVICES:
+            src = os.path.join(dev_from, name)
+            if os.path.exists(src):
+                bind(src, os.path.join(dev, name))
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                             ("ptmx", "pts/ptmx")):
+            os.symlink(target, os.path.join(dev, name))
+        os.makedirs(os.path.join(dev, "pts"))
+        try:
+            mount("devpts", os.path.join(dev, "pts"), "devpts", MS_NOSUID | MS_NOEXEC,
+                  "newinstance,ptmxmode=0666,mode=620")
+        except OSError:
+            pass
+        os.makedirs(os.path.join(dev, "shm"))
+        mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    else:
+        mount(dev_from, dev, None, MS_BIND | MS_REC)
+    sys_dir = os.path.join(root, "sys")
+    if os.path.isdir(sys_dir):
+        try:
+            mount("sysfs", sys_dir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            try:
+                bind("/sys", sys_dir, readonly=True)
+            except OSError:
+                pass
+    tmp = os.path.join(root, "tmp")
+    os.makedirs(tmp, exist_ok=True)
+    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for src, dst, readonly in binds:
+        bind(src, root + dst, bool(readonly))
+
+
+def overlay(root: str, lowers: Sequence[str], upper: str, work: str) -> None:
+    for d in (root, upper, work):
+        os.makedirs(d, exist_ok=True)
+    mount("overlay", root, "overlay", 0,
+          "lowerdir=%s,upperdir=%s,workdir=%s" % (":".join(lowers), upper, work))
+
+
+# --------------------------------------------------------------------------
+# Launcher (host side of namespace backends)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def launch(cfg: Dict[str, Any]) -> None:
+    """Enter new namespaces, build the environment's root, pivot into it and exec.
+
+    cfg keys: rootfs, workdir, mode ("overlay": writes go to a tmpfs;
+    "direct": writes go to rootfs itself, for provisioning), binds
+    [[src, dst, readonly]], network, hostname, argv, env, cwd.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
+    if not cfg.get("network"):
+        flags |= CLONE_NEWNET
+    if uid != 0:
+        flags |= CLONE_NEWUSER
+    set_pdeathsig()
+    unshare(flags)
+    if uid != 0:
+        for name, text in (("setgroups", "deny"), ("uid_map", "0 %d 1" % uid),
+                           ("gid_map", "0 %d 1" % gid)):
+            with open("/proc/self/" + name, "w") as f:
+                f.write(text)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    pid = os.fork()
+    if pid:
+        def forward(signum: int, frame: Any) -> None:
+            os.kill(pid, signal.SIGKILL)
+
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, forward)
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except ChildProcessError:
+                os._exit(1)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
+    try:
+        set_pdeathsig()
+        _enter_root(cfg)
+    except BaseException as exc:  # reported on the launcher's stderr (the env's log)
+        sys.stderr.write("pytest-isolate launcher: %s: %s\n" % (type(exc).__name__, exc))
+        sys.stderr.flush()
+        os._exit(121)
+
+
+def _enter_root(cfg: Dict[str, Any]) -> None:
+    work = cfg["workdir"]
+    mount("tmpfs", work, "tmpfs", 0, "mode=755")
+    root = os.path.join(work, "root")
+    if cfg.get("mode", "overlay") == "direct":
+        os.makedirs(root)
+        mount(cfg["rootfs"], root, None, MS_BIND | MS_REC)
+    else:
+        overlay(root, [cfg["rootfs"]], os.path.join(work, "upper"), os.path.join(work, "work"))
+        bind(cfg["rootfs"], root + "/.isolate/lower", readonly=True)
+        os.makedirs(root + "/.isolate/ws", exist_ok=True)
+    binds = list(cfg.get("binds", []))
+    if cfg.get("network") and os.path.exists("/etc/resolv.conf"):
+        binds.append(["/etc/resolv.conf", "/etc/resolv.conf", True])
+    populate_root(root, binds, "/dev", fresh_dev=True)
+    if cfg.get("hostname"):
+        socket.sethostname(cfg["hostname"])
+    if not cfg.get("network"):
+        try:
+            loopback_up()
+        except OSError:
+            pass
+    pivot_root(root)
+    os.chdir(cfg.get("cwd") or "/")
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+    env.update(cfg.get("env") or {})
+    argv = cfg["argv"]
+    os.execvpe(argv[0], argv, env)
+
+
+# --------------------------------------------------------------------------
+# Commands and files (used by workers and by the agent itself)
+
+
+def run_command(req: Dict[str, Any], stdin: bytes,
+                preexec: Optional[Callable[[], None]] = None) -> Tuple[Dict[str, Any], bytes]:
+    argv = req["argv"]
+    env = dict(os.environ)
+    env.update(req.get("env") or {})
+    timeout = req.get("timeout")
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=req.get("cwd"), env=env, start_new_session=True, preexec_fn=preexec,
+        )
+    except OSError as exc:
+        msg = ("%s: %s\n" % (argv[0], exc.strerror or exc)).encode()
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        return ({"op": "result", "returncode": code, "stdout_len": 0,
+                 "duration": time.monotonic() - started, "timed_out": False}, msg)
+    timed_out = False
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=float(req.get("kill_grace", 2.0)))
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+    else:
+        _killpg(proc.pid, signal.SIGKILL)  # what the command left running in its group
+    return ({"op": "result", "returncode": proc.returncode, "stdout_len": len(out),
+             "duration": time.monotonic() - started, "timed_out": timed_out}, out + err)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except OSError:
+        pass
+
+
+def pack_path(path: str) -> bytes:
+    """A tar archive of path, its top entry named 'root'."""
+    if not os.path.lexists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such file or directory", path)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(path, arcname="root")
+    return buf.getvalue()
+
+
+def unpack_to(data: bytes, dest: str) -> None:
+    """Extract an archive made by pack_path so that its 'root' entry becomes dest."""
+    parent = os.path.dirname(os.path.abspath(dest)) or "/"
+    os.makedirs(parent, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        members = []
+        for m in tar.getmembers():
+            if m.name != "root" and not m.name.startswith("root/"):
+                raise ValueError("unexpected archive member %r" % m.name)
+            if m.isdev():
+                continue
+            m.name = os.path.basename(dest) + m.name[4:]
+            members.append(m)
+        if hasattr(tarfile, "fully_trusted_filter"):
+            tar.extractall(parent, members=members, filter="fully_trusted")
+        else:
+            tar.extractall(parent, members=members)
+
+
+def in_root_call(root: Optional[str], fn: Callable[[], bytes]) -> bytes:
+    """Run fn in a forked child chrooted to root (so paths resolve inside the env)."""
+    if root is None:
+        return fn()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 0
+        try:
+            os.chroot(root)
+            os.chdir("/")
+            payload = b"\0" + fn()
+        except BaseException as exc:
+            payload = b"\1" + ("%s: %s" % (type(exc).__name__, exc)).encode()
+            code = 1
+        try:
+            write_all(w, payload)
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        chunk = os.read(r, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    data = b"".join(chunks)
+    if not data or data[:1] != b"\0":
+        raise OSError(data[1:].decode(errors="replace") or "file operation failed")
+    return data[1:]
+
+
+# --------------------------------------------------------------------------
+# pytest inside the environment
+
+
+def isolate_targets(marker_args: Sequence[Any], default_envs: Sequence[str]) -> List[str]:
+    """Environments a test runs in: its marker's, else the run-wide default."""
+    return [str(a) for a in marker_args] if marker_args else list(default_envs)
+
+
+def parametrize_envs(metafunc: Any, default_envs: Sequence[str]) -> None:
+    """One item per environment when a test has several (shared by host and agent)."""
+    marker = metafunc.definition.get_closest_marker("isolate")
+    envs = isolate_targets(marker.args if marker else (), default_envs)
+    if len(envs) > 1:
+        if "isolate_target" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("isolate_target")
+        metafunc.parametrize("isolate_target", envs, ids=envs, indirect=True)
+
+
+class Agent:
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.decoder = FrameDecoder()
+        self.workers: Dict[int, "Worker"] = {}
+        self.settings: Dict[str, Any] = {"isolation": "none"}
+        self.session: Any = None
+        self.items: Dict[str, Any] = {}
+        self.running = True
+        self.sigr, self.sigw = os.pipe()
+        os.set_blocking(self.sigw, False)
+        os.set_blocking(self.sigr, False)
+        signal.set_wakeup_fd(self.sigw)
+        signal.signal(signal.SIGCHLD, lambda s, f: None)
+        self.exited: Dict[int, int] = {}
+        #: where reports go: channel 0 here, the worker's socket in a worker
+        self.current_sender: Callable[..., None] = lambda obj, blob=b"": self.send(0, obj, blob)
+
+    # -- plumbing
+    def send(self, ch: int, obj: Dict[str, Any], blob: bytes = b"") -> None:
+        write_all(self.wfd, encode_frame(ch, obj, blob))
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.exited[pid] = status
+
+    def serve(self) -> None:
+        while self.running:
+            rlist = [self.rfd, self.sigr] + [w.fd for w in self.workers.values() if w.fd >= 0]
+            now = time.monotonic()
+            deadlines = [w.deadline for w in self.workers.values() if w.deadline]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            ready, _, _ = select.select(rlist, [], [], timeout)
+            if self.sigr in ready:
+                try:
+                    while os.read(self.sigr, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            self.reap()
+            if self.rfd in ready:
+                data = os.read(self.rfd, 1 << 20)
+                if not data:
+                    self.running = False
+                    break
+                for ch, obj, blob in self.decoder.feed(data):
+                    self.route(ch, obj, blob)
+            for w in list(self.workers.values()):
+                if w.fd in ready:
+                    w.pump(self)
+                if w.deadline and time.monotonic() >= w.deadline and w.kill_reason is None:
+                    w.kill("timeout: the test ran longer than %ss" % w.timeout)
+                if w.pid in self.exited and w.fd < 0:
+                    self.finish(w)
+        for w in list(self.workers.values()):
+            w.kill("agent shutting down")
+
+    def finish(self, w: "Worker") -> None:
+        status = self.exited.pop(w.pid)
+        del self.workers[w.ch]
+        code = os.waitstatus_to_exitcode(status)
+        reason = w.kill_reason
+        if reason is None and code != 0:
+            reason = ("killed by signal %d" % -code) if code < 0 else "exited with status %d" % code
+        self.send(w.ch, {"op": "exit", "code": code, "reason": reason})
+
+    def route(self, ch: int, obj: Dict[str, Any], blob: bytes) -> None:
+        if ch:
+            w = self.workers.get(ch)
+            if w is None:
+                self.send(ch, {"op": "error", "message": "no worker on channel %d" % ch})
+                return
+            if obj["op"] == "runtest":
+                w.timeout = obj.get("timeout")
+                w.deadline = time.monotonic() + w.timeout if w.timeout else None
+            if obj["op"] == "kill":
+                w.kill(obj.get("reason") or "killed by the host")
+                return
+            w.forward(obj, blob)
+            return
+        try:
+            handler = getattr(self, "op_" + obj["op"], None)
+            if handler is None:
+                raise ValueError("unknown op %r" % obj["op"])
+            handler(obj, blob)
+        except Exception as exc:
+            self.send(0, {"op": "error", "type": type(exc).__name__, "message": str(exc),
+                          "traceback": traceback.format_exc()})
+
+    # -- channel 0 operations
+    def op_hello(self, req: Dict[str, Any], blob: bytes) -> None:
+        self.send(0, {"op": "hello", "protocol": PROTOCOL_VERSION,
+                      "python": list(sys.version_info[:3]), "machine": platform.machine(),
+                      "pid": os.getpid(), "uid": os.getuid(), "executable": sys.executable})
+
+    def op_configure(self, req: Dict[str, Any], blob: bytes) -> None:
+        self.settings.update(req.get("settings") or {})
+        site = self.settings.get("site")
+        if site and site not in sys.path:
+            sys.path.insert(0, site)
+        self.send(0, {"op": "ok"})
+
+    def op_pytest(self, req: Dict[str, Any], blob: bytes) -> None:
+        """Start a pytest session; its runtest loop becomes this agent's serve loop."""
+        if self.session is not None:
+            raise RuntimeError("a pytest session is already running")
+        os.chdir(req["cwd"])
+        import pytest
+
+        plugin = make_pytest_plugin(self, req)
+        code = pytest.main(list(req["args"]), plugins=[plugin])
+        if not plugin.reached_loop:
+            self.send(0, {"op": "error", "type": "PytestStartError",
+                          "message": "pytest inside the environment exited with %s before "
+                          "running tests (see the agent log)" % (code,)})
+        # the session ended: either the host shut us down, or the stream ended.
+
+    def op_exec(self, req: Dict[str, Any], blob: bytes) -> None:
+        reply, out = run_command(req, blob)
+        self.send(0, reply, out)
+
+    def op_worker(self, req: Dict[str, Any], blob: bytes) -> None:
+        ch = int(req["ch"])
+        if ch <= 0 or ch in self.workers:
+            raise ValueError("channel %d is not free" % ch)
+        a, b = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                a.close()
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for fd in (self.rfd, self.wfd, self.sigr, self.sigw):
+                    os.close(fd)
+                for w in self.workers.values():
+                    if w.fd >= 0:
+                        os.close(w.fd)
+                code = worker_main(self, b, ch, req)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        b.close()
+        self.workers[ch] = Worker(ch, pid, a)
+
+    def op_shutdown(self, req: Dict[str, Any], blob: bytes) -> None:
+        self.running = False
+
+
+class Worker:
+    """The agent's view of one worker process."""
+
+    def __init__(self, ch: int, pid: int, sock: socket.socket) -> None:
+        self.ch = ch
+        self.pid = pid
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.decoder = FrameDecoder()
+        self.deadline: Optional[float] = None
+        self.timeout: Optional[float] = None
+        self.kill_reason: Optional[str] = None
+
+    def forward(self, obj: Dict[str, Any], blob: bytes) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self.sock.sendall(encode_frame(self.ch, obj, blob))
+        except OSError:
+            pass
+
+    def pump(self, agent: Agent) -> None:
+        try:
+            data = self.sock.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self.sock.close()
+            self.fd = -1
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            self.kill("sent a malformed frame: %s" % exc)
+            return
+        for _, obj, blob in frames:
+            if obj["op"] in ("done", "exit"):
+                self.deadline = None
+            agent.send(self.ch, obj, blob)
+
+    def kill(self, reason: str) -> None:
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any]) -> int:
+    """Runs in the forked worker: make a fresh root and a PID namespace, then serve."""
+    isolated = agent.settings.get("isolation") == "overlay"
+    if not isolated:
+        return WorkerServer(agent, sock, ch, req, root=None).serve()
+    unshare(CLONE_NEWNS | CLONE_NEWPID)
+    pid = os.fork()
+    if pid:
+        sock.close()
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        code = os.waitstatus_to_exitcode(status)
+        return code if code >= 0 else 128 - code
+    set_pdeathsig()
+    ws = "/.isolate/ws"
+    mount("tmpfs", ws, "tmpfs", 0, "mode=755")
+    server = WorkerServer(agent, sock, ch, req, root=None)
+    root = server.mount_layers([agent.settings["lower"]])
+    if req.get("kind", "test") == "test":
+        pivot_root(root)
+        os.chdir(agent.settings.get("cwd") or "/")
+    else:
+        server.root = root
+    code = server.serve()
+    os._exit(code)
+
+
+class WorkerServer:
+    def __init__(self, agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
+                 root: Optional[str]) -> None:
+        self.agent = agent
+        self.sock = sock
+        self.ch = ch
+        self.req = req
+        self.root = root
+        self.decoder = FrameDecoder()
+        self.generation = 0
+        self.lowers: List[str] = []
+        self.upper = ""
+        self.snapshots: Dict[str, List[str]] = {}
+
+    def send(self, obj: Dict[str, Any], blob: bytes = b"") -> None:
+        self.sock.sendall(encode_frame(self.ch, obj, blob))
+
+    def mount_layers(self, lowers: List[str]) -> str:
+        self.generation += 1
+        g = self.generation
+        ws = "/.isolate/ws"
+        root = "%s/root%d" % (ws, g)
+        self.upper = "%s/upper%d" % (ws, g)
+        self.lowers = list(lowers)
+        overlay(root, lowers, self.upper, "%s/work%d" % (ws, g))
+        s = self.agent.settings
+        binds = [[p, p, False] for p in s.get("binds", [])]
+        populate_root(root, binds, "/dev", fresh_dev=False)
+        return root
+
+    def serve(self) -> int:
+        self.agent.current_sender = self.send
+        while True:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                return 0
+            for _, obj, blob in self.decoder.feed(data):
+                op = obj["op"]
+                if op == "close":
+                    return 0
+                try:
+                    getattr(self, "op_" + op)(obj, blob)
+                except Exception as exc:
+                    self.send({"op": "error", "type": type(exc).__name__, "message": str(exc),
+                               "traceback": traceback.format_exc()})
+
+    def _preexec(self) -> Optional[Callable[[], None]]:
+        root = self.root
+        if root is None:
+            return None
+
+        def enter() -> None:
+            os.chroot(root)
+            os.chdir("/")
+
+        return enter
+
+    def op_exec(self, req: Dict[str, Any], blob: bytes) -> None:
+        cwd = req.get("cwd")
+        if self.root is not None and cwd:
+            # chdir happens after chroot, inside the environment
+            root = self.root
+
+            def enter() -> None:
+                os.chroot(root)
+                os.chdir(cwd)
+
+            req = dict(req, cwd=None)
+            reply, out = run_command(req, blob, enter)
+        else:
+            reply, out = run_command(req, blob, self._preexec())
+        self.send(reply, out)
+
+    def op_put(self, req: Dict[str, Any], blob: bytes) -> None:
+        path = req["path"]
+        in_root_call(self.root, lambda: (unpack_to(blob, path), b"")[1])
+        self.send({"op": "ok"})
+
+    def op_get(self, req: Dict[str, Any], blob: bytes) -> None:
+        path = req["path"]
+        self.send({"op": "ok"}, in_root_call(self.root, lambda: pack_path(path)))
+
+    def op_snapshot(self, req: Dict[str, Any], blob: bytes) -> None:
+        self._require_layers()
+        frozen = [self.upper] + self.lowers
+        self._remount(frozen)
+        self.snapshots[req["name"]] = frozen
+        self.send({"op": "ok"})
+
+    def op_restore(self, req: Dict[str, Any], blob: bytes) -> None:
+        self._require_layers()
+        name = req["name"]
+        if name not in self.snapshots:
+            raise KeyError("no snapshot named %r (taken: %s)" % (name, sorted(self.snapshots) or "none"))
+        self._remount(self.snapshots[name])
+        self.send({"op": "ok"})
+
+    def _require_layers(self) -> None:
+        if self.root is None:
+            raise NotImplementedError("snapshots need the overlay isolation of a real backend")
+
+    def _remount(self, lowers: List[str]) -> None:
+        old = self.root
+        self.root = self.mount_layers(lowers)
+        if old:
+            umount(old, MNT_DETACH)
+
+    def op_runtest(self, req: Dict[str, Any], blob: bytes) -> None:
+        items = self.agent.items
+        item = items.get(req["nodeid"])
+        if item is None:
+            self.send({"op": "missing", "nodeid": req["nodeid"],
+                       "known": sorted(items)[:50]})
+            return
+        nextitem = items.get(req.get("next") or "")
+        item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.send({"op": "done", "nodeid": req["nodeid"]})
+
+
+def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
+    import pytest
+
+    default_envs = list(req.get("default_envs") or [])
+    ini_names = list(req.get("ini_names") or [])
+
+    class AgentPlugin:
+        def __init__(self) -> None:
+            self.reached_loop = False
+            self.errors: List[Dict[str, Any]] = []
+            self.config: Any = None
+
+        def pytest_addoption(self, parser: Any) -> None:
+            for name in ini_names:
+                parser.addini(name, "pytest-isolate host setting (ignored inside)")
+
+        def pytest_configure(self, config: Any) -> None:
+            config.addinivalue_line("markers", "isolate(*envs): run inside environments")
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_generate_tests(self, metafunc: Any) -> None:
+            parametrize_envs(metafunc, default_envs)
+
+        @pytest.fixture
+        def isolate_target(self, request: Any) -> Any:
+            return request.param
+
+        def pytest_collectreport(self, report: Any) -> None:
+            if report.failed:
+                data = report.config.hook.pytest_report_to_serializable(
+                    config=report.config, report=report)
+                self.errors.append(data)
+
+        def pytest_runtest_logreport(self, report: Any) -> None:
+            data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+            agent.current_sender({"op": "report", "data": data})
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_runtestloop(self, session: Any) -> bool:
+            self.reached_loop = True
+            self.config = session.config
+            agent.session = session
+            agent.items = {item.nodeid: item for item in session.items}
+            agent.send(0, {"op": "collected", "nodeids": list(agent.items),
+                           "errors": self.errors})
+            agent.serve()
+            return True
+
+    return AgentPlugin()
+
+
+def main() -> None:
+    """Entry point inside the environment (after BOOTSTRAP)."""
+    rfd, wfd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)  # stray prints go to the log, never onto the channel
+    sys.stdout = sys.stderr
+    Agent(rfd, wfd).serve()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "launch":
+        launch(json.loads(sys.argv[2]))
+    else:
+        sys.stderr.write("usage: agent.py launch CONFIG_JSON (or sent as source; see BOOTSTRAP)\n")
+        sys.exit(2)

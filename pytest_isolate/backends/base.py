@@ -1,0 +1,186 @@
+"""The small protocol every backend implements.
+
+A backend turns an EnvSpec into a running *instance*: a byte stream to a
+python3 inside the environment running the agent (see agent.BOOTSTRAP).
+Everything else -- per-test clean state, running pytest items, commands,
+files, snapshots -- is the agent's job and therefore the same for all backends.
+
+Capabilities are class attributes, not ``if backend == ...`` branches
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pytest_isolate.cache import Cache, Entry
+from pytest_isolate.agent import BOOTSTRAP
+from pytest_isolate.channel import AgentProcess, Connection
+from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.spec import EnvSpec
+
+#: Where the host's pytest is visible inside every environment.
+SITE = "/.isolate/site"
+#: Pure-Python packages shipped from the host so both sides run the same pytest.
+SHIPPED = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py",
+           "exceptiongroup", "tomli", "pygments")
+#: Default environment variables inside (no host variables leak in).
+BASE_ENV = {
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a backend needs from the pytest run: where things go, what is shared."""
+
+    run_id: str
+    rootdir: Path
+    cache: Cache
+    log_dir: Path
+    work_dir: Path
+    progress: Progress
+    strict: bool = False
+
+    def log_path(self, env: str, name: str) -> Path:
+        path = self.log_dir / env / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def shipped_paths() -> list[tuple[str, str]]:
+    """(host path, path inside) for every shipped package the host has, with its metadata."""
+    out = []
+    for name in SHIPPED:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or spec.origin is None:
+            continue
+        if spec.submodule_search_locations:
+            src = os.path.dirname(spec.origin)
+            out.append((src, f"{SITE}/{name}"))
+        else:
+            out.append((spec.origin, f"{SITE}/{os.path.basename(spec.origin)}"))
+    wanted = {"pytest", "pluggy", "iniconfig", "packaging", "exceptiongroup", "tomli", "pygments"}
+    seen = set()
+    for dist in importlib.metadata.distributions():
+        dist_name = (dist.metadata["Name"] or "").lower()
+        path = getattr(dist, "_path", None)
+        if dist_name in wanted and dist_name not in seen and path is not None:
+            seen.add(dist_name)
+            out.append((str(path), f"{SITE}/{os.path.basename(str(path))}"))
+    return out
+
+
+def required_python() -> tuple[int, int]:
+    """The oldest Python the host's pytest supports (from its Requires-Python)."""
+    try:
+        requires = importlib.metadata.metadata("pytest").get("Requires-Python") or ""
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        requires = ""
+    m = re.search(r">=\s*(\d+)\.(\d+)", requires)
+    return (int(m.group(1)), int(m.group(2))) if m else (3, 9)
+
+
+def environment_variables(spec: EnvSpec) -> dict[str, str]:
+    env = dict(BASE_ENV)
+    for name in spec.pass_env:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+class Instance:
+    """A running environment with its agent; the same for every process-based backend."""
+
+    def __init__(self, spec: EnvSpec, process: AgentProcess, logs: dict[str, Path],
+                 cleanup: Callable[[], None] | None = None) -> None:
+        self.spec = spec
+        self.process = process
+        self.conn: Connection = process.conn
+        self.logs = logs
+        self.hello: dict[str, Any] = {}
+        self.pytest_started = False
+        self.collected: set[str] = set()
+        self.collect_errors: list[dict[str, Any]] = []
+        self._cleanup = cleanup
+
+    def handshake(self, settings: dict[str, Any], timeout: float) -> None:
+        """Send the agent, check its Python, and configure it."""
+        self.conn.bootstrap()
+        self.hello, _ = self.conn.call(0, {"op": "hello"}, timeout=timeout)
+        need = required_python()
+        have = tuple(self.hello["python"][:2])
+        if have < need:
+            raise IsolateError(
+                f"environment {self.spec.name!r} runs Python {'.'.join(map(str, self.hello['python']))}, "
+                f"but the pytest shipped from the host needs Python >= {need[0]}.{need[1]}; "
+                "use a newer release for this environment or an older pytest on the host"
+            )
+        self.conn.call(0, {"op": "configure", "settings": settings}, timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def stop(self) -> None:
+        try:
+            self.process.stop()
+        finally:
+            if self._cleanup is not None:
+                self._cleanup()
+                self._cleanup = None
+
+
+class Backend(abc.ABC):
+    """Base of every backend.  Register a subclass through ``pytest_isolate_backends``."""
+
+    name: ClassVar[str] = ""
+    #: Needs to be root on the host (no unprivileged mode).
+    needs_root: ClassVar[bool] = False
+    #: Per-test copy-on-write state and snapshot()/restore() inside.
+    supports_snapshot: ClassVar[bool] = True
+    #: Debian packages that provide what the backend needs (for error messages, doctor).
+    packages: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, run: RunContext) -> None:
+        self.run = run
+
+    @abc.abstractmethod
+    def check(self, spec: EnvSpec) -> None:
+        """Raise BackendUnavailable saying what to install when spec cannot run here."""
+
+    @abc.abstractmethod
+    def provision(self, spec: EnvSpec) -> Entry:
+        """Build (or find in the cache) what start() needs; must be idempotent."""
+
+    @abc.abstractmethod
+    def start(self, spec: EnvSpec, image: Entry) -> Instance:
+        """Start an instance whose agent has completed its handshake."""
+
+
+def need_tool(backend: str, tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise BackendUnavailable(backend, f"{tool!r} is not installed",
+                                 f"install it with: apt-get install {package}")
+    return path
+
+
+def agent_command(spec: EnvSpec) -> list[str]:
+    """The command inside an environment that starts the agent (source comes on stdin)."""
+    return [spec.option("python", "python3"), "-u", "-c", BOOTSTRAP]

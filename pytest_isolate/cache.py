@@ -1,0 +1,184 @@
+"""Content-addressed store of built environments.
+
+An entry is ``<root>/<kind>/<key>/`` holding ``data/`` (what was built),
+``manifest.json`` and ``build.log``.  It is built in a temporary directory under
+``<root>/tmp`` and published by an atomic rename while a file lock on the key is
+held, so N concurrent processes build one key once and nobody ever sees half
+an entry.  A directory without a readable manifest is not an entry: it is
+removed and rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from pytest_isolate.errors import ConfigError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    kind: str
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    hit: bool
+    build_seconds: float = 0.0
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "build.log"
+
+
+Builder = Callable[[Path, Path], dict[str, Any]]
+
+
+def _force_rmtree(path: Path) -> None:
+    """rmtree that also removes read-only directories a non-root build may leave."""
+
+    def onerror(func: Any, p: str, exc: Any) -> None:
+        try:
+            parent = os.path.dirname(p)
+            os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
+                shutil.rmtree(p, onerror=onerror)
+            else:
+                os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+    if path.exists() or path.is_symlink():
+        shutil.rmtree(path, onerror=onerror)
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class Cache:
+    def __init__(self, root: Path, where: str = "isolate_cache_dir") -> None:
+        self.root = root
+        try:
+            for sub in ("tmp", "locks"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=root / "tmp", delete=True)
+            probe.close()
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}: cache directory {str(root)!r} is not writable ({exc.strerror or exc}); "
+                "choose another with --isolate-cache-dir or isolate_cache_dir"
+            ) from None
+
+    def entry_path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def lookup(self, kind: str, key: str) -> Entry | None:
+        path = self.entry_path(kind, key)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if manifest.get("version") != MANIFEST_VERSION or manifest.get("key") != key:
+            return None
+        try:
+            os.utime(path / MANIFEST)  # last use, for `cache ls` / `cache gc`
+        except OSError:
+            pass
+        return Entry(kind, key, path, manifest, hit=True)
+
+    def get_or_build(self, kind: str, key: str, builder: Builder, describe: dict[str, Any],
+                     log_path: Path) -> Entry:
+        """The entry for key, building it with builder(data_dir, log_path) when missing."""
+        entry = self.lookup(kind, key)
+        if entry is not None:
+            return entry
+        with FileLock(str(self.root / "locks" / f"{kind}-{key}.lock")):
+            entry = self.lookup(kind, key)
+            if entry is not None:
+                return entry
+            final = self.entry_path(kind, key)
+            if final.exists():  # a corrupt or foreign directory: never used, replaced
+                _force_rmtree(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{kind}-{key}.", dir=self.root / "tmp"))
+            started = time.monotonic()
+            try:
+                extra = builder(tmp / "data", log_path)
+                seconds = time.monotonic() - started
+                manifest = {
+                    "version": MANIFEST_VERSION,
+                    "kind": kind,
+                    "key": key,
+                    "spec": describe,
+                    "created": time.time(),
+                    "build_seconds": round(seconds, 3),
+                    "size": dir_size(tmp / "data"),
+                    "pid": os.getpid(),
+                    **extra,
+                }
+                if log_path.exists():
+                    shutil.copyfile(log_path, tmp / "build.log")
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                os.rename(tmp, final)
+            except BaseException:
+                _force_rmtree(tmp)
+                raise
+            return Entry(kind, key, final, manifest, hit=False, build_seconds=seconds)
+
+    def entries(self) -> Iterator[Entry]:
+        for kind_dir in sorted(self.root.iterdir()):
+            if kind_dir.name in ("tmp", "locks") or not kind_dir.is_dir():
+                continue
+            for path in sorted(kind_dir.iterdir()):
+                try:
+                    manifest = json.loads((path / MANIFEST).read_text())
+                except (OSError, ValueError):
+                    continue
+                yield Entry(kind_dir.name, path.name, path, manifest, hit=True)
+
+    def remove(self, entry: Entry) -> None:
+        with FileLock(str(self.root / "locks" / f"{entry.kind}-{entry.key}.lock")):
+            _force_rmtree(entry.path)
+
+    def clean_tmp(self, older_than: float = 0.0) -> int:
+        """Remove build directories nobody holds a lock for (left by killed runs)."""
+        removed = 0
+        now = time.time()
+        for path in (self.root / "tmp").iterdir():
+            if not path.is_dir():
+                continue
+            kind_key = path.name.rsplit(".", 1)[0]
+            lock = FileLock(str(self.root / "locks" / f"{kind_key}.lock"), timeout=0)
+            try:
+                with lock:
+                    if now - path.stat().st_mtime >= older_than:
+                        _force_rmtree(path)
+                        removed += 1
+            except Exception:
+                continue
+        return removed

@@ -1,0 +1,226 @@
+"""pyproject.toml / ini / command line -> EnvSpecs, keeping where every value came from.
+
+Precedence, highest first: marker keyword > command-line flag > the environment's
+own table in pyproject.toml > ``isolate_*`` ini key > ``[tool.pytest-isolate]``
+top-level key > built-in default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pytest_isolate.errors import ConfigError
+from pytest_isolate.spec import RELEASES, RESETS, VARIANTS, ARCH_MACHINES, EnvSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+TABLE = "tool.pytest-isolate"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+#: The built-in environments: each a fixture of the same name and a marker argument.
+BUILTIN_ENVS: dict[str, dict[str, Any]] = {
+    "chroot": {"backend": "chroot"},
+    "schroot": {"backend": "schroot"},
+    "lxc": {"backend": "lxc"},
+    "docker": {"backend": "docker"},
+    "qemu_vm": {"backend": "qemu"},
+    "arm64_vm": {"backend": "qemu", "arch": "arm64"},
+}
+
+_STR = "a string"
+_STRS = "a list of strings"
+_BOOL = "true or false"
+_NUM = "a positive number of seconds"
+ENV_KEYS: dict[str, str] = {
+    "backend": _STR,
+    "arch": _STR,
+    "release": _STR,
+    "variant": _STR,
+    "packages": _STRS,
+    "setup": _STRS,
+    "network": _BOOL,
+    "mirror": _STR,
+    "image": _STR,
+    "reset": _STR,
+    "timeout": _NUM,
+    "pass_env": _STRS,
+    "rootdir_writable": _BOOL,
+    "options": "a table",
+}
+TOP_KEYS = {"cache_dir": _STR, "timeout": _NUM, "reset": _STR, "strict": _BOOL,
+            "envs": "a table", "hosts": "a table"}
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def load_pyproject(path: Path | None) -> dict[str, Any]:
+    """The [tool.pytest-isolate] table of path, or {} when there is none."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}; fix the file's syntax") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    table = data.get("tool", {}).get("pytest-isolate", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{TABLE}] must be a table, not {type(table).__name__}")
+    for key in table:
+        if key not in TOP_KEYS:
+            raise ConfigError(
+                f"{path}: [{TABLE}]: unknown key {key!r}{did_you_mean(key, TOP_KEYS)}; "
+                f"known keys: {', '.join(sorted(TOP_KEYS))}"
+            )
+    return table
+
+
+def check_value(key: str, value: Any, kind: str, where: str) -> Any:
+    """Validate one value against its kind; return it normalised."""
+    ok = True
+    if kind == _STR:
+        ok = isinstance(value, str) and value != ""
+    elif kind == _STRS:
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+        value = tuple(value) if ok else value
+    elif kind == _BOOL:
+        ok = isinstance(value, bool)
+    elif kind == _NUM:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        value = float(value) if ok else value
+    elif kind == "a table":
+        ok = isinstance(value, dict)
+    if not ok:
+        raise ConfigError(f"{where}: key {key!r} must be {kind}, got {value!r}")
+    return value
+
+
+def resolve_envs(
+    table: Mapping[str, Any],
+    pyproject: Path | None,
+    backends: Iterable[str],
+) -> dict[str, EnvSpec]:
+    """Built-in environments merged with the user's [tool.pytest-isolate.envs.*]."""
+    known_backends = sorted(set(backends))
+    user_envs = table.get("envs", {})
+    where_envs = f"{pyproject}: [{TABLE}.envs]"
+    if not isinstance(user_envs, dict):
+        raise ConfigError(f"{where_envs} must be a table of environments")
+    raw: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}
+    for name, values in BUILTIN_ENVS.items():
+        raw[name] = (dict(values), {k: "built-in default" for k in values})
+    for name, values in user_envs.items():
+        where = f"{pyproject}: [{TABLE}.envs.{name}]"
+        if not NAME_RE.match(name):
+            raise ConfigError(
+                f"{where}: environment name {name!r} may only use letters, digits, '_', '.', '-'"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} must be a table, got {values!r}")
+        merged, sources = raw.get(name, ({}, {}))
+        merged, sources = dict(merged), dict(sources)
+        for key, value in values.items():
+            if key not in ENV_KEYS:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}{did_you_mean(key, ENV_KEYS)}; "
+                    f"known keys: {', '.join(sorted(ENV_KEYS))}"
+                )
+            merged[key] = check_value(key, value, ENV_KEYS[key], where)
+            sources[key] = f"{where} key {key!r}"
+        if "backend" not in merged:
+            raise ConfigError(
+                f"{where}: key 'backend' is required; one of: {', '.join(known_backends)}"
+            )
+        raw[name] = (merged, sources)
+    specs = {}
+    for name, (values, sources) in raw.items():
+        specs[name] = make_spec(name, values, sources, known_backends,
+                                strict_backend=name not in BUILTIN_ENVS or name in user_envs)
+    return specs
+
+
+def make_spec(name: str, values: Mapping[str, Any], sources: Mapping[str, str],
+              known_backends: list[str], strict_backend: bool = True) -> EnvSpec:
+    def where(key: str) -> str:
+        return sources.get(key, "built-in default")
+
+    backend = values["backend"]
+    if strict_backend and backend not in known_backends:
+        raise ConfigError(
+            f"{where('backend')}: unknown backend {backend!r}{did_you_mean(backend, known_backends)}; "
+            f"registered backends: {', '.join(known_backends)}"
+        )
+    checks = (("arch", tuple(ARCH_MACHINES)), ("release", RELEASES), ("variant", VARIANTS),
+              ("reset", RESETS))
+    for key, allowed in checks:
+        if key in values and values[key] not in allowed:
+            raise ConfigError(
+                f"{where(key)}: unsupported {key} {values[key]!r}{did_you_mean(values[key], allowed)}; "
+                f"supported: {', '.join(allowed)}"
+            )
+    kwargs = {k: v for k, v in values.items() if k != "options"}
+    if "options" in values:
+        kwargs["options"] = tuple(sorted(values["options"].items()))
+    try:
+        return EnvSpec(name=name, sources=dict(sources), **kwargs)
+    except TypeError as exc:  # pragma: no cover - keys are validated above
+        raise ConfigError(f"environment {name!r}: {exc}") from None
+
+
+def with_overrides(spec: EnvSpec, overrides: Mapping[str, Any], where: str) -> EnvSpec:
+    """A copy of spec with validated overrides (from a marker or the command line)."""
+    if not overrides:
+        return spec
+    sources = dict(spec.sources)
+    values: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in ("timeout", "reset", "network"):
+            raise ConfigError(
+                f"{where}: {key!r} cannot be set here{did_you_mean(key, ('timeout', 'reset'))}; "
+                "allowed: timeout, reset, network (set other keys in pyproject.toml)"
+            )
+        values[key] = check_value(key, value, ENV_KEYS[key], where)
+        if key == "reset" and value not in RESETS:
+            raise ConfigError(f"{where}: unsupported reset {value!r}; supported: {', '.join(RESETS)}")
+        sources[key] = where
+    return dataclasses.replace(spec, sources=sources, **values)
+
+
+def parse_env_list(value: str, where: str, known: Iterable[str]) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"{where}: expected one or more environment names, got {value!r}")
+    check_env_names(names, where, known)
+    return names
+
+
+def check_env_names(names: Iterable[Any], where: str, known: Iterable[str]) -> None:
+    known = sorted(known)
+    for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: environment names must be strings, got {name!r}")
+        if name not in known:
+            raise ConfigError(
+                f"{where}: unknown environment {name!r}{did_you_mean(name, known)}; "
+                f"known environments: {', '.join(known)} "
+                f"(define more under [{TABLE}.envs.NAME] in pyproject.toml)"
+            )
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pytest-isolate"

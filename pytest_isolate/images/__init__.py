@@ -1,0 +1,1 @@
+"""Building blocks shared by backends: root filesystems (and, later, disk images)."""

@@ -1,0 +1,519 @@
+"""The controller: one plugin object per pytest process, registered as "isolate-manager".
+
+It resolves the configuration, binds items to environments, starts instances
+lazily (provision -> start -> sync), runs bound items through the agent and
+feeds the rebuilt reports to the host's reporting hooks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _pytest.reports import TestReport
+
+from pytest_isolate import config as cfg
+from pytest_isolate.agent import parametrize_envs
+from pytest_isolate.backends.base import Backend, Instance, RunContext
+from pytest_isolate.cache import Cache, _force_rmtree
+from pytest_isolate.channel import log_tail
+from pytest_isolate.errors import (
+    AgentError,
+    AgentLost,
+    AgentTimeout,
+    BackendUnavailable,
+    ConfigError,
+    IsolateError,
+)
+from pytest_isolate.spec import EnvSpec
+from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
+
+ENV_KEY = pytest.StashKey[str]()
+SPEC_KEY = pytest.StashKey[EnvSpec]()
+INI_NAMES = ("isolate_cache_dir", "isolate_timeout", "isolate_reset", "isolate_strict")
+DEFAULT_TIMEOUT = 300.0
+#: Extra time the host waits beyond a test's timeout before it gives up on the agent.
+HOST_GRACE = 30.0
+MARKER_KWARGS = ("timeout", "reset", "network")
+
+
+class Worker:
+    def __init__(self, ch: int, scope: str) -> None:
+        self.ch = ch
+        self.scope = scope
+
+
+class IsolateManager:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.instances: dict[str, Instance] = {}
+        self.workers: dict[str, Worker] = {}
+        self.backends: dict[str, Backend] = {}
+        self.unavailable: dict[str, BackendUnavailable] = {}
+        self.bound: dict[str, set[str]] = {}
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        self.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}" + (f"-{worker}" if worker else "")
+        self.report = RunReport(self.run_id)
+        self._load()
+
+    # ------------------------------------------------------------ configuration
+    def _setting(self, flag: str, ini: str, top: str, default: Any) -> tuple[Any, str]:
+        value = self.config.getoption(flag)
+        if value is not None:
+            return value, f"--{flag.replace('_', '-')}"
+        ini_value = self.config.getini(ini)
+        if ini_value not in (None, "", []):
+            return ini_value, f"ini key {ini!r} in {self.config.inipath}"
+        if top in self.table:
+            return self.table[top], f"{self.pyproject}: [{cfg.TABLE}] key {top!r}"
+        return default, "built-in default"
+
+    def _load(self) -> None:
+        rootpath = self.config.rootpath
+        pyproject = rootpath / "pyproject.toml"
+        inipath = self.config.inipath
+        if inipath is not None and inipath.name == "pyproject.toml":
+            pyproject = inipath
+        self.pyproject = pyproject
+        self.table = cfg.load_pyproject(pyproject)
+        self.backend_refs = self._collect_backends()
+        self.specs = cfg.resolve_envs(self.table, pyproject, self.backend_refs)
+
+        timeout, where = self._setting("isolate_timeout", "isolate_timeout", "timeout",
+                                       DEFAULT_TIMEOUT)
+        try:
+            self.timeout = float(timeout)
+            if self.timeout <= 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: timeout must be a positive number of seconds, "
+                              f"got {timeout!r}") from None
+        reset, where = self._setting("isolate_reset", "isolate_reset", "reset", "test")
+        if reset not in ("test", "module", "session"):
+            raise ConfigError(f"{where}: unsupported reset {reset!r}; supported: test, module, session")
+        self.reset = str(reset)
+        strict, _ = self._setting("isolate_strict", "isolate_strict", "strict", False)
+        self.strict = strict in (True, "true", "True", "1", "yes")
+        cache_dir, where = self._setting("isolate_cache_dir", "isolate_cache_dir", "cache_dir",
+                                         None)
+        if cache_dir is None:
+            cache_root = Path(os.environ.get("PYTEST_ISOLATE_CACHE_DIR") or cfg.default_cache_dir())
+            where = "PYTEST_ISOLATE_CACHE_DIR" if os.environ.get("PYTEST_ISOLATE_CACHE_DIR") else "default cache directory"
+        else:
+            cache_root = Path(str(cache_dir)).expanduser()
+            if not cache_root.is_absolute():
+                cache_root = rootpath / cache_root
+        self.cache_root = cache_root
+        self.cache_where = where
+        self._cache: Cache | None = None
+
+        default_envs = self.config.getoption("isolate_env")
+        self.default_envs: list[str] = []
+        if default_envs:
+            self.default_envs = cfg.parse_env_list(default_envs, "--isolate-env", self.specs)
+
+    def _collect_backends(self) -> dict[str, Any]:
+        refs: dict[str, Any] = {}
+        for answer in self.config.hook.pytest_isolate_backends():
+            for name, ref in dict(answer or {}).items():
+                refs.setdefault(name, ref)  # earlier (non-trylast) answers win
+        return refs
+
+    @property
+    def cache(self) -> Cache:
+        if self._cache is None:
+            self._cache = Cache(self.cache_root, where=self.cache_where)
+        return self._cache
+
+    def run_context(self) -> RunContext:
+        base = self.cache.root / "runs" / self.run_id
+        return RunContext(
+            run_id=self.run_id, rootdir=self.config.rootpath, cache=self.cache,
+            log_dir=base / "logs", work_dir=base / "work", progress=self.progress,
+            strict=self.strict,
+        )
+
+    def progress(self, message: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"isolate: {message}")
+
+    def backend(self, name: str) -> Backend:
+        if name in self.backends:
+            return self.backends[name]
+        ref = self.backend_refs.get(name)
+        if ref is None:
+            raise BackendUnavailable(
+                name, "no backend of that name is registered",
+                f"registered backends: {', '.join(sorted(self.backend_refs))}; third-party "
+                "backends register through the pytest_isolate_backends hook")
+        if isinstance(ref, str):
+            module, _, attr = ref.partition(":")
+            ref = getattr(importlib.import_module(module), attr)
+        backend: Backend = ref(self.run_context())
+        self.backends[name] = backend
+        return backend
+
+    # ------------------------------------------------------------ collection
+    def envs_for(self, marker_args: Any) -> list[str]:
+        return list(marker_args) if marker_args else list(self.default_envs)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        marker = metafunc.definition.get_closest_marker("isolate")
+        if marker is not None:
+            where = f"{metafunc.definition.nodeid}: @pytest.mark.isolate"
+            if not marker.args:
+                raise pytest.UsageError(
+                    f"{where} needs one or more environment names, e.g. "
+                    f"@pytest.mark.isolate(\"chroot\"); known: {', '.join(sorted(self.specs))}")
+            try:
+                cfg.check_env_names(marker.args, where, self.specs)
+                cfg.with_overrides(self.specs[marker.args[0]], marker.kwargs, where)
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+        parametrize_envs(metafunc, self.default_envs)
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            marker = item.get_closest_marker("isolate")
+            envs = self.envs_for(marker.args if marker else ())
+            if not envs:
+                continue
+            callspec = getattr(item, "callspec", None)
+            env = callspec.params.get("isolate_target", envs[0]) if callspec else envs[0]
+            spec = self.specs[env]
+            overrides: dict[str, Any] = dict(marker.kwargs) if marker else {}
+            where = f"{item.nodeid}: @pytest.mark.isolate"
+            if self.config.getoption("isolate_timeout") is not None and "timeout" not in overrides:
+                overrides["timeout"] = self.timeout
+            try:
+                spec = cfg.with_overrides(spec, overrides, where)
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+            item.stash[ENV_KEY] = env
+            item.stash[SPEC_KEY] = spec
+            self.bound.setdefault(env, set()).add(item.nodeid)
+            item.user_properties.append(("isolate.env", env))
+
+    # ------------------------------------------------------------ instances
+    def instance(self, name: str, timer: PhaseTimer) -> Instance:
+        inst = self.instances.get(name)
+        if inst is not None and inst.alive():
+            return inst
+        if inst is not None:
+            self.drop(name)
+        spec = self.specs[name]
+        if name in self.unavailable:
+            raise self.unavailable[name]
+        try:
+            backend = self.backend(spec.backend)
+            backend.check(spec)
+        except BackendUnavailable as exc:
+            self.unavailable[name] = exc
+            raise
+        stats = self.report.envs.setdefault(
+            name, EnvStats(name, spec.backend, spec.arch, spec.release))
+        with timer.phase("provision"):
+            started = time.perf_counter()
+            entry = backend.provision(spec)
+            stats.provision += time.perf_counter() - started
+        stats.key = entry.key
+        stats.cache_hit = entry.hit if stats.cache_hit is None else stats.cache_hit
+        if not entry.hit:
+            self.progress(f"built {spec.describe()} in {entry.build_seconds:.1f}s")
+        with timer.phase("start"):
+            started = time.perf_counter()
+            inst = backend.start(spec, entry)
+            stats.start += time.perf_counter() - started
+            stats.starts += 1
+        stats.logs = {k: str(v) for k, v in inst.logs.items()}
+        self.instances[name] = inst
+        return inst
+
+    def drop(self, name: str) -> None:
+        inst = self.instances.pop(name, None)
+        self.workers.pop(name, None)
+        if inst is not None:
+            inst.stop()
+
+    def ensure_pytest(self, name: str, inst: Instance, timer: PhaseTimer) -> None:
+        if inst.pytest_started:
+            return
+        rootdir = self.config.rootpath
+        files = sorted({nodeid.split("::", 1)[0] for nodeid in self.bound.get(name, ())})
+        opt = self.config.option
+        args = [str(rootdir / f) for f in files]
+        args += ["-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", str(rootdir),
+                 f"--tb={opt.tbstyle}", f"--capture={opt.capture}",
+                 f"--import-mode={opt.importmode}", "-W", "ignore::pytest.PytestConfigWarning"]
+        if self.config.inipath is not None:
+            args += ["-c", str(self.config.inipath)]
+        verbose = int(opt.verbose or 0)
+        args += ["-v"] * verbose if verbose > 0 else ["-q"] * -verbose
+        if opt.showlocals:
+            args.append("-l")
+        with timer.phase("sync"):
+            reply, _ = inst.conn.call(
+                0,
+                {"op": "pytest", "args": args, "cwd": str(rootdir),
+                 "default_envs": self.default_envs, "ini_names": list(INI_NAMES)},
+                timeout=self.timeout,
+            )
+        if reply["op"] != "collected":
+            raise AgentError(f"unexpected answer from the agent: {reply}")
+        inst.pytest_started = True
+        inst.collected = set(reply["nodeids"])
+        inst.collect_errors = list(reply["errors"])
+
+    # ------------------------------------------------------------ running items
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+        if ENV_KEY not in item.stash:
+            return None
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        ItemRun(self, item, nextitem).run()
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def pytest_sessionfinish(self) -> None:
+        for name in list(self.instances):
+            self.drop(name)
+        path = self.config.getoption("isolate_report")
+        if path:
+            self.report.write(Path(path))
+        self._prune_runs()
+
+    def _prune_runs(self, keep: int = 20) -> None:
+        if self._cache is None:
+            return
+        runs = self.cache.root / "runs"
+        if not runs.is_dir():
+            return
+        for old in sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)[:-keep]:
+            _force_rmtree(old)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.report.envs:
+            return
+        terminalreporter.section("pytest-isolate")
+        for line in self.report.table():
+            terminalreporter.write_line(line)
+        logs = self.cache.root / "runs" / self.run_id / "logs"
+        terminalreporter.write_line(f"logs: {logs}")
+
+
+class ItemRun:
+    """Runs one bound item through the agent and reports it like a local test."""
+
+    def __init__(self, manager: IsolateManager, item: pytest.Item, nextitem: pytest.Item | None):
+        self.m = manager
+        self.item = item
+        self.nextitem = nextitem
+        self.env = item.stash[ENV_KEY]
+        self.spec = item.stash[SPEC_KEY]
+        self.timer = PhaseTimer()
+        self.last_when: str | None = None
+        self.last_outcome = "passed"
+        self.outcome = "passed"
+        self.pending_teardown: TestReport | None = None
+
+    @property
+    def timeout(self) -> float:
+        return self.spec.timeout or self.m.timeout
+
+    def scope_key(self, nodeid: str) -> str:
+        if self.spec.reset == "session":
+            return "session"
+        if self.spec.reset == "module":
+            return nodeid.split("::", 1)[0]
+        return nodeid
+
+    def next_in_worker(self) -> str | None:
+        nxt = self.nextitem
+        if nxt is None or self.spec.reset == "test" or nxt.stash.get(ENV_KEY, None) != self.env:
+            return None
+        if self.scope_key(nxt.nodeid) != self.scope_key(self.item.nodeid):
+            return None
+        return nxt.nodeid
+
+    def run(self) -> None:
+        try:
+            inst = self.m.instance(self.env, self.timer)
+            self.m.ensure_pytest(self.env, inst, self.timer)
+            if self.item.nodeid not in inst.collected:
+                self.fail("setup", self.not_collected_message(inst))
+                return
+            self.run_in(inst)
+        except BackendUnavailable as exc:
+            if self.m.strict:
+                self.fail("setup", f"{exc} (--isolate-strict turns this skip into a failure)")
+            else:
+                self.skip(str(exc))
+        except (AgentLost, AgentTimeout) as exc:
+            inst_logs = self.m.instances.get(self.env)
+            tail = log_tail(inst_logs.logs.get("agent")) if inst_logs else ""
+            self.m.drop(self.env)
+            self.crash(f"{exc}\n--- environment log tail ---\n{tail}")
+        except (IsolateError, OSError) as exc:
+            message = f"pytest-isolate: {type(exc).__name__}: {exc}"
+            inst = self.m.instances.get(self.env)
+            if inst is not None:
+                message += f"\n--- environment log tail ---\n{log_tail(inst.logs.get('agent'))}"
+            self.fail("setup", message)
+        finally:
+            self.m.report.tests.append(
+                TestRecord(self.item.nodeid, self.env, self.outcome, dict(self.timer.phases)))
+            stats = self.m.report.envs.get(self.env)
+            if stats is not None:
+                stats.tests += 1
+                stats.run_total += self.timer.phases.get("run", 0.0)
+
+    def not_collected_message(self, inst: Instance) -> str:
+        path = self.item.nodeid.split("::", 1)[0]
+        for err in inst.collect_errors:
+            if err.get("nodeid", "").split("::", 1)[0] == path:
+                rep = self.m.config.hook.pytest_report_from_serializable(
+                    config=self.m.config, data=err)
+                return f"collecting {path} inside environment {self.env!r} failed:\n{rep.longreprtext}"
+        return (f"{self.item.nodeid} was not collected inside environment {self.env!r}; "
+                "collection differs between the host and the environment")
+
+    def run_in(self, inst: Instance) -> None:
+        conn = inst.conn
+        worker = self.m.workers.get(self.env)
+        scope = self.scope_key(self.item.nodeid)
+        if worker is not None and worker.scope != scope:
+            self.close_worker(inst, worker)
+            worker = None
+        if worker is None:
+            worker = Worker(conn.new_channel(), scope)
+            conn.send(0, {"op": "worker", "ch": worker.ch, "kind": "test"})
+            self.m.workers[self.env] = worker
+        nxt = self.next_in_worker()
+        with self.timer.phase("run"):
+            conn.send(worker.ch, {"op": "runtest", "nodeid": self.item.nodeid, "next": nxt,
+                                  "timeout": self.timeout})
+            exit_reason = None
+            while True:
+                reply, _ = conn.recv(worker.ch, self.timeout + HOST_GRACE)
+                op = reply["op"]
+                if op == "report":
+                    self.emit(self.rebuild(reply["data"]))
+                elif op == "done":
+                    break
+                elif op == "missing":
+                    self.fail("setup", self.not_collected_message(inst))
+                    break
+                elif op == "error":
+                    self.synthesize(f"pytest-isolate agent error: {reply.get('message')}\n"
+                                    f"{reply.get('traceback', '')}")
+                    break
+                elif op == "exit":
+                    exit_reason = reply.get("reason") or "the worker exited"
+                    self.m.workers.pop(self.env, None)
+                    break
+        if exit_reason is not None:
+            tail = log_tail(inst.logs.get("agent"))
+            self.synthesize(f"test worker inside environment {self.env!r} ended: {exit_reason}"
+                            f"\n--- environment log tail ---\n{tail}")
+        elif nxt is None:
+            with self.timer.phase("reset"):
+                self.close_worker(inst, worker)
+        self.flush()
+
+    def close_worker(self, inst: Instance, worker: Worker) -> None:
+        self.m.workers.pop(self.env, None)
+        conn = inst.conn
+        conn.send(worker.ch, {"op": "close"})
+        while True:
+            reply, _ = conn.recv(worker.ch, HOST_GRACE)
+            if reply["op"] == "exit":
+                return
+
+    # ------------------------------------------------------------ reports
+    def rebuild(self, data: dict[str, Any]) -> TestReport:
+        """A report from the agent; JSON made its tuples lists, pytest wants tuples back."""
+        for key in ("longrepr", "location"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
+        data["user_properties"] = [tuple(p) for p in data.get("user_properties", [])]
+        data["sections"] = [tuple(s) for s in data.get("sections", [])]
+        rep: TestReport = self.m.config.hook.pytest_report_from_serializable(
+            config=self.m.config, data=data)
+        return rep
+
+    def emit(self, rep: TestReport) -> None:
+        self.last_when = rep.when
+        if rep.failed or (rep.skipped and self.outcome == "passed"):
+            self.outcome = rep.outcome
+        if rep.when == "teardown":
+            self.pending_teardown = rep
+            return
+        if self.pending_teardown is not None:
+            self.flush()
+        self.item.ihook.pytest_runtest_logreport(report=rep)
+
+    def flush(self) -> None:
+        rep = self.pending_teardown
+        if rep is None:
+            return
+        self.pending_teardown = None
+        props = [("isolate.env", self.env), *self.timer.properties()]
+        rep.user_properties = [p for p in rep.user_properties if p[0] != "isolate.env"] + props
+        self.item.user_properties.extend(self.timer.properties())
+        if rep.failed or self.outcome == "failed":
+            self.attach_logs(rep)
+        self.item.ihook.pytest_runtest_logreport(report=rep)
+
+    def attach_logs(self, rep: TestReport) -> None:
+        inst = self.m.instances.get(self.env)
+        if inst is not None:
+            paths = "\n".join(f"{k}: {v}" for k, v in inst.logs.items())
+            rep.sections.append((f"isolate logs ({self.env})", paths))
+
+    def make_report(self, when: str, outcome: str, longrepr: Any) -> TestReport:
+        keywords = {k: 1 for k in self.item.keywords}
+        return TestReport(self.item.nodeid, self.item.location, keywords, outcome, longrepr, when,
+                          user_properties=list(self.item.user_properties))
+
+    def fail(self, when: str, message: str) -> None:
+        self.outcome = "failed"
+        self.item.ihook.pytest_runtest_logreport(report=self.make_report(when, "failed", message))
+        if when != "teardown":
+            teardown = self.make_report("teardown", "passed", None)
+            self.pending_teardown = teardown
+            self.flush()
+
+    def skip(self, reason: str) -> None:
+        self.outcome = "skipped"
+        path, lineno = str(self.item.location[0]), (self.item.location[1] or 0) + 1
+        self.item.ihook.pytest_runtest_logreport(
+            report=self.make_report("setup", "skipped", (path, lineno, f"Skipped: {reason}")))
+        self.pending_teardown = self.make_report("teardown", "passed", None)
+        self.flush()
+
+    def crash(self, message: str) -> None:
+        self.synthesize(message)
+
+    def synthesize(self, message: str) -> None:
+        """The worker ended before finishing: fail the phase it was in."""
+        order = ("setup", "call", "teardown")
+        if self.pending_teardown is not None:
+            self.flush()
+            self.outcome = "failed"
+            self.item.ihook.pytest_runtest_logreport(
+                report=self.make_report("teardown", "failed", message))
+            return
+        if self.last_when is None:
+            when = "setup"
+        elif self.last_when == "setup" and self.outcome != "passed":
+            when = "teardown"
+        else:
+            when = order[min(order.index(self.last_when) + 1, 2)]
+        self.fail(when, message)

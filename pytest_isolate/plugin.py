@@ -1,0 +1,142 @@
+"""pytest glue: options, ini keys, the marker, fixtures.  Cheap to import.
+
+The work is done by IsolateManager (manager.py), registered per run as
+"isolate-manager"; no backend module is imported until an environment of that
+kind is used.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pytest_isolate.backends import BUILTIN_BACKENDS
+from pytest_isolate.config import BUILTIN_ENVS
+from pytest_isolate.errors import BackendUnavailable, ConfigError
+
+MANAGER = "isolate-manager"
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_isolate import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("isolate", "pytest-isolate: run tests inside isolated environments")
+    group.addoption("--isolate-env", metavar="NAME[,NAME...]", default=None,
+                    help="run every collected test without an isolate marker inside these "
+                    "environments (one item per environment when several)")
+    group.addoption("--isolate-strict", action="store_true", default=None,
+                    help="an unavailable backend fails its tests instead of skipping them")
+    group.addoption("--isolate-cache-dir", metavar="DIR", default=None,
+                    help="where built environments are cached (default: ~/.cache/pytest-isolate)")
+    group.addoption("--isolate-timeout", metavar="SECONDS", type=float, default=None,
+                    help="per-test time limit inside an environment (default 300)")
+    group.addoption("--isolate-reset", choices=("test", "module", "session"), default=None,
+                    help="how often the environment is reset to its provisioned state")
+    group.addoption("--isolate-report", metavar="PATH", default=None,
+                    help="write a JSON report of environments, cache hits and phase timings")
+    parser.addini("isolate_cache_dir", "cache directory of pytest-isolate", default=None)
+    parser.addini("isolate_timeout", "per-test time limit inside environments", default=None)
+    parser.addini("isolate_reset", "test | module | session", default=None)
+    parser.addini("isolate_strict", "unavailable backends fail instead of skip", default=None)
+
+
+def _check_name_clash() -> None:
+    try:
+        importlib.metadata.distribution("pytest-isolate")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    raise pytest.UsageError(
+        "the unrelated plugin 'pytest-isolate' (forked subprocesses) is installed next to "
+        "pytest-isolate-env; both use the name 'isolate'. Uninstall one: "
+        "pip uninstall pytest-isolate"
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_isolate_backends() -> dict[str, str]:
+    return dict(BUILTIN_BACKENDS)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _check_name_clash()
+    config.addinivalue_line(
+        "markers",
+        "isolate(*envs, timeout=None, reset=None, network=None): run the test and its "
+        "fixtures inside the named environments (one item per environment)",
+    )
+    from pytest_isolate.manager import IsolateManager
+
+    try:
+        manager = IsolateManager(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.pluginmanager.register(manager, MANAGER)
+
+
+def _manager(config: pytest.Config) -> Any:
+    return config.pluginmanager.get_plugin(MANAGER)
+
+
+@pytest.fixture
+def isolate_target(request: pytest.FixtureRequest) -> Any:
+    """The environment this item runs in (parametrized when a test has several)."""
+    return getattr(request, "param", None)
+
+
+@pytest.fixture
+def isolate_env(request: pytest.FixtureRequest) -> Iterator[Callable[[str], Any]]:
+    """Factory: ``isolate_env("name")`` gives a clean Environment of any known environment."""
+    from pytest_isolate.environment import Environment
+    from pytest_isolate.timing import PhaseTimer
+
+    manager = _manager(request.config)
+    created: list[Environment] = []
+
+    def factory(name: str) -> Environment:
+        if name not in manager.specs:
+            raise pytest.UsageError(
+                f"isolate_env({name!r}): unknown environment; known: {', '.join(sorted(manager.specs))}")
+        timer = PhaseTimer()
+        try:
+            instance = manager.instance(name, timer)
+        except BackendUnavailable as exc:
+            if manager.strict:
+                pytest.fail(f"{exc} (--isolate-strict turns this skip into a failure)", pytrace=False)
+            pytest.skip(str(exc))
+        with timer.phase("reset"):
+            env = Environment(instance, default_timeout=None)
+        request.node.user_properties.extend(timer.properties())
+        created.append(env)
+        return env
+
+    yield factory
+    for env in created:
+        try:
+            env.close()
+        except Exception:
+            manager.drop(env.name)
+
+
+def _env_fixture(name: str) -> Any:
+    def fixture(isolate_env: Callable[[str], Any]) -> Any:
+        return isolate_env(name)
+
+    fixture.__doc__ = f"A clean {name!r} Environment, driven from the host."
+    fixture.__name__ = name
+    return pytest.fixture(name=name)(fixture)
+
+
+chroot = _env_fixture("chroot")
+schroot = _env_fixture("schroot")
+lxc = _env_fixture("lxc")
+docker = _env_fixture("docker")
+qemu_vm = _env_fixture("qemu_vm")
+arm64_vm = _env_fixture("arm64_vm")
+assert set(BUILTIN_ENVS) == {"chroot", "schroot", "lxc", "docker", "qemu_vm", "arm64_vm"}

@@ -1,0 +1,121 @@
+"""EnvSpec: what an environment is, and its content hash (the cache key)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+from collections.abc import Mapping
+from typing import Any
+
+#: Bump when the way a rootfs is built changes, so old cache entries are not reused.
+ROOTFS_FORMAT = 1
+
+HOST_ARCHES = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "armv7l": "armhf",
+    "i686": "i386",
+    "i386": "i386",
+    "ppc64le": "ppc64el",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
+#: Debian architecture -> what platform.machine() says inside.
+ARCH_MACHINES = {
+    "amd64": "x86_64",
+    "arm64": "aarch64",
+    "armhf": "armv7l",
+    "i386": "i686",
+    "ppc64el": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
+RELEASES = (
+    "buster", "bullseye", "bookworm", "trixie", "forky", "sid",
+    "oldstable", "stable", "testing", "unstable",
+)
+VARIANTS = ("minbase", "buildd", "required", "important", "standard")
+RESETS = ("test", "module", "session")
+DEFAULT_RELEASE = "trixie"  # Debian stable as of this release of pytest-isolate
+
+
+def host_arch() -> str:
+    machine = platform.machine()
+    return HOST_ARCHES.get(machine, machine)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """A resolved environment: built-in defaults, pyproject.toml and overrides merged.
+
+    ``sources`` maps each field to where its value came from, for error messages;
+    it takes no part in equality or the cache key.
+    """
+
+    name: str
+    backend: str
+    arch: str = dataclasses.field(default_factory=host_arch)
+    release: str = DEFAULT_RELEASE
+    variant: str = "minbase"
+    packages: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+    network: bool = False
+    mirror: str | None = None
+    image: str | None = None
+    reset: str = "test"
+    timeout: float | None = None
+    pass_env: tuple[str, ...] = ()
+    rootdir_writable: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
+    sources: Mapping[str, str] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+
+    @property
+    def machine(self) -> str:
+        """What ``platform.machine()`` answers inside."""
+        return ARCH_MACHINES.get(self.arch, self.arch)
+
+    @property
+    def foreign(self) -> bool:
+        return self.arch != host_arch()
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, "built-in default")
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+    def all_packages(self) -> tuple[str, ...]:
+        """The packages installed: python3 always, then the spec's, sorted and unique."""
+        return tuple(sorted({"python3", *self.packages}))
+
+    def rootfs_fields(self) -> dict[str, Any]:
+        """Everything that determines the root filesystem's content."""
+        return {
+            "format": ROOTFS_FORMAT,
+            "release": self.release,
+            "arch": self.arch,
+            "variant": self.variant,
+            "packages": list(self.all_packages()),
+            "setup": list(self.setup),
+            "setup_network": self.network,
+            "mirror": self.mirror,
+        }
+
+    def rootfs_key(self) -> str:
+        return content_hash(self.rootfs_fields())
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.backend}, {self.release}/{self.arch})"
+
+
+def content_hash(fields: Mapping[str, Any]) -> str:
+    try:
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    except TypeError as exc:
+        raise TypeError(f"environment spec cannot be hashed: {exc}") from None
+    return hashlib.sha256(text.encode()).hexdigest()[:24]

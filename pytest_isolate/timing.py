@@ -1,0 +1,87 @@
+"""Phase timing: user_properties on reports, the JSON report, the terminal table."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PHASES = ("provision", "start", "sync", "run", "reset", "teardown")
+REPORT_VERSION = 1
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+    def properties(self) -> list[tuple[str, object]]:
+        return [(f"isolate.{name}", round(secs, 6)) for name, secs in self.phases.items()]
+
+
+@dataclasses.dataclass
+class EnvStats:
+    name: str
+    backend: str
+    arch: str
+    release: str
+    key: str = ""
+    cache_hit: bool | None = None
+    provision: float = 0.0
+    start: float = 0.0
+    starts: int = 0
+    tests: int = 0
+    run_total: float = 0.0
+    logs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TestRecord:
+    nodeid: str
+    env: str
+    outcome: str
+    phases: dict[str, float]
+
+
+class RunReport:
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.envs: dict[str, EnvStats] = {}
+        self.tests: list[TestRecord] = []
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": REPORT_VERSION,
+            "run_id": self.run_id,
+            "environments": {n: dataclasses.asdict(s) for n, s in self.envs.items()},
+            "tests": [dataclasses.asdict(t) for t in self.tests],
+        }
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+
+    def table(self) -> list[str]:
+        rows = [("environment", "backend", "arch", "tests", "provision", "start", "per test")]
+        for s in self.envs.values():
+            prov = "-" if s.cache_hit is None else (
+                f"{s.provision:.2f}s (cached)" if s.cache_hit else f"{s.provision:.1f}s (built)")
+            per = f"{1000 * s.run_total / s.tests:.1f} ms" if s.tests else "-"
+            rows.append((s.name, s.backend, s.arch, str(s.tests), prov,
+                         f"{s.start:.2f}s" if s.starts else "-", per))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
