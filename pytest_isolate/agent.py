@@ -708,6 +708,9 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any])
     if not isolated:
         return WorkerServer(agent, sock, ch, req, root=None).serve()
     unshare(CLONE_NEWNS | CLONE_NEWPID)
+    # Inherited mounts may be shared (LXC makes every container mount shared): pivot_root
+    # would fail with EINVAL and the worker's mounts would propagate back to the agent.
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
     pid = os.fork()
     if pid:
         sock.close()

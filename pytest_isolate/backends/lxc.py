@@ -1,0 +1,368 @@
+"""lxc: a privileged LXC system container over the cached root filesystem.
+
+One container per started environment, driven by the LXC command-line tools
+(``lxc-start`` / ``lxc-attach`` / ``lxc-stop`` / ``lxc-destroy`` from Debian's
+``lxc`` package); the agent is ``lxc-attach``'s child, so its stdin/stdout are
+the channel.  The plugin writes the container's config itself:
+
+- ``lxc.rootfs.path = overlay:CACHED_ROOTFS:UPPER`` -- the container's root is
+  an overlay whose writes go to a per-container directory: the cache is never
+  written.  The cached root filesystem is also bound read-only at
+  ``/.isolate/lower``: the pristine lower layer of the agent's per-test
+  overlays (the container's own root is not pristine: the agent writes to it).
+- ``lxc.init.cmd = /bin/sleep infinity``: no systemd or init scripts to boot
+  (start costs tens of milliseconds); everything else runs via lxc-attach.
+- ``lxc.net.0.type = empty`` (a network namespace with only loopback) unless
+  the spec asks for network; then ``none`` (the host's network namespace --
+  this host has no bridge to attach a veth to) and the host's resolv.conf.
+- The project rootdir at the same absolute path (read-only unless
+  ``rootdir_writable``) and the host's pytest packages read-only at
+  ``/.isolate/site``, as ``lxc.mount.entry`` binds.
+
+Security settings and why.  The agent must mount (a tmpfs and an overlay per
+test, in a new mount + PID namespace), so it needs CAP_SYS_ADMIN and a mount
+policy that allows overlay and tmpfs.  The container is privileged (root
+inside is root outside: the plugin runs as root anyway), and the config does
+not include LXC's ``common.conf``/``default.conf`` (which would also add a
+veth on ``lxcbr0``); it applies the same hardening by itself:
+
+- capabilities: ``common.conf``'s drop list (mac_admin mac_override sys_time
+  sys_module sys_rawio); CAP_SYS_ADMIN stays.
+- seccomp: LXC's ``common.seccomp`` (no kexec, module loading or
+  open_by_handle_at) when the file is there; mount/umount/unshare/pivot_root
+  stay allowed.
+- AppArmor: ``unconfined``.  LXC's generated profile (``lxc-container-default``)
+  denies mounting overlay and tmpfs at arbitrary places, which the agent's
+  per-test isolation is made of; this host has no AppArmor at all (the setting
+  is then a no-op).
+- mount propagation: LXC makes every mount in the container shared; the
+  agent starts after ``mount --make-rprivate /`` (the container's own mount
+  binary), else pivot_root into a worker's fresh root fails with EINVAL and
+  workers' mounts would propagate back.  Not needed once the agent's workers
+  make their mount namespace private themselves.
+- devices: ``lxc.autodev`` gives a fresh minimal /dev (null, zero, full,
+  random, urandom, tty, pts; plus a tmpfs /dev/shm); the cgroup device allowlist
+  is common.conf's.
+
+Labels and cleanup.  Containers live in a per-run lxcpath
+(``RunContext.work_dir/lxc``) and are named ``pytest-isolate-<run id>-<env>-<n>``;
+each container directory holds ``pytest-isolate.json`` with the owning
+process (pid + start time).  Instance cleanup stops (``lxc-stop -k``) and
+destroys (``lxc-destroy``) it; an atexit hook does the same for a run that
+exits without reaching it.  A run that was killed leaves labelled containers:
+the next run's first ``start()`` reaps every container whose owner is dead
+(also those whose run directory was already removed, found through their
+``[lxc monitor]`` process).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_isolate.backends.base import (
+    SITE,
+    Backend,
+    Instance,
+    agent_command,
+    environment_variables,
+    need_tool,
+    shipped_paths,
+)
+from pytest_isolate.cache import Entry
+from pytest_isolate.channel import AgentProcess
+from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.images.rootfs import provision_rootfs
+from pytest_isolate.namespaces import check_foreign, check_rootfs_builder
+from pytest_isolate.spec import EnvSpec
+
+START_TIMEOUT = 60.0
+PREFIX = "pytest-isolate-"
+LABEL = "pytest-isolate.json"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SECCOMP_PROFILE = Path("/usr/share/lxc/config/common.seccomp")
+CAP_DROP = "mac_admin mac_override sys_time sys_module sys_rawio"
+TOOLS = ("lxc-start", "lxc-attach", "lxc-stop", "lxc-destroy", "lxc-info")
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None if it does not exist)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def owner_label() -> dict[str, Any]:
+    return {"pid": os.getpid(), "start": process_start_time(os.getpid())}
+
+
+def owner_alive(label: dict[str, Any]) -> bool:
+    pid = label.get("pid")
+    if not isinstance(pid, int):
+        return False
+    start = process_start_time(pid)
+    return start is not None and start == label.get("start")
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "env"
+
+
+def fstab_path(path: str) -> str:
+    """Escape a path for an fstab-format line (lxc.mount.entry)."""
+    return (path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+            .replace("\n", "\\012"))
+
+
+def _run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def destroy_container(name: str, lxcpath: Path) -> None:
+    """Stop (kill) and destroy a container; never raises, leaves nothing behind."""
+    cdir = lxcpath / name
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        _run(["lxc-stop", "-k", "-n", name, "-P", str(lxcpath)])
+    if (cdir / "config").exists():
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            _run(["lxc-destroy", "-n", name, "-P", str(lxcpath)])
+    if cdir.exists():
+        shutil.rmtree(cdir, ignore_errors=True)
+
+
+def monitors() -> list[tuple[int, str, str]]:
+    """(pid, lxcpath, name) of every running ``[lxc monitor]`` of one of our containers."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        text = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+        if not text.startswith("[lxc monitor] "):
+            continue
+        parts = text[len("[lxc monitor] "):].rsplit(" ", 1)
+        if len(parts) == 2 and parts[1].startswith(PREFIX):
+            out.append((int(entry), parts[0], parts[1]))
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a monitor's children (the container's init: its PID namespace dies) and it."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            os.kill(int(child), signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def reap(runs_dir: Path) -> list[str]:
+    """Stop and destroy containers left by runs whose process is gone; return their names."""
+    reaped = []
+    for pid, lxcpath, name in monitors():
+        label_path = Path(lxcpath) / name / LABEL
+        try:
+            label = json.loads(label_path.read_text())
+        except (OSError, ValueError):
+            if Path(lxcpath, name, "config").exists():
+                continue  # being created right now, or not ours to judge
+            _kill_tree(pid)  # its directory is gone: nothing else can stop it
+            reaped.append(name)
+            continue
+        if not owner_alive(label):
+            destroy_container(name, Path(lxcpath))
+            reaped.append(name)
+    for label_path in runs_dir.glob(f"*/work/lxc/{PREFIX}*/{LABEL}"):
+        try:
+            label = json.loads(label_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not owner_alive(label):
+            destroy_container(label_path.parent.name, label_path.parent.parent)
+            reaped.append(label_path.parent.name)
+    return sorted(set(reaped))
+
+
+_LIVE: dict[str, Path] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _destroy_live() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE.items())
+        _LIVE.clear()
+    for name, lxcpath in live:
+        destroy_container(name, lxcpath)
+
+
+class LxcBackend(Backend):
+    name = "lxc"
+    needs_root = True
+    supports_snapshot = True
+    packages = ("lxc", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(run)
+        self._reaped = False
+        self._count = 0
+
+    def check(self, spec: EnvSpec) -> None:
+        if os.geteuid() != 0:
+            raise BackendUnavailable(
+                self.name, "the lxc backend runs privileged containers and needs root",
+                "run pytest as root, or use the chroot backend (works without root)")
+        for tool in TOOLS:
+            need_tool(self.name, tool, "lxc")
+        if "overlay" not in Path("/proc/filesystems").read_text():
+            raise BackendUnavailable(self.name, "the kernel has no overlay filesystem",
+                                     "load it: modprobe overlay")
+        check_rootfs_builder(self.name)
+        if spec.foreign:
+            check_foreign(self.name, spec.machine)
+
+    def provision(self, spec: EnvSpec) -> Entry:
+        return provision_rootfs(spec, self.run.cache, self.run.log_path(spec.name, "provision.log"),
+                                self.run.rootdir, self.run.progress)
+
+    @property
+    def lxcpath(self) -> Path:
+        return self.run.work_dir / "lxc"
+
+    def reap(self) -> list[str]:
+        """Destroy what killed runs left behind (once per backend instance)."""
+        names = reap(self.run.work_dir.parent.parent)
+        for name in names:
+            self.run.progress(f"lxc: removed container {name} left by an interrupted run")
+        return names
+
+    def config_text(self, spec: EnvSpec, rootfs: Path, cdir: Path, log: Path) -> str:
+        rootdir = str(self.run.rootdir)
+        lines = [
+            "# written by pytest-isolate; see pytest_isolate/backends/lxc.py",
+            f"lxc.uts.name = {f'isolate-{safe_name(spec.name)}'[:63]}",
+            f"lxc.rootfs.path = overlay:{rootfs}:{cdir / 'delta'}",
+            "lxc.init.cmd = /bin/sleep infinity",
+            "lxc.autodev = 1",
+            "lxc.tty.max = 0",
+            "lxc.pty.max = 64",
+            "lxc.console.path = none",
+            "lxc.mount.auto = proc:mixed sys:ro",
+            f"lxc.cap.drop = {CAP_DROP}",
+            "lxc.apparmor.profile = unconfined",
+            "lxc.cgroup.devices.deny = a",
+            "lxc.cgroup.devices.allow = c *:* m",
+            "lxc.cgroup.devices.allow = b *:* m",
+        ]
+        for dev in ("1:3", "1:5", "1:7", "1:8", "1:9", "5:0", "5:1", "5:2", "136:*"):
+            lines.append(f"lxc.cgroup.devices.allow = c {dev} rwm")
+        if SECCOMP_PROFILE.exists():
+            lines.append(f"lxc.seccomp.profile = {SECCOMP_PROFILE}")
+        lines += [f"lxc.log.file = {log}", "lxc.log.level = NOTICE"]
+        if spec.network:
+            lines.append("lxc.net.0.type = none")
+        else:
+            lines.append("lxc.net.0.type = empty")
+
+        def entry(src: str, dst: str, readonly: bool) -> str:
+            kind = "dir" if os.path.isdir(src) else "file"
+            opts = f"{'ro' if readonly else 'rw'},bind,create={kind}"
+            return f"lxc.mount.entry = {fstab_path(src)} {fstab_path(dst.lstrip('/'))} none {opts} 0 0"
+
+        lines.append("lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,create=dir 0 0")
+        lines.append(entry(str(rootfs), "/.isolate/lower", True))
+        lines.append("lxc.mount.entry = tmpfs .isolate/ws tmpfs rw,mode=755,create=dir 0 0")
+        lines.append(entry(rootdir, rootdir, not spec.rootdir_writable))
+        for src, dst in shipped_paths():
+            lines.append(entry(src, dst, True))
+        if spec.network and os.path.exists("/etc/resolv.conf"):
+            lines.append(entry("/etc/resolv.conf", "/etc/resolv.conf", True))
+        return "\n".join(lines) + "\n"
+
+    def start(self, spec: EnvSpec, image: Entry) -> Instance:
+        if ":" in str(image.data) or ":" in str(self.lxcpath):
+            raise IsolateError(
+                f"lxc: the overlay rootfs ({image.data}) and the run directory ({self.lxcpath}) "
+                "must not contain ':' (LXC's overlay:LOWER:UPPER syntax); choose another "
+                "--isolate-cache-dir")
+        if not self._reaped:
+            self._reaped = True
+            self.reap()
+        self._count += 1
+        name = f"{PREFIX}{safe_name(self.run.run_id)}-{safe_name(spec.name)}-{self._count}"
+        lxcpath = self.lxcpath
+        cdir = lxcpath / name
+        lxc_log = self.run.log_path(spec.name, "lxc.log")
+        agent_log = self.run.log_path(spec.name, "agent.log")
+        rootdir = str(self.run.rootdir)
+        cdir.mkdir(parents=True)
+        with _LIVE_LOCK:
+            _LIVE[name] = lxcpath
+        (cdir / LABEL).write_text(json.dumps(
+            {**owner_label(), "run_id": self.run.run_id, "env": spec.name}))
+        (cdir / "delta").mkdir()
+
+        def cleanup() -> None:
+            with _LIVE_LOCK:
+                _LIVE.pop(name, None)
+            destroy_container(name, lxcpath)
+
+        try:
+            (cdir / "config").write_text(self.config_text(spec, image.data, cdir, lxc_log))
+            proc = _run(["lxc-start", "-n", name, "-P", str(lxcpath), "-d",
+                         "-o", str(lxc_log), "-l", "NOTICE"], timeout=START_TIMEOUT)
+            if proc.returncode != 0:
+                raise IsolateError(
+                    f"lxc-start of {name} for environment {spec.name!r} failed "
+                    f"(status {proc.returncode}): {(proc.stderr or proc.stdout).strip()}\n"
+                    f"lxc log: {lxc_log}")
+            env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
+                   **environment_variables(spec)}
+            argv = ["lxc-attach", "-n", name, "-P", str(lxcpath), "--clear-env",
+                    "-o", str(lxc_log), "-l", "WARN", "--", "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
+                    *agent_command(spec)]
+            process = AgentProcess(argv, agent_log, f"environment {spec.name!r}")
+        except BaseException:
+            cleanup()
+            raise
+        instance = Instance(spec, process, {"agent": agent_log, "lxc": lxc_log,
+                                            "provision": image.log}, cleanup)
+        try:
+            instance.handshake(
+                {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
+                 "binds": [rootdir] + [dst for _, dst in shipped_paths()], "cwd": rootdir},
+                timeout=START_TIMEOUT * (10 if spec.foreign else 1),
+            )
+        except BaseException:
+            instance.stop()
+            raise
+        return instance
+
+
+def wait_gone(name: str, lxcpath: Path, timeout: float = 5.0) -> bool:
+    """True once no monitor of the container runs (for tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(n == name and p == str(lxcpath) for _, p, n in monitors()):
+            return True
+        time.sleep(0.05)
+    return False
