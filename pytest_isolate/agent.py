@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -811,7 +810,11 @@ class WorkerServer:
 
     def op_put(self, req: Dict[str, Any], blob: bytes) -> None:
         path = req["path"]
-        in_root_call(self.root, lambda: (unpack_to(blob, path), b"")[1])
+        def unpack() -> bytes:
+            unpack_to(blob, path)
+            return b""
+
+        in_root_call(self.root, unpack)
         self.send({"op": "ok"})
 
     def op_get(self, req: Dict[str, Any], blob: bytes) -> None:
@@ -820,7 +823,7 @@ class WorkerServer:
 
     def op_snapshot(self, req: Dict[str, Any], blob: bytes) -> None:
         self._require_layers()
-        frozen = [self.upper] + self.lowers
+        frozen = [self.upper, *self.lowers]
         self._remount(frozen)
         self.snapshots[req["name"]] = frozen
         self.send({"op": "ok"})

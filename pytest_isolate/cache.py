@@ -11,6 +11,7 @@ removed and rebuilt.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from pytest_isolate.errors import ConfigError
+from pytest_isolate.errors import ConfigError, IsolateError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -50,8 +51,32 @@ class Entry:
 Builder = Callable[[Path, Path], dict[str, Any]]
 
 
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below path in this process's mount namespace."""
+    top = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = line.split()[4].replace("\\040", " ")
+                if point == top or point.startswith(top.rstrip("/") + "/"):
+                    found.append(point)
+    except OSError:
+        pass
+    return found
+
+
 def _force_rmtree(path: Path) -> None:
-    """rmtree that also removes read-only directories a non-root build may leave."""
+    """rmtree that also removes read-only directories a non-root build may leave.
+
+    It never deletes through a mount point: a bind mount left under path could
+    lead into the host's own files.
+    """
+    mounted = mounts_under(path)
+    if mounted:
+        raise IsolateError(
+            f"refusing to delete {path}: something is mounted below it ({', '.join(mounted[:5])}); "
+            "unmount it first (umount -R PATH)")
 
     def onerror(func: Any, p: str, exc: Any) -> None:
         try:
@@ -86,8 +111,8 @@ class Cache:
         try:
             for sub in ("tmp", "locks"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=root / "tmp", delete=True)
-            probe.close()
+            with tempfile.NamedTemporaryFile(dir=root / "tmp"):
+                pass
         except OSError as exc:
             raise ConfigError(
                 f"{where}: cache directory {str(root)!r} is not writable ({exc.strerror or exc}); "
@@ -149,6 +174,20 @@ class Cache:
                 _force_rmtree(tmp)
                 raise
             return Entry(kind, key, final, manifest, hit=False, build_seconds=seconds)
+
+    def hold(self, entry: Entry) -> Callable[[], None]:
+        """Mark entry in use until the returned callable runs: `cache gc`/`rm` skip it."""
+        fd = os.open(entry.path / MANIFEST, os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                os.close(fd)
+
+        return release
 
     def entries(self) -> Iterator[Entry]:
         for kind_dir in sorted(self.root.iterdir()):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate import agent as agent_mod
-from pytest_isolate.agent import BOOTSTRAP, FrameDecoder, ProtocolError, encode_frame
+from pytest_isolate.agent import FrameDecoder, ProtocolError, encode_frame
 from pytest_isolate.errors import AgentLost, AgentTimeout, RemoteError
 
 AGENT_SOURCE = Path(agent_mod.__file__).read_bytes()

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.errors import ConfigError
-from pytest_isolate.spec import RELEASES, RESETS, VARIANTS, ARCH_MACHINES, EnvSpec
+from pytest_isolate.spec import ARCH_MACHINES, RELEASES, RESETS, VARIANTS, EnvSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 TABLE = "tool.pytest-isolate"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

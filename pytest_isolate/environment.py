@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from pytest_isolate.channel import log_tail
 from pytest_isolate.errors import IsolateError
@@ -19,7 +19,7 @@ from pytest_isolate.errors import IsolateError
 if TYPE_CHECKING:
     from pytest_isolate.backends.base import Instance
 
-Command = Union[str, Sequence[str]]
+Command = str | Sequence[str]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from _pytest.reports import TestReport
@@ -39,6 +40,7 @@ DEFAULT_TIMEOUT = 300.0
 #: Extra time the host waits beyond a test's timeout before it gives up on the agent.
 HOST_GRACE = 30.0
 MARKER_KWARGS = ("timeout", "reset", "network")
+When = Literal["setup", "call", "teardown"]
 
 
 class Worker:
@@ -55,6 +57,8 @@ class IsolateManager:
         self.backends: dict[str, Backend] = {}
         self.unavailable: dict[str, BackendUnavailable] = {}
         self.bound: dict[str, set[str]] = {}
+        #: releases of the shared locks on the cache entries this run uses
+        self.holds: dict[str, Callable[[], None]] = {}
         worker = os.environ.get("PYTEST_XDIST_WORKER", "")
         self.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}" + (f"-{worker}" if worker else "")
         self.report = RunReport(self.run_id)
@@ -102,7 +106,8 @@ class IsolateManager:
                                          None)
         if cache_dir is None:
             cache_root = Path(os.environ.get("PYTEST_ISOLATE_CACHE_DIR") or cfg.default_cache_dir())
-            where = "PYTEST_ISOLATE_CACHE_DIR" if os.environ.get("PYTEST_ISOLATE_CACHE_DIR") else "default cache directory"
+            where = ("PYTEST_ISOLATE_CACHE_DIR" if os.environ.get("PYTEST_ISOLATE_CACHE_DIR")
+                     else "default cache directory")
         else:
             cache_root = Path(str(cache_dir)).expanduser()
             if not cache_root.is_absolute():
@@ -222,6 +227,8 @@ class IsolateManager:
             started = time.perf_counter()
             entry = backend.provision(spec)
             stats.provision += time.perf_counter() - started
+        if name not in self.holds:
+            self.holds[name] = self.cache.hold(entry)
         stats.key = entry.key
         stats.cache_hit = entry.hit if stats.cache_hit is None else stats.cache_hit
         if not entry.hit:
@@ -284,6 +291,9 @@ class IsolateManager:
     def pytest_sessionfinish(self) -> None:
         for name in list(self.instances):
             self.drop(name)
+        for release in self.holds.values():
+            release()
+        self.holds.clear()
         path = self.config.getoption("isolate_report")
         if path:
             self.report.write(Path(path))
@@ -356,15 +366,15 @@ class ItemRun:
             else:
                 self.skip(str(exc))
         except (AgentLost, AgentTimeout) as exc:
-            inst_logs = self.m.instances.get(self.env)
-            tail = log_tail(inst_logs.logs.get("agent")) if inst_logs else ""
+            lost = self.m.instances.get(self.env)
+            tail = log_tail(lost.logs.get("agent")) if lost is not None else ""
             self.m.drop(self.env)
             self.crash(f"{exc}\n--- environment log tail ---\n{tail}")
         except (IsolateError, OSError) as exc:
             message = f"pytest-isolate: {type(exc).__name__}: {exc}"
-            inst = self.m.instances.get(self.env)
-            if inst is not None:
-                message += f"\n--- environment log tail ---\n{log_tail(inst.logs.get('agent'))}"
+            current = self.m.instances.get(self.env)
+            if current is not None:
+                message += f"\n--- environment log tail ---\n{log_tail(current.logs.get('agent'))}"
             self.fail("setup", message)
         finally:
             self.m.report.tests.append(
@@ -477,12 +487,13 @@ class ItemRun:
             paths = "\n".join(f"{k}: {v}" for k, v in inst.logs.items())
             rep.sections.append((f"isolate logs ({self.env})", paths))
 
-    def make_report(self, when: str, outcome: str, longrepr: Any) -> TestReport:
-        keywords = {k: 1 for k in self.item.keywords}
+    def make_report(self, when: When,
+                    outcome: Literal["passed", "failed", "skipped"], longrepr: Any) -> TestReport:
+        keywords: dict[str, Literal[1]] = {k: 1 for k in self.item.keywords}
         return TestReport(self.item.nodeid, self.item.location, keywords, outcome, longrepr, when,
                           user_properties=list(self.item.user_properties))
 
-    def fail(self, when: str, message: str) -> None:
+    def fail(self, when: When, message: str) -> None:
         self.outcome = "failed"
         self.item.ihook.pytest_runtest_logreport(report=self.make_report(when, "failed", message))
         if when != "teardown":
@@ -503,13 +514,14 @@ class ItemRun:
 
     def synthesize(self, message: str) -> None:
         """The worker ended before finishing: fail the phase it was in."""
-        order = ("setup", "call", "teardown")
+        order: tuple[When, ...] = ("setup", "call", "teardown")
         if self.pending_teardown is not None:
             self.flush()
             self.outcome = "failed"
             self.item.ihook.pytest_runtest_logreport(
                 report=self.make_report("teardown", "failed", message))
             return
+        when: When
         if self.last_when is None:
             when = "setup"
         elif self.last_when == "setup" and self.outcome != "passed":

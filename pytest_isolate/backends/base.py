@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pytest_isolate.cache import Cache, Entry
 from pytest_isolate.agent import BOOTSTRAP
+from pytest_isolate.cache import Cache, Entry
 from pytest_isolate.channel import AgentProcess, Connection
 from pytest_isolate.errors import BackendUnavailable, IsolateError
 from pytest_isolate.spec import EnvSpec
@@ -90,7 +90,7 @@ def shipped_paths() -> list[tuple[str, str]]:
 def required_python() -> tuple[int, int]:
     """The oldest Python the host's pytest supports (from its Requires-Python)."""
     try:
-        requires = importlib.metadata.metadata("pytest").get("Requires-Python") or ""
+        requires = importlib.metadata.metadata("pytest")["Requires-Python"] or ""
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover
         requires = ""
     m = re.search(r">=\s*(\d+)\.(\d+)", requires)

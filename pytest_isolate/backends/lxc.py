@@ -338,7 +338,8 @@ class LxcBackend(Backend):
             env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
                    **environment_variables(spec)}
             argv = ["lxc-attach", "-n", name, "-P", str(lxcpath), "--clear-env",
-                    "-o", str(lxc_log), "-l", "WARN", "--", "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
+                    "-o", str(lxc_log), "-l", "WARN", "--",
+                    "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
                     *agent_command(spec)]
             process = AgentProcess(argv, agent_log, f"environment {spec.name!r}")
         except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import selectors
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -30,40 +31,52 @@ def run_logged(argv: list[str], log_path: Path, progress: Any, label: str,
         started = time.monotonic()
         try:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             raise ProvisionError(f"{label}: cannot run {argv[0]}: {exc}") from None
         assert proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
-        last_report = started
-        last_line = b""
-        while True:
-            if time.monotonic() - started > timeout:
-                proc.kill()
-                proc.wait()
-                raise ProvisionError(f"{label}: timed out after {timeout:.0f}s",
-                                     log_tail(log_path), str(log_path))
-            if sel.select(timeout=1.0):
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                log.write(chunk)
-                log.flush()
-                lines = [ln for ln in chunk.splitlines() if ln.strip()]
-                if lines:
-                    last_line = lines[-1]
-            now = time.monotonic()
-            if now - last_report >= 3.0:
-                last_report = now
-                progress(f"{label}: {now - started:.0f}s: "
-                         f"{last_line.decode(errors='replace').strip()[:100]}")
+        try:
+            _pump(proc, sel, log, log_path, progress, label, started, timeout)
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the builder and everything it started
+            except OSError:
+                pass
+            proc.wait()
+            raise
         sel.close()
         code = proc.wait()
         proc.stdout.close()
     if code != 0:
         raise ProvisionError(f"{label} failed with exit status {code}",
                              log_tail(log_path), str(log_path))
+
+
+def _pump(proc: subprocess.Popen[bytes], sel: selectors.BaseSelector, log: Any,
+          log_path: Path, progress: Any, label: str, started: float, timeout: float) -> None:
+    assert proc.stdout is not None
+    last_report = started
+    last_line = b""
+    while True:
+        if time.monotonic() - started > timeout:
+            raise ProvisionError(f"{label}: timed out after {timeout:.0f}s",
+                                 log_tail(log_path), str(log_path))
+        if sel.select(timeout=1.0):
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                return
+            log.write(chunk)
+            log.flush()
+            lines = [ln for ln in chunk.splitlines() if ln.strip()]
+            if lines:
+                last_line = lines[-1]
+        now = time.monotonic()
+        if now - last_report >= 3.0:
+            last_report = now
+            progress(f"{label}: {now - started:.0f}s: "
+                     f"{last_line.decode(errors='replace').strip()[:100]}")
 
 
 def _skip_devices(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
@@ -89,13 +102,18 @@ def build_rootfs(spec: EnvSpec, dest: Path, log_path: Path, rootdir: Path,
         argv = [mm, f"--variant={spec.variant}", f"--include={packages}",
                 f"--architectures={spec.arch}", "--mode=root" if is_root else "--mode=unshare",
                 spec.release, str(target), *mirror]
+        if is_root:
+            # mmdebstrap mounts /proc, /sys and /dev into the target while it works: in a
+            # private mount namespace those mounts die with it, whatever happens.
+            argv = ["unshare", "--mount", "--propagation", "private", "--", *argv]
         run_logged(argv, log_path, progress, label)
         if not is_root:
             extract_rootfs(target, dest)
             target.unlink()
         builder = "mmdebstrap"
     else:
-        argv = [shutil.which("debootstrap") or "debootstrap", f"--variant={spec.variant}",
+        argv = ["unshare", "--mount", "--propagation", "private", "--",
+                shutil.which("debootstrap") or "debootstrap", f"--variant={spec.variant}",
                 f"--include={packages}", f"--arch={spec.arch}", spec.release, str(dest), *mirror]
         run_logged(argv, log_path, progress, label)
         builder = "debootstrap"
@@ -133,5 +151,6 @@ def provision_rootfs(spec: EnvSpec, cache: Any, log_path: Path, rootdir: Path,
                  f"(key {spec.rootfs_key()}); log: {log}")
         return build_rootfs(spec, data, log, rootdir, progress)
 
-    return cache.get_or_build("rootfs", spec.rootfs_key(), builder, spec.rootfs_fields(),
-                              log_path)
+    entry: Entry = cache.get_or_build("rootfs", spec.rootfs_key(), builder,
+                                      spec.rootfs_fields(), log_path)
+    return entry

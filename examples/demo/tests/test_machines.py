@@ -5,7 +5,6 @@ import platform
 import sys
 
 import pytest
-
 from demo import describe, pack_native
 
 

@@ -1,0 +1,12 @@
+"""``python -m pytest_isolate`` and the ``pytest-isolate`` console script (see cli.py)."""
+
+from __future__ import annotations
+
+import sys
+
+from pytest_isolate.cli import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

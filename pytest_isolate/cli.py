@@ -1,0 +1,1213 @@
+"""The command line: ``pytest-isolate doctor | envs | cache ls|gc|rm | shell ENV``.
+
+Cheap to import: only the standard library at module level; the engine's
+modules (config, cache, backends) are imported by the command that needs them.
+Errors are one line, ``pytest-isolate: error: ...``, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from pytest_isolate.backends.base import Backend
+    from pytest_isolate.cache import Cache
+    from pytest_isolate.spec import EnvSpec
+
+PROG = "pytest-isolate"
+#: Backends doctor reports on, in this order (a missing module: not implemented yet).
+DOCTOR_BACKENDS = ("chroot", "docker", "lxc", "schroot", "qemu")
+#: Where a backend module would live when BUILTIN_BACKENDS does not name it yet.
+FALLBACK_REFS = {"qemu": "pytest_isolate.backends.qemu:QemuBackend"}
+#: Cache sub-directories that hold no entries.
+NOT_KINDS = ("tmp", "locks", "runs")
+#: gc keeps entries used this recently: a session may be between lookup and mount.
+GC_GRACE_SECONDS = 60.0
+#: gc removes finished runs' log directories older than this unless --max-age says otherwise.
+RUNS_MAX_AGE_DAYS = 7.0
+DOCKERD = "dockerd --bridge=none --iptables=false --ip-masq=false &"
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+
+
+class UsageError(Exception):
+    """A one-line error for the user (exit status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+# --------------------------------------------------------------------------
+# Formatting helpers
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'10G', '500M', '1.5GiB', '4096' -> bytes (powers of 1024)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: use a number with an optional unit K, M, G or T (e.g. 10G)")
+    power = " KMGT".index((m.group(2) or " ").upper())
+    return int(float(m.group(1)) * 1024 ** power)
+
+
+def parse_days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"invalid number of days {text!r}: use e.g. 7 or 0.5")
+    return value
+
+
+def format_age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def walk_same_fs(path: Path) -> Iterator[os.stat_result]:
+    """lstat of everything under path, not crossing into other filesystems (like du -x)."""
+    try:
+        top = os.lstat(path)
+    except OSError:
+        return
+    yield top
+    stack = [str(path)]
+    while stack:
+        current = stack.pop()
+        try:
+            it = os.scandir(current)
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_dev != top.st_dev:
+                    continue  # a mount point (e.g. /proc of a build in progress)
+                yield st
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes under path, hard links counted once, other filesystems skipped."""
+    seen: set[int] = set()
+    total = 0
+    for st in walk_same_fs(path):
+        if st.st_nlink > 1:
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+        total += st.st_size
+    return total
+
+
+def table(rows: Sequence[Sequence[str]]) -> list[str]:
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+
+
+def dump_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------
+# Project and cache location
+
+
+@dataclasses.dataclass
+class Project:
+    pyproject: Path | None
+    table: dict[str, Any]
+    ini: dict[str, Any]
+
+    @property
+    def rootdir(self) -> Path:
+        return self.pyproject.parent if self.pyproject is not None else Path.cwd()
+
+
+def find_pyproject(start: Path) -> Path | None:
+    for directory in (start, *start.parents):
+        candidate = directory / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_project(option: str | None) -> Project:
+    from pytest_isolate import config
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+    path: Path | None
+    if option is not None:
+        path = Path(option).expanduser().absolute()
+        if not path.is_file():
+            raise UsageError(f"--pyproject: {str(path)!r} is not a file")
+    else:
+        path = find_pyproject(Path.cwd())
+    table = config.load_pyproject(path)
+    ini: dict[str, Any] = {}
+    if path is not None:  # [tool.pytest.ini_options] isolate_* keys, as pytest would see them
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+            ini_options = data.get("tool", {}).get("pytest", {}).get("ini_options", {})
+            if isinstance(ini_options, dict):
+                ini = ini_options
+        except (OSError, tomllib.TOMLDecodeError):
+            pass  # load_pyproject above already reported a broken file
+    return Project(path, table, ini)
+
+
+def resolve_specs(project: Project) -> dict[str, EnvSpec]:
+    from pytest_isolate import config
+    from pytest_isolate.backends import BUILTIN_BACKENDS
+
+    return config.resolve_envs(project.table, project.pyproject, BUILTIN_BACKENDS)
+
+
+def cache_location(args: argparse.Namespace, project: Project) -> tuple[Path, str]:
+    """The cache directory and where that choice came from (the plugin's precedence)."""
+    from pytest_isolate import config
+
+    if args.cache_dir:
+        return Path(args.cache_dir).expanduser().absolute(), "--cache-dir"
+    value: Any = None
+    where = ""
+    if project.ini.get("isolate_cache_dir"):
+        value = project.ini["isolate_cache_dir"]
+        where = f"{project.pyproject}: [tool.pytest.ini_options] key 'isolate_cache_dir'"
+    elif "cache_dir" in project.table:
+        value = project.table["cache_dir"]
+        where = f"{project.pyproject}: [{config.TABLE}] key 'cache_dir'"
+    if value is not None:
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"{where}: must be a non-empty string, got {value!r}")
+        path = Path(value).expanduser()
+        return (path if path.is_absolute() else project.rootdir / path), where
+    env = os.environ.get("PYTEST_ISOLATE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser().absolute(), "PYTEST_ISOLATE_CACHE_DIR"
+    return config.default_cache_dir(), "default cache directory"
+
+
+def open_cache(root: Path, where: str) -> Cache:
+    from pytest_isolate.cache import Cache
+
+    return Cache(root, where=where)
+
+
+# --------------------------------------------------------------------------
+# Cache entries, read without touching them (ls must not change "last use")
+
+
+@dataclasses.dataclass
+class CacheItem:
+    kind: str
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    size: int
+    last_use: float
+
+    @property
+    def created(self) -> float:
+        value = self.manifest.get("created")
+        return float(value) if isinstance(value, (int, float)) else self.last_use
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("key") == path.name else None
+
+
+def list_items(root: Path, with_size: bool = True) -> list[CacheItem]:
+    items: list[CacheItem] = []
+    if not root.is_dir():
+        return items
+    for kind_dir in sorted(root.iterdir()):
+        if kind_dir.name in NOT_KINDS or not kind_dir.is_dir():
+            continue
+        for path in sorted(kind_dir.iterdir()):
+            manifest = read_manifest(path)
+            if manifest is None:
+                continue
+            try:
+                last_use = (path / "manifest.json").stat().st_mtime
+            except OSError:
+                continue
+            size = dir_size(path) if with_size else int(manifest.get("size") or 0)
+            items.append(CacheItem(kind_dir.name, path.name, path, manifest, size, last_use))
+    return items
+
+
+def summarize(manifest: dict[str, Any]) -> str:
+    spec = manifest.get("spec")
+    if not isinstance(spec, dict):
+        return "-"
+    if "release" in spec and "arch" in spec:
+        text = f"{spec['release']}/{spec['arch']}"
+        if spec.get("variant"):
+            text += f" {spec['variant']}"
+        extra = [p for p in spec.get("packages") or [] if p != "python3"]
+        if extra:
+            text += " +" + ",".join(extra)
+        if spec.get("setup"):
+            text += f" setup:{len(spec['setup'])}"
+        if spec.get("setup_network"):
+            text += " network"
+        return text
+    parts = []
+    for key, value in sorted(spec.items()):
+        if isinstance(value, (list, dict)):
+            parts.append(f"{key}=[{len(value)}]")
+        else:
+            parts.append(f"{key}={str(value)[:12]}")
+    return " ".join(parts)[:60]
+
+
+def envs_by_key(specs: dict[str, EnvSpec]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        found.setdefault(spec.rootfs_key(), []).append(name)
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mountinfo(pid: int | str) -> list[tuple[str, str, str]]:
+    """(root, mount point, source and super options) of each mount in pid's namespace."""
+    mounts = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if "-" not in fields[6:]:
+                continue
+            sep = fields.index("-", 6)
+            mounts.append((fields[3], fields[4], " ".join(fields[sep + 2:])))
+    return mounts
+
+
+def under(path: str, pattern: str) -> bool:
+    return path.startswith(pattern) or path + "/" == pattern
+
+
+def mount_users(patterns: Sequence[str]) -> dict[str, int]:
+    """pattern (a directory, ending in '/') -> a pid whose mount namespace mounts something *from*
+    it (a bind mount of it, an overlay layer on it): an environment that uses it.
+
+    Mount points *under* it do not count: other namespaces keep stale copies of what a build
+    had mounted in its target (/proc, /sys) when they were created during the build.
+    """
+    found: dict[str, int] = {}
+    seen_ns: set[str] = set()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+            if ns in seen_ns:
+                continue
+            seen_ns.add(ns)
+            mounts = mountinfo(pid)
+        except (OSError, ValueError):
+            continue
+        for pattern in patterns:
+            if pattern in found:
+                continue
+            if any(under(root, pattern) or pattern in opts for root, _mnt, opts in mounts):
+                found[pattern] = pid
+    return found
+
+
+def mounted_under(patterns: Sequence[str]) -> dict[str, str]:
+    """pattern -> a mount point under it in our own mount namespace (rmtree would enter it)."""
+    found: dict[str, str] = {}
+    try:
+        mounts = mountinfo("self")
+    except (OSError, ValueError):
+        return found
+    for pattern in patterns:
+        for _root, mnt, _opts in mounts:
+            if under(mnt, pattern):
+                found[pattern] = mnt.replace("\\040", " ")
+                break
+    return found
+
+
+def path_pattern(path: Path) -> str:
+    """How a directory shows in /proc/PID/mountinfo (octal escapes as the kernel writes them)."""
+    text = os.path.realpath(path) + "/"
+    for char in ("\\", " ", "\t", "\n"):
+        text = text.replace(char, f"\\{ord(char):03o}")
+    return text
+
+
+def describe_pid(pid: int) -> str:
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return f"process {pid}"
+    return f"process {pid} {name}"
+
+
+def mount_pattern(item: CacheItem) -> str:
+    return path_pattern(item.path)
+
+
+class EntryLock:
+    """Exclusive hold on an entry: its build lock and its manifest, both non-blocking.
+
+    A session that uses an entry may hold a shared flock on its manifest.json;
+    while it does, gc and rm leave the entry alone.
+    """
+
+    def __init__(self, cache_root: Path, item: CacheItem) -> None:
+        from filelock import FileLock
+
+        self.lock = FileLock(str(cache_root / "locks" / f"{item.kind}-{item.key}.lock"), timeout=0)
+        self.manifest = item.path / "manifest.json"
+        self.fd = -1
+
+    def acquire(self) -> str | None:
+        """None when held, else why the entry is busy."""
+        import fcntl
+
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire()
+        except Timeout:
+            return "being built by another process"
+        try:
+            self.fd = os.open(self.manifest, os.O_RDONLY)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            return "in use by a running session"
+        except OSError:
+            pass  # gone meanwhile: nothing left to protect
+        return None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.lock.release()
+
+
+def remove_item(cache_root: Path, item: CacheItem, busy_mounts: dict[str, int]) -> str | None:
+    """Remove one entry unless it is in use; None when removed, else the reason it was kept."""
+    from pytest_isolate.cache import _force_rmtree
+
+    lock = EntryLock(cache_root, item)
+    reason = lock.acquire()
+    if reason is not None:
+        return reason
+    try:
+        pattern = mount_pattern(item)
+        pid = busy_mounts[pattern] if pattern in busy_mounts else mount_users([pattern]).get(pattern)
+        if pid is not None:
+            return f"mounted by a running environment ({describe_pid(pid)})"
+        inner = mounted_under([pattern]).get(pattern)
+        if inner is not None:
+            return f"something is mounted under it ({inner}): unmount it first"
+        _force_rmtree(item.path)
+    finally:
+        lock.release()
+    return None
+
+
+# --------------------------------------------------------------------------
+# cache ls / gc / rm
+
+
+def cmd_cache_ls(args: argparse.Namespace, project: Project) -> int:
+    root, where = cache_location(args, project)
+    by_key = envs_by_key(resolve_specs(project))
+    items = list_items(root)
+    now = time.time()
+    if args.json:
+        dump_json({
+            "cache_dir": str(root), "cache_dir_source": where,
+            "entries": [{
+                "kind": it.kind, "key": it.key, "path": str(it.path), "size": it.size,
+                "created": it.created, "last_use": it.last_use, "spec": it.manifest.get("spec"),
+                "envs": by_key.get(it.key, []) if it.kind == "rootfs" else [],
+            } for it in items],
+        })
+        return 0
+    out(f"cache: {root} ({where})")
+    if not items:
+        out("no entries")
+        return 0
+    rows = [["KEY", "KIND", "SPEC", "ENVS", "SIZE", "AGE", "LAST USE"]]
+    for it in sorted(items, key=lambda i: i.last_use, reverse=True):
+        envs = ",".join(by_key.get(it.key, [])) if it.kind == "rootfs" else ""
+        rows.append([it.key, it.kind, summarize(it.manifest), envs or "-", format_size(it.size),
+                     format_age(now - it.created), format_age(now - it.last_use) + " ago"])
+    for line in table(rows):
+        out(line)
+    out(f"{plural(len(items), 'entry', 'entries')}, {format_size(sum(i.size for i in items))}")
+    return 0
+
+
+def run_dirs(root: Path) -> Iterator[tuple[Path, int | None, float]]:
+    """(run directory, pid of its pytest process or None, newest mtime inside)."""
+    runs = root / "runs"
+    if not runs.is_dir():
+        return
+    for path in sorted(runs.iterdir()):
+        if not path.is_dir():
+            continue
+        parts = path.name.split("-")
+        pid = int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else None
+        newest = max((st.st_mtime for st in walk_same_fs(path)), default=0.0)
+        yield path, pid, newest
+
+
+def clean_tmp(root: Path, dry: bool) -> int:
+    """Cache.clean_tmp, but never descending into a directory something is mounted under
+    (a killed root-mode mmdebstrap can leave /proc, /sys and /dev mounted in its target)."""
+    from filelock import FileLock, Timeout
+
+    from pytest_isolate.cache import _force_rmtree
+
+    dirs = [p for p in (root / "tmp").iterdir() if p.is_dir()]
+    mounted = mounted_under([path_pattern(p) for p in dirs])
+    removed = 0
+    for path in dirs:
+        inner = mounted.get(path_pattern(path))
+        if inner is not None:
+            out(f"kept {path}: something is still mounted under it ({inner}; a killed build "
+                "leaves /proc, /sys, /dev/* mounted): unmount it first")
+            continue
+        kind_key = path.name.rsplit(".", 1)[0]
+        lock = FileLock(str(root / "locks" / f"{kind_key}.lock"), timeout=0)
+        try:
+            with lock:
+                if not dry:
+                    _force_rmtree(path)
+                removed += 1
+        except Timeout:
+            continue  # being built right now
+    return removed
+
+
+def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
+    from pytest_isolate.cache import _force_rmtree
+
+    root, where = cache_location(args, project)
+    out(f"cache: {root} ({where})")
+    if not root.is_dir():
+        out("nothing to do: the cache directory does not exist")
+        return 0
+    cache = open_cache(root, where)
+    now = time.time()
+    dry = args.dry_run
+    verb = "would remove" if dry else "removed"
+
+    # 1. build directories left by killed runs (their build lock is free)
+    out(f"{verb} {clean_tmp(cache.root, dry)} stale build directories")
+
+    # 2. log/work directories of finished runs
+    runs_max_age = (args.max_age if args.max_age is not None else RUNS_MAX_AGE_DAYS) * 86400
+    removed_runs = 0
+    for path, pid, newest in run_dirs(root):
+        if pid is not None and pid_alive(pid):
+            continue
+        if now - newest >= runs_max_age:
+            # a killed run can leave host mounts there (schroot sessions bind the rootfs rw)
+            inner = mounted_under([path_pattern(path)]).get(path_pattern(path))
+            if inner is not None:
+                out(f"kept {path}: something is still mounted under it ({inner}): unmount it first")
+                continue
+            if not dry:
+                _force_rmtree(path)
+            removed_runs += 1
+    out(f"{verb} {removed_runs} finished run directories older than "
+        f"{runs_max_age / 86400:g} days")
+
+    # 3. entries: too old first, then oldest-by-last-use until under --max-size
+    items = sorted(list_items(root), key=lambda i: i.last_use)
+    total = sum(i.size for i in items)
+    busy = mount_users([mount_pattern(i) for i in items])
+    kept: list[tuple[CacheItem, str]] = []
+    freed = 0
+    count = 0
+    for item in items:
+        too_old = args.max_age is not None and now - item.last_use >= args.max_age * 86400
+        too_big = args.max_size is not None and total > args.max_size
+        if not (too_old or too_big):
+            continue
+        if now - item.last_use < GC_GRACE_SECONDS:
+            kept.append((item, f"used in the last {GC_GRACE_SECONDS:.0f}s"))
+            continue
+        reason = None if dry else remove_item(root, item, busy)
+        if dry and mount_pattern(item) in busy:
+            reason = f"mounted by a running environment ({describe_pid(busy[mount_pattern(item)])})"
+        if reason is not None:
+            kept.append((item, reason))
+            continue
+        out(f"{verb} {item.kind}/{item.key} ({summarize(item.manifest)}, {format_size(item.size)}, "
+            f"last used {format_age(now - item.last_use)} ago)")
+        total -= item.size
+        freed += item.size
+        count += 1
+    for item, reason in kept:
+        out(f"kept {item.kind}/{item.key}: {reason}")
+    out(f"{verb} {count} entries, {format_size(freed)}; {len(items) - count} entries remain, "
+        f"{format_size(total)}")
+    if args.max_size is not None and total > args.max_size:
+        out(f"still above --max-size {format_size(args.max_size)}: "
+            "the remaining entries are in use or were used recently")
+    return 0
+
+
+def cmd_cache_rm(args: argparse.Namespace, project: Project) -> int:
+    root, where = cache_location(args, project)
+    items = list_items(root, with_size=False)
+    if args.all:
+        chosen = items
+    else:
+        if not args.keys:
+            raise UsageError("cache rm: give one or more KEYs (see `cache ls`) or --all")
+        chosen = []
+        for key in args.keys:
+            kind, _, short = key.rpartition("/")
+            matches = [i for i in items if i.key.startswith(short) and (not kind or i.kind == kind)]
+            if not matches:
+                raise UsageError(f"cache rm: no entry matches {key!r} in {root} (see `cache ls`)")
+            if len(matches) > 1:
+                names = ", ".join(f"{m.kind}/{m.key}" for m in matches)
+                raise UsageError(f"cache rm: {key!r} is ambiguous: {names}; give more of the key")
+            chosen.append(matches[0])
+    if not chosen:
+        out(f"cache: {root}: no entries")
+        return 0
+    open_cache(root, where)
+    busy = mount_users([mount_pattern(i) for i in chosen])
+    status = 0
+    for item in chosen:
+        reason = remove_item(root, item, busy)
+        if reason is None:
+            out(f"removed {item.kind}/{item.key} ({summarize(item.manifest)})")
+        else:
+            sys.stderr.write(f"{PROG}: not removed: {item.kind}/{item.key}: {reason}\n")
+            status = 1
+    return status
+
+
+# --------------------------------------------------------------------------
+# envs
+
+
+def cmd_envs(args: argparse.Namespace, project: Project) -> int:
+    from pytest_isolate import config
+    from pytest_isolate.spec import EnvSpec
+
+    specs = resolve_specs(project)
+    if args.names:
+        config.check_env_names(args.names, "envs", specs)
+    names = args.names or list(specs)
+    root, _where = cache_location(args, project)
+    fields = [f.name for f in dataclasses.fields(EnvSpec) if f.name not in ("name", "sources")]
+    result: dict[str, Any] = {}
+    for name in names:
+        spec = specs[name]
+        values: dict[str, Any] = {}
+        for key in fields:
+            value = getattr(spec, key)
+            if key == "options":
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            values[key] = {"value": value, "source": spec.source(key)}
+        key = spec.rootfs_key()
+        result[name] = {
+            "backend": spec.backend,
+            "builtin": name in config.BUILTIN_ENVS,
+            "values": values,
+            "rootfs_key": key,
+            "rootfs_cached": read_manifest(root / "rootfs" / key) is not None,
+        }
+    if args.json:
+        dump_json({"pyproject": str(project.pyproject) if project.pyproject else None,
+                   "cache_dir": str(root), "envs": result})
+        return 0
+    out(f"project: {project.pyproject or 'no pyproject.toml found (built-in environments only)'}")
+    for name, info in result.items():
+        origin = "built-in" if info["builtin"] else "pyproject.toml"
+        if info["builtin"] and any(s != "built-in default" for s in specs[name].sources.values()):
+            origin = "built-in, changed in pyproject.toml"
+        out()
+        out(f"{name}  ({origin})")
+        rows = []
+        for key, v in info["values"].items():
+            value = v["value"]
+            shown = json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None \
+                else str(value)
+            rows.append([f"  {key}", shown, v["source"]])
+        for line in table(rows):
+            out(line)
+        state = "cached" if info["rootfs_cached"] else "not built yet"
+        out(f"  rootfs cache key: {info['rootfs_key']} ({state})")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# doctor
+
+
+@dataclasses.dataclass
+class Probe:
+    """Tools and daemons a backend needs: (command, Debian package) and (socket, start command)."""
+
+    tools: tuple[tuple[str, str], ...] = ()
+    daemons: tuple[tuple[str, str, str], ...] = ()  # (name, socket path, how to start)
+    python: tuple[tuple[str, str], ...] = ()  # (module, how to install)
+
+
+PROBES: dict[str, Probe] = {
+    "chroot": Probe(tools=(("mmdebstrap", "mmdebstrap"),)),
+    "schroot": Probe(tools=(("schroot", "schroot"), ("mmdebstrap", "mmdebstrap"))),
+    "lxc": Probe(tools=(("lxc-start", "lxc"), ("lxc-attach", "lxc"), ("mmdebstrap", "mmdebstrap"))),
+    "docker": Probe(
+        tools=(("docker", "docker.io"), ("dockerd", "docker.io"), ("mmdebstrap", "mmdebstrap")),
+        daemons=(("Docker engine", "/var/run/docker.sock", DOCKERD),),
+        python=(("docker", "pip install 'pytest-isolate-env[docker]'"),),
+    ),
+    "qemu": Probe(
+        tools=(("qemu-system-x86_64", "qemu-system-x86"), ("qemu-system-aarch64", "qemu-system-arm"),
+               ("qemu-img", "qemu-utils"), ("mkfs.ext4", "e2fsprogs"), ("mmdebstrap", "mmdebstrap")),
+        daemons=(("libvirt (optional)", "/var/run/libvirt/libvirt-sock", "libvirtd -d"),),
+    ),
+}
+
+
+def which(tool: str) -> str | None:
+    import shutil
+
+    return shutil.which(tool) or next(
+        (p for d in ("/usr/sbin", "/sbin") if os.access(p := f"{d}/{tool}", os.X_OK)), None)
+
+
+def socket_answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def run_probe(probe: Probe) -> dict[str, Any]:
+    import importlib.util
+
+    tools = {tool: {"found": which(tool), "package": pkg} for tool, pkg in probe.tools}
+    daemons = {name: {"socket": sock, "running": socket_answers(sock), "start": start}
+               for name, sock, start in probe.daemons}
+    python = {mod: {"found": importlib.util.find_spec(mod) is not None, "install": how}
+              for mod, how in probe.python}
+    return {"tools": tools, "daemons": daemons, "python": python}
+
+
+def probe_hints(result: dict[str, Any]) -> list[str]:
+    hints = []
+    missing = sorted({v["package"] for v in result["tools"].values() if not v["found"]})
+    if missing:
+        tools = ", ".join(t for t, v in result["tools"].items() if not v["found"])
+        hints.append(f"missing {tools}: apt-get install {' '.join(missing)}")
+    for name, v in result["daemons"].items():
+        if not v["running"]:
+            hints.append(f"{name} is not running: start it with `{v['start']}`")
+    for mod, v in result["python"].items():
+        if not v["found"]:
+            hints.append(f"Python package {mod!r} is missing: {v['install']}")
+    return hints
+
+
+def load_backend(name: str) -> tuple[type[Backend] | None, str]:
+    """The backend class, or None and why not."""
+    import importlib
+
+    from pytest_isolate.backends import BUILTIN_BACKENDS
+
+    ref = BUILTIN_BACKENDS.get(name) or FALLBACK_REFS.get(name)
+    if ref is None:
+        return None, "not implemented in this version of pytest-isolate"
+    module_name, _, cls_name = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None, "not implemented in this version of pytest-isolate"
+        return None, f"cannot be loaded: Python module {exc.name!r} is missing"
+    except Exception as exc:
+        return None, f"cannot be loaded: {type(exc).__name__}: {exc}"
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        return None, f"cannot be loaded: {module_name} has no {cls_name}"
+    return cls, ""
+
+
+class Checker:
+    """Runs backends' check(spec) once per (backend, spec), in a throw-away run context."""
+
+    def __init__(self, project: Project, cache: Cache, work: Path) -> None:
+        self.project = project
+        self.cache = cache
+        self.work = work
+        self.classes: dict[str, tuple[type[Backend] | None, str]] = {}
+        self.backends: dict[str, Backend] = {}
+        self.results: dict[tuple[str, EnvSpec], tuple[bool, str, str]] = {}
+
+    def backend(self, name: str) -> Backend | str:
+        from pytest_isolate.backends.base import RunContext
+
+        if name not in self.classes:
+            self.classes[name] = load_backend(name)
+        cls, why = self.classes[name]
+        if cls is None:
+            return why
+        if name not in self.backends:
+            ctx = RunContext(run_id="doctor", rootdir=self.project.rootdir, cache=self.cache,
+                             log_dir=self.work / "logs", work_dir=self.work / "work",
+                             progress=lambda message: None)
+            self.backends[name] = cls(ctx)
+        return self.backends[name]
+
+    def check(self, spec: EnvSpec) -> tuple[bool, str, str]:
+        """(usable, reason, fix)."""
+        from pytest_isolate.errors import BackendUnavailable
+
+        key = (spec.backend, spec)
+        if key not in self.results:
+            backend = self.backend(spec.backend)
+            if isinstance(backend, str):
+                result = (False, backend, "")
+            else:
+                try:
+                    backend.check(spec)
+                    result = (True, "", "")
+                except BackendUnavailable as exc:
+                    result = (False, exc.reason, exc.fix)
+                except Exception as exc:
+                    result = (False, f"check failed: {type(exc).__name__}: {exc}", "")
+            self.results[key] = result
+        return self.results[key]
+
+
+def kvm_status() -> dict[str, Any]:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    virt = sorted(flags & {"vmx", "svm"})
+    exists = os.path.exists("/dev/kvm")
+    accessible = exists and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    if virt and accessible:
+        verdict = ("likely usable (CPU flag " + ",".join(virt) + ", /dev/kvm accessible); "
+                   "a bounded probe boot is still needed to be sure: VMs fall back to TCG if it fails")
+    elif not exists:
+        verdict = "not usable: /dev/kvm does not exist; VMs run under TCG emulation (slower)"
+    elif not accessible:
+        verdict = ("not usable: /dev/kvm is not readable and writable by this user "
+                   "(add the user to group kvm); VMs run under TCG emulation")
+    else:
+        verdict = ("not usable: /dev/kvm exists but the CPU shows no vmx/svm flag "
+                   "(paravirtual or nested KVM); VMs run under TCG emulation")
+    return {"cpu_flags": virt, "dev_kvm": exists, "dev_kvm_accessible": accessible,
+            "likely_usable": bool(virt and accessible), "verdict": verdict}
+
+
+def binfmt_status() -> dict[str, Any]:
+    mounted = (BINFMT_DIR / "register").exists()
+    arches: dict[str, bool] = {}
+    if mounted:
+        for entry in sorted(BINFMT_DIR.glob("qemu-*")):
+            try:
+                arches[entry.name[len("qemu-"):]] = entry.read_text().startswith("enabled")
+            except OSError:
+                continue
+    return {"mounted": mounted, "qemu_user": arches}
+
+
+def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
+    from pytest_isolate.namespaces import userns_allowed
+
+    specs = resolve_specs(project)
+    user_envs = list(project.table.get("envs", {}) or {})
+    used = user_envs or ["chroot"]
+    root, where = cache_location(args, project)
+    cache_problem = ""
+    with tempfile.TemporaryDirectory(prefix="pytest-isolate-doctor.") as tmp:
+        try:
+            cache = open_cache(root, where)
+        except Exception as exc:
+            cache_problem = str(exc)
+            cache = open_cache(Path(tmp) / "cache", "doctor")
+        checker = Checker(project, cache, Path(tmp))
+        backends: dict[str, Any] = {}
+        for name in DOCTOR_BACKENDS:
+            spec = next((s for s in specs.values() if s.backend == name), None)
+            if spec is None:
+                from pytest_isolate.spec import EnvSpec
+
+                spec = EnvSpec(name=name, backend=name)
+            usable, reason, fix = checker.check(spec)
+            probe = run_probe(PROBES[name])
+            cls, _ = checker.classes.get(name, (None, ""))
+            packages = list(getattr(cls, "packages", ())) if cls is not None else []
+            backends[name] = {"available": usable, "implemented": cls is not None,
+                              "reason": reason, "fix": fix, "checked_with": spec.name,
+                              "packages": packages, **probe, "hints": probe_hints(probe)}
+        envs: dict[str, Any] = {}
+        for name in used:
+            spec = specs[name]
+            usable, reason, fix = checker.check(spec)
+            envs[name] = {"backend": spec.backend, "arch": spec.arch, "usable": usable,
+                          "reason": reason, "fix": fix}
+    items = list_items(root, with_size=False)
+    report = {
+        "root": os.geteuid() == 0,
+        "userns_allowed": userns_allowed(),
+        "backends": backends,
+        "kvm": kvm_status(),
+        "binfmt": binfmt_status(),
+        "cache": {"path": str(root), "source": where, "exists": root.is_dir(),
+                  "problem": cache_problem, "entries": len(items),
+                  "size": dir_size(root) if root.is_dir() else 0},
+        "project": {"pyproject": str(project.pyproject) if project.pyproject else None,
+                    "envs": envs},
+    }
+    ok = all(e["usable"] for e in envs.values()) and not cache_problem
+    report["ok"] = ok
+    if args.json:
+        dump_json(report)
+    else:
+        print_doctor(report)
+    return 0 if ok else 1
+
+
+def print_doctor(r: dict[str, Any]) -> None:
+    out(f"running as {'root' if r['root'] else f'uid {os.geteuid()}'}")
+    out("backends:")
+    for name, b in r["backends"].items():
+        if b["available"]:
+            state = "available"
+        elif not b["implemented"]:
+            state = b["reason"]
+        else:
+            state = f"unavailable: {b['reason']}"
+        out(f"  {name:<8} {state}")
+        if b["fix"]:
+            out(f"           fix: {b['fix']}")
+        if not b["available"]:
+            for hint in b["hints"]:
+                out(f"           {hint}")
+        elif b["hints"] and b["implemented"]:
+            for hint in b["hints"]:
+                out(f"           note: {hint}")
+    kvm = r["kvm"]
+    out(f"KVM: {kvm['verdict']}")
+    binfmt = r["binfmt"]
+    if not binfmt["mounted"]:
+        out("qemu-user (binfmt_misc): not mounted: "
+            "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc")
+    elif binfmt["qemu_user"]:
+        arches = ", ".join(a + ("" if on else " (disabled)") for a, on in binfmt["qemu_user"].items())
+        out(f"qemu-user (binfmt_misc): {arches}")
+    else:
+        out("qemu-user (binfmt_misc): none registered; foreign-arch chroots/containers need: "
+            "apt-get install qemu-user-static binfmt-support && update-binfmts --enable qemu-aarch64")
+    if r["root"]:
+        userns = "allowed" if r["userns_allowed"] else "disabled (not needed as root)"
+    else:
+        userns = ("allowed" if r["userns_allowed"] else
+                  "disabled: sysctl kernel.unprivileged_userns_clone=1 user.max_user_namespaces=15000")
+    out(f"user namespaces: {userns}")
+    c = r["cache"]
+    if c["problem"]:
+        out(f"cache: {c['path']} ({c['source']}): PROBLEM: {c['problem']}")
+    else:
+        out(f"cache: {c['path']} ({c['source']}): {plural(c['entries'], 'entry', 'entries')}, "
+            f"{format_size(c['size'])} in all")
+    p = r["project"]
+    out(f"project: {p['pyproject'] or 'no pyproject.toml found'}")
+    for name, e in p["envs"].items():
+        state = "usable" if e["usable"] else f"NOT usable: {e['reason']}"
+        out(f"  {name} ({e['backend']}, {e['arch']}): {state}")
+        if e["fix"]:
+            out(f"      fix: {e['fix']}")
+    out("OK: every environment the project uses can run here" if r["ok"] else
+        "NOT OK: some environments the project uses cannot run here (see above)")
+
+
+# --------------------------------------------------------------------------
+# shell
+
+
+def cmd_shell(args: argparse.Namespace, project: Project) -> int:
+    import shutil
+
+    from pytest_isolate import config
+    from pytest_isolate.backends.base import SITE, RunContext, environment_variables, shipped_paths
+    from pytest_isolate.namespaces import launcher_argv
+
+    specs = resolve_specs(project)
+    config.check_env_names([args.env], "shell", specs)
+    spec = specs[args.env]
+    if spec.backend != "chroot":
+        raise UsageError(f"shell: not supported for backend {spec.backend!r} yet (environment "
+                         f"{spec.name!r}); only chroot environments have a debugging shell")
+    from pytest_isolate.backends.chroot import ChrootBackend
+
+    root, where = cache_location(args, project)
+    cache = open_cache(root, where)
+    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-shell"
+    base = cache.root / "runs" / run_id
+
+    def progress(message: str) -> None:
+        try:
+            sys.stderr.write(f"{PROG}: {message}\n")
+            sys.stderr.flush()
+        except OSError:
+            pass  # a closed stderr must not abort a build halfway
+
+    ctx = RunContext(run_id=run_id, rootdir=project.rootdir, cache=cache, log_dir=base / "logs",
+                     work_dir=base / "work", progress=progress)
+    backend = ChrootBackend(ctx)
+    backend.check(spec)
+    entry = backend.provision(spec)
+    shipped = shipped_paths()
+    rootdir = str(project.rootdir)
+    binds: list[list[Any]] = [[src, dst, True] for src, dst in shipped]
+    if rootdir != "/":
+        binds.insert(0, [rootdir, rootdir, not spec.rootdir_writable])
+    has_bash = (entry.data / "usr/bin/bash").exists() or (entry.data / "bin/bash").is_file()
+    argv = list(args.argv) if args.argv else ["/bin/bash" if has_bash else "/bin/sh"]
+    env = environment_variables(spec)
+    env.update({"PYTHONPATH": SITE, "debian_chroot": f"isolate:{spec.name}",
+                "TERM": os.environ.get("TERM", "dumb")})
+    workdir = base / "work" / f"{spec.name}-shell"
+    workdir.mkdir(parents=True)
+    cfg = {"rootfs": str(entry.data), "workdir": str(workdir), "mode": "overlay", "binds": binds,
+           "network": spec.network, "hostname": f"isolate-{spec.name}"[:63], "argv": argv,
+           "env": env, "cwd": rootdir}
+    if sys.stdin.isatty():
+        progress(f"shell in a fresh {spec.describe()}; changes are discarded on exit")
+    # Ctrl-C belongs to the shell.  A no-op handler, not SIG_IGN: an ignored signal would
+    # stay ignored through exec in the shell and every command it runs.
+    # SIGTERM / SIGHUP end the instance (the launcher kills everything inside), then we clean up.
+    proc: subprocess.Popen[bytes] | None = None
+
+    def stop(signum: int, frame: Any) -> None:
+        if proc is not None:
+            proc.terminate()
+
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGINT, lambda signum, frame: None), (signal.SIGTERM, stop),
+                 (signal.SIGHUP, stop))}
+    try:
+        proc = subprocess.Popen(launcher_argv(cfg))
+        code = proc.wait()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(base, ignore_errors=True)
+    return code if code >= 0 else 128 - code
+
+
+# --------------------------------------------------------------------------
+# Parser and entry point
+
+Handler = Callable[[argparse.Namespace, Project], int]
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--cache-dir", metavar="DIR",
+                        help="cache directory (default: [tool.pytest-isolate] cache_dir, else "
+                             "$PYTEST_ISOLATE_CACHE_DIR, else ~/.cache/pytest-isolate)")
+    common.add_argument("--pyproject", metavar="FILE",
+                        help="the project's pyproject.toml (default: the nearest one from the "
+                             "current directory upward)")
+    parser = Parser(
+        prog=PROG,
+        description="Inspect and maintain pytest-isolate: which backends work on this host, "
+                    "the resolved environments, the cache of built environments, and a debugging "
+                    "shell inside an environment.",
+        epilog="Run `pytest-isolate COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("doctor", parents=[common],
+                       help="which backends work on this host and what to install for the others",
+                       description="Report every backend (available or what to install/start), "
+                                   "KVM, qemu-user binfmt registrations, user namespaces and the "
+                                   "cache. Exit status 0 only when every environment the project's "
+                                   "pyproject.toml defines (or `chroot` when it defines none) "
+                                   "can run here, 1 otherwise.")
+    p.add_argument("--json", action="store_true", help="print a JSON document instead")
+    p.set_defaults(handler=cmd_doctor)
+
+    p = sub.add_parser("envs", parents=[common], help="the resolved environment specs",
+                       description="Show every environment (built-in and from pyproject.toml) "
+                                   "with each value and where it came from, its root filesystem "
+                                   "cache key and whether that is built.")
+    p.add_argument("names", nargs="*", metavar="ENV", help="only these environments")
+    p.add_argument("--json", action="store_true", help="print a JSON document instead")
+    p.set_defaults(handler=cmd_envs)
+
+    p = sub.add_parser("cache", help="list, garbage-collect or remove cached environments",
+                       description="The content-addressed cache of built environments.")
+    p.set_defaults(help_parser=p)
+    csub = p.add_subparsers(dest="cache_command", metavar="ACTION")
+    c = csub.add_parser("ls", parents=[common], help="list cache entries",
+                        description="List entries: key, kind, spec summary, the project's "
+                                    "environments that use it, size, age and last use.")
+    c.add_argument("--json", action="store_true", help="print a JSON document instead")
+    c.set_defaults(handler=cmd_cache_ls)
+    c = csub.add_parser("gc", parents=[common], help="remove old or excess entries",
+                        description="Remove stale build directories of killed runs, log "
+                                    "directories of finished runs (older than --max-age, default "
+                                    f"{RUNS_MAX_AGE_DAYS:g} days), entries not used for --max-age "
+                                    "days, then the least recently used entries until the cache "
+                                    "fits --max-size. Entries in use by a running session or "
+                                    "being built are never removed.")
+    c.add_argument("--max-age", type=parse_days, metavar="DAYS",
+                   help="remove entries not used for this many days")
+    c.add_argument("--max-size", type=parse_size, metavar="SIZE",
+                   help="remove least recently used entries until the total is at most SIZE "
+                        "(e.g. 10G, 500M)")
+    c.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    c.set_defaults(handler=cmd_cache_gc)
+    c = csub.add_parser("rm", parents=[common], help="remove entries by key",
+                        description="Remove the given entries (a unique key prefix is enough; "
+                                    "KIND/KEY picks a kind) or all of them. Entries in use are "
+                                    "kept and the exit status is 1.")
+    c.add_argument("keys", nargs="*", metavar="KEY", help="entry key, prefix or KIND/KEY")
+    c.add_argument("--all", action="store_true", help="remove every entry")
+    c.set_defaults(handler=cmd_cache_rm)
+
+    p = sub.add_parser("shell", parents=[common],
+                       help="an interactive shell in a fresh instance of an environment",
+                       description="Start a shell (bash, else sh) in a fresh instance of ENV, "
+                                   "provisioning it first if needed; the project directory is "
+                                   "mounted at the same path and is the working directory, the "
+                                   "host's pytest is importable. Writes are discarded on exit. "
+                                   "The exit status is the shell's. chroot environments only "
+                                   "for now.")
+    p.add_argument("env", metavar="ENV", help="environment name (see `pytest-isolate envs`)")
+    p.add_argument("argv", nargs="*", metavar="COMMAND",
+                   help="run this command instead of a shell; put it after `--` when it has "
+                        "options of its own: shell ENV -- sh -c 'echo hi'")
+    p.set_defaults(handler=cmd_shell)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:  # everything after `--` is the command of `shell`
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = parser.parse_args(argv)
+    if extra:
+        if args.command != "shell":
+            parser.error(f"unexpected arguments after '--': {' '.join(extra)}")
+        args.argv = list(args.argv) + extra
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        target: argparse.ArgumentParser = getattr(args, "help_parser", parser)
+        target.print_help(sys.stderr)
+        return 2
+    from pytest_isolate.errors import IsolateError
+
+    try:
+        project = load_project(args.pyproject)
+        return handler(args, project)
+    except (IsolateError, UsageError) as exc:
+        first, _, rest = str(exc).partition("\n")
+        sys.stderr.write(f"{PROG}: error: {first}\n")
+        if rest:
+            sys.stderr.write(rest + "\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 1
