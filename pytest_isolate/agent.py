@@ -138,6 +138,7 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_MOVE = 8192
 MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 SYS_PIVOT_ROOT = {
@@ -181,14 +182,28 @@ def umount(target: str, flags: int = 0) -> None:
     _check(libc().umount2(target.encode(), flags), "umount %s" % target)
 
 
-def pivot_root(new_root: str) -> None:
-    """Make new_root the root and detach the old one (new_root must be a mount point)."""
+def pivot_root(new_root: str, allow_move: bool = False) -> None:
+    """Make new_root the root and detach the old one (new_root must be a mount point).
+
+    With allow_move (workers inside an environment), where pivot_root(2) is refused
+    (EPERM: a seccomp filter such as docker's default profile), move new_root onto /
+    and chroot into it, as switch_root does.  The launcher, which guards the host
+    boundary, never falls back: a chroot alone can be escaped.
+    """
     nr = SYS_PIVOT_ROOT.get(platform.machine())
-    if nr is None:
-        raise OSError(errno.ENOSYS, "pivot_root: unknown syscall number on " + platform.machine())
     os.chdir(new_root)
-    _check(libc().syscall(nr, b".", b"."), "pivot_root " + new_root)
-    umount(".", MNT_DETACH)
+    if nr is not None:
+        if libc().syscall(nr, b".", b".") == 0:
+            umount(".", MNT_DETACH)
+            os.chdir("/")
+            return
+        err = ctypes.get_errno()
+        if err != errno.EPERM or not allow_move:
+            raise OSError(err, "pivot_root %s: %s" % (new_root, os.strerror(err)))
+    elif not allow_move:
+        raise OSError(errno.ENOSYS, "pivot_root: unknown syscall number on " + platform.machine())
+    mount(".", "/", None, MS_MOVE)
+    os.chroot(".")
     os.chdir("/")
 
 
@@ -432,6 +447,10 @@ def unpack_to(data: bytes, dest: str) -> None:
             if m.isdev():
                 continue
             m.name = os.path.basename(dest) + m.name[4:]
+            # owned by root inside (like `docker cp`): the host's uid may not even be
+            # mapped in a user namespace, and a failed chown would also skip the chmod
+            m.uid = m.gid = 0
+            m.uname = m.gname = "root"
             members.append(m)
         if hasattr(tarfile, "fully_trusted_filter"):
             tar.extractall(parent, members=members, filter="fully_trusted")
@@ -727,7 +746,7 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any])
     server = WorkerServer(agent, sock, ch, req, root=None)
     root = server.mount_layers([agent.settings["lower"]])
     if req.get("kind", "test") == "test":
-        pivot_root(root)
+        pivot_root(root, allow_move=True)
         os.chdir(agent.settings.get("cwd") or "/")
     else:
         server.root = root

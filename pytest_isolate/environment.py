@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -65,16 +66,48 @@ def _pack(local: Path) -> bytes:
     return buf.getvalue()
 
 
+def _inside(base: str, path: str) -> bool:
+    norm = posixpath.normpath(path)
+    return norm == base or norm.startswith(base + "/")
+
+
+def _checked_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The members of an archive from inside, refusing anything that could land outside.
+
+    Done by hand because tarfile's own filters only exist from Python 3.11.4; where
+    they exist, the "data" filter is applied on top.
+    """
+    members = tar.getmembers()
+    for m in members:
+        name = m.name
+        if not _inside("root", name) or name.startswith("/") or ".." in name.split("/"):
+            raise IsolateError(f"get: archive member {name!r} is outside the requested path")
+        if m.isdev() or m.isfifo():
+            raise IsolateError(f"get: {name!r} is a device or fifo; only files, directories "
+                               "and links can be copied out")
+        if m.issym():
+            target = m.linkname
+            if target.startswith("/") or not _inside(
+                    "root", posixpath.join(posixpath.dirname(name), target)):
+                raise IsolateError(f"get: symlink {name!r} -> {target!r} points outside the "
+                                   "copied tree; refusing to extract it on the host")
+        if m.islnk() and not _inside("root", m.linkname):
+            raise IsolateError(f"get: hard link {name!r} -> {m.linkname!r} points outside")
+        m.mode &= 0o755
+    return members
+
+
 def _unpack_safely(data: bytes, dest: Path) -> None:
     """Extract an archive from inside the environment: nothing may land outside dest."""
     dest = dest.absolute()
     staging = Path(tempfile.mkdtemp(prefix=".isolate-get-", dir=dest.parent))
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-            for member in tar.getmembers():
-                if member.name != "root" and not member.name.startswith("root/"):
-                    raise IsolateError(f"get: unexpected archive member {member.name!r}")
-            tar.extractall(staging, filter="data")
+            members = _checked_members(tar)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(staging, members=members, filter="data")
+            else:  # pragma: no cover - Python < 3.11.4
+                tar.extractall(staging, members=members)
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
         elif dest.exists() or dest.is_symlink():

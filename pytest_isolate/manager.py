@@ -29,6 +29,7 @@ from pytest_isolate.errors import (
     BackendUnavailable,
     ConfigError,
     IsolateError,
+    ProvisionError,
 )
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
@@ -56,6 +57,7 @@ class IsolateManager:
         self.workers: dict[str, Worker] = {}
         self.backends: dict[str, Backend] = {}
         self.unavailable: dict[str, BackendUnavailable] = {}
+        self.broken: dict[str, Exception] = {}
         self.bound: dict[str, set[str]] = {}
         #: releases of the shared locks on the cache entries this run uses
         self.holds: dict[str, Callable[[], None]] = {}
@@ -223,10 +225,18 @@ class IsolateManager:
             raise
         stats = self.report.envs.setdefault(
             name, EnvStats(name, spec.backend, spec.arch, spec.release))
+        if name in self.broken:
+            raise ProvisionError(f"environment {name!r} could not be built earlier in this run:\n"
+                                 f"{self.broken[name]}")
         with timer.phase("provision"):
             started = time.perf_counter()
-            entry = backend.provision(spec)
-            stats.provision += time.perf_counter() - started
+            try:
+                entry = backend.provision(spec)
+            except Exception as exc:
+                self.broken[name] = exc  # built once per run: later tests fail fast
+                raise
+            finally:
+                stats.provision += time.perf_counter() - started
         if name not in self.holds:
             self.holds[name] = self.cache.hold(entry)
         stats.key = entry.key
@@ -460,6 +470,8 @@ class ItemRun:
 
     def emit(self, rep: TestReport) -> None:
         self.last_when = rep.when
+        if rep.failed and self.outcome != "failed":
+            self.attach_logs(rep)  # on the report whose failure the terminal shows
         if rep.failed or (rep.skipped and self.outcome == "passed"):
             self.outcome = rep.outcome
         if rep.when == "teardown":
@@ -477,8 +489,6 @@ class ItemRun:
         props = [("isolate.env", self.env), *self.timer.properties()]
         rep.user_properties = [p for p in rep.user_properties if p[0] != "isolate.env"] + props
         self.item.user_properties.extend(self.timer.properties())
-        if rep.failed or self.outcome == "failed":
-            self.attach_logs(rep)
         self.item.ihook.pytest_runtest_logreport(report=rep)
 
     def attach_logs(self, rep: TestReport) -> None:
@@ -495,7 +505,9 @@ class ItemRun:
 
     def fail(self, when: When, message: str) -> None:
         self.outcome = "failed"
-        self.item.ihook.pytest_runtest_logreport(report=self.make_report(when, "failed", message))
+        rep = self.make_report(when, "failed", message)
+        self.attach_logs(rep)
+        self.item.ihook.pytest_runtest_logreport(report=rep)
         if when != "teardown":
             teardown = self.make_report("teardown", "passed", None)
             self.pending_teardown = teardown

@@ -102,7 +102,7 @@ class EnvSpec:
             "variant": self.variant,
             "packages": list(self.all_packages()),
             "setup": list(self.setup),
-            "setup_network": self.network,
+            "setup_network": self.network if self.setup else False,
             "mirror": self.mirror,
         }
 

@@ -20,11 +20,11 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pytest_isolate.agent import BOOTSTRAP
 from pytest_isolate.cache import Cache, Entry
-from pytest_isolate.channel import AgentProcess, Connection
+from pytest_isolate.channel import Connection
 from pytest_isolate.errors import BackendUnavailable, IsolateError
 from pytest_isolate.spec import EnvSpec
 
@@ -105,10 +105,20 @@ def environment_variables(spec: EnvSpec) -> dict[str, str]:
     return env
 
 
-class Instance:
-    """A running environment with its agent; the same for every process-based backend."""
+class Transport(Protocol):
+    """How a backend reaches its agent: a Connection, and a way to tell and end its life."""
 
-    def __init__(self, spec: EnvSpec, process: AgentProcess, logs: dict[str, Path],
+    conn: Connection
+
+    def alive(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
+class Instance:
+    """A running environment with its agent; the same for every backend."""
+
+    def __init__(self, spec: EnvSpec, process: Transport, logs: dict[str, Path],
                  cleanup: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.process = process

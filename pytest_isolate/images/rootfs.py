@@ -79,15 +79,15 @@ def _pump(proc: subprocess.Popen[bytes], sel: selectors.BaseSelector, log: Any,
                      f"{last_line.decode(errors='replace').strip()[:100]}")
 
 
-def _skip_devices(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
-    return None if member.isdev() else member
-
-
 def extract_rootfs(tar_path: Path, dest: Path) -> None:
     """Unpack mmdebstrap's tarball without root: device nodes are skipped (bound at run time)."""
     dest.mkdir(parents=True)
     with tarfile.open(tar_path) as tar:
-        tar.extractall(dest, filter=_skip_devices)
+        members = [m for m in tar if not m.isdev()]
+        if hasattr(tarfile, "fully_trusted_filter"):  # our own mmdebstrap's output
+            tar.extractall(dest, members=members, filter="fully_trusted")
+        else:  # pragma: no cover - Python < 3.11.4
+            tar.extractall(dest, members=members)
 
 
 def build_rootfs(spec: EnvSpec, dest: Path, log_path: Path, rootdir: Path,

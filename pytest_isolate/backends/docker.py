@@ -1,0 +1,770 @@
+"""docker: one container per environment, driven through the Docker SDK for Python.
+
+The engine is reached the way the docker CLI reaches it (``DOCKER_HOST``,
+``DOCKER_TLS_VERIFY`` / ``DOCKER_CERT_PATH``, else the current docker context).
+The SDK is imported on first use only.
+
+Images.  No registry is needed or used.  The default image is the cached Debian
+root filesystem (images/rootfs.py) streamed as a tar archive into the engine's
+image import, tagged ``pytest-isolate/<env>:<key>`` where the key hashes the root
+filesystem's key and this module's image format; it is made once and found
+again by its tag (or, under another env's name, by its ``pytest-isolate.key``
+label).  A foreign architecture (``arch = "arm64"`` on amd64) is loaded instead
+(``docker load`` of a one-layer image whose config names the architecture, since
+older engines ignore the platform of an import) and runs through the host's
+binfmt qemu-user.  A spec that names an existing local image (``image = ...``)
+uses it as it is or, when it has setup commands, a derived image made by running
+them in a container of it and committing the result, tagged by the hash of the
+base image's id and the commands.
+
+Containers.  No network unless the spec asks for it (``network_mode="none"``;
+otherwise the engine's "bridge", or the host's network on an engine started with
+``--bridge=none``), never ``--privileged``.  The grant is ``CAP_SYS_ADMIN``:
+per-test clean state is the agent's job, and its workers need ``unshare(
+CLONE_NEWNS | CLONE_NEWPID)``, ``mount`` (overlay, tmpfs, bind), ``umount2`` --
+the kernel allows them only with CAP_SYS_ADMIN, and docker's default seccomp
+profile allows them only to a container holding it.  That profile refuses
+``pivot_root(2)`` even then: with an agent that falls back to move-mount +
+chroot (``agent.PIVOT_ROOT_FALLBACK``) the default profile stays on, otherwise
+the container also gets ``seccomp=unconfined``.  On an engine that confines
+containers with AppArmor, ``docker-default`` denies every mount whatever the
+capabilities, so there (only there) the container gets ``apparmor=unconfined``.
+Everything else (device cgroup, masked /proc paths, read-only /sys, the other
+capabilities) stays as docker sets it.
+
+Host paths.  The project rootdir (read-only unless ``rootdir_writable``) and the
+shipped pytest packages (read-only, at /.isolate/site/...) are bind mounts on a
+local engine.  A remote engine cannot see the host's files, so they are copied
+into the container instead (``put_archive``; .git, virtualenvs and caches are
+left out) and made read-only inside by a bind mount onto themselves; the option
+``docker_transfer = "bind" | "copy"`` overrides the choice.
+
+Clean state.  The agent's pristine lower layer is the container's own root
+(``lower = "/"``): an overlay whose lower directory is ``/`` sees the container's
+root file system without the mounts on top of it, and nothing writes to that
+root after start -- except once, before the agent starts: docker bind-mounts
+/etc/hosts, /etc/hostname and /etc/resolv.conf over empty placeholder files, so
+the prelude copies their content into the placeholders (which is what a test's
+fresh root then shows), makes the copied host paths read-only and creates
+/.isolate/ws.
+
+Agent transport.  ``docker exec`` (API: exec create + start with a hijacked
+socket) of the agent's bootstrap with stdin attached.  Without a tty the engine
+multiplexes stdout and stderr on that socket with 8-byte frame headers; a small
+thread demultiplexes it, stdout into a pipe that the framed Connection reads,
+stderr into the agent log.  Writes go straight to the socket (through a pipe and
+a second thread when the socket is not a plain one, e.g. TLS).  The container's
+main process is a python3 that only waits.
+
+Clean up.  Containers are labelled with the run id, env, host name and host pid
+(plus that pid's start time, against pid reuse), removed when the instance
+stops, and a later run removes any whose recorded process on this host is gone
+(a killed run).  The container's own log (``docker logs`` and its final state)
+is saved to the run's log directory first, as ``container.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pytest_isolate.backends.base import (
+    SITE,
+    Backend,
+    Instance,
+    agent_command,
+    environment_variables,
+    shipped_paths,
+)
+from pytest_isolate.cache import Entry
+from pytest_isolate.channel import Connection
+from pytest_isolate.errors import BackendUnavailable, ProvisionError
+from pytest_isolate.spec import EnvSpec, content_hash
+
+START_TIMEOUT = 60.0
+#: Bump when the way images are made changes, so old tags are not reused.
+IMAGE_FORMAT = 1
+LABEL = "pytest-isolate"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INSTALL_SDK = "install the Docker SDK for Python: pip install 'pytest-isolate-env[docker]'"
+START_ENGINE = ("start it with `dockerd --bridge=none --iptables=false --ip-masq=false &` "
+                "(as root), or point DOCKER_HOST at a running engine")
+
+#: What the container's main process runs: nothing, quietly, until it is removed.
+MAIN_PROCESS = (
+    "import signal,sys\n"
+    "sys.stdout.write('pytest-isolate: container up, waiting for the agent\\n')\n"
+    "sys.stdout.flush()\n"
+    "signal.signal(signal.SIGTERM,lambda s,f:sys.exit(0))\n"
+    "while 1:signal.pause()\n"
+)
+
+#: Run before the agent's bootstrap in the same python3 (see the module docstring);
+#: READONLY: paths copied into the container (no bind mounts) to make read-only.
+PRELUDE = """\
+import os as _o,ctypes as _c
+_l=_c.CDLL(None,use_errno=True)
+for _f in ('/etc/hosts','/etc/hostname','/etc/resolv.conf'):
+ try:
+  _d=open(_f,'rb').read()
+ except OSError:
+  continue
+ if _l.umount2(_f.encode(),0)==0:
+  with open(_f,'wb') as _w:_w.write(_d)
+_o.makedirs('/.isolate/ws',exist_ok=True)
+for _p in READONLY:
+ _b=_p.encode()
+ if _l.mount(_b,_b,None,_c.c_ulong(20480),None) or _l.mount(None,_b,None,_c.c_ulong(4129),None):
+  raise SystemExit('pytest-isolate: cannot make %s read-only: %s'%(_p,_o.strerror(_c.get_errno())))
+del _o,_c,_l
+"""
+
+
+def prelude(readonly: list[str]) -> str:
+    return PRELUDE.replace("READONLY", repr(readonly), 1)
+
+
+#: Not copied into a container of a remote engine (caches, version control, virtualenvs).
+COPY_EXCLUDE = {".git", ".hg", ".svn", ".venv", "venv", ".tox", ".nox", "__pycache__",
+                "node_modules", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
+
+
+def write_copy_archive(out: Any, pairs: list[tuple[str, str]]) -> None:
+    """Write a tar archive of each host path at its path inside to out, and rewind it."""
+    import tarfile
+
+    def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if os.path.basename(info.name) in COPY_EXCLUDE else info
+
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for src, dst in pairs:
+            tar.add(src, arcname=dst.lstrip("/"), filter=skip)
+    out.seek(0)
+
+
+def _sdk() -> Any:
+    """The docker module, imported on first use (plugin import stays cheap)."""
+    try:
+        import docker
+    except ImportError:
+        raise BackendUnavailable("docker", "the Docker SDK for Python is not installed",
+                                 INSTALL_SDK) from None
+    return docker
+
+
+def make_client() -> Any:
+    """A client for the engine the docker CLI would use: DOCKER_HOST, else the current context."""
+    docker = _sdk()
+    if not os.environ.get("DOCKER_HOST"):
+        try:
+            from docker.context import ContextAPI
+
+            ctx = ContextAPI.get_current_context()
+        except Exception:
+            ctx = None
+        if ctx is not None and ctx.name != "default" and getattr(ctx, "Host", None):
+            return docker.DockerClient(base_url=ctx.Host, tls=ctx.TLSConfig or False)
+    return docker.from_env()
+
+
+def repository(env: str) -> str:
+    """A valid image repository name for env (lower case, restricted characters)."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", env.lower()).strip("._-") or "env"
+    return f"pytest-isolate/{name}"
+
+
+def process_start(pid: int) -> str:
+    """The start time of pid (clock ticks since boot), or '' when it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_gone(labels: dict[str, str]) -> bool:
+    """Is the host process that made a container (same host) no longer running?"""
+    if labels.get(f"{LABEL}.host") != socket.gethostname():
+        return False
+    try:
+        pid = int(labels.get(f"{LABEL}.pid", ""))
+    except ValueError:
+        return False
+    start = process_start(pid)
+    return not start or start != labels.get(f"{LABEL}.pidstart", start)
+
+
+def engine_error(exc: BaseException) -> BackendUnavailable:
+    return BackendUnavailable("docker", f"the docker engine does not answer ({exc})", START_ENGINE)
+
+
+class ExecAgent:
+    """The agent as a ``docker exec`` process: what Instance needs (conn, alive, stop)."""
+
+    def __init__(self, client: Any, container_id: str, argv: list[str], env: dict[str, str],
+                 workdir: str, log_path: Path, describe: str) -> None:
+        api = client.api
+        self.api = api
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.exec_id = api.exec_create(container_id, argv, stdin=True, stdout=True, stderr=True,
+                                       tty=False, environment=env, workdir=workdir)["Id"]
+        self.sock = api.exec_start(self.exec_id, socket=True, tty=False)
+        raw = getattr(self.sock, "_sock", self.sock)
+        self.raw = raw
+        if hasattr(raw, "settimeout"):
+            raw.settimeout(None)  # the client's request timeout must not end a quiet agent
+        self._read_r, self._read_w = os.pipe()
+        self._writer: threading.Thread | None = None
+        self._write_r = -1
+        if type(raw) is socket.socket:
+            wfd = raw.fileno()
+        else:  # TLS, ssh, named pipe: bytes must go through the object's own send
+            self._write_r, wfd = os.pipe()
+            self._writer = threading.Thread(target=self._pump_writes, daemon=True,
+                                            name=f"pytest-isolate docker writer {describe}")
+        self._wfd = wfd
+        self.conn = Connection(self._read_r, wfd, describe)
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread
+        self._reader = threading.Thread(target=self._pump_reads, daemon=True,
+                                        name=f"pytest-isolate docker reader {describe}")
+        self._reader.start()
+        if self._writer is not None:
+            self._writer.start()
+
+    def _recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            try:
+                chunk = self.raw.recv(n - len(buf))
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return b""
+            buf += chunk
+        return buf
+
+    def _pump_reads(self) -> None:
+        """Demultiplex the exec stream: stdout -> pipe (the Connection), stderr -> log."""
+        try:
+            while True:
+                header = self._recv(8)
+                if len(header) < 8:
+                    break
+                kind, size = header[0], int.from_bytes(header[4:8], "big")
+                payload = self._recv(size) if size else b""
+                if size and not payload:
+                    break
+                if kind == 1:
+                    with contextlib.suppress(OSError):  # the Connection side is closed: drain
+                        _write_all(self._read_w, payload)
+                else:
+                    self._log.write(payload)
+                    self._log.flush()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self._read_w)
+            self._log.close()
+
+    def _pump_writes(self) -> None:
+        try:
+            while True:
+                data = os.read(self._write_r, 1 << 16)
+                if not data:
+                    break
+                self.raw.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self.raw.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                os.close(self._write_r)
+
+    def alive(self) -> bool:
+        return self._reader.is_alive() and not self.conn.closed
+
+    def stop(self, grace: float = 3.0) -> None:
+        if self._reader.is_alive() and not self.conn.closed:
+            with contextlib.suppress(Exception):
+                self.conn.send(0, {"op": "shutdown"})
+        self._close_input()
+        self._reader.join(grace)
+        if self._reader.is_alive():
+            with contextlib.suppress(OSError):
+                self.raw.shutdown(socket.SHUT_RDWR)
+            self._reader.join(grace)
+        if self._writer is not None:
+            self._writer.join(grace)
+        with contextlib.suppress(OSError):
+            self.raw.close()
+        with contextlib.suppress(Exception):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self._read_r)
+        self.conn.closed = True
+
+    def _close_input(self) -> None:
+        if self._writer is not None:
+            if self._wfd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._wfd)
+                self._wfd = -1
+        else:
+            with contextlib.suppress(OSError):
+                self.raw.shutdown(socket.SHUT_WR)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def tar_argv(rootfs: Path, extra: Path, out: str = "-") -> list[str]:
+    """GNU tar (fast, keeps xattrs) of rootfs plus extra/.isolate."""
+    return ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(rootfs),
+            "-cf", out, ".", "-C", str(extra), "./.isolate"]
+
+
+class TarStream:
+    """A tar archive of a root filesystem as an iterator of chunks, checked by finish()."""
+
+    def __init__(self, rootfs: Path, extra: Path) -> None:
+        self.rootfs = rootfs
+        self.proc = subprocess.Popen(tar_argv(rootfs, extra), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+    def __iter__(self) -> Iterator[bytes]:
+        assert self.proc.stdout is not None
+        while True:
+            chunk = self.proc.stdout.read(1 << 20)
+            if not chunk:
+                return
+            yield chunk
+
+    def finish(self) -> None:
+        """Wait for tar; raise when it failed or was not read to its end."""
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.proc.stdout.close()  # a reader that stopped early makes tar fail (SIGPIPE)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        err = self.proc.stderr.read().decode(errors="replace").strip()
+        self.proc.stderr.close()
+        if code != 0:
+            raise ProvisionError(f"tar of {self.rootfs} failed with exit status {code}: {err}")
+
+
+#: Debian architecture -> docker (OCI) architecture and variant.
+DOCKER_ARCH = {"amd64": ("amd64", ""), "arm64": ("arm64", "v8"), "armhf": ("arm", "v7"),
+               "armel": ("arm", "v5"), "i386": ("386", ""), "ppc64el": ("ppc64le", ""),
+               "s390x": ("s390x", ""), "riscv64": ("riscv64", ""), "mips64el": ("mips64le", "")}
+
+
+def docker_arch(arch: str) -> tuple[str, str]:
+    return DOCKER_ARCH.get(arch, (arch, ""))
+
+
+def platform_of(spec: EnvSpec) -> str | None:
+    if not spec.foreign:
+        return None
+    arch, variant = docker_arch(spec.arch)
+    return f"linux/{arch}" + (f"/{variant}" if variant else "")
+
+
+class DockerBackend(Backend):
+    name = "docker"
+    needs_root = False  # root, or membership of the engine's group
+    supports_snapshot = True
+    packages = ("docker.io", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(run)
+        self._client: Any = None
+        self._reaped = False
+        self._info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ engine
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                self._client = make_client()
+            except BackendUnavailable:
+                raise
+            except Exception as exc:
+                raise engine_error(exc) from None
+        return self._client
+
+    def check(self, spec: EnvSpec) -> None:
+        client = self.client()
+        try:
+            client.ping()
+            if not self._info:
+                self._info = client.info()
+        except Exception as exc:
+            raise engine_error(exc) from None
+        if self._info.get("OSType", "linux") != "linux":
+            raise BackendUnavailable(self.name, f"the docker engine runs {self._info.get('OSType')} "
+                                     "containers", "switch the engine to Linux containers")
+        if not self._reaped:
+            self._reaped = True
+            self.reap()
+        if spec.image is None:
+            from pytest_isolate.namespaces import check_rootfs_builder
+
+            check_rootfs_builder(self.name)
+        if spec.foreign and self.local_engine():
+            from pytest_isolate.namespaces import check_foreign
+
+            check_foreign(self.name, spec.machine)
+
+    def local_engine(self) -> bool:
+        base = str(getattr(self.client().api, "base_url", ""))
+        return base.startswith("http+docker://localhost") or base.startswith("http+docker://localunix")
+
+    def reap(self) -> int:
+        """Remove containers of runs whose process (on this host) is gone; returns how many."""
+        removed = 0
+        try:
+            found = self.client().containers.list(all=True, filters={"label": f"{LABEL}.pid"})
+        except Exception:
+            return 0
+        for container in found:
+            if owner_gone(container.labels or {}):
+                with contextlib.suppress(Exception):
+                    container.remove(force=True, v=True)
+                    removed += 1
+        if removed:
+            self.run.progress(f"docker: removed {removed} container(s) left by killed runs")
+        return removed
+
+    def labels(self, spec: EnvSpec) -> dict[str, str]:
+        pid = os.getpid()
+        return {LABEL: "1", f"{LABEL}.run": self.run.run_id, f"{LABEL}.env": spec.name,
+                f"{LABEL}.pid": str(pid), f"{LABEL}.pidstart": process_start(pid),
+                f"{LABEL}.host": socket.gethostname()}
+
+    def security_opt(self) -> list[str]:
+        options = " ".join(str(o) for o in self._info.get("SecurityOptions") or [])
+        return ["apparmor=unconfined"] if "apparmor" in options else []
+
+    def network_mode(self, spec: EnvSpec) -> str:
+        if not spec.network:
+            return "none"
+        wanted = spec.option("docker_network")
+        if wanted:
+            return str(wanted)
+        try:
+            names = {n.name for n in self.client().networks.list()}
+        except Exception:
+            names = set()
+        # an engine started with --bridge=none has no default bridge: share the host's network
+        return "bridge" if "bridge" in names else "host"
+
+    # ------------------------------------------------------------------ images
+    def find_image(self, tag: str, key: str) -> Any:
+        docker = _sdk()
+        images = self.client().images
+        try:
+            return images.get(tag)
+        except docker.errors.ImageNotFound:
+            pass
+        same = images.list(filters={"label": f"{LABEL}.key={key}"})
+        if same:
+            repo, _, name = tag.rpartition(":")
+            same[0].tag(repo, name)
+            return images.get(tag)
+        return None
+
+    def provision(self, spec: EnvSpec) -> Entry:
+        log = self.run.log_path(spec.name, "provision.log")
+        if spec.image is None:
+            from pytest_isolate.images.rootfs import provision_rootfs
+
+            rootfs = provision_rootfs(spec, self.run.cache, log, self.run.rootdir, self.run.progress)
+            key = content_hash({"rootfs": rootfs.key, "docker_image_format": IMAGE_FORMAT})
+            tag = f"{repository(spec.name)}:{key}"
+            return self._image_entry(spec, key, tag, rootfs.path, log,
+                                     lambda: self._import_rootfs(spec, rootfs, key, tag, log))
+        base = self._base_image(spec)
+        if not spec.setup:
+            return Entry("docker", base.id.split(":")[-1][:24], log.parent,
+                         {"image": base.id, "base": spec.image}, hit=True)
+        key = content_hash({"base": base.id, "setup": list(spec.setup), "network": spec.network,
+                            "docker_image_format": IMAGE_FORMAT})
+        tag = f"{repository(spec.name)}:{key}"
+        return self._image_entry(spec, key, tag, log.parent, log,
+                                 lambda: self._commit_setup(spec, base, key, tag, log))
+
+    def _image_entry(self, spec: EnvSpec, key: str, tag: str, path: Path, log: Path,
+                     build: Any) -> Entry:
+        from filelock import FileLock
+
+        image = self.find_image(tag, key)
+        hit = image is not None
+        started = time.monotonic()
+        if image is None:
+            with FileLock(str(self.run.cache.root / "locks" / f"docker-{key}.lock")):
+                image = self.find_image(tag, key)
+                hit = image is not None
+                if image is None:
+                    build()
+                    image = self.find_image(tag, key)
+                    if image is None:
+                        raise ProvisionError(f"docker: image {tag} is missing right after it was made",
+                                             log_path=str(log))
+        return Entry("docker", key, path, {"image": tag, "id": image.id, "base": spec.image},
+                     hit=hit, build_seconds=0.0 if hit else time.monotonic() - started)
+
+    def _base_image(self, spec: EnvSpec) -> Any:
+        docker = _sdk()
+        try:
+            image = self.client().images.get(spec.image)
+        except docker.errors.ImageNotFound:
+            raise ProvisionError(
+                f"docker: image {spec.image!r} (from {spec.source('image')}) is not on the engine; "
+                "nothing is pulled: load or build it first (docker load / docker build), or leave "
+                "`image` unset to use the Debian image pytest-isolate builds") from None
+        want = docker_arch(spec.arch)[0]
+        have = image.attrs.get("Architecture")
+        if have and have != want:
+            raise ProvisionError(f"docker: image {spec.image!r} is for {have}, but environment "
+                                 f"{spec.name!r} wants arch {want!r}")
+        return image
+
+    def _import_rootfs(self, spec: EnvSpec, rootfs: Entry, key: str, tag: str, log: Path) -> None:
+        """Make the image from the root filesystem: import (native) or load (foreign arch)."""
+        import tempfile
+
+        how = "load" if spec.foreign else "import"
+        self.run.progress(f"docker: making image {tag} from {rootfs.data} ({how})")
+        labels = {f"{LABEL}.key": key, f"{LABEL}.rootfs": rootfs.key}
+        started = time.monotonic()
+        # named like a cache build directory, so `cache gc` removes what a killed run left
+        with tempfile.TemporaryDirectory(prefix=f"docker-{key}.",
+                                         dir=self.run.cache.root / "tmp") as tmp:
+            extra = Path(tmp) / "extra"
+            (extra / ".isolate" / "ws").mkdir(parents=True)
+            os.chmod(extra / ".isolate", 0o755)
+            try:
+                if spec.foreign:
+                    text = self._load(spec, rootfs.data, extra, Path(tmp), tag, labels)
+                else:
+                    text = self._import(rootfs.data, extra, tag, labels)
+            except BaseException:
+                with contextlib.suppress(Exception):  # never keep a half-made image
+                    self.client().images.remove(tag, force=True)
+                raise
+        with open(log, "a") as f:
+            f.write(f"docker {how} of {rootfs.data} as {tag}: {time.monotonic() - started:.1f}s\n"
+                    f"{text}\n")
+
+    def _import(self, rootfs: Path, extra: Path, tag: str, labels: dict[str, str]) -> str:
+        api = self.client().api
+        repo, _, name = tag.rpartition(":")
+        label_text = " ".join(f'"{k}"="{v}"' for k, v in labels.items())
+        changes = [f"ENV PATH={DEFAULT_PATH}", "ENV LANG=C.UTF-8", "ENV HOME=/root",
+                   f"LABEL {label_text}", 'CMD ["python3"]']
+        params = {"repo": repo, "tag": name, "fromSrc": "-", "changes": changes}
+        stream = TarStream(rootfs, extra)
+        try:
+            response = api._post(api._url("/images/create"), params=params, data=iter(stream),
+                                 headers={"Content-Type": "application/tar"}, timeout=None)
+            text = str(api._result(response))
+        except _sdk().errors.APIError as exc:
+            raise ProvisionError(f"docker: importing {rootfs} failed: {exc.explanation}") from None
+        finally:
+            stream.finish()
+        for line in text.splitlines():
+            if line.strip().startswith("{") and json.loads(line).get("error"):
+                raise ProvisionError(f"docker: importing {rootfs} failed: {json.loads(line)['error']}")
+        return text
+
+    def _load(self, spec: EnvSpec, rootfs: Path, extra: Path, tmp: Path, tag: str,
+              labels: dict[str, str]) -> str:
+        """docker load of a one-layer image archive whose config names the foreign architecture.
+
+        (The engine's import ignores a platform on older engines and records its own.)
+        """
+        import hashlib
+        import io
+        import tarfile
+
+        layer = tmp / "layer.tar"
+        done = subprocess.run(tar_argv(rootfs, extra, str(layer)), capture_output=True,
+                              stdin=subprocess.DEVNULL, check=False)
+        if done.returncode != 0:
+            raise ProvisionError(f"tar of {rootfs} failed with exit status {done.returncode}: "
+                                 f"{done.stderr.decode(errors='replace').strip()}")
+        digest = hashlib.sha256()
+        with open(layer, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        arch, variant = docker_arch(spec.arch)
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        config: dict[str, Any] = {
+            "architecture": arch, "os": "linux", "created": created,
+            "config": {"Env": [f"PATH={DEFAULT_PATH}", "LANG=C.UTF-8", "HOME=/root"],
+                       "Cmd": ["python3"], "Labels": labels},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{digest.hexdigest()}"]},
+            "history": [{"created": created, "created_by": "pytest-isolate (root filesystem)"}],
+        }
+        if variant:
+            config["variant"] = variant
+        config_bytes = json.dumps(config, sort_keys=True).encode()
+        config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+        manifest = json.dumps([{"Config": config_name, "RepoTags": [tag],
+                                "Layers": ["layer.tar"]}]).encode()
+        archive = tmp / "image.tar"
+        with tarfile.open(archive, "w") as tar:
+            tar.add(layer, arcname="layer.tar")
+            for member, data in ((config_name, config_bytes), ("manifest.json", manifest)):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        layer.unlink()
+        try:
+            with open(archive, "rb") as f:
+                answers = list(self.client().api.load_image(f) or [])
+        except _sdk().errors.APIError as exc:
+            raise ProvisionError(f"docker: loading the image of {rootfs} failed: "
+                                 f"{exc.explanation}") from None
+        for answer in answers:
+            if isinstance(answer, dict) and answer.get("error"):
+                raise ProvisionError(f"docker: loading the image of {rootfs} failed: "
+                                     f"{answer['error']}")
+        return "\n".join(json.dumps(a) for a in answers)
+
+    def _commit_setup(self, spec: EnvSpec, base: Any, key: str, tag: str, log: Path) -> None:
+        rootdir = str(self.run.rootdir)
+        copy = self.transfer(spec) == "copy"
+        binds = [] if copy else [[rootdir, rootdir, False]]
+        container = self._create(spec, base.id, binds, purpose="setup")
+        try:
+            container.start()
+            if copy:
+                self._copy_in(container, [(rootdir, rootdir)])
+            env = environment_variables(spec)
+            with open(log, "ab") as f:
+                for index, command in enumerate(spec.setup):
+                    label = f"setup command {index + 1} of {spec.name!r} ({command!r})"
+                    self.run.progress(f"docker: {label}")
+                    f.write(f"$ {command}\n".encode())
+                    result = container.exec_run(["/bin/sh", "-c", command], environment=env,
+                                                workdir=rootdir, demux=False)
+                    f.write(result.output or b"")
+                    f.flush()
+                    if result.exit_code != 0:
+                        raise ProvisionError(f"docker: {label} failed with exit status "
+                                             f"{result.exit_code}", (result.output or b"")
+                                             .decode(errors="replace")[-4000:], str(log))
+            repo, _, name = tag.rpartition(":")
+            container.commit(repository=repo, tag=name,
+                             changes=[f'LABEL "{LABEL}.key"="{key}"'])
+        finally:
+            with contextlib.suppress(Exception):
+                container.remove(force=True, v=True)
+
+    # ------------------------------------------------------------------ containers
+    def _create(self, spec: EnvSpec, image: str, binds: list[list[Any]], purpose: str) -> Any:
+        docker = _sdk()
+        mounts = [docker.types.Mount(target=dst, source=src, type="bind", read_only=bool(ro))
+                  for src, dst, ro in binds]
+        name = f"pytest-isolate-{spec.name}-{purpose}-{uuid.uuid4().hex[:10]}"
+        try:
+            return self.client().containers.create(
+                image, command=[spec.option("python", "python3"), "-c", MAIN_PROCESS],
+                name=re.sub(r"[^a-zA-Z0-9_.-]", "-", name), hostname=f"isolate-{spec.name}"[:63],
+                labels=self.labels(spec), network_mode=self.network_mode(spec),
+                cap_add=["SYS_ADMIN"], security_opt=self.security_opt() or None, mounts=mounts,
+                platform=platform_of(spec), detach=True, stdin_open=False, tty=False,
+            )
+        except docker.errors.APIError as exc:
+            raise ProvisionError(f"docker: cannot create a container of {image}: {exc}") from None
+
+    def transfer(self, spec: EnvSpec) -> str:
+        """How host paths reach a container: "bind" (local engine) or "copy" (remote engine)."""
+        wanted = spec.option("docker_transfer")
+        if wanted in ("bind", "copy"):
+            return str(wanted)
+        return "bind" if self.local_engine() else "copy"
+
+    def _copy_in(self, container: Any, pairs: list[tuple[str, str]]) -> None:
+        import tempfile
+
+        with tempfile.TemporaryFile(prefix="pytest-isolate-copy-") as archive:
+            write_copy_archive(archive, pairs)
+            if not container.put_archive("/", archive):
+                raise ProvisionError(f"docker: copying {[src for src, _ in pairs]} into the "
+                                     "container failed")
+
+    def start(self, spec: EnvSpec, image: Entry) -> Instance:
+        rootdir = str(self.run.rootdir)
+        shipped = shipped_paths()
+        binds: list[list[Any]] = [[rootdir, rootdir, not spec.rootdir_writable]]
+        binds += [[src, dst, True] for src, dst in shipped]
+        copy = self.transfer(spec) == "copy"
+        agent_log = self.run.log_path(spec.name, "agent.log")
+        container_log = self.run.log_path(spec.name, "container.log")
+        provision_log = self.run.log_path(spec.name, "provision.log")
+        container = self._create(spec, image.manifest["image"], [] if copy else binds, purpose="run")
+
+        def cleanup() -> None:
+            self._save_log(container, container_log)
+            with contextlib.suppress(Exception):
+                container.remove(force=True, v=True)
+
+        try:
+            container.start()
+            readonly: list[str] = []
+            if copy:
+                self._copy_in(container, [(src, dst) for src, dst, _ in binds])
+                readonly = [dst for _, dst, ro in binds if ro]
+            argv = agent_command(spec)
+            argv[-1] = prelude(readonly) + argv[-1]
+            process = ExecAgent(self.client(), container.id, argv, environment_variables(spec),
+                                rootdir, agent_log, f"environment {spec.name!r}")
+        except BaseException:
+            cleanup()
+            raise
+        logs = {"agent": agent_log, "container": container_log, "provision": provision_log}
+        instance = Instance(spec, process, logs, cleanup)
+        try:
+            instance.handshake(
+                {"isolation": "overlay", "lower": "/", "site": SITE,
+                 "binds": [rootdir] + [dst for _, dst in shipped], "cwd": rootdir},
+                timeout=START_TIMEOUT * (10 if spec.foreign else 1),
+            )
+        except BaseException:
+            instance.stop()
+            raise
+        return instance
+
+    def _save_log(self, container: Any, path: Path) -> None:
+        try:
+            container.reload()
+            state = container.attrs.get("State", {})
+            out = container.logs(stdout=True, stderr=True, timestamps=True)
+        except Exception as exc:
+            state, out = {}, f"(docker logs unavailable: {exc})\n".encode()
+        with open(path, "ab") as f:
+            f.write(f"container {container.name} ({container.short_id}) image "
+                    f"{container.attrs.get('Config', {}).get('Image')}\n".encode())
+            f.write(out)
+            if state:
+                f.write((f"state: {state.get('Status')} exit code {state.get('ExitCode')} "
+                         f"oom-killed {state.get('OOMKilled')} error {state.get('Error')!r}\n")
+                        .encode())

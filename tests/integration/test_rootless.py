@@ -1,0 +1,96 @@
+"""The chroot backend as an unprivileged user: user namespace + rootless mmdebstrap.
+
+When this suite runs as root, it runs the chroot conformance suite again as the
+unprivileged user that scripts/setup.sh creates, from a world-readable copy of
+the package and its pure-Python dependencies, with Debian's own python3.
+When the suite itself runs unprivileged, everything already is rootless and
+this module has nothing to add.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import pytest_isolate
+from pytest_isolate.backends.base import shipped_paths
+
+USER = "pytest-isolate-user"
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the whole run is already unprivileged"),
+]
+
+
+@pytest.fixture(scope="module")
+def staging(pytestconfig: pytest.Config) -> Iterator[Path]:
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        pytest.fail(f"user {USER!r} is missing: scripts/setup.sh creates it")
+    root = Path(tempfile.mkdtemp(prefix="pytest-isolate-rootless-", dir="/tmp"))
+    try:
+        repo = pytestconfig.rootpath
+        shutil.copytree(Path(pytest_isolate.__file__).parent, root / "src" / "pytest_isolate",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(repo / "tests" / "conformance", root / "tests" / "conformance",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        (root / "pyproject.toml").write_text(
+            '[tool.pytest.ini_options]\naddopts = "-p pytester"\n'
+            'markers = ["integration: real backends"]\n')
+        import filelock
+
+        site = root / "site"
+        site.mkdir()
+        deps = [(src, Path(dst).name) for src, dst in shipped_paths()]
+        deps.append((str(Path(filelock.__file__).parent), "filelock"))
+        for src, name in deps:
+            if os.path.isdir(src):
+                shutil.copytree(src, site / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, site / name)
+        subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+        os.chmod(root, 0o755)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_as_user(staging: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = (f"PYTHONPATH={staging}/site:{staging}/src PYTEST_PLUGINS=pytest_isolate.plugin "
+           "ISOLATE_CONFORMANCE_ENVS=chroot PYTHONDONTWRITEBYTECODE=1")
+    command = f"cd {staging} && env {env} /usr/bin/python3 -m pytest -p no:cacheprovider " + " ".join(args)
+    return subprocess.run(["su", USER, "-s", "/bin/sh", "-c", command],
+                          capture_output=True, text=True, timeout=1800)
+
+
+def test_chroot_conformance_rootless(staging: Path) -> None:
+    result = run_as_user(staging, "tests/conformance", "--isolate-strict", "-q", "-ra")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
+    assert "skipped" not in result.stdout.splitlines()[-1]
+
+
+def test_rootless_is_root_inside_but_not_outside(staging: Path) -> None:
+    test = staging / "tests" / "test_ids.py"
+    test.write_text(
+        "import os, pytest\n"
+        "HOST_UID = os.getuid()\n"
+        "@pytest.mark.isolate('chroot')\n"
+        "def test_inside():\n"
+        "    assert os.getuid() == 0\n"
+        "def test_outside():\n"
+        "    assert os.getuid() != 0\n"
+    )
+    os.chmod(test, 0o644)
+    result = run_as_user(staging, "tests/test_ids.py", "--isolate-strict", "-v")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "test_inside PASSED" in result.stdout
+    assert "test_outside PASSED" in result.stdout
