@@ -221,6 +221,62 @@ def check_env_names(names: Iterable[Any], where: str, known: Iterable[str]) -> N
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class Host:
+    """One engine of the host pool: ``[tool.pytest-isolate.hosts.NAME]``."""
+
+    name: str
+    endpoints: Mapping[str, str]  # backend name -> endpoint (Docker URL, libvirt URI, ...)
+    arches: tuple[str, ...]
+
+
+def resolve_hosts(table: Mapping[str, Any], pyproject: Path | None,
+                  backends: Iterable[str]) -> list[Host]:
+    """The host pool: remote (or extra local) engines that environments are placed on.
+
+    ``[tool.pytest-isolate.hosts.NAME]`` maps backend names to endpoints, e.g.
+    ``docker = "ssh://ci@arm-box"`` or ``qemu = "qemu+ssh://host/system"``, and
+    ``arches`` lists the architectures it serves (all when absent).
+    """
+    known = sorted(set(backends))
+    raw = table.get("hosts", {})
+    hosts = []
+    for name, values in raw.items():
+        where = f"{pyproject}: [{TABLE}.hosts.{name}]"
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} must be a table, got {values!r}")
+        endpoints: dict[str, str] = {}
+        arches: tuple[str, ...] = ()
+        for key, value in values.items():
+            if key == "arches":
+                arches = check_value(key, value, _STRS, where)
+                for arch in arches:
+                    if arch not in ARCH_MACHINES:
+                        raise ConfigError(f"{where}: unsupported arch {arch!r}"
+                                          f"{did_you_mean(arch, ARCH_MACHINES)}")
+            elif key in known:
+                endpoints[key] = check_value(key, value, _STR, where)
+            else:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}{did_you_mean(key, [*known, 'arches'])}; "
+                    f"use a backend name ({', '.join(known)}) with its endpoint, or 'arches'")
+        if not endpoints:
+            raise ConfigError(f"{where}: name at least one backend endpoint, "
+                              f"e.g. docker = \"unix:///run/docker.sock\"")
+        hosts.append(Host(name, endpoints, arches))
+    return hosts
+
+
+def place(spec: EnvSpec, hosts: list[Host], worker: str) -> Host | None:
+    """The pool host an environment runs on: round-robin over xdist workers (gw0, gw1...)."""
+    candidates = [h for h in hosts
+                  if spec.backend in h.endpoints and (not h.arches or spec.arch in h.arches)]
+    if not candidates:
+        return None
+    digits = "".join(c for c in worker if c.isdigit())
+    return candidates[int(digits or 0) % len(candidates)]
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "pytest-isolate"

@@ -88,6 +88,7 @@ class IsolateManager:
         self.table = cfg.load_pyproject(pyproject)
         self.backend_refs = self._collect_backends()
         self.specs = cfg.resolve_envs(self.table, pyproject, self.backend_refs)
+        self.hosts = cfg.resolve_hosts(self.table, pyproject, self.backend_refs)
 
         timeout, where = self._setting("isolate_timeout", "isolate_timeout", "timeout",
                                        DEFAULT_TIMEOUT)
@@ -149,9 +150,11 @@ class IsolateManager:
         if reporter is not None:
             reporter.write_line(f"isolate: {message}")
 
-    def backend(self, name: str) -> Backend:
-        if name in self.backends:
-            return self.backends[name]
+    def backend(self, name: str, endpoint: str | None = None) -> Backend:
+        """The backend object driving one engine (the default one, or a pool host's)."""
+        cache_key = f"{name}@{endpoint}" if endpoint else name
+        if cache_key in self.backends:
+            return self.backends[cache_key]
         ref = self.backend_refs.get(name)
         if ref is None:
             raise BackendUnavailable(
@@ -162,7 +165,8 @@ class IsolateManager:
             module, _, attr = ref.partition(":")
             ref = getattr(importlib.import_module(module), attr)
         backend: Backend = ref(self.run_context())
-        self.backends[name] = backend
+        backend.endpoint = endpoint
+        self.backends[cache_key] = backend
         return backend
 
     # ------------------------------------------------------------ collection
@@ -217,14 +221,18 @@ class IsolateManager:
         spec = self.specs[name]
         if name in self.unavailable:
             raise self.unavailable[name]
+        host = cfg.place(spec, self.hosts, os.environ.get("PYTEST_XDIST_WORKER", ""))
+        endpoint = host.endpoints[spec.backend] if host is not None else None
         try:
-            backend = self.backend(spec.backend)
+            backend = self.backend(spec.backend, endpoint)
             backend.check(spec)
         except BackendUnavailable as exc:
             self.unavailable[name] = exc
             raise
         stats = self.report.envs.setdefault(
             name, EnvStats(name, spec.backend, spec.arch, spec.release))
+        stats.host = host.name if host is not None else "default"
+        stats.endpoint = endpoint or ""
         if name in self.broken:
             raise ProvisionError(f"environment {name!r} could not be built earlier in this run:\n"
                                  f"{self.broken[name]}")

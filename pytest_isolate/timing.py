@@ -40,6 +40,8 @@ class EnvStats:
     arch: str
     release: str
     key: str = ""
+    host: str = "default"
+    endpoint: str = ""
     cache_hit: bool | None = None
     provision: float = 0.0
     start: float = 0.0

@@ -169,6 +169,9 @@ class Backend(abc.ABC):
 
     def __init__(self, run: RunContext) -> None:
         self.run = run
+        #: The engine this object drives: a pool host's endpoint (a Docker URL, a libvirt
+        #: URI, ...) from [tool.pytest-isolate.hosts], or None for the backend's default.
+        self.endpoint: str | None = None
 
     @abc.abstractmethod
     def check(self, spec: EnvSpec) -> None:

@@ -162,9 +162,12 @@ def _sdk() -> Any:
     return docker
 
 
-def make_client() -> Any:
-    """A client for the engine the docker CLI would use: DOCKER_HOST, else the current context."""
+def make_client(endpoint: str | None = None) -> Any:
+    """A client for endpoint (a pool host), else for the engine the docker CLI would use:
+    DOCKER_HOST, else the current context."""
     docker = _sdk()
+    if endpoint:
+        return docker.DockerClient(base_url=endpoint)
     if not os.environ.get("DOCKER_HOST"):
         try:
             from docker.context import ContextAPI
@@ -401,7 +404,7 @@ class DockerBackend(Backend):
     def client(self) -> Any:
         if self._client is None:
             try:
-                self._client = make_client()
+                self._client = make_client(self.endpoint)
             except BackendUnavailable:
                 raise
             except Exception as exc:

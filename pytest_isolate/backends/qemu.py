@@ -1,0 +1,743 @@
+"""qemu: a whole virtual machine per environment, driven directly through QEMU and QMP.
+
+Boot chain (no systemd, no udev, no bootloader)::
+
+    qemu -kernel vmlinuz -initrd (cached initramfs + per-instance config)
+      /init (busybox): load the virtio modules, mount the root disk read-only
+      under a tmpfs overlay, mount the project and shipped-package disks
+      read-only, switch_root, exec ``python3 -u -c BOOTSTRAP`` on a virtio-serial port
+
+The kernel is Debian's cloud kernel, installed into the environment's root
+filesystem (so it is cached with it and matches its modules).  The root
+filesystem becomes a cached raw ext4 image attached read-only; the guest's
+writes go to a tmpfs, per-test state is the agent's overlay business as in
+every backend.  The host talks to the agent through a unix socket that QEMU
+connects to the virtio-serial port; QMP (another unix socket) is used to wait
+for the port to open, to stop the machine and to save/restore its state.
+
+Hardware acceleration is used only after a bounded probe boot shows it works
+(a paravirtual /dev/kvm can hang stock guests); otherwise TCG.  A foreign
+architecture (arm64 on x86_64) always runs under TCG.
+
+Snapshots: the first boot of an environment saves the machine's state at the
+moment /init waits for the per-run project disk (QMP migrate to a file in the
+cache); later starts restore it with ``-incoming`` and hot-plug the project
+disk instead of booting the kernel again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_isolate.backends.base import (
+    SITE,
+    Backend,
+    Instance,
+    RunContext,
+    agent_command,
+    environment_variables,
+    need_tool,
+    shipped_paths,
+)
+from pytest_isolate.cache import Entry
+from pytest_isolate.channel import AGENT_SOURCE, Connection, log_tail
+from pytest_isolate.errors import (
+    AgentLost,
+    AgentTimeout,
+    BackendUnavailable,
+    IsolateError,
+    ProvisionError,
+)
+from pytest_isolate.images import initramfs as ird
+from pytest_isolate.images.disk import PROJECT_EXCLUDES, ext4_from_paths, make_ext4
+from pytest_isolate.images.kernel import (
+    ARCHES,
+    QEMU_PACKAGES,
+    TCG_CPUS,
+    find_kernel,
+    kvm_candidate,
+    probe_kvm,
+)
+from pytest_isolate.images.rootfs import provision_rootfs
+from pytest_isolate.namespaces import check_foreign, check_namespaces, check_rootfs_builder
+from pytest_isolate.spec import EnvSpec, content_hash
+
+#: Bump when the disk / kernel / initramfs layout in the "vmdisk" cache entries changes.
+VMDISK_FORMAT = 1
+SITE_FORMAT = 1
+STATE_FORMAT = 2
+#: A restored agent must answer this fast, else the state is dropped and the VM booted.
+RESTORE_HELLO_TIMEOUT = 15.0
+#: Seconds to save or restore a machine state.
+STATE_TIMEOUT = 60.0
+#: Seconds from starting QEMU to the agent's port opening (TCG on a loaded host is slow).
+BOOT_TIMEOUT = 120.0
+HANDSHAKE_TIMEOUT = 60.0
+QMP_TIMEOUT = 10.0
+MEMORY_MIB = 1024
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def vm_rootfs_spec(spec: EnvSpec) -> EnvSpec:
+    """The spec whose root filesystem the VM boots: the spec's plus a kernel and busybox."""
+    kernel_pkg = ARCHES[spec.arch][0]
+    extra = tuple(p for p in (kernel_pkg, "busybox-static") if p not in spec.packages)
+    return dataclasses.replace(spec, packages=spec.packages + extra)
+
+
+class QmpError(IsolateError):
+    """QEMU's monitor refused a command or went away."""
+
+
+class Qmp:
+    """A minimal QMP client over a unix socket: commands in order, events kept."""
+
+    def __init__(self, path: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if proc.poll() is not None:
+                    self.sock.close()
+                    raise QmpError(f"QEMU exited with status {proc.returncode} before its "
+                                   "monitor came up") from None
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise QmpError(f"QEMU's monitor socket did not appear in {timeout:.0f}s") \
+                        from None
+                time.sleep(0.01)
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self._read(timeout)  # greeting
+        self.command("qmp_capabilities", timeout=timeout)
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        self.sock.settimeout(timeout)
+        while b"\n" not in self.buf:
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise QmpError(f"no answer from QEMU's monitor in {timeout:.0f}s") from None
+            except OSError as exc:
+                raise QmpError(f"QEMU's monitor went away: {exc}") from None
+            if not chunk:
+                raise QmpError("QEMU's monitor closed the connection")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def command(self, name: str, timeout: float = QMP_TIMEOUT, **args: Any) -> Any:
+        with self.lock:
+            req: dict[str, Any] = {"execute": name}
+            if args:
+                req["arguments"] = args
+            try:
+                self.sock.sendall(json.dumps(req).encode() + b"\n")
+            except OSError as exc:
+                raise QmpError(f"QEMU's monitor went away: {exc}") from None
+            deadline = time.monotonic() + timeout
+            while True:
+                msg = self._read(max(0.01, deadline - time.monotonic()))
+                if "event" in msg:
+                    self.events.append(msg)
+                elif "error" in msg:
+                    err = msg["error"]
+                    raise QmpError(f"QEMU refused {name}: {err.get('desc', err)}")
+                elif "return" in msg:
+                    return msg["return"]
+
+    def command_with_fd(self, name: str, fd: int, timeout: float = QMP_TIMEOUT,
+                        **args: Any) -> Any:
+        """A command that takes a file descriptor (getfd, add-fd), passed with SCM_RIGHTS."""
+        with self.lock:
+            req = {"execute": name, "arguments": args}
+            try:
+                socket.send_fds(self.sock, [json.dumps(req).encode() + b"\n"], [fd])
+            except OSError as exc:
+                raise QmpError(f"QEMU's monitor went away: {exc}") from None
+            deadline = time.monotonic() + timeout
+            while True:
+                msg = self._read(max(0.01, deadline - time.monotonic()))
+                if "event" in msg:
+                    self.events.append(msg)
+                elif "error" in msg:
+                    raise QmpError(f"QEMU refused {name}: {msg['error'].get('desc')}")
+                elif "return" in msg:
+                    return msg["return"]
+
+    def wait_event(self, name: str, timeout: float, match: dict[str, Any] | None = None,
+                   ) -> dict[str, Any] | None:
+        """The first event called name (whose data has match's items), or None on timeout."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while True:
+                for i, ev in enumerate(self.events):
+                    data = ev.get("data", {})
+                    if ev["event"] == name and all(data.get(k) == v
+                                                   for k, v in (match or {}).items()):
+                        del self.events[i]
+                        return ev
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                try:
+                    msg = self._read(min(left, 0.5))
+                except QmpError as exc:
+                    if "no answer" in str(exc):
+                        continue
+                    raise
+                if "event" in msg:
+                    self.events.append(msg)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class VmConnection(Connection):
+    """A Connection whose bootstrap is sent once: a restored machine's agent already runs."""
+
+    def __init__(self, rfd: int, wfd: int, describe: str) -> None:
+        super().__init__(rfd, wfd, describe)
+        self.bootstrapped = False
+
+    def bootstrap(self) -> None:
+        if not self.bootstrapped:
+            super().bootstrap()
+            self.bootstrapped = True
+
+
+class VmProcess:
+    """The Transport of a QEMU machine (alive, stop, conn).
+
+    ``conn`` talks over the unix socket behind the guest's virtio-serial port.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], qmp: Qmp, sock: socket.socket,
+                 describe: str, log_path: Path) -> None:
+        self.proc = proc
+        self.qmp = qmp
+        self.sock = sock
+        self.log_path = log_path
+        fd = sock.fileno()
+        self.vconn = VmConnection(fd, fd, describe)
+        self.conn: Connection = self.vconn
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and not self.conn.closed
+
+    def stop(self, grace: float = 3.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(QmpError, ValueError):
+                self.qmp.command("quit", timeout=grace)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.qmp.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.conn.closed = True
+
+
+@dataclasses.dataclass
+class _Files:
+    kernel: Path
+    initramfs: Path
+    root: Path
+    site: Path
+
+
+@dataclasses.dataclass
+class _Vm:
+    proc: subprocess.Popen[bytes]
+    qmp: Qmp
+    sock: socket.socket
+
+    def kill(self) -> None:
+        self.qmp.close()
+        self.sock.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+TMP_PREFIX = "pytest-isolate-vm-"
+
+
+def reap_temp_dirs() -> None:
+    """Remove socket directories left by runs that were killed (their pid file names a dead pid)."""
+    base = Path(tempfile.gettempdir())
+    for path in base.glob(TMP_PREFIX + "*"):
+        try:
+            pid = int((path / "pid").read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def qemu_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def project_tar(rootdir: Path, excludes: frozenset[str] = PROJECT_EXCLUDES) -> bytes:
+    """The project tree as an uncompressed tar (members relative to rootdir)."""
+
+    def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if os.path.basename(info.name) in excludes and info.isdir():
+            return None
+        if not (info.isfile() or info.isdir() or info.issym() or info.islnk()):
+            return None
+        return info
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(os.listdir(rootdir)):
+            with contextlib.suppress(OSError):
+                tar.add(rootdir / name, arcname=name, filter=skip)
+    return buf.getvalue()
+
+
+#: Runs inside the guest (busybox from the root filesystem): the project becomes a
+#: read-only tmpfs at its host path, filled from the tar on stdin.
+SHIP_PROJECT = (
+    'set -e; date -u -s "@$2" >/dev/null; '
+    'mkdir -p "$1"; mount -t tmpfs -o mode=755 isolate-project "$1"; '
+    'tar -x -C "$1"; mount -o remount,ro "$1"'
+)
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+    needs_root = False
+    supports_snapshot = True
+    packages = ("qemu-system-x86", "qemu-system-arm", "qemu-utils", "e2fsprogs", "mmdebstrap",
+                "qemu-user-static", "binfmt-support", "arch-test")
+
+    def __init__(self, run: RunContext) -> None:
+        super().__init__(run)
+        self._lock = threading.Lock()
+        self._project: bytes | None = None
+        self._versions: dict[str, str] = {}
+        #: how the last start() went: "boot (tcg)", "restore (tcg)", ... (for bench / logs)
+        self.last_start = ""
+
+    # ------------------------------------------------------------------ check
+    def check(self, spec: EnvSpec) -> None:
+        if spec.arch not in ARCHES:
+            raise BackendUnavailable(self.name, f"no VM support for architecture {spec.arch!r}",
+                                     f"use one of: {', '.join(sorted(ARCHES))}")
+        binary = ARCHES[spec.arch][1]
+        need_tool(self.name, binary, QEMU_PACKAGES[binary])
+        need_tool(self.name, "mkfs.ext4", "e2fsprogs")
+        check_rootfs_builder(self.name)
+        if spec.foreign:
+            check_foreign(self.name, spec.machine)
+        if spec.setup:
+            check_namespaces(self.name)
+
+    # -------------------------------------------------------------- provision
+    def provision(self, spec: EnvSpec) -> Entry:
+        log = self.run.log_path(spec.name, "provision.log")
+        rootfs = provision_rootfs(vm_rootfs_spec(spec), self.run.cache, log, self.run.rootdir,
+                                  self.run.progress)
+        fields = {"format": VMDISK_FORMAT, "initramfs": ird.INITRAMFS_FORMAT,
+                  "rootfs": rootfs.key}
+
+        def build(data: Path, log_path: Path) -> dict[str, Any]:
+            self.run.progress(f"making the VM disk and initramfs for {spec.name!r}")
+            data.mkdir(parents=True)
+            try:
+                kernel = find_kernel(rootfs.data)
+            except LookupError as exc:
+                raise ProvisionError(str(exc)) from None
+            shutil.copyfile(kernel.image, data / "vmlinuz")
+            busybox = next((p for p in (rootfs.data / "usr/bin/busybox",
+                                        rootfs.data / "bin/busybox") if p.exists()), None)
+            if busybox is None:
+                raise ProvisionError(f"no busybox in {rootfs.data} (busybox-static missing)")
+            try:
+                modules = ird.build_initramfs(busybox, kernel.modules, data / "initramfs.img",
+                                              compress=False)
+            except (LookupError, OSError) as exc:
+                raise ProvisionError(f"cannot build the initramfs: {exc}") from None
+            make_ext4(rootfs.data, data / "root.img", label="isolate-root")
+            return {"kernel": kernel.version, "modules": modules, "rootfs_key": rootfs.key}
+
+        return self.run.cache.get_or_build("vmdisk", content_hash(fields), build,
+                                           {**fields, "spec": spec.rootfs_fields()}, log)
+
+    def _site_image(self) -> Path:
+        """The shipped pytest packages as a cached ext4 image (keyed by their files)."""
+        items = [(src, dst[len(SITE):].lstrip("/")) for src, dst in shipped_paths()]
+        h = hashlib.sha256(str(SITE_FORMAT).encode())
+        for src, rel in sorted(items):
+            h.update(f"{src}\0{rel}\0".encode())
+            for dirpath, dirs, files in os.walk(src):
+                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                for name in sorted(files):
+                    st = os.lstat(os.path.join(dirpath, name))
+                    h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            if os.path.isfile(src):
+                st = os.stat(src)
+                h.update(f"{st.st_size}\0{st.st_mtime_ns}".encode())
+
+        def build(data: Path, log_path: Path) -> dict[str, Any]:
+            data.mkdir(parents=True)
+            ext4_from_paths(items, data / "site.img", data, excludes={"__pycache__"},
+                            label="isolate-site")
+            return {"paths": [rel for _, rel in items]}
+
+        entry = self.run.cache.get_or_build("vmsite", h.hexdigest()[:24], build,
+                                            {"format": SITE_FORMAT},
+                                            self.run.log_dir / "vmsite.log")
+        return entry.data / "site.img"
+
+    def _project_tar(self) -> bytes:
+        """The project rootdir as a tar, made once per run (shipped into every VM)."""
+        with self._lock:
+            if self._project is None:
+                self._project = project_tar(self.run.rootdir)
+            return self._project
+
+    def files(self, image_data: Path) -> _Files:
+        return _Files(image_data / "vmlinuz", image_data / "initramfs.img",
+                      image_data / "root.img", self._site_image())
+
+    # ------------------------------------------------------------------ start
+    def accel(self, spec: EnvSpec, files: _Files, tmp: Path) -> tuple[str, str]:
+        """("kvm" | "tcg", why): KVM only when wanted and a bounded probe boot succeeds."""
+        wanted = str(spec.option("accel", os.environ.get("PYTEST_ISOLATE_ACCEL", "auto")))
+        if wanted == "tcg":
+            return "tcg", "TCG asked for"
+        ok, why = kvm_candidate(spec.arch)
+        if ok:
+            probe = tmp / "probe-initrd.img"
+            self.write_initrd(files.initramfs, probe, spec, ["true"])
+            argv = self.qemu_argv(spec, files, "kvm", probe, tmp, probe=True)
+            ok, why = probe_kvm(spec.arch, argv, ird.PROBE_MARK)
+        if wanted == "kvm" and not ok:
+            raise BackendUnavailable(self.name, f"KVM was asked for but does not work: {why}")
+        return ("kvm" if ok else "tcg"), why
+
+    def write_initrd(self, base: Path, dest: Path, spec: EnvSpec, agent_argv: list[str]) -> None:
+        env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
+        env.update(environment_variables(spec))
+        if not agent_argv[0].startswith("/"):  # switch_root does no PATH lookup; env(1) does
+            agent_argv = ["/usr/bin/env", *agent_argv]
+        extra = ird.instance_archive(f"isolate-{spec.name}"[:63], agent_argv, env, spec.network)
+        with open(dest, "wb") as out, open(base, "rb") as src:
+            shutil.copyfileobj(src, out)
+            out.write(extra)
+
+    def qemu_argv(self, spec: EnvSpec, files: _Files, accel: str, initrd: Path, tmp: Path,
+                  probe: bool = False, console_log: Path | None = None) -> list[str]:
+        _, binary, machine, console = ARCHES[spec.arch]
+        cpu = "host" if accel == "kvm" else str(spec.option("cpu", TCG_CPUS[spec.arch]))
+        append = f"console={console} panic=-1 loglevel=4 rdinit=/init"
+        if probe:
+            append += " isolate.probe"
+        qemu = shutil.which(binary) or binary
+        argv = [qemu, *machine, "-accel", accel, "-cpu", cpu,
+                "-m", str(spec.option("memory", MEMORY_MIB)),
+                "-smp", str(spec.option("cpus", 1)),
+                "-name", f"pytest-isolate:{self.run.run_id}:{spec.name}",
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-kernel", str(files.kernel), "-initrd", str(initrd), "-append", append]
+        for ident, path, serial in (("root", files.root, ird.ROOT_SERIAL),
+                                    ("site", files.site, ird.SITE_SERIAL)):
+            argv += ["-drive", f"file={path},format=raw,if=none,id={ident},readonly=on",
+                     "-device", f"virtio-blk-pci,drive={ident},serial={serial}"]
+        if probe:
+            return [*argv, "-serial", "stdio", "-nic", "none"]
+        console_log = console_log or tmp / "console.log"
+        argv += ["-chardev", f"file,id=console,path={console_log},append=on",
+                 "-serial", "chardev:console",
+                 "-chardev", f"socket,id=agent,path={tmp / 'agent.sock'},server=on,wait=off",
+                 "-device", "virtio-serial-pci,id=vser",
+                 "-device", f"virtserialport,bus=vser.0,chardev=agent,id=agentport,"
+                            f"name={ird.PORT_NAME}",
+                 "-qmp", f"unix:{tmp / 'qmp.sock'},server=on,wait=off"]
+        argv += ["-nic", "user,model=virtio-net-pci"] if spec.network else ["-nic", "none"]
+        return argv
+
+    def _version(self, binary: str) -> str:
+        with self._lock:
+            if binary not in self._versions:
+                self._versions[binary] = qemu_version(binary)
+            return self._versions[binary]
+
+    def _launch(self, argv: list[str], tmp: Path, qemu_log: Path, note: str) -> _Vm:
+        with open(qemu_log, "ab") as log:
+            log.write(f"$ {' '.join(argv)}\n# {note}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+        qmp: Qmp | None = None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            qmp = Qmp(str(tmp / "qmp.sock"), QMP_TIMEOUT, proc)
+            sock.connect(str(tmp / "agent.sock"))
+        except BaseException:
+            if qmp is not None:
+                qmp.close()
+            sock.close()
+            proc.kill()
+            proc.wait()
+            raise
+        return _Vm(proc, qmp, sock)
+
+    def start(self, spec: EnvSpec, image: Entry) -> Instance:
+        describe = f"environment {spec.name!r}"
+        # unix socket paths are limited to ~100 bytes: keep the sockets in a short temp dir
+        reap_temp_dirs()
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+        (tmp / "pid").write_text(str(os.getpid()))
+        started = time.monotonic()
+        marks: list[str] = []
+
+        def mark(what: str) -> None:
+            marks.append(f"{what} {time.monotonic() - started:.2f}s")
+
+        console_log = self.run.log_path(spec.name, "console.log")
+        qemu_log = self.run.log_path(spec.name, "qemu.log")
+
+        def cleanup() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        vm: _Vm | None = None
+        try:
+            files = self.files(image.data)
+            accel, why = self.accel(spec, files, tmp)
+            initrd = tmp / "initrd.img"
+            self.write_initrd(files.initramfs, initrd, spec, agent_command(spec))
+            argv = self.qemu_argv(spec, files, accel, initrd, tmp, console_log=console_log)
+            snapshots = bool(spec.option("vm_snapshot", True))
+            key, fields = self._state_key(image, files, argv, initrd, tmp, console_log)
+            state = self.run.cache.lookup("vmstate", key) if snapshots else None
+            process: VmProcess | None = None
+            if state is not None:
+                try:
+                    vm = self._restore(argv, tmp, qemu_log, state, accel)
+                    process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log)
+                    # the saved machine's agent is already running: check that it answers
+                    process.vconn.bootstrapped = True
+                    process.conn.call(0, {"op": "hello"}, timeout=RESTORE_HELLO_TIMEOUT)
+                    self.last_start = f"restore ({accel})"
+                    mark("restored")
+                except IsolateError as exc:
+                    if vm is not None:
+                        vm.kill()
+                    vm = process = None
+                    self.run.progress(f"{describe}: cannot restore the saved VM state, booting "
+                                      f"instead ({str(exc).splitlines()[0]})")
+                    with contextlib.suppress(OSError):
+                        self.run.cache.remove(state)
+            if vm is None or process is None:
+                vm = self._launch(argv, tmp, qemu_log, f"boot, accelerator {accel}: {why}")
+                self._wait_port(spec, vm, console_log, qemu_log)
+                process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log)
+                self.last_start = f"boot ({accel})"
+                mark("booted")
+                if snapshots:
+                    # save the machine with the agent running and idle, before anything
+                    # run-specific (settings, project, clock) reaches it
+                    process.conn.bootstrap()
+                    process.conn.call(0, {"op": "hello"}, timeout=HANDSHAKE_TIMEOUT)
+                    mark("agent started")
+                    self._save_state(spec, vm, key, fields, qemu_log)
+                    mark("state saved")
+        except BaseException as exc:
+            if vm is not None:
+                vm.kill()
+            tail = log_tail(console_log)
+            cleanup()
+            if isinstance(exc, QmpError):
+                raise AgentLost(f"{describe}: {exc}\n--- qemu log ---\n{log_tail(qemu_log)}"
+                                f"\n--- console tail ---\n{tail}") from None
+            if isinstance(exc, (AgentLost, AgentTimeout)):
+                raise type(exc)(f"{exc}\n--- console tail ---\n{tail}") from None
+            raise
+        # "agent" is the log whose tail is shown when the agent is lost: the console,
+        # where the kernel, /init and the agent's stderr all write.
+        instance = Instance(spec, process, {"agent": console_log, "console": console_log,
+                                            "qemu": qemu_log, "provision": image.log}, cleanup)
+        rootdir = str(self.run.rootdir)
+        shipped = shipped_paths()
+        try:
+            instance.handshake(
+                {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
+                 "binds": [rootdir] + [dst for _, dst in shipped]
+                 + (["/etc/resolv.conf"] if spec.network else []), "cwd": rootdir},
+                timeout=HANDSHAKE_TIMEOUT,
+            )
+            mark("agent ready")
+            reply, out = instance.conn.call(
+                0, {"op": "exec", "argv": ["busybox", "sh", "-c", SHIP_PROJECT, "sh", rootdir,
+                                          str(int(time.time()))],
+                    "timeout": HANDSHAKE_TIMEOUT}, self._project_tar(), timeout=HANDSHAKE_TIMEOUT + 5)
+            if reply.get("returncode") != 0:
+                raise IsolateError(f"{describe}: cannot copy the project into the VM: "
+                                   f"{out.decode(errors='replace').strip()}")
+            mark("project copied")
+        except BaseException as exc:
+            tail = log_tail(console_log)
+            instance.stop()
+            if isinstance(exc, (AgentLost, AgentTimeout)):
+                raise type(exc)(f"{exc}\n--- console tail ---\n{tail}") from None
+            if isinstance(exc, (IsolateError, OSError)):
+                raise AgentLost(f"{describe}: starting the agent failed: {exc}"
+                                f"\n--- console tail ---\n{tail}") from None
+            raise
+        with contextlib.suppress(OSError), open(qemu_log, "a") as log:
+            log.write(f"# {self.last_start}: {', '.join(marks)}\n")
+        return instance
+
+    def _wait_port(self, spec: EnvSpec, vm: _Vm, console: Path, qemu_log: Path) -> None:
+        """Wait until the guest opens the agent's port; fail fast if QEMU or the guest dies."""
+        timeout = float(spec.option("boot_timeout", BOOT_TIMEOUT))
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = vm.qmp.wait_event("VSERPORT_CHANGE", 0.5, {"id": "agentport", "open": True})
+            if ev is not None:
+                return
+            if vm.proc.poll() is not None or any(e["event"] == "SHUTDOWN" for e in vm.qmp.events):
+                raise AgentLost(
+                    f"environment {spec.name!r}: the VM stopped during boot "
+                    f"(QEMU exit status {vm.proc.poll()})\n--- qemu log ---\n{log_tail(qemu_log)}"
+                    f"\n--- console tail ---\n{log_tail(console)}")
+            if time.monotonic() > deadline:
+                raise AgentLost(
+                    f"environment {spec.name!r}: the agent's port did not open within "
+                    f"{timeout:.0f}s of starting the VM\n--- console tail ---\n{log_tail(console)}")
+
+    # -------------------------------------------------------------- snapshots
+    def _state_key(self, image: Entry, files: _Files, argv: list[str], initrd: Path, tmp: Path,
+                   console_log: Path) -> tuple[str, dict[str, Any]]:
+        """What a saved machine state depends on: everything on QEMU's command line."""
+        shape = [a.replace(str(console_log), "@CONSOLE@").replace(str(tmp), "@TMP@")
+                 .replace(self.run.run_id, "@RUN@") for a in argv]
+        fields: dict[str, Any] = {
+            "format": STATE_FORMAT, "vmdisk": image.key, "site": str(files.site),
+            "argv": shape, "qemu": self._version(argv[0]),
+            "initrd": hashlib.sha256(initrd.read_bytes()).hexdigest(),
+            "agent": hashlib.sha256(AGENT_SOURCE).hexdigest(),
+        }
+        return content_hash(fields), fields
+
+    def _save_state(self, spec: EnvSpec, vm: _Vm, key: str, fields: dict[str, Any],
+                    qemu_log: Path) -> None:
+        """Save the machine (guest waiting for the agent's source) into the cache."""
+
+        def build(data: Path, log_path: Path) -> dict[str, Any]:
+            data.mkdir(parents=True)
+            started = time.monotonic()
+            with open(data / "state", "wb") as f:
+                vm.qmp.command_with_fd("getfd", f.fileno(), fdname="isolate-state")
+                try:
+                    vm.qmp.command("migrate", uri="fd:isolate-state")
+                    self._wait_migration(vm, "query-migrate", STATE_TIMEOUT)
+                finally:
+                    status = vm.qmp.command("query-status")
+                    if status.get("status") != "running":
+                        vm.qmp.command("cont")
+                f.flush()
+                os.fsync(f.fileno())
+            return {"state_seconds": round(time.monotonic() - started, 3)}
+
+        try:
+            entry = self.run.cache.get_or_build("vmstate", key, build, fields, qemu_log)
+        except (IsolateError, OSError) as exc:
+            self.run.progress(f"environment {spec.name!r}: saving the VM state failed: {exc}")
+            return
+        if not entry.hit:
+            self.run.progress(f"saved the state of {spec.name!r} "
+                              f"({entry.manifest.get('size', 0) >> 20} MiB) in "
+                              f"{entry.build_seconds:.2f}s")
+
+    def _wait_migration(self, vm: _Vm, query: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = vm.qmp.command(query)
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise QmpError(f"migration {status}: {info.get('error-desc', '')}")
+            if vm.proc.poll() is not None:
+                raise QmpError(f"QEMU exited during migration (status {vm.proc.returncode})")
+            if time.monotonic() > deadline:
+                raise QmpError(f"migration did not complete in {timeout:.0f}s")
+            time.sleep(0.01)
+
+    def _restore(self, argv: list[str], tmp: Path, qemu_log: Path, state: Entry,
+                 accel: str) -> _Vm:
+        vm = self._launch([*argv, "-incoming", "defer"], tmp, qemu_log,
+                          f"restore {state.data / 'state'}, accelerator {accel}")
+        try:
+            with open(state.data / "state", "rb") as f:
+                vm.qmp.command_with_fd("getfd", f.fileno(), fdname="isolate-state")
+            vm.qmp.command("migrate-incoming", uri="fd:isolate-state")
+            deadline = time.monotonic() + STATE_TIMEOUT
+            while True:
+                status = vm.qmp.command("query-status").get("status")
+                if status == "running":
+                    return vm
+                if status in ("paused", "postmigrate", "prelaunch"):
+                    # incoming finished but autostart did not happen
+                    info = vm.qmp.command("query-migrate")
+                    if info.get("status") == "completed":
+                        vm.qmp.command("cont")
+                        continue
+                if vm.proc.poll() is not None:
+                    raise QmpError(f"QEMU exited while restoring (status {vm.proc.returncode}): "
+                                   f"{log_tail(qemu_log, 3)}")
+                if time.monotonic() > deadline:
+                    raise QmpError(f"restoring did not finish in {STATE_TIMEOUT:.0f}s")
+                time.sleep(0.01)
+        except BaseException:
+            vm.kill()
+            raise
+
+    # ------------------------------------------------------------------ bench
+    def baseline_argv(self, spec: EnvSpec, image_data: Path, tmp: Path,
+                      command: list[str]) -> tuple[list[str], Path]:
+        """QEMU argv booting image_data's kernel and disks with command in place of the agent.
+
+        command's stdout goes to the agent's port: (argv, unix socket path to read it).
+        """
+        files = self.files(image_data)
+        initrd = tmp / "baseline-initrd.img"
+        self.write_initrd(files.initramfs, initrd, spec, command)
+        return self.qemu_argv(spec, files, "tcg", initrd, tmp), tmp / "agent.sock"
