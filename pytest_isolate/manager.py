@@ -200,8 +200,15 @@ class IsolateManager:
             spec = self.specs[env]
             overrides: dict[str, Any] = dict(marker.kwargs) if marker else {}
             where = f"{item.nodeid}: @pytest.mark.isolate"
-            if self.config.getoption("isolate_timeout") is not None and "timeout" not in overrides:
-                overrides["timeout"] = self.timeout
+            # marker keyword > command-line flag > the env's table > ini > [tool.pytest-isolate]
+            for key, flag, value in (("timeout", "isolate_timeout", self.timeout),
+                                     ("reset", "isolate_reset", self.reset)):
+                if key in overrides:
+                    continue
+                if self.config.getoption(flag) is not None:
+                    overrides[key] = value
+                elif spec.source(key) == "built-in default":
+                    overrides[key] = value
             try:
                 spec = cfg.with_overrides(spec, overrides, where)
             except ConfigError as exc:
