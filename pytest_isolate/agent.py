@@ -895,7 +895,18 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
             for name in ini_names:
                 parser.addini(name, "pytest-isolate host setting (ignored inside)")
 
+        def pytest_addhooks(self, pluginmanager: Any) -> None:
+            # the host's hook specs (pytest_isolate.hookspecs is not shipped): a conftest.py
+            # registering a backend must not break collection inside
+            class HostHookspecs:
+                @pytest.hookspec
+                def pytest_isolate_backends(self) -> Any:
+                    """Backends a plugin provides (used on the host only)."""
+
+            pluginmanager.add_hookspecs(HostHookspecs)
+
         def pytest_configure(self, config: Any) -> None:
+            self.config = config
             config.addinivalue_line("markers", "isolate(*envs): run inside environments")
 
         @pytest.hookimpl(trylast=True)
@@ -904,12 +915,12 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
 
         @pytest.fixture
         def isolate_target(self, request: Any) -> Any:
-            return request.param
+            return getattr(request, "param", None)
 
         def pytest_collectreport(self, report: Any) -> None:
             if report.failed:
-                data = report.config.hook.pytest_report_to_serializable(
-                    config=report.config, report=report)
+                data = self.config.hook.pytest_report_to_serializable(
+                    config=self.config, report=report)
                 self.errors.append(data)
 
         def pytest_runtest_logreport(self, report: Any) -> None:

@@ -97,6 +97,13 @@ def _checked_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     return members
 
 
+def _safe_keep_modes(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's 'data' checks (no absolute names, nothing and no link outside dest) with the
+    permission bits kept as they were inside (minus setuid/setgid/sticky)."""
+    checked = tarfile.data_filter(member, dest)
+    return checked.replace(mode=member.mode & 0o777, deep=False)
+
+
 def _unpack_safely(data: bytes, dest: Path) -> None:
     """Extract an archive from inside the environment: nothing may land outside dest."""
     dest = dest.absolute()
@@ -105,7 +112,7 @@ def _unpack_safely(data: bytes, dest: Path) -> None:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
             members = _checked_members(tar)
             if hasattr(tarfile, "data_filter"):
-                tar.extractall(staging, members=members, filter="data")
+                tar.extractall(staging, members=members, filter=_safe_keep_modes)
             else:  # pragma: no cover - Python < 3.11.4
                 tar.extractall(staging, members=members)
         if dest.is_dir() and not dest.is_symlink():

@@ -59,6 +59,9 @@ class IsolateManager:
         self.unavailable: dict[str, BackendUnavailable] = {}
         self.broken: dict[str, Exception] = {}
         self.bound: dict[str, set[str]] = {}
+        #: bad @pytest.mark.isolate markers, raised as one UsageError once collection is done
+        #: (a UsageError raised while a module is collected becomes a collection error, exit 2)
+        self.marker_errors: list[str] = []
         #: releases of the shared locks on the cache entries this run uses
         self.holds: dict[str, Callable[[], None]] = {}
         worker = os.environ.get("PYTEST_XDIST_WORKER", "")
@@ -179,17 +182,21 @@ class IsolateManager:
         if marker is not None:
             where = f"{metafunc.definition.nodeid}: @pytest.mark.isolate"
             if not marker.args:
-                raise pytest.UsageError(
+                self.marker_errors.append(
                     f"{where} needs one or more environment names, e.g. "
                     f"@pytest.mark.isolate(\"chroot\"); known: {', '.join(sorted(self.specs))}")
+                return
             try:
                 cfg.check_env_names(marker.args, where, self.specs)
                 cfg.with_overrides(self.specs[marker.args[0]], marker.kwargs, where)
             except ConfigError as exc:
-                raise pytest.UsageError(str(exc)) from None
+                self.marker_errors.append(str(exc))
+                return
         parametrize_envs(metafunc, self.default_envs)
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        if self.marker_errors:
+            raise pytest.UsageError("\n".join(dict.fromkeys(self.marker_errors)))
         for item in items:
             marker = item.get_closest_marker("isolate")
             envs = self.envs_for(marker.args if marker else ())
@@ -217,6 +224,11 @@ class IsolateManager:
             item.stash[SPEC_KEY] = spec
             self.bound.setdefault(env, set()).add(item.nodeid)
             item.user_properties.append(("isolate.env", env))
+        if self.bound:
+            try:
+                _ = self.cache  # an unwritable cache directory is a usage error, before any test
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
 
     # ------------------------------------------------------------ instances
     def instance(self, name: str, timer: PhaseTimer) -> Instance:
@@ -319,10 +331,20 @@ class IsolateManager:
         for release in self.holds.values():
             release()
         self.holds.clear()
+        workeroutput = getattr(self.config, "workeroutput", None)
         path = self.config.getoption("isolate_report")
-        if path:
+        if workeroutput is not None:  # an xdist worker: the controller merges and writes
+            workeroutput["isolate_report"] = self.report.to_json()
+        elif path:
             self.report.write(Path(path))
         self._prune_runs()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist controller: collect a worker's environments and tests."""
+        data = getattr(node, "workeroutput", {}).get("isolate_report")
+        if data:
+            self.report.merge(data)
 
     def _prune_runs(self, keep: int = 20) -> None:
         if self._cache is None:

@@ -73,6 +73,22 @@ class RunReport:
             "tests": [dataclasses.asdict(t) for t in self.tests],
         }
 
+    def merge(self, data: dict[str, Any]) -> None:
+        """Add another process's report (to_json() of an xdist worker) to this one."""
+        for name, env in data.get("environments", {}).items():
+            mine = self.envs.get(name)
+            if mine is None:
+                self.envs[name] = EnvStats(**env)
+                continue
+            for key in ("provision", "start", "starts", "tests", "run_total"):
+                setattr(mine, key, getattr(mine, key) + env[key])
+            if env.get("cache_hit") is False or mine.cache_hit is None:
+                mine.cache_hit = env.get("cache_hit")
+            mine.key = mine.key or env.get("key", "")
+            for label, path in env.get("logs", {}).items():
+                mine.logs.setdefault(label, path)
+        self.tests.extend(TestRecord(**t) for t in data.get("tests", []))
+
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,88 @@
+"""A fake backend for the unit tests: the real agent as a host subprocess, NO isolation.
+
+FakeBackend is a real :class:`~pytest_isolate.backends.base.Backend` subclass,
+registered through the real ``pytest_isolate_backends`` hook from a conftest.py.
+It starts the real agent (``python -u -c agent.BOOTSTRAP``) with the host's
+interpreter and configures it with ``"isolation": "none"``: tests and commands
+run on the host, in a forked child of the agent, with nothing mounted.  That is
+enough to exercise the whole protocol -- reports, crashes, timeouts, commands,
+files -- without root or a real engine.  It must never be used as a sandbox.
+
+provision() goes through the real content-addressed cache with a trivial
+builder, so cache hits and misses are real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pytest_isolate.agent import BOOTSTRAP
+from pytest_isolate.backends.base import Backend, Instance, environment_variables
+from pytest_isolate.cache import Entry
+from pytest_isolate.channel import AgentProcess
+from pytest_isolate.errors import BackendUnavailable
+from pytest_isolate.spec import EnvSpec
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+START_TIMEOUT = 60.0
+#: Host variables the agent keeps (everything else is dropped, as inside a real environment).
+KEEP_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
+
+
+class FakeBackend(Backend):
+    """Fake for unit tests (no isolation): the real agent runs as a plain host subprocess."""
+
+    name = "fake"
+    needs_root = False
+    supports_snapshot = False
+    packages = ()
+
+    def check(self, spec: EnvSpec) -> None:
+        """Always available."""
+
+    def provision(self, spec: EnvSpec) -> Entry:
+        def build(data: Path, log_path: Path) -> dict[str, Any]:
+            data.mkdir(parents=True)
+            (data / "spec.json").write_text(json.dumps({"name": spec.name, "pid": os.getpid()}))
+            with open(log_path, "a") as log:
+                log.write(f"fake build of {spec.name} in pid {os.getpid()}\n")
+            return {"fake": True}
+
+        return self.run.cache.get_or_build(
+            "fake", spec.rootfs_key(), build, {"name": spec.name, "backend": spec.backend},
+            self.run.log_path(spec.name, "provision.log"),
+        )
+
+    def start(self, spec: EnvSpec, image: Entry) -> Instance:
+        env = {k: os.environ[k] for k in KEEP_ENV if k in os.environ}
+        env.update(environment_variables(spec))
+        # fake_backend itself must be importable by the project's conftest inside the agent
+        env["PYTHONPATH"] = HERE
+        log = self.run.log_path(spec.name, "agent.log")
+        process = AgentProcess([sys.executable, "-u", "-c", BOOTSTRAP], log,
+                               f"environment {spec.name!r}", env=env)
+        instance = Instance(spec, process, {"agent": log, "provision": image.log})
+        try:
+            instance.handshake(
+                {"isolation": "none", "site": None, "binds": [], "cwd": str(self.run.rootdir)},
+                timeout=START_TIMEOUT,
+            )
+        except BaseException:
+            instance.stop()
+            raise
+        return instance
+
+
+class UnavailableFakeBackend(FakeBackend):
+    """Fake for unit tests whose prerequisites are never met."""
+
+    name = "fake-missing"
+    REASON = "the fake engine is not installed"
+    FIX = "install it with: apt-get install fake-engine"
+
+    def check(self, spec: EnvSpec) -> None:
+        raise BackendUnavailable(self.name, self.REASON, self.FIX)

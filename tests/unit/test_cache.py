@@ -1,0 +1,167 @@
+"""The content-addressed cache: build once across processes, never publish half an entry."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_isolate.cache import MANIFEST, Cache, Entry
+from pytest_isolate.errors import ConfigError
+
+
+def counting_builder(counter_dir: Path, delay: float = 0.0) -> Any:
+    def build(data: Path, log: Path) -> dict[str, Any]:
+        # one file per build: counting them counts builds across processes
+        (counter_dir / f"build-{os.getpid()}-{time.monotonic_ns()}").write_text("")
+        data.mkdir(parents=True)
+        (data / "payload").write_text("built")
+        (data / "sub").mkdir()
+        (data / "sub" / "more").write_bytes(b"x" * 1000)
+        log.write_text("building\n")
+        time.sleep(delay)
+        return {"extra": "value"}
+
+    return build
+
+
+def builds(counter_dir: Path) -> int:
+    return len(list(counter_dir.glob("build-*")))
+
+
+def _worker(root: str, counter: str, start_at: float, out: str) -> None:
+    cache = Cache(Path(root))
+    while time.time() < start_at:
+        time.sleep(0.001)
+    entry = cache.get_or_build("kind", "key1", counting_builder(Path(counter), delay=0.5),
+                               {"what": "test"}, Path(out) / f"log-{os.getpid()}")
+    (Path(out) / f"result-{os.getpid()}").write_text(
+        json.dumps({"path": str(entry.path), "hit": entry.hit,
+                    "payload": (entry.data / "payload").read_text()}))
+
+
+def test_concurrent_processes_build_once(tmp_path: Path) -> None:
+    root, counter, out = tmp_path / "cache", tmp_path / "counter", tmp_path / "out"
+    counter.mkdir()
+    out.mkdir()
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 1.5
+    procs = [ctx.Process(target=_worker, args=(str(root), str(counter), start_at, str(out)))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert builds(counter) == 1
+    results = [json.loads(p.read_text()) for p in out.glob("result-*")]
+    assert len(results) == 4
+    assert {r["path"] for r in results} == {str(root / "kind" / "key1")}
+    assert all(r["payload"] == "built" for r in results)
+    assert sorted(r["hit"] for r in results) == [False, True, True, True]
+    assert list((root / "tmp").iterdir()) == []
+
+
+def test_entry_contents_and_hit(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    counter = tmp_path / "n"
+    counter.mkdir()
+    log = tmp_path / "build.log"
+    first = cache.get_or_build("k", "abc", counting_builder(counter), {"name": "x"}, log)
+    assert isinstance(first, Entry) and not first.hit and first.build_seconds >= 0
+    assert first.path == tmp_path / "c" / "k" / "abc"
+    assert (first.data / "payload").read_text() == "built"
+    assert first.log.read_text() == "building\n"
+    manifest = json.loads((first.path / MANIFEST).read_text())
+    assert manifest["version"] == 1 and manifest["key"] == "abc" and manifest["kind"] == "k"
+    assert manifest["spec"] == {"name": "x"} and manifest["extra"] == "value"
+    assert manifest["size"] == len("built") + 1000
+    second = cache.get_or_build("k", "abc", counting_builder(counter), {"name": "x"}, log)
+    assert second.hit and second.path == first.path and builds(counter) == 1
+    assert [e.key for e in cache.entries()] == ["abc"]
+    cache.remove(second)
+    assert not first.path.exists() and list(cache.entries()) == []
+
+
+class Boom(Exception):
+    pass
+
+
+def test_failing_builder_leaves_nothing(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+
+    def build(data: Path, log: Path) -> dict[str, Any]:
+        data.mkdir(parents=True)
+        (data / "half").write_text("half done")
+        ro = data / "readonly"
+        ro.mkdir()
+        (ro / "f").write_text("x")
+        ro.chmod(0o500)  # a non-root build can leave these; removal must cope
+        raise Boom("builder failed")
+
+    with pytest.raises(Boom):
+        cache.get_or_build("k", "bad", build, {}, tmp_path / "log")
+    assert not (tmp_path / "c" / "k" / "bad").exists()
+    assert list((tmp_path / "c" / "tmp").iterdir()) == []
+    assert cache.lookup("k", "bad") is None
+    # and the next attempt builds normally
+    counter = tmp_path / "n"
+    counter.mkdir()
+    entry = cache.get_or_build("k", "bad", counting_builder(counter), {}, tmp_path / "log")
+    assert not entry.hit and builds(counter) == 1
+
+
+def test_interrupted_builder_leaves_nothing(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+
+    def build(data: Path, log: Path) -> dict[str, Any]:
+        data.mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_or_build("k", "int", build, {}, tmp_path / "log")
+    assert list((tmp_path / "c" / "tmp").iterdir()) == []
+    assert not (tmp_path / "c" / "k" / "int").exists()
+
+
+@pytest.mark.parametrize("damage", ["remove-manifest", "garbage-manifest", "wrong-key", "old-version"])
+def test_corrupt_entry_is_rebuilt(tmp_path: Path, damage: str) -> None:
+    cache = Cache(tmp_path / "c")
+    counter = tmp_path / "n"
+    counter.mkdir()
+    entry = cache.get_or_build("k", "key", counting_builder(counter), {}, tmp_path / "log")
+    manifest = entry.path / MANIFEST
+    (entry.data / "stale").write_text("from the damaged entry")
+    if damage == "remove-manifest":
+        manifest.unlink()
+    elif damage == "garbage-manifest":
+        manifest.write_text("{not json")
+    else:
+        data = json.loads(manifest.read_text())
+        data.update({"key": "other"} if damage == "wrong-key" else {"version": 0})
+        manifest.write_text(json.dumps(data))
+    assert cache.lookup("k", "key") is None
+    rebuilt = cache.get_or_build("k", "key", counting_builder(counter), {}, tmp_path / "log")
+    assert not rebuilt.hit and builds(counter) == 2
+    assert not (rebuilt.data / "stale").exists()
+    assert json.loads(manifest.read_text())["key"] == "key"
+
+
+def test_clean_tmp_removes_leftovers(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    left = tmp_path / "c" / "tmp" / "k-key.abcd"
+    (left / "data").mkdir(parents=True)
+    assert cache.clean_tmp() == 1
+    assert list((tmp_path / "c" / "tmp").iterdir()) == []
+
+
+def test_unwritable_root_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"where: cache directory '.*/file/c' is not writable"):
+        Cache(blocker / "c", where="where")

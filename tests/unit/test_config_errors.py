@@ -1,0 +1,237 @@
+"""Bad configuration is a usage error (exit code 4) whose message names the key and the fix."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+from unit_support import Project
+
+from pytest_isolate import config as cfg
+from pytest_isolate.errors import ConfigError
+
+USAGE = pytest.ExitCode.USAGE_ERROR
+
+MARKED = """
+import pytest
+
+@pytest.mark.isolate("fakeenv")
+def test_marked():
+    pass
+"""
+
+
+def errors(result: pytest.RunResult) -> str:
+    return result.stderr.str() + result.stdout.str()
+
+
+# ---------------------------------------------------------------- markers
+
+BAD_MARKERS = {
+    "unknown-env": ('"nosuch"', ["unknown environment 'nosuch'", "known environments:", "fakeenv",
+                                 "fakeenv2", "chroot"]),
+    "typo-env": ('"fakeenv3"', ["unknown environment 'fakeenv3'", "did you mean 'fakeenv"]),
+    "no-args": ("", ["needs one or more environment names", "known: ", "fakeenv"]),
+    "non-string": ("42", ["environment names must be strings, got 42"]),
+    "bad-kwarg": ('"fakeenv", packages=["x"]', ["'packages' cannot be set here",
+                                                "allowed: timeout, reset, network"]),
+    "bad-timeout": ('"fakeenv", timeout="soon"', ["key 'timeout' must be a positive number",
+                                                  "'soon'"]),
+}
+
+
+def marker_project(project: Project, args: str) -> None:
+    project.tests(f"""
+        import pytest
+
+        @pytest.mark.isolate({args})
+        def test_bad():
+            pass
+
+        def test_fine():
+            pass
+    """)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MARKERS))
+def test_bad_marker_message(project: Project, case: str) -> None:
+    args, needles = BAD_MARKERS[case]
+    marker_project(project, args)
+    result = project.run_inprocess()
+    text = errors(result)
+    assert "test_project.py::test_bad: @pytest.mark.isolate" in text
+    for needle in needles:
+        assert needle in text, (needle, text)
+    assert result.ret in (USAGE, pytest.ExitCode.INTERRUPTED)
+    result.stdout.no_fnmatch_line("*passed*")  # nothing ran, not even test_fine
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MARKERS))
+def test_bad_marker_exit_code(project: Project, case: str) -> None:
+    marker_project(project, BAD_MARKERS[case][0])
+    result = project.run_inprocess()
+    assert result.ret == USAGE
+
+
+# ---------------------------------------------------------------- pyproject.toml
+
+BAD_TABLES = {
+    "unknown-key": ('pakages = ["gcc"]', ["unknown key 'pakages'", "did you mean 'packages'?",
+                                          "known keys:", "[tool.pytest-isolate.envs.bad]"]),
+    "wrong-type": ('packages = "gcc"', ["key 'packages' must be a list of strings, got 'gcc'",
+                                        "[tool.pytest-isolate.envs.bad]"]),
+    "wrong-bool": ('network = "yes"', ["key 'network' must be true or false, got 'yes'"]),
+    "unknown-backend": (None, ["unknown backend 'fkae'", "did you mean 'fake'?",
+                               "registered backends:", "fake-missing", "chroot"]),
+    "arch": ('arch = "sparc"', ["unsupported arch 'sparc'", "supported: amd64, arm64"]),
+    "arch-typo": ('arch = "arm46"', ["unsupported arch 'arm46'", "did you mean 'arm64'?"]),
+    "release": ('release = "jessie"', ["unsupported release 'jessie'", "supported: buster",
+                                       "trixie"]),
+    "release-typo": ('release = "bookwrom"', ["did you mean 'bookworm'?"]),
+    "negative-timeout": ("timeout = -1", ["key 'timeout' must be a positive number of seconds"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TABLES))
+def test_bad_env_table(project: Project, case: str) -> None:
+    line, needles = BAD_TABLES[case]
+    table = 'backend = "fkae"' if line is None else f'backend = "fake"\n{line}'
+    project.pyproject(f"\n[tool.pytest-isolate.envs.bad]\n{table}\n")
+    project.tests(MARKED)
+    result = project.run_inprocess()
+    assert result.ret == USAGE
+    text = result.stderr.str()
+    assert str(project.path / "pyproject.toml") in text
+    for needle in needles:
+        assert needle in text, (needle, text)
+    result.stdout.no_fnmatch_line("*passed*")
+
+
+def test_unknown_top_level_key(project: Project) -> None:
+    project.pyproject("\n[tool.pytest-isolate]\ncahce_dir = 'x'\n", base="")
+    project.tests(MARKED)
+    result = project.run_inprocess()
+    assert result.ret == USAGE
+    result.stderr.fnmatch_lines(["*[[]tool.pytest-isolate[]]: unknown key 'cahce_dir' "
+                                 "(did you mean 'cache_dir'?)*"])
+
+
+def test_env_without_backend(project: Project) -> None:
+    project.pyproject("\n[tool.pytest-isolate.envs.nobackend]\nrelease = 'trixie'\n")
+    project.tests(MARKED)
+    result = project.run_inprocess()
+    assert result.ret == USAGE
+    result.stderr.fnmatch_lines(["*envs.nobackend]: key 'backend' is required; one of: *fake*"])
+
+
+def test_malformed_pyproject(project: Project) -> None:
+    (project.path / "pyproject.toml").write_text("[tool.pytest-isolate.envs.bad\nbackend = 'fake'\n")
+    project.tests(MARKED)
+    result = project.run_inprocess()
+    assert result.ret == USAGE
+    text = result.stderr.str()
+    assert "pyproject.toml" in text and "line 1" in text, text
+
+
+def test_malformed_pyproject_message_of_our_loader(tmp_path: Path) -> None:
+    # pytest reads pyproject.toml first when it is the ini file; our own loader must say it too
+    path = tmp_path / "pyproject.toml"
+    path.write_text("[tool.pytest-isolate\n")
+    with pytest.raises(ConfigError, match=r"pyproject.toml: malformed TOML: .*fix the file's syntax"):
+        cfg.load_pyproject(path)
+
+
+def test_unknown_isolate_env(project: Project) -> None:
+    project.tests(MARKED)
+    result = project.run_inprocess("--isolate-env", "fakeenv,nosuch")
+    assert result.ret == USAGE
+    result.stderr.fnmatch_lines(["ERROR: --isolate-env: unknown environment 'nosuch'; known environments: *"
+                                 "fakeenv, fakeenv2*"])
+
+
+def test_empty_isolate_env(project: Project) -> None:
+    project.tests(MARKED)
+    result = project.run_inprocess("--isolate-env", ",")
+    assert result.ret == USAGE
+    result.stderr.fnmatch_lines(["ERROR: --isolate-env: expected one or more environment names, got ','"])
+
+
+def test_bad_timeout_option(project: Project) -> None:
+    project.tests(MARKED)
+    result = project.run_inprocess("--isolate-timeout", "0")
+    assert result.ret == USAGE
+    result.stderr.fnmatch_lines(["ERROR: --isolate-timeout: timeout must be a positive number of seconds*"])
+
+
+def test_isolate_env_fixture_unknown_name(project: Project) -> None:
+    project.tests("""
+        def test_it(isolate_env):
+            isolate_env("nosuch")
+    """)
+    result = project.run_inprocess()
+    result.assert_outcomes(errors=0, failed=1)
+    result.stdout.fnmatch_lines(["*isolate_env('nosuch'): unknown environment; known: *fakeenv*"])
+
+
+def cache_dir_under_a_file(project: Project) -> Path:
+    blocker = project.path / "not-a-dir"
+    blocker.write_text("a regular file")
+    return blocker / "cache"
+
+
+def readonly_cache_dir(project: Project) -> Path:
+    if os.geteuid() == 0:
+        pytest.skip("root can write to a read-only directory")
+    ro = project.path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return ro / "cache"
+
+
+@pytest.mark.parametrize("where", [cache_dir_under_a_file, readonly_cache_dir],
+                         ids=["under-a-file", "read-only"])
+def test_unwritable_cache_dir_message(project: Project, where: object) -> None:
+    path = where(project)  # type: ignore[operator]
+    project.tests(MARKED)
+    result = project.run_inprocess("--isolate-cache-dir", str(path))
+    assert result.ret != pytest.ExitCode.OK
+    text = errors(result)
+    assert f"--isolate-cache-dir: cache directory {str(path)!r} is not writable" in text, text
+    assert "choose another with --isolate-cache-dir or isolate_cache_dir" in text
+
+
+def test_unwritable_cache_dir_is_a_usage_error(project: Project) -> None:
+    path = cache_dir_under_a_file(project)
+    project.tests(MARKED)
+    result = project.run_inprocess("--isolate-cache-dir", str(path))
+    assert result.ret == USAGE
+    result.stderr.fnmatch_lines(["ERROR: --isolate-cache-dir: cache directory * is not writable*"])
+
+
+def test_unwritable_cache_dir_does_not_matter_without_isolated_tests(project: Project) -> None:
+    path = cache_dir_under_a_file(project)
+    project.tests("""
+        def test_local():
+            pass
+    """)
+    result = project.run_inprocess("--isolate-cache-dir", str(path))
+    result.assert_outcomes(passed=1)
+
+
+def test_config_error_messages_name_their_source() -> None:
+    # precedence and sources, checked on the parsing functions directly
+    table = {"envs": {"mine": {"backend": "fake", "release": "bookworm", "packages": ["gcc"]}}}
+    specs = cfg.resolve_envs(table, Path("/p/pyproject.toml"), ["fake", "chroot"])
+    mine = specs["mine"]
+    assert mine.release == "bookworm" and mine.packages == ("gcc",)
+    assert mine.source("release") == "/p/pyproject.toml: [tool.pytest-isolate.envs.mine] key 'release'"
+    assert mine.source("arch") == "built-in default"
+    over = cfg.with_overrides(mine, {"timeout": 5}, "t.py::test: @pytest.mark.isolate")
+    assert over.timeout == 5.0 and over.source("timeout") == "t.py::test: @pytest.mark.isolate"
+    assert over.rootfs_key() == mine.rootfs_key()  # a timeout does not change what is built
+    with pytest.raises(ConfigError, match=r"environment name 'bad name' may only use"):
+        cfg.resolve_envs({"envs": {"bad name": {"backend": "fake"}}}, Path("p"), ["fake"])
+    with pytest.raises(ConfigError, match=textwrap.dedent(r"unsupported reset 'never'")):
+        cfg.with_overrides(mine, {"reset": "never"}, "here")
