@@ -361,8 +361,11 @@ class IsolateManager:
         terminalreporter.section("pytest-isolate")
         for line in self.report.table():
             terminalreporter.write_line(line)
-        logs = self.cache.root / "runs" / self.run_id / "logs"
-        terminalreporter.write_line(f"logs: {logs}")
+        # the run's log directories (one per xdist worker): <cache>/runs/<run id>/logs
+        dirs = sorted({str(Path(p).parent.parent) for s in self.report.envs.values()
+                       for k, p in s.logs.items() if k != "provision"})
+        for logs in dirs:
+            terminalreporter.write_line(f"logs: {logs}")
 
 
 class ItemRun:

@@ -40,6 +40,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,29 @@ class VmProcess:
         self.conn.closed = True
 
 
+class LibvirtProcess:
+    """The Transport of a libvirt domain."""
+
+    def __init__(self, dom: Any, sock: socket.socket, describe: str) -> None:
+        self.dom = dom
+        self.sock = sock
+        self.conn = Connection(sock.fileno(), sock.fileno(), describe)
+
+    def alive(self) -> bool:
+        try:
+            return bool(self.dom.isActive()) and not self.conn.closed
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.dom.isActive():
+                self.dom.destroy()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.conn.closed = True
+
+
 @dataclasses.dataclass
 class _Files:
     kernel: Path
@@ -366,6 +390,8 @@ class QemuBackend(Backend):
             check_foreign(self.name, spec.machine)
         if spec.setup:
             check_namespaces(self.name)
+        if self.driver(spec) == "libvirt":
+            self._libvirt()
 
     # -------------------------------------------------------------- provision
     def provision(self, spec: EnvSpec) -> Entry:
@@ -519,6 +545,8 @@ class QemuBackend(Backend):
         return _Vm(proc, qmp, sock)
 
     def start(self, spec: EnvSpec, image: Entry) -> Instance:
+        if self.driver(spec) == "libvirt":
+            return self._start_libvirt(spec, image)
         describe = f"environment {spec.name!r}"
         # unix socket paths are limited to ~100 bytes: keep the sockets in a short temp dir
         reap_temp_dirs()
@@ -593,6 +621,15 @@ class QemuBackend(Backend):
         # where the kernel, /init and the agent's stderr all write.
         instance = Instance(spec, process, {"agent": console_log, "console": console_log,
                                             "qemu": qemu_log, "provision": image.log}, cleanup)
+        self._ready(spec, instance, console_log, mark, HANDSHAKE_TIMEOUT)
+        with contextlib.suppress(OSError), open(qemu_log, "a") as log:
+            log.write(f"# {self.last_start}: {', '.join(marks)}\n")
+        return instance
+
+    def _ready(self, spec: EnvSpec, instance: Instance, console_log: Path,
+               mark: Callable[[str], None], timeout: float) -> None:
+        """Handshake, then ship the project and set the clock; stops the instance on failure."""
+        describe = f"environment {spec.name!r}"
         rootdir = str(self.run.rootdir)
         shipped = shipped_paths()
         try:
@@ -600,13 +637,14 @@ class QemuBackend(Backend):
                 {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
                  "binds": [rootdir] + [dst for _, dst in shipped]
                  + (["/etc/resolv.conf"] if spec.network else []), "cwd": rootdir},
-                timeout=HANDSHAKE_TIMEOUT,
+                timeout=timeout,
             )
             mark("agent ready")
             reply, out = instance.conn.call(
                 0, {"op": "exec", "argv": ["busybox", "sh", "-c", SHIP_PROJECT, "sh", rootdir,
                                           str(int(time.time()))],
-                    "timeout": HANDSHAKE_TIMEOUT}, self._project_tar(), timeout=HANDSHAKE_TIMEOUT + 5)
+                    "timeout": HANDSHAKE_TIMEOUT}, self._project_tar(),
+                timeout=HANDSHAKE_TIMEOUT + 5)
             if reply.get("returncode") != 0:
                 raise IsolateError(f"{describe}: cannot copy the project into the VM: "
                                    f"{out.decode(errors='replace').strip()}")
@@ -620,9 +658,6 @@ class QemuBackend(Backend):
                 raise AgentLost(f"{describe}: starting the agent failed: {exc}"
                                 f"\n--- console tail ---\n{tail}") from None
             raise
-        with contextlib.suppress(OSError), open(qemu_log, "a") as log:
-            log.write(f"# {self.last_start}: {', '.join(marks)}\n")
-        return instance
 
     def _wait_port(self, spec: EnvSpec, vm: _Vm, console: Path, qemu_log: Path) -> None:
         """Wait until the guest opens the agent's port; fail fast if QEMU or the guest dies."""
@@ -635,12 +670,151 @@ class QemuBackend(Backend):
             if vm.proc.poll() is not None or any(e["event"] == "SHUTDOWN" for e in vm.qmp.events):
                 raise AgentLost(
                     f"environment {spec.name!r}: the VM stopped during boot "
-                    f"(QEMU exit status {vm.proc.poll()})\n--- qemu log ---\n{log_tail(qemu_log)}"
-                    f"\n--- console tail ---\n{log_tail(console)}")
+                    f"(QEMU exit status {vm.proc.poll()})\n--- qemu log ---\n{log_tail(qemu_log)}")
             if time.monotonic() > deadline:
                 raise AgentLost(
                     f"environment {spec.name!r}: the agent's port did not open within "
-                    f"{timeout:.0f}s of starting the VM\n--- console tail ---\n{log_tail(console)}")
+                    f"{timeout:.0f}s of starting the VM")
+
+    # ---------------------------------------------------------------- libvirt
+    def driver(self, spec: EnvSpec) -> str:
+        """"qemu" (QEMU driven directly, the default) or "libvirt" (option vm_driver)."""
+        driver = str(spec.option("vm_driver", os.environ.get("PYTEST_ISOLATE_VM_DRIVER", "qemu")))
+        if driver not in ("qemu", "libvirt"):
+            raise BackendUnavailable(self.name, f"unknown vm_driver {driver!r}",
+                                     "use 'qemu' or 'libvirt'")
+        return driver
+
+    def _libvirt(self) -> Any:
+        try:
+            import libvirt
+
+            # errors are raised as libvirtError; keep them off stderr
+            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        except ImportError:
+            raise BackendUnavailable(
+                self.name, "the libvirt driver needs the libvirt-python package",
+                "install it with: pip install 'pytest-isolate-env[libvirt]' "
+                "(building it needs: apt-get install libvirt-dev pkg-config)") from None
+        return libvirt
+
+    def _start_libvirt(self, spec: EnvSpec, image: Entry) -> Instance:
+        """A transient libvirt domain with the same kernel, initramfs, disks and port.
+
+        No saved states here: every start boots.  The domain is named after the
+        run, destroyed by stop(), and destroys itself when its agent dies.
+        """
+        libvirt = self._libvirt()
+        describe = f"environment {spec.name!r}"
+        uri = str(spec.option("libvirt_uri", os.environ.get("LIBVIRT_DEFAULT_URI",
+                                                           "qemu:///system")))
+        reap_temp_dirs()
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+        (tmp / "pid").write_text(str(os.getpid()))
+        os.chmod(tmp, 0o755)
+        console_log = self.run.log_path(spec.name, "console.log")
+        qemu_log = self.run.log_path(spec.name, "qemu.log")
+        started = time.monotonic()
+        marks: list[str] = []
+
+        def mark(what: str) -> None:
+            marks.append(f"{what} {time.monotonic() - started:.2f}s")
+
+        conn: Any = None
+        dom: Any = None
+        sock: socket.socket | None = None
+
+        def cleanup() -> None:
+            with contextlib.suppress(Exception):
+                if dom is not None and dom.isActive():
+                    dom.destroy()
+            with contextlib.suppress(Exception):
+                if conn is not None:
+                    conn.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        try:
+            try:
+                conn = libvirt.open(uri)
+            except libvirt.libvirtError as exc:
+                raise BackendUnavailable(self.name, f"cannot connect to libvirt at {uri}: {exc}",
+                                         "start it with: libvirtd -d") from None
+            files = self.files(image.data)
+            initrd = tmp / "initrd.img"
+            self.write_initrd(files.initramfs, initrd, spec, agent_command(spec))
+            name = f"pytest-isolate-{self.run.run_id}-{spec.name}-{os.urandom(3).hex()}"
+            xml = self.domain_xml(spec, files, initrd, tmp, console_log, name)
+            with open(qemu_log, "a") as log:
+                log.write(f"# libvirt {uri}: domain {name}\n{xml}\n")
+            try:
+                dom = conn.createXML(xml, 0)
+            except libvirt.libvirtError as exc:
+                raise AgentLost(f"{describe}: libvirt could not start the VM: {exc}") from None
+            mark("domain started")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            deadline = time.monotonic() + QMP_TIMEOUT
+            while True:
+                try:
+                    sock.connect(str(tmp / "agent.sock"))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() > deadline:
+                        raise AgentLost(f"{describe}: the agent's socket did not appear") \
+                            from None
+                    time.sleep(0.01)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            cleanup()
+            raise
+        process = LibvirtProcess(dom, sock, describe)
+        instance = Instance(spec, process, {"agent": console_log, "console": console_log,
+                                            "qemu": qemu_log, "provision": image.log}, cleanup)
+        # the agent's source waits in the socket until the guest opens its port: the
+        # handshake's timeout covers the boot
+        self._ready(spec, instance, console_log, mark,
+                    float(spec.option("boot_timeout", BOOT_TIMEOUT)))
+        self.last_start = "boot (libvirt)"
+        with contextlib.suppress(OSError), open(qemu_log, "a") as log:
+            log.write(f"# {self.last_start}: {', '.join(marks)}\n")
+        return instance
+
+    def domain_xml(self, spec: EnvSpec, files: _Files, initrd: Path, tmp: Path,
+                   console_log: Path, name: str) -> str:
+        from xml.sax.saxutils import escape, quoteattr
+
+        _, binary, machine, console = ARCHES[spec.arch]
+        arch = "aarch64" if spec.arch == "arm64" else "x86_64"
+        cpu = ("<cpu mode='custom' match='exact'><model fallback='allow'>cortex-a57</model></cpu>"
+               if spec.arch == "arm64" else "")
+        disks = ""
+        for path, serial, dev in ((files.root, ird.ROOT_SERIAL, "vda"),
+                                  (files.site, ird.SITE_SERIAL, "vdb")):
+            disks += (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+                      f"<source file={quoteattr(str(path))}/><target dev='{dev}' bus='virtio'/>"
+                      f"<readonly/><serial>{serial}</serial></disk>")
+        net = ("<interface type='user'><model type='virtio'/></interface>" if spec.network
+               else "")
+        return (
+            f"<domain type='qemu'><name>{escape(name)}</name>"
+            f"<memory unit='MiB'>{int(spec.option('memory', MEMORY_MIB))}</memory>"
+            f"<vcpu>{int(spec.option('cpus', 1))}</vcpu>"
+            f"<os><type arch='{arch}' machine='{machine[1]}'>hvm</type>"
+            f"<kernel>{escape(str(files.kernel))}</kernel><initrd>{escape(str(initrd))}</initrd>"
+            f"<cmdline>console={console} panic=-1 loglevel=4 rdinit=/init</cmdline></os>"
+            f"{cpu}<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>"
+            f"<on_crash>destroy</on_crash><devices>"
+            f"<emulator>{escape(shutil.which(binary) or binary)}</emulator>{disks}"
+            f"<serial type='file'><source path={quoteattr(str(console_log))} append='on'/>"
+            f"</serial>"
+            f"<channel type='unix'><source mode='bind' path={quoteattr(str(tmp / 'agent.sock'))}/>"
+            f"<target type='virtio' name='{ird.PORT_NAME}'/></channel>"
+            f"{net}<controller type='usb' model='none'/><memballoon model='none'/>"
+            f"<video><model type='none'/></video></devices>"
+            # run QEMU as the calling user, and never relabel (chown) the cached images
+            f"<seclabel type='static' model='dac' relabel='no'>"
+            f"<label>+{os.getuid()}:+{os.getgid()}</label></seclabel></domain>"
+        )
 
     # -------------------------------------------------------------- snapshots
     def _state_key(self, image: Entry, files: _Files, argv: list[str], initrd: Path, tmp: Path,
