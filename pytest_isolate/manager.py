@@ -347,13 +347,20 @@ class IsolateManager:
             self.report.merge(data)
 
     def _prune_runs(self, keep: int = 20) -> None:
+        """Keep the newest `keep` run directories; never one whose pytest still runs."""
         if self._cache is None:
             return
         runs = self.cache.root / "runs"
         if not runs.is_dir():
             return
         for old in sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)[:-keep]:
-            _force_rmtree(old)
+            parts = old.name.split("-")  # YYYYmmdd-HHMMSS-PID[-gwN]
+            if len(parts) >= 3 and parts[2].isdigit() and os.path.exists(f"/proc/{parts[2]}"):
+                continue
+            try:
+                _force_rmtree(old)
+            except (OSError, IsolateError):
+                pass  # `python -m pytest_isolate cache gc` reports what it cannot remove
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.report.envs:
@@ -379,7 +386,6 @@ class ItemRun:
         self.spec = item.stash[SPEC_KEY]
         self.timer = PhaseTimer()
         self.last_when: str | None = None
-        self.last_outcome = "passed"
         self.outcome = "passed"
         self.pending_teardown: TestReport | None = None
 
