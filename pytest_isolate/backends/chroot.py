@@ -13,11 +13,13 @@ import shutil
 import uuid
 
 from pytest_isolate.backends.base import (
+    PYCACHE,
     SITE,
     Backend,
     Instance,
     agent_command,
     environment_variables,
+    pycache_dir,
     shipped_paths,
 )
 from pytest_isolate.cache import Entry
@@ -57,10 +59,12 @@ class ChrootBackend(Backend):
         shipped = shipped_paths()
         binds = [[rootdir, rootdir, not spec.rootdir_writable]]
         binds += [[src, dst, True] for src, dst in shipped]
+        binds.append([str(pycache_dir(self.run, image)), PYCACHE, False])
         cfg = {
             "rootfs": str(image.data), "workdir": str(workdir), "mode": "overlay",
             "binds": binds, "network": spec.network, "hostname": f"isolate-{spec.name}"[:63],
-            "argv": agent_command(spec), "env": environment_variables(spec), "cwd": rootdir,
+            "argv": agent_command(spec), "env": environment_variables(spec, pycache=True),
+            "cwd": rootdir,
         }
         log = self.run.log_path(spec.name, "agent.log")
         process = AgentProcess(launcher_argv(cfg), log, f"environment {spec.name!r}")
@@ -72,7 +76,7 @@ class ChrootBackend(Backend):
         try:
             instance.handshake(
                 {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
-                 "binds": [rootdir] + [dst for _, dst in shipped], "cwd": rootdir},
+                 "binds": [rootdir, PYCACHE] + [dst for _, dst in shipped], "cwd": rootdir},
                 timeout=START_TIMEOUT * (10 if spec.foreign else 1),
             )
         except BaseException:
