@@ -97,6 +97,9 @@ def required_python() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (3, 9)
 
 
+#: Host variables pytest itself reads (they decide whether assertion diffs are truncated):
+#: passed in so that a report reads the same inside as outside.
+FIDELITY_ENV = ("CI", "BUILD_NUMBER")
 #: Where a backend that can share a host directory keeps the environment's bytecode.
 PYCACHE = "/.isolate/pycache"
 
@@ -115,6 +118,9 @@ def pycache_dir(run: RunContext, image: Entry) -> Path:
 def environment_variables(spec: EnvSpec, pycache: bool = False) -> dict[str, str]:
     """The environment inside: no host variables but those the spec passes."""
     env = dict(BASE_ENV)
+    for name in FIDELITY_ENV:
+        if name in os.environ:
+            env[name] = os.environ[name]
     if pycache:
         del env["PYTHONDONTWRITEBYTECODE"]
         env["PYTHONPYCACHEPREFIX"] = PYCACHE
