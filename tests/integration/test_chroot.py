@@ -24,7 +24,9 @@ def run(pytester: pytest.Pytester, cache_dir: Path, *args: str) -> pytest.RunRes
         *args, timeout=1200)
 
 
-def test_setup_commands_run_once_and_are_cached(pytester: pytest.Pytester, cache_dir: Path) -> None:
+def test_setup_commands_run_once_and_are_cached(pytester: pytest.Pytester,
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    cache_dir = tmp_path_factory.mktemp("private-cache")  # a fresh build is the point here
     pytester.makefile(".toml", pyproject=textwrap.dedent("""
         [tool.pytest-isolate.envs.with-setup]
         backend = "chroot"
@@ -38,6 +40,8 @@ def test_setup_commands_run_once_and_are_cached(pytester: pytest.Pytester, cache
     """)
     first = run(pytester, cache_dir, "--isolate-report=first.json")
     first.assert_outcomes(passed=1)
+    assert json.loads((pytester.path / "first.json").read_text())[
+        "environments"]["with-setup"]["cache_hit"] is False
     second = run(pytester, cache_dir, "--isolate-report=second.json", "-s")
     second.assert_outcomes(passed=1)
     report = json.loads((pytester.path / "second.json").read_text())
