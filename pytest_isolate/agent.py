@@ -497,15 +497,29 @@ def in_root_call(root: Optional[str], fn: Callable[[], bytes]) -> bytes:
 # pytest inside the environment
 
 
-def isolate_targets(marker_args: Sequence[Any], default_envs: Sequence[str]) -> List[str]:
-    """Environments a test runs in: its marker's, else the run-wide default."""
-    return [str(a) for a in marker_args] if marker_args else list(default_envs)
+#: Fixtures that drive environments from the host: a test using one stays on the host.
+HOST_FIXTURES = frozenset(("isolate_env", "chroot", "schroot", "lxc", "docker", "qemu_vm",
+                           "arm64_vm"))
+
+
+def isolate_targets(marker_args: Sequence[Any], default_envs: Sequence[str],
+                    fixturenames: Sequence[str] = ()) -> List[str]:
+    """Environments a test runs in: its marker's, else the run-wide default.
+
+    An unmarked test that uses an environment fixture is a host-side driver: the
+    run-wide default (--isolate-env) does not move it inside.
+    """
+    if marker_args:
+        return [str(a) for a in marker_args]
+    if HOST_FIXTURES.intersection(fixturenames):
+        return []
+    return list(default_envs)
 
 
 def parametrize_envs(metafunc: Any, default_envs: Sequence[str]) -> None:
     """One item per environment when a test has several (shared by host and agent)."""
     marker = metafunc.definition.get_closest_marker("isolate")
-    envs = isolate_targets(marker.args if marker else (), default_envs)
+    envs = isolate_targets(marker.args if marker else (), default_envs, metafunc.fixturenames)
     if len(envs) > 1:
         if "isolate_target" not in metafunc.fixturenames:
             metafunc.fixturenames.append("isolate_target")

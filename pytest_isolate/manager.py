@@ -18,7 +18,7 @@ import pytest
 from _pytest.reports import TestReport
 
 from pytest_isolate import config as cfg
-from pytest_isolate.agent import parametrize_envs
+from pytest_isolate.agent import isolate_targets, parametrize_envs
 from pytest_isolate.backends.base import Backend, Instance, RunContext
 from pytest_isolate.cache import Cache, _force_rmtree
 from pytest_isolate.channel import log_tail
@@ -173,8 +173,8 @@ class IsolateManager:
         return backend
 
     # ------------------------------------------------------------ collection
-    def envs_for(self, marker_args: Any) -> list[str]:
-        return list(marker_args) if marker_args else list(self.default_envs)
+    def envs_for(self, marker_args: Any, fixturenames: Any = ()) -> list[str]:
+        return isolate_targets(marker_args or (), self.default_envs, fixturenames)
 
     @pytest.hookimpl(trylast=True)
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
@@ -199,7 +199,7 @@ class IsolateManager:
             raise pytest.UsageError("\n".join(dict.fromkeys(self.marker_errors)))
         for item in items:
             marker = item.get_closest_marker("isolate")
-            envs = self.envs_for(marker.args if marker else ())
+            envs = self.envs_for(marker.args if marker else (), getattr(item, "fixturenames", ()))
             if not envs:
                 continue
             callspec = getattr(item, "callspec", None)
@@ -210,11 +210,8 @@ class IsolateManager:
             # marker keyword > command-line flag > the env's table > ini > [tool.pytest-isolate]
             for key, flag, value in (("timeout", "isolate_timeout", self.timeout),
                                      ("reset", "isolate_reset", self.reset)):
-                if key in overrides:
-                    continue
-                if self.config.getoption(flag) is not None:
-                    overrides[key] = value
-                elif spec.source(key) == "built-in default":
+                if key not in overrides and (self.config.getoption(flag) is not None
+                                             or spec.source(key) == "built-in default"):
                     overrides[key] = value
             try:
                 spec = cfg.with_overrides(spec, overrides, where)
@@ -345,6 +342,21 @@ class IsolateManager:
         data = getattr(node, "workeroutput", {}).get("isolate_report")
         if data:
             self.report.merge(data)
+        if error is not None:
+            self.reap_after_crash(str(getattr(getattr(node, "gateway", None), "id", "?")))
+
+    def reap_after_crash(self, worker: str) -> None:
+        """xdist controller: a worker died without tearing down; remove what it left.
+
+        Its agents die with it (they see their stdin close), but containers, LXC
+        containers and schroot sessions outlive it.  Every backend's reap() removes only
+        what belongs to processes that are gone, so the other workers' instances stay.
+        """
+        for name in sorted({spec.backend for spec in self.specs.values()}):
+            try:
+                self.backend(name).reap()
+            except Exception as exc:  # best effort: the next run reaps again
+                self.progress(f"after worker {worker} died: could not reap {name}: {exc}")
 
     def _prune_runs(self, keep: int = 20) -> None:
         """Keep the newest `keep` run directories; never one whose pytest still runs."""

@@ -210,6 +210,15 @@ class Backend(abc.ABC):
     def start(self, spec: EnvSpec, image: Entry) -> Instance:
         """Start an instance whose agent has completed its handshake."""
 
+    def reap(self) -> list[str]:
+        """Remove what runs whose process is gone left behind (containers, sessions...).
+
+        Must never touch what a live run owns.  Called by a backend when it first
+        starts, by the xdist controller when a worker dies, and by `cache gc`.
+        Returns a description of each thing removed.
+        """
+        return []
+
 
 def need_tool(backend: str, tool: str, package: str) -> str:
     path = shutil.which(tool)

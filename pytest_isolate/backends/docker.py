@@ -192,7 +192,10 @@ def process_start(pid: int) -> str:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # a zombie (e.g. a crashed xdist worker not yet waited for)
+        return ""
+    return fields[19]
 
 
 def owner_gone(labels: dict[str, str]) -> bool:
@@ -438,20 +441,20 @@ class DockerBackend(Backend):
         base = str(getattr(self.client().api, "base_url", ""))
         return base.startswith("http+docker://localhost") or base.startswith("http+docker://localunix")
 
-    def reap(self) -> int:
-        """Remove containers of runs whose process (on this host) is gone; returns how many."""
-        removed = 0
+    def reap(self) -> list[str]:
+        """Remove containers of runs whose process (on this host) is gone; returns their names."""
+        removed: list[str] = []
         try:
             found = self.client().containers.list(all=True, filters={"label": f"{LABEL}.pid"})
         except Exception:
-            return 0
+            return removed
         for container in found:
             if owner_gone(container.labels or {}):
                 with contextlib.suppress(Exception):
                     container.remove(force=True, v=True)
-                    removed += 1
+                    removed.append(container.name)
         if removed:
-            self.run.progress(f"docker: removed {removed} container(s) left by killed runs")
+            self.run.progress(f"docker: removed {len(removed)} container(s) left by killed runs")
         return removed
 
     def labels(self, spec: EnvSpec) -> dict[str, str]:

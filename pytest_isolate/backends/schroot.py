@@ -117,7 +117,10 @@ def process_start_time(pid: int) -> int | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(text.rsplit(")", 1)[1].split()[19])
+    fields = text.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # a zombie (e.g. a crashed xdist worker not yet waited for)
+        return None
+    return int(fields[19])
 
 
 def owner_alive(label: dict[str, Any]) -> bool:
