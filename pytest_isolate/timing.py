@@ -80,8 +80,10 @@ class RunReport:
             if mine is None:
                 self.envs[name] = EnvStats(**env)
                 continue
-            for key in ("provision", "start", "starts", "tests", "run_total"):
+            for key in ("start", "starts", "tests", "run_total"):
                 setattr(mine, key, getattr(mine, key) + env[key])
+            # workers build a key once and the others wait for it: the longest is the cost
+            mine.provision = max(mine.provision, env["provision"])
             if env.get("cache_hit") is False or mine.cache_hit is None:
                 mine.cache_hit = env.get("cache_hit")
             mine.key = mine.key or env.get("key", "")

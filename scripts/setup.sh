@@ -33,5 +33,7 @@ if [ ! -x .venv/bin/python ]; then /usr/bin/python3 -m venv .venv; fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[dev,docker]'
 
-echo "==> example suite"
-(cd examples/demo && ../../.venv/bin/pytest --isolate-strict -p no:cacheprovider)
+if [ "${ISOLATE_SKIP_EXAMPLES:-0}" != 1 ]; then
+  echo "==> example suite (skip with ISOLATE_SKIP_EXAMPLES=1)"
+  (cd examples/demo && ../../.venv/bin/pytest --isolate-strict -p no:cacheprovider)
+fi
