@@ -19,6 +19,7 @@ only.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import io
@@ -458,6 +459,14 @@ def unpack_to(data: bytes, dest: str) -> None:
             tar.extractall(parent, members=members)
 
 
+def _set_winsize(fd: int, req: Dict[str, Any]) -> None:
+    if req.get("rows") and req.get("cols"):
+        import fcntl
+        import termios
+
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", req["rows"], req["cols"], 0, 0))
+
+
 def in_root_call(root: Optional[str], fn: Callable[[], bytes]) -> bytes:
     """Run fn in a forked child chrooted to root (so paths resolve inside the env)."""
     if root is None:
@@ -781,6 +790,7 @@ class WorkerServer:
         self.lowers: List[str] = []
         self.upper = ""
         self.snapshots: Dict[str, List[str]] = {}
+        self.pending: "collections.deque[Frame]" = collections.deque()
 
     def send(self, obj: Dict[str, Any], blob: bytes = b"") -> None:
         self.sock.sendall(encode_frame(self.ch, obj, blob))
@@ -798,13 +808,21 @@ class WorkerServer:
         populate_root(root, binds, "/dev", fresh_dev=False)
         return root
 
+    def read_frames(self) -> bool:
+        """Read once from the host into self.pending; False when the stream ended."""
+        data = self.sock.recv(1 << 20)
+        if not data:
+            return False
+        self.pending.extend(self.decoder.feed(data))
+        return True
+
     def serve(self) -> int:
         self.agent.current_sender = self.send
         while True:
-            data = self.sock.recv(1 << 20)
-            if not data:
+            if not self.pending and not self.read_frames():
                 return 0
-            for _, obj, blob in self.decoder.feed(data):
+            while self.pending:
+                _, obj, blob = self.pending.popleft()
                 op = obj["op"]
                 if op == "close":
                     return 0
@@ -813,6 +831,69 @@ class WorkerServer:
                 except Exception as exc:
                     self.send({"op": "error", "type": type(exc).__name__, "message": str(exc),
                                "traceback": traceback.format_exc()})
+
+    def op_pty(self, req: Dict[str, Any], blob: bytes) -> None:
+        """An interactive program on a pseudo-terminal, relayed over the channel.
+
+        pty-out frames carry its output; the host sends pty-in (keys), pty-resize;
+        the answer ends with pty-exit.  Used by `shell ENV` and --isolate-keep-failed.
+        """
+        import pty
+
+        argv = req.get("argv") or ["/bin/sh"]
+        env = dict(os.environ)
+        env.update(req.get("env") or {})
+        env["TERM"] = req.get("term") or "xterm"
+        root, cwd = self.root, req.get("cwd") or "/"
+        pid, fd = pty.fork()
+        if pid == 0:
+            try:
+                if root is not None:
+                    os.chroot(root)
+                try:
+                    os.chdir(cwd)
+                except OSError:
+                    os.chdir("/")
+                os.execvpe(argv[0], argv, env)
+            except BaseException as exc:
+                os.write(2, ("pytest-isolate: cannot start %s: %s\r\n" % (argv[0], exc)).encode())
+            os._exit(127)
+        _set_winsize(fd, req)
+        self.send({"op": "pty-started"})
+        try:
+            self._relay_pty(pid, fd)
+        finally:
+            os.close(fd)
+            _, status = os.waitpid(pid, 0)
+        self.send({"op": "pty-exit", "code": os.waitstatus_to_exitcode(status)})
+
+    def _relay_pty(self, pid: int, fd: int) -> None:
+        sock = self.sock.fileno()
+        while True:
+            ready = [sock] if self.pending else select.select([sock, fd], [], [])[0]
+            if fd in ready:
+                try:
+                    out = os.read(fd, 65536)
+                except OSError:  # EIO: the program's side of the terminal is closed
+                    out = b""
+                if not out:
+                    return
+                self.send({"op": "pty-out"}, out)
+            if sock not in ready:
+                continue
+            if not self.pending and not self.read_frames():
+                os.kill(pid, signal.SIGKILL)
+                return
+            while self.pending:
+                _, obj, data = self.pending[0]
+                if obj["op"] == "pty-in":
+                    write_all(fd, data)
+                elif obj["op"] == "pty-resize":
+                    _set_winsize(fd, obj)
+                else:  # anything else ends the session first (e.g. close)
+                    os.kill(pid, signal.SIGKILL)
+                    return
+                self.pending.popleft()
 
     def _preexec(self) -> Optional[Callable[[], None]]:
         root = self.root

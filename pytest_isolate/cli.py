@@ -1026,8 +1026,7 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
     config.check_env_names([args.env], "shell", specs)
     spec = specs[args.env]
     if spec.backend != "chroot":
-        raise UsageError(f"shell: not supported for backend {spec.backend!r} yet (environment "
-                         f"{spec.name!r}); only chroot environments have a debugging shell")
+        return shell_through_agent(args, project, spec)
     from pytest_isolate.backends.chroot import ChrootBackend
 
     root, where = cache_location(args, project)
@@ -1087,6 +1086,52 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
             signal.signal(sig, handler)
         shutil.rmtree(base, ignore_errors=True)
     return code if code >= 0 else 128 - code
+
+
+def shell_through_agent(args: argparse.Namespace, project: Project, spec: Any) -> int:
+    """shell for any backend: a fresh instance, a terminal relayed over the agent protocol."""
+    import importlib
+    import shutil
+
+    from pytest_isolate.backends import BUILTIN_BACKENDS
+    from pytest_isolate.backends.base import RunContext
+    from pytest_isolate.environment import Environment
+
+    ref = BUILTIN_BACKENDS.get(spec.backend)
+    if ref is None:
+        raise UsageError(f"shell: backend {spec.backend!r} of environment {spec.name!r} is not "
+                         "a built-in one; use its own tools")
+    module, _, attr = ref.partition(":")
+    backend_class = getattr(importlib.import_module(module), attr)
+    root, where = cache_location(args, project)
+    cache = open_cache(root, where)
+    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-shell"
+    base = cache.root / "runs" / run_id
+
+    def progress(message: str) -> None:
+        try:
+            sys.stderr.write(f"{PROG}: {message}\n")
+            sys.stderr.flush()
+        except OSError:
+            pass
+
+    ctx = RunContext(run_id=run_id, rootdir=project.rootdir, cache=cache, log_dir=base / "logs",
+                     work_dir=base / "work", progress=progress)
+    backend = backend_class(ctx)
+    backend.check(spec)
+    instance = backend.start(spec, backend.provision(spec))
+    try:
+        env = Environment(instance)
+        if sys.stdin.isatty():
+            progress(f"shell in a fresh {spec.describe()}; changes are discarded on exit")
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        try:
+            return env.shell(list(args.argv) or None, cwd=str(project.rootdir))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    finally:
+        instance.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------
@@ -1167,8 +1212,8 @@ def build_parser() -> Parser:
                                    "provisioning it first if needed; the project directory is "
                                    "mounted at the same path and is the working directory, the "
                                    "host's pytest is importable. Writes are discarded on exit. "
-                                   "The exit status is the shell's. chroot environments only "
-                                   "for now.")
+                                   "The exit status is the shell's. Every backend: chroot "
+                                   "runs the shell directly, the others through the agent.")
     p.add_argument("env", metavar="ENV", help="environment name (see `pytest-isolate envs`)")
     p.add_argument("argv", nargs="*", metavar="COMMAND",
                    help="run this command instead of a shell; put it after `--` when it has "

@@ -197,6 +197,17 @@ class Environment:
         """Go back to the state saved by snapshot(name)."""
         self._call({"op": "restore", "name": name})
 
+    def shell(self, argv: Sequence[str] | None = None, cwd: str | None = None) -> int:
+        """An interactive program (a shell by default) inside, on this process's terminal.
+
+        For debugging: ``pytest -s`` and ``chroot.shell()`` in a test.  Returns its status.
+        """
+        from pytest_isolate.interactive import interact
+
+        if self.closed:
+            raise IsolateError(f"environment {self.name!r} is closed")
+        return interact(self._conn, self._ch, list(argv) if argv else None, cwd=cwd)
+
     def logs(self) -> str:
         """The environment's logs (provisioning, agent), newest lines last."""
         parts = []

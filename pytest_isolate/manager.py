@@ -7,8 +7,12 @@ feeds the rebuilt reports to the host's reporting hooks.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +54,16 @@ class Worker:
         self.scope = scope
 
 
+@dataclasses.dataclass
+class KeptWorker:
+    """The worker of a failed test, kept alive by --isolate-keep-failed."""
+
+    env: str
+    instance: Instance
+    ch: int
+    nodeid: str
+
+
 class IsolateManager:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -62,6 +76,8 @@ class IsolateManager:
         #: bad @pytest.mark.isolate markers, raised as one UsageError once collection is done
         #: (a UsageError raised while a module is collected becomes a collection error, exit 2)
         self.marker_errors: list[str] = []
+        self.keep_failed = bool(config.getoption("isolate_keep_failed"))
+        self.kept: list[KeptWorker] = []
         #: releases of the shared locks on the cache entries this run uses
         self.holds: dict[str, Callable[[], None]] = {}
         worker = os.environ.get("PYTEST_XDIST_WORKER", "")
@@ -323,6 +339,8 @@ class IsolateManager:
         return True
 
     def pytest_sessionfinish(self) -> None:
+        if self.kept:
+            self.enter_kept()
         for name in list(self.instances):
             self.drop(name)
         for release in self.holds.values():
@@ -335,6 +353,30 @@ class IsolateManager:
         elif path:
             self.report.write(Path(path))
         self._prune_runs()
+
+    def enter_kept(self) -> None:
+        """--isolate-keep-failed: a shell in each failed test's environment, as it left it."""
+        from pytest_isolate.interactive import interact
+
+        kept, self.kept = self.kept, []
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        interactive = sys.stdin.isatty() and os.environ.get("PYTEST_XDIST_WORKER") is None
+        for k in kept:
+            if not k.instance.alive():
+                continue
+            if not interactive:
+                self.progress(f"--isolate-keep-failed: {k.nodeid} failed in {k.env!r}; a shell "
+                              "into it needs a terminal (and no xdist): rerun that test alone, "
+                              "e.g. pytest --isolate-keep-failed " + shlex.quote(k.nodeid))
+                continue
+            self.progress(f"{k.nodeid} failed in {k.env!r}: a shell in its environment as the "
+                          "test left it (cwd = rootdir); exit the shell to go on")
+            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                try:
+                    interact(k.instance.conn, k.ch, cwd=str(self.config.rootpath))
+                except IsolateError as exc:
+                    self.progress(f"the shell ended: {exc}")
+        self.progress("kept environments closed")
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -500,6 +542,10 @@ class ItemRun:
             tail = log_tail(inst.logs.get("agent"))
             self.synthesize(f"test worker inside environment {self.env!r} ended: {exit_reason}"
                             f"\n--- environment log tail ---\n{tail}")
+        elif self.outcome == "failed" and self.m.keep_failed:
+            # keep the worker (its root as the test left it) for a shell after the run
+            self.m.workers.pop(self.env, None)
+            self.m.kept.append(KeptWorker(self.env, inst, worker.ch, self.item.nodeid))
         elif nxt is None:
             with self.timer.phase("reset"):
                 self.close_worker(inst, worker)

@@ -39,6 +39,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="per-test time limit inside an environment (default 300)")
     group.addoption("--isolate-reset", choices=("test", "module", "session"), default=None,
                     help="how often the environment is reset to its provisioned state")
+    group.addoption("--isolate-keep-failed", action="store_true", default=False,
+                    help="keep the environment of each failed test and, at the end of the "
+                    "run, open a shell in it as the test left it (needs a terminal)")
     group.addoption("--isolate-report", metavar="PATH", default=None,
                     help="write a JSON report of environments, cache hits and phase timings")
     parser.addini("isolate_cache_dir", "cache directory of pytest-isolate", default=None)

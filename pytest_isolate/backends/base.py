@@ -130,6 +130,46 @@ def environment_variables(spec: EnvSpec, pycache: bool = False) -> dict[str, str
     return env
 
 
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """A host path made visible inside an environment."""
+
+    src: str
+    dst: str
+    readonly: bool
+
+
+def standard_mounts(run: RunContext, spec: EnvSpec, image: Entry,
+                    pycache: bool = True) -> list[Mount]:
+    """What every environment sees: the rootdir at its own path (read-only unless the spec
+    says otherwise), the host's pytest at /.isolate/site, and, where the backend can share
+    a writable host directory, the bytecode cache."""
+    rootdir = str(run.rootdir)
+    mounts = [Mount(rootdir, rootdir, not spec.rootdir_writable)]
+    mounts += [Mount(src, dst, True) for src, dst in shipped_paths()]
+    if pycache:
+        mounts.append(Mount(str(pycache_dir(run, image)), PYCACHE, False))
+    return mounts
+
+
+def agent_settings(run: RunContext, mounts: list[Mount],
+                   lower: str = "/.isolate/lower") -> dict[str, Any]:
+    """The agent's settings: per-test overlays over `lower`, the mounts re-bound in each."""
+    return {"isolation": "overlay", "lower": lower, "site": SITE,
+            "binds": [m.dst for m in mounts], "cwd": str(run.rootdir)}
+
+
+def handshake_or_stop(instance: Instance, settings: dict[str, Any],
+                      timeout: float = 60.0) -> Instance:
+    """Complete the agent's handshake (longer under qemu-user); stop the instance if it fails."""
+    try:
+        instance.handshake(settings, timeout * (10 if instance.spec.foreign else 1))
+    except BaseException:
+        instance.stop()
+        raise
+    return instance
+
+
 class Transport(Protocol):
     """How a backend reaches its agent: a Connection, and a way to tell and end its life."""
 

@@ -13,14 +13,13 @@ import shutil
 import uuid
 
 from pytest_isolate.backends.base import (
-    PYCACHE,
-    SITE,
     Backend,
     Instance,
     agent_command,
+    agent_settings,
     environment_variables,
-    pycache_dir,
-    shipped_paths,
+    handshake_or_stop,
+    standard_mounts,
 )
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
@@ -32,8 +31,6 @@ from pytest_isolate.namespaces import (
     launcher_argv,
 )
 from pytest_isolate.spec import EnvSpec
-
-START_TIMEOUT = 60.0
 
 
 class ChrootBackend(Backend):
@@ -53,18 +50,14 @@ class ChrootBackend(Backend):
                                 self.run.rootdir, self.run.progress)
 
     def start(self, spec: EnvSpec, image: Entry) -> Instance:
-        rootdir = str(self.run.rootdir)
         workdir = self.run.work_dir / f"{spec.name}-{uuid.uuid4().hex[:8]}"
         workdir.mkdir(parents=True)
-        shipped = shipped_paths()
-        binds = [[rootdir, rootdir, not spec.rootdir_writable]]
-        binds += [[src, dst, True] for src, dst in shipped]
-        binds.append([str(pycache_dir(self.run, image)), PYCACHE, False])
+        mounts = standard_mounts(self.run, spec, image)
         cfg = {
             "rootfs": str(image.data), "workdir": str(workdir), "mode": "overlay",
-            "binds": binds, "network": spec.network, "hostname": f"isolate-{spec.name}"[:63],
-            "argv": agent_command(spec), "env": environment_variables(spec, pycache=True),
-            "cwd": rootdir,
+            "binds": [[m.src, m.dst, m.readonly] for m in mounts], "network": spec.network,
+            "hostname": f"isolate-{spec.name}"[:63], "argv": agent_command(spec),
+            "env": environment_variables(spec, pycache=True), "cwd": str(self.run.rootdir),
         }
         log = self.run.log_path(spec.name, "agent.log")
         process = AgentProcess(launcher_argv(cfg), log, f"environment {spec.name!r}")
@@ -73,13 +66,4 @@ class ChrootBackend(Backend):
             shutil.rmtree(workdir, ignore_errors=True)
 
         instance = Instance(spec, process, {"agent": log, "provision": image.log}, cleanup)
-        try:
-            instance.handshake(
-                {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
-                 "binds": [rootdir, PYCACHE] + [dst for _, dst in shipped], "cwd": rootdir},
-                timeout=START_TIMEOUT * (10 if spec.foreign else 1),
-            )
-        except BaseException:
-            instance.stop()
-            raise
-        return instance
+        return handshake_or_stop(instance, agent_settings(self.run, mounts))

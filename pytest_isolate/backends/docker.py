@@ -79,12 +79,13 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.backends.base import (
-    SITE,
     Backend,
     Instance,
     agent_command,
+    agent_settings,
     environment_variables,
-    shipped_paths,
+    handshake_or_stop,
+    standard_mounts,
 )
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
@@ -719,10 +720,10 @@ class DockerBackend(Backend):
 
     def start(self, spec: EnvSpec, image: Entry) -> Instance:
         rootdir = str(self.run.rootdir)
-        shipped = shipped_paths()
-        binds: list[list[Any]] = [[rootdir, rootdir, not spec.rootdir_writable]]
-        binds += [[src, dst, True] for src, dst in shipped]
         copy = self.transfer(spec) == "copy"
+        # a remote engine cannot bind host paths: no shared bytecode cache there
+        mounts = standard_mounts(self.run, spec, image, pycache=not copy)
+        binds: list[list[Any]] = [[m.src, m.dst, m.readonly] for m in mounts]
         agent_log = self.run.log_path(spec.name, "agent.log")
         container_log = self.run.log_path(spec.name, "container.log")
         provision_log = self.run.log_path(spec.name, "provision.log")
@@ -741,23 +742,16 @@ class DockerBackend(Backend):
                 readonly = [dst for _, dst, ro in binds if ro]
             argv = agent_command(spec)
             argv[-1] = prelude(readonly) + argv[-1]
-            process = ExecAgent(self.client(), container.id, argv, environment_variables(spec),
+            process = ExecAgent(self.client(), container.id, argv,
+                                environment_variables(spec, pycache=not copy),
                                 rootdir, agent_log, f"environment {spec.name!r}")
         except BaseException:
             cleanup()
             raise
         logs = {"agent": agent_log, "container": container_log, "provision": provision_log}
         instance = Instance(spec, process, logs, cleanup)
-        try:
-            instance.handshake(
-                {"isolation": "overlay", "lower": "/", "site": SITE,
-                 "binds": [rootdir] + [dst for _, dst in shipped], "cwd": rootdir},
-                timeout=START_TIMEOUT * (10 if spec.foreign else 1),
-            )
-        except BaseException:
-            instance.stop()
-            raise
-        return instance
+        return handshake_or_stop(instance, agent_settings(self.run, mounts, lower="/"),
+                                 START_TIMEOUT)
 
     def _save_log(self, container: Any, path: Path) -> None:
         try:

@@ -71,13 +71,15 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.backends.base import (
-    SITE,
     Backend,
     Instance,
+    Mount,
     agent_command,
+    agent_settings,
     environment_variables,
+    handshake_or_stop,
     need_tool,
-    shipped_paths,
+    standard_mounts,
 )
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
@@ -258,8 +260,8 @@ class LxcBackend(Backend):
             self.run.progress(f"lxc: removed container {name} left by an interrupted run")
         return names
 
-    def config_text(self, spec: EnvSpec, rootfs: Path, cdir: Path, log: Path) -> str:
-        rootdir = str(self.run.rootdir)
+    def config_text(self, spec: EnvSpec, rootfs: Path, cdir: Path, log: Path,
+                    mounts: list[Mount]) -> str:
         lines = [
             "# written by pytest-isolate; see pytest_isolate/backends/lxc.py",
             f"lxc.uts.name = {f'isolate-{safe_name(spec.name)}'[:63]}",
@@ -294,9 +296,8 @@ class LxcBackend(Backend):
         lines.append("lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,create=dir 0 0")
         lines.append(entry(str(rootfs), "/.isolate/lower", True))
         lines.append("lxc.mount.entry = tmpfs .isolate/ws tmpfs rw,mode=755,create=dir 0 0")
-        lines.append(entry(rootdir, rootdir, not spec.rootdir_writable))
-        for src, dst in shipped_paths():
-            lines.append(entry(src, dst, True))
+        for m in mounts:
+            lines.append(entry(m.src, m.dst, m.readonly))
         if spec.network and os.path.exists("/etc/resolv.conf"):
             lines.append(entry("/etc/resolv.conf", "/etc/resolv.conf", True))
         return "\n".join(lines) + "\n"
@@ -311,6 +312,7 @@ class LxcBackend(Backend):
             self._reaped = True
             self.reap()
         self._count += 1
+        mounts = standard_mounts(self.run, spec, image)
         name = f"{PREFIX}{safe_name(self.run.run_id)}-{safe_name(spec.name)}-{self._count}"
         lxcpath = self.lxcpath
         cdir = lxcpath / name
@@ -330,7 +332,8 @@ class LxcBackend(Backend):
             destroy_container(name, lxcpath)
 
         try:
-            (cdir / "config").write_text(self.config_text(spec, image.data, cdir, lxc_log))
+            (cdir / "config").write_text(
+                self.config_text(spec, image.data, cdir, lxc_log, mounts))
             proc = _run(["lxc-start", "-n", name, "-P", str(lxcpath), "-d",
                          "-o", str(lxc_log), "-l", "NOTICE"], timeout=START_TIMEOUT)
             if proc.returncode != 0:
@@ -339,7 +342,7 @@ class LxcBackend(Backend):
                     f"(status {proc.returncode}): {(proc.stderr or proc.stdout).strip()}\n"
                     f"lxc log: {lxc_log}")
             env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
-                   **environment_variables(spec)}
+                   **environment_variables(spec, pycache=True)}
             argv = ["lxc-attach", "-n", name, "-P", str(lxcpath), "--clear-env",
                     "-o", str(lxc_log), "-l", "WARN", "--",
                     "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
@@ -350,16 +353,7 @@ class LxcBackend(Backend):
             raise
         instance = Instance(spec, process, {"agent": agent_log, "lxc": lxc_log,
                                             "provision": image.log}, cleanup)
-        try:
-            instance.handshake(
-                {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
-                 "binds": [rootdir] + [dst for _, dst in shipped_paths()], "cwd": rootdir},
-                timeout=START_TIMEOUT * (10 if spec.foreign else 1),
-            )
-        except BaseException:
-            instance.stop()
-            raise
-        return instance
+        return handshake_or_stop(instance, agent_settings(self.run, mounts), START_TIMEOUT)
 
 
 def wait_gone(name: str, lxcpath: Path, timeout: float = 5.0) -> bool:

@@ -4,25 +4,33 @@ Boot chain (no systemd, no udev, no bootloader)::
 
     qemu -kernel vmlinuz -initrd (cached initramfs + per-instance config)
       /init (busybox): load the virtio modules, mount the root disk read-only
-      under a tmpfs overlay, mount the project and shipped-package disks
-      read-only, switch_root, exec ``python3 -u -c BOOTSTRAP`` on a virtio-serial port
+      under a tmpfs overlay, mount the shipped-packages disk read-only,
+      switch_root, exec ``python3 -u -c BOOTSTRAP`` on a virtio-serial port
 
 The kernel is Debian's cloud kernel, installed into the environment's root
 filesystem (so it is cached with it and matches its modules).  The root
-filesystem becomes a cached raw ext4 image attached read-only; the guest's
-writes go to a tmpfs, per-test state is the agent's overlay business as in
-every backend.  The host talks to the agent through a unix socket that QEMU
-connects to the virtio-serial port; QMP (another unix socket) is used to wait
-for the port to open, to stop the machine and to save/restore its state.
+filesystem becomes a cached raw ext4 image attached read-only (the guest
+cannot write it; its writes go to a tmpfs, and per-test state is the agent's
+overlay business as in every backend).  The shipped pytest packages are a
+second cached ext4 image.  The project tree is sent over the agent's channel
+as a tar once the agent runs and unpacked into a read-only tmpfs at its host
+path; the same step sets the guest clock.  The host talks to the agent through
+a unix socket that QEMU connects to the virtio-serial port; QMP (another unix
+socket) is used to wait for the port to open, to stop the machine and to
+save/restore its state.
 
 Hardware acceleration is used only after a bounded probe boot shows it works
 (a paravirtual /dev/kvm can hang stock guests); otherwise TCG.  A foreign
 architecture (arm64 on x86_64) always runs under TCG.
 
-Snapshots: the first boot of an environment saves the machine's state at the
-moment /init waits for the per-run project disk (QMP migrate to a file in the
-cache); later starts restore it with ``-incoming`` and hot-plug the project
-disk instead of booting the kernel again.
+Saved states: the first boot of an environment saves the machine (QMP migrate
+to a file descriptor, into the cache as kind "vmstate") once the agent runs
+and before anything run-specific reached it; later starts restore it with
+``-incoming`` and go straight to the handshake.  A state that does not restore
+or whose agent does not answer is dropped and the machine booted.  Options:
+``vm_snapshot = false`` turns this off; ``vm_driver = "libvirt"`` starts a
+transient libvirt domain instead (no saved states); ``accel``, ``cpu``,
+``memory``, ``cpus``, ``boot_timeout``.
 """
 
 from __future__ import annotations
@@ -698,6 +706,34 @@ class QemuBackend(Backend):
                 "(building it needs: apt-get install libvirt-dev pkg-config)") from None
         return libvirt
 
+    def _libvirt_connect(self, libvirt: Any, uri: str, timeout: float = 15.0) -> Any:
+        """libvirt.open(uri) and a capabilities query, bounded in time.
+
+        libvirt calls cannot time out by themselves, and a libvirtd whose QEMU
+        capability probe hangs (a paravirtual /dev/kvm does that) would hang us.
+        """
+        result: dict[str, Any] = {}
+
+        def connect() -> None:
+            try:
+                c = libvirt.open(uri)
+                c.getCapabilities()
+                result["conn"] = c
+            except Exception as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=connect, daemon=True, name="libvirt-connect")
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise BackendUnavailable(self.name, f"libvirt at {uri} did not answer in {timeout:.0f}s "
+                                     "(is its QEMU capability probe stuck on /dev/kvm?)",
+                                     "use the default vm_driver 'qemu'")
+        if "error" in result:
+            raise BackendUnavailable(self.name, f"cannot connect to libvirt at {uri}: "
+                                     f"{result['error']}", "start it with: libvirtd -d")
+        return result["conn"]
+
     def _start_libvirt(self, spec: EnvSpec, image: Entry) -> Instance:
         """A transient libvirt domain with the same kernel, initramfs, disks and port.
 
@@ -734,11 +770,7 @@ class QemuBackend(Backend):
             shutil.rmtree(tmp, ignore_errors=True)
 
         try:
-            try:
-                conn = libvirt.open(uri)
-            except libvirt.libvirtError as exc:
-                raise BackendUnavailable(self.name, f"cannot connect to libvirt at {uri}: {exc}",
-                                         "start it with: libvirtd -d") from None
+            conn = self._libvirt_connect(libvirt, uri)
             files = self.files(image.data)
             initrd = tmp / "initrd.img"
             self.write_initrd(files.initramfs, initrd, spec, agent_command(spec))

@@ -69,13 +69,18 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.backends.base import (
+    PYCACHE,
     SITE,
     Backend,
     Instance,
     agent_command,
+    agent_settings,
     environment_variables,
+    handshake_or_stop,
     need_tool,
+    pycache_dir,
     shipped_paths,
+    standard_mounts,
 )
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
@@ -311,7 +316,8 @@ class SchrootBackend(Backend):
                 shutil.copy2(src, local)
         return site, binds
 
-    def _write_definition(self, spec: EnvSpec, name: str, rootfs: Path, workdir: Path) -> None:
+    def _write_definition(self, spec: EnvSpec, name: str, rootfs: Path, workdir: Path,
+                          pycache: Path) -> None:
         rootdir = str(self.run.rootdir)
         site, site_binds = self._stage(workdir)
         ro_rootdir = "rw" if spec.rootdir_writable else "ro"
@@ -325,6 +331,7 @@ class SchrootBackend(Backend):
             "tmpfs /.isolate/ws tmpfs rw,mode=755 0 0",
             f"{fstab_path(rootdir)} {fstab_path(rootdir)} none {ro_rootdir},bind 0 0",
             f"{fstab_path(str(site))} {SITE} none ro,bind 0 0",
+            f"{fstab_path(str(pycache))} {PYCACHE} none rw,bind 0 0",
         ]
         fstab += [f"{fstab_path(src)} {fstab_path(dst)} none ro,bind 0 0"
                   for src, dst in site_binds]
@@ -380,7 +387,8 @@ class SchrootBackend(Backend):
             remove_definition(name, str(workdir))
 
         try:
-            self._write_definition(spec, name, image.data, workdir)
+            self._write_definition(spec, name, image.data, workdir,
+                                   pycache_dir(self.run, image))
             sessions.append(session)  # a failed begin can leave a session record behind
             begin = _run(["schroot", "-b", "-c", name, "-n", session], timeout=START_TIMEOUT)
             with open(log, "a") as f:
@@ -396,7 +404,7 @@ class SchrootBackend(Backend):
                 raise IsolateError(f"schroot --location of session {session} failed: "
                                    f"{where.stderr.strip()}")
             env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
-                   **environment_variables(spec)}
+                   **environment_variables(spec, pycache=True)}
             namespaces = ["--fork", "--pid", "--mount", "--uts", "--ipc", "--kill-child",
                           f"--mount-proc={location}/proc"]
             if not spec.network:
@@ -413,16 +421,8 @@ class SchrootBackend(Backend):
             raise
         instance = Instance(spec, process, {"agent": agent_log, "schroot": log,
                                             "provision": image.log}, cleanup)
-        try:
-            instance.handshake(
-                {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
-                 "binds": [rootdir] + [dst for _, dst in shipped_paths()], "cwd": rootdir},
-                timeout=START_TIMEOUT * (10 if spec.foreign else 1),
-            )
-        except BaseException:
-            instance.stop()
-            raise
-        return instance
+        mounts = standard_mounts(self.run, spec, image)  # what the fstab above binds
+        return handshake_or_stop(instance, agent_settings(self.run, mounts), START_TIMEOUT)
 
 
 def wait_no_session(prefix: str, timeout: float = 10.0) -> bool:

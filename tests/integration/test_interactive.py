@@ -1,0 +1,89 @@
+"""Interactive use, driven through a real pseudo-terminal: --isolate-keep-failed and `shell`."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def on_terminal(argv: list[str], cwd: Path, wait_for: bytes, keys: bytes,
+                timeout: float = 300) -> tuple[int, bytes]:
+    """Run argv on a new terminal; type keys once wait_for appears; its status and output."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.chdir(cwd)
+        os.execvp(argv[0], argv)
+    out = b""
+    typed = False
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if fd in select.select([fd], [], [], 0.5)[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # EIO: the program ended
+                    break
+                if not data:
+                    break
+                out += data
+                if not typed and wait_for in out:
+                    os.write(fd, keys)
+                    typed = True
+        else:
+            os.kill(pid, 9)
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out
+
+
+def test_keep_failed_opens_a_shell_where_the_test_failed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_keep="""
+        import pytest
+        @pytest.mark.isolate("chroot")
+        def test_breaks():
+            with open("/etc/left-behind", "w") as f:
+                f.write("state-of-the-failed-test")
+            assert False
+        @pytest.mark.isolate("chroot")
+        def test_fine():
+            pass
+    """)
+    code, out = on_terminal(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--isolate-keep-failed"],
+        pytester.path, b"exit the shell to go on", b"cat /etc/left-behind; echo; exit\n")
+    text = out.decode(errors="replace")
+    assert "state-of-the-failed-test" in text, text[-3000:]
+    assert "kept environments closed" in text
+    assert "1 failed, 1 passed" in text
+    assert code == 1
+
+
+def test_keep_failed_without_a_terminal_says_how(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_keep="""
+        import pytest
+        @pytest.mark.isolate("chroot")
+        def test_breaks():
+            assert False
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--isolate-keep-failed")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*a shell into it needs a terminal*"])
+
+
+@pytest.mark.parametrize("env", ["chroot", "docker", "lxc", "schroot"])
+def test_shell_in_every_backend(pytester: pytest.Pytester, env: str) -> None:
+    code, out = on_terminal([sys.executable, "-m", "pytest_isolate", "shell", env],
+                            pytester.path, b"changes are discarded on exit",
+                            b"echo in-$(hostname) $PWD; exit 4\n")
+    text = out.decode(errors="replace")
+    assert f"in-isolate-{env} {pytester.path}" in text, text[-2000:]
+    assert code == 4
