@@ -80,35 +80,52 @@ class FrameDecoder:
         self._buf = bytearray()
         self.max_json = max_json
         self.max_blob = max_blob
+        self._error: Optional[ProtocolError] = None
 
     def pending(self) -> int:
         return len(self._buf)
 
     def feed(self, data: bytes) -> List[Frame]:
+        """The complete frames in the stream so far.  Bad bytes raise ProtocolError, but
+        only after the good frames before them were returned (on the next call)."""
+        if self._error is not None:
+            raise self._error
         self._buf += data
         frames: List[Frame] = []
         while len(self._buf) >= HEADER.size:
-            magic, ch, jlen, blen = HEADER.unpack_from(self._buf)
-            if magic != MAGIC:
-                raise ProtocolError("bad frame magic %r" % bytes(magic))
-            if jlen > self.max_json or blen > self.max_blob:
-                raise ProtocolError(
-                    "oversized frame (json %d bytes, blob %d bytes; limits %d, %d)"
-                    % (jlen, blen, self.max_json, self.max_blob)
-                )
-            end = HEADER.size + jlen + blen
-            if len(self._buf) < end:
-                break
             try:
-                obj = json.loads(bytes(self._buf[HEADER.size : HEADER.size + jlen]))
-            except ValueError as exc:
-                raise ProtocolError("malformed JSON in frame: %s" % exc) from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
-                raise ProtocolError("frame is not an object with an 'op'")
-            blob = bytes(self._buf[HEADER.size + jlen : end])
-            del self._buf[:end]
-            frames.append((ch, obj, blob))
+                frame = self._next()
+            except ProtocolError as exc:
+                if not frames:
+                    raise
+                self._error = exc
+                break
+            if frame is None:
+                break
+            frames.append(frame)
         return frames
+
+    def _next(self) -> Optional[Frame]:
+        magic, ch, jlen, blen = HEADER.unpack_from(self._buf)
+        if magic != MAGIC:
+            raise ProtocolError("bad frame magic %r" % bytes(magic))
+        if jlen > self.max_json or blen > self.max_blob:
+            raise ProtocolError(
+                "oversized frame (json %d bytes, blob %d bytes; limits %d, %d)"
+                % (jlen, blen, self.max_json, self.max_blob)
+            )
+        end = HEADER.size + jlen + blen
+        if len(self._buf) < end:
+            return None
+        try:
+            obj = json.loads(bytes(self._buf[HEADER.size : HEADER.size + jlen]))
+        except ValueError as exc:
+            raise ProtocolError("malformed JSON in frame: %s" % exc) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
+            raise ProtocolError("frame is not an object with an 'op'")
+        blob = bytes(self._buf[HEADER.size + jlen : end])
+        del self._buf[:end]
+        return (ch, obj, blob)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -344,6 +361,7 @@ def launch(cfg: Dict[str, Any]) -> None:
         os._exit(code if code >= 0 else 128 - code)
     try:
         set_pdeathsig()
+        os.setsid()  # the environment shares no process group with the host's launcher
         _enter_root(cfg)
     except BaseException as exc:  # reported on the launcher's stderr (the env's log)
         sys.stderr.write("pytest-isolate launcher: %s: %s\n" % (type(exc).__name__, exc))
@@ -672,6 +690,9 @@ class Agent:
         if pid == 0:
             code = 70
             try:
+                # a session of its own: a test's kill(0, sig) or killpg(getpgrp(), sig)
+                # reaches its worker only, never the agent or the host-side launcher
+                os.setsid()
                 a.close()
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)

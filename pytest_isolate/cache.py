@@ -146,6 +146,12 @@ class Cache:
             entry = self.lookup(kind, key)
             if entry is not None:
                 return entry
+            # holding the key's lock, any build directory of the key is a killed run's
+            for stale in (self.root / "tmp").glob(f"{kind}-{key}.*"):
+                try:
+                    _force_rmtree(stale)
+                except (OSError, IsolateError):
+                    pass  # something is mounted below it: `cache gc` reports it
             final = self.entry_path(kind, key)
             if final.exists():  # a corrupt or foreign directory: never used, replaced
                 _force_rmtree(final)

@@ -154,6 +154,9 @@ class IsolateManager:
     def cache(self) -> Cache:
         if self._cache is None:
             self._cache = Cache(self.cache_root, where=self.cache_where)
+            # build directories of killed runs: nobody holds their key's lock any more
+            # (a live build does, and is skipped); mounted ones are refused and kept
+            self._cache.clean_tmp()
         return self._cache
 
     def run_context(self) -> RunContext:
@@ -407,14 +410,26 @@ class IsolateManager:
         runs = self.cache.root / "runs"
         if not runs.is_dir():
             return
-        for old in sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)[:-keep]:
-            parts = old.name.split("-")  # YYYYmmdd-HHMMSS-PID[-gwN]
-            if len(parts) >= 3 and parts[2].isdigit() and os.path.exists(f"/proc/{parts[2]}"):
+        def finished(run: Path) -> bool:
+            parts = run.name.split("-")  # YYYYmmdd-HHMMSS-PID[-gwN]
+            return not (len(parts) >= 3 and parts[2].isdigit()
+                        and os.path.exists(f"/proc/{parts[2]}"))
+
+        ordered = sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)
+        for old in ordered[:-keep]:
+            if not finished(old):
                 continue
             try:
                 _force_rmtree(old)
             except (OSError, IsolateError):
                 pass  # `python -m pytest_isolate cache gc` reports what it cannot remove
+        for old in ordered[-keep:]:
+            # a killed run's work directory (launcher mount points, lxcpath): its logs stay
+            if old.name != self.run_id and finished(old) and (old / "work").exists():
+                try:
+                    _force_rmtree(old / "work")
+                except (OSError, IsolateError):
+                    pass
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.report.envs:
@@ -477,7 +492,11 @@ class ItemRun:
                 self.skip(str(exc))
         except (AgentLost, AgentTimeout) as exc:
             lost = self.m.instances.get(self.env)
-            tail = log_tail(lost.logs.get("agent")) if lost is not None else ""
+            # an environment that died while starting never was in instances: its log is
+            # still where the backend wrote it
+            agent_log = (lost.logs.get("agent") if lost is not None
+                         else self.m.run_context().log_dir / self.env / "agent.log")
+            tail = log_tail(agent_log)
             self.m.drop(self.env)
             self.crash(f"{exc}\n--- environment log tail ---\n{tail}")
         except (IsolateError, OSError) as exc:

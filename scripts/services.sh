@@ -33,12 +33,20 @@ if ! docker info >/dev/null 2>&1; then
   wait_for 60 docker info
 fi
 
-if ! virsh -c qemu:///system version >/dev/null 2>&1; then
-  if have_systemd; then
+# libvirtd probes QEMU with accel=kvm:tcg; where /dev/kvm exists but cannot run guests (no
+# vmx/svm flag: a paravirtual KVM), that probe hangs.  There, libvirtd gets a private mount
+# namespace in which /dev/kvm is /dev/null, so it settles on TCG.
+kvm_usable() { grep -qE '\b(vmx|svm)\b' /proc/cpuinfo; }
+if ! timeout 10 virsh -c qemu:///system version >/dev/null 2>&1; then
+  pkill -x libvirtd 2>/dev/null || true
+  if have_systemd && kvm_usable; then
     systemctl start libvirtd
+  elif [ -e /dev/kvm ] && ! kvm_usable; then
+    unshare -m --propagation private sh -c 'mount --bind /dev/null /dev/kvm && exec libvirtd -d'
   else
     libvirtd -d
   fi
-  wait_for 30 virsh -c qemu:///system version
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  wait_for 30 timeout 10 virsh -c qemu:///system version
 fi
 echo "services.sh: binfmt, docker and libvirtd are up"

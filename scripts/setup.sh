@@ -31,7 +31,7 @@ fi
 echo "==> virtualenv (.venv, from the system's python3)"
 if [ ! -x .venv/bin/python ]; then /usr/bin/python3 -m venv .venv; fi
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[dev,docker]'
+.venv/bin/pip install -q -e '.[dev,docker,libvirt]'
 
 if [ "${ISOLATE_SKIP_EXAMPLES:-0}" != 1 ]; then
   echo "==> example suite (skip with ISOLATE_SKIP_EXAMPLES=1)"

@@ -8,4 +8,5 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "docker": "pytest_isolate.backends.docker:DockerBackend",
     "lxc": "pytest_isolate.backends.lxc:LxcBackend",
     "schroot": "pytest_isolate.backends.schroot:SchrootBackend",
+    "qemu": "pytest_isolate.backends.qemu:QemuBackend",
 }

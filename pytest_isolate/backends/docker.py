@@ -211,8 +211,23 @@ def owner_gone(labels: dict[str, str]) -> bool:
     return not start or start != labels.get(f"{LABEL}.pidstart", start)
 
 
+def engine_endpoint() -> str:
+    """Where the client looks for the engine (DOCKER_HOST, else the CLI's current context)."""
+    if os.environ.get("DOCKER_HOST"):
+        return os.environ["DOCKER_HOST"]
+    try:
+        from docker.context import ContextAPI
+
+        ctx = ContextAPI.get_current_context()
+        host = getattr(ctx, "Host", None) if ctx is not None else None
+    except Exception:
+        host = None
+    return str(host or "unix:///var/run/docker.sock")
+
+
 def engine_error(exc: BaseException) -> BackendUnavailable:
-    return BackendUnavailable("docker", f"the docker engine does not answer ({exc})", START_ENGINE)
+    return BackendUnavailable("docker", f"the docker engine does not answer at {engine_endpoint()} "
+                              f"({exc})", START_ENGINE)
 
 
 class ExecAgent:

@@ -22,6 +22,13 @@ from pytest_isolate.errors import ProvisionError
 from pytest_isolate.spec import EnvSpec
 
 
+def _die_with_parent() -> None:
+    """In the builder: SIGKILL when the pytest that started it dies (even by SIGKILL)."""
+    from pytest_isolate.agent import set_pdeathsig
+
+    set_pdeathsig()
+
+
 def run_logged(argv: list[str], log_path: Path, progress: Any, label: str,
                timeout: float = 3600.0) -> None:
     """Run argv, appending its output to log_path and reporting progress every few seconds."""
@@ -31,7 +38,8 @@ def run_logged(argv: list[str], log_path: Path, progress: Any, label: str,
         started = time.monotonic()
         try:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         except OSError as exc:
             raise ProvisionError(f"{label}: cannot run {argv[0]}: {exc}") from None
         assert proc.stdout is not None
@@ -105,14 +113,18 @@ def build_rootfs(spec: EnvSpec, dest: Path, log_path: Path, rootdir: Path,
         if is_root:
             # mmdebstrap mounts /proc, /sys and /dev into the target while it works: in a
             # private mount namespace those mounts die with it, whatever happens.
-            argv = ["unshare", "--mount", "--propagation", "private", "--", *argv]
+            # --pid --kill-child: when unshare dies (parent-death signal), mmdebstrap and
+            # every apt/dpkg below it die with their PID namespace
+            argv = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+                    "--kill-child", "--", *argv]
         run_logged(argv, log_path, progress, label)
         if not is_root:
             extract_rootfs(target, dest)
             target.unlink()
         builder = "mmdebstrap"
     else:
-        argv = ["unshare", "--mount", "--propagation", "private", "--",
+        argv = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+                "--kill-child", "--",
                 shutil.which("debootstrap") or "debootstrap", f"--variant={spec.variant}",
                 f"--include={packages}", f"--arch={spec.arch}", spec.release, str(dest), *mirror]
         run_logged(argv, log_path, progress, label)

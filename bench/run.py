@@ -1,0 +1,506 @@
+"""Benchmark pytest-isolate's container backends side by side (issues 2 and 3).
+
+    .venv/bin/python bench/run.py [--backends chroot,docker,lxc,schroot] [--tests 200]
+                                  [--repeats 3] [--naive 20] [--quick] [--no-memory]
+
+One run measures, on a generated throw-away project, with warm caches:
+
+1. time from pytest's start to the first test result, per backend, with its
+   breakdown (interpreter + pytest start, collection, environment start,
+   pytest start-up inside, the first test), next to the same test run locally
+   and a bare ``pytest --co -q``;
+2. the time each further trivial test adds with a clean state per test
+   (reset = "test"): (wall(N) - wall(1)) / (N - 1), minus the same for the
+   tests run locally; plus the steady-state interval between results and the
+   run / reset phase means from ``--isolate-report``;
+3. the naive alternative on the image the docker backend uses: one
+   ``docker run --rm --network none`` per test (``python3 -c pass``, and a
+   pytest of one test), against the docker backend's cost per test;
+4. peak memory of the agent processes per backend.
+
+Each figure is the median over --repeats runs (interleaved across backends).
+The table shows PASS / MISS against the issues' targets; everything measured
+is written to bench/results/latest.json.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+import procmem  # noqa: E402  (bench/ is on sys.path: this script's directory)
+
+from pytest_isolate.backends.base import SITE, shipped_paths  # noqa: E402
+
+BACKENDS = ("chroot", "docker", "lxc", "schroot")
+PYTEST = Path(sys.executable).parent / "pytest"
+CLOCK_PLUGIN = "isolate_bench_clock"
+#: Issue 2: pytest start -> first result with a warm cache.
+FIRST_RESULT_TARGET = {"chroot": 0.3, "docker": 1.0, "lxc": 1.0, "schroot": 1.0}
+#: Issue 3: time added per test with a clean state per test.
+PER_TEST_TARGET_MS = {"chroot": 20.0, "docker": 20.0, "lxc": 20.0, "schroot": 20.0}
+#: Issue 3: a fresh container per test must cost more than this many times our per test.
+NAIVE_RATIO_TARGET = 10.0
+SLEEP = 1.5
+
+
+# ---------------------------------------------------------------- the project
+
+def write_project(root: Path, backends: Sequence[str], n: int) -> None:
+    (root / "pyproject.toml").write_text("[tool.pytest.ini_options]\n")
+
+    def module(env: str | None, count: int, body: str = "pass") -> str:
+        mark = f'@pytest.mark.isolate("{env}")\n' if env else ""
+        tests = "".join(f"\n\n{mark}def test_{i}():\n    {body}\n" for i in range(count))
+        return "import time\n\nimport pytest\n" + tests
+
+    for env in (None, *backends):
+        name = env or "local"
+        (root / f"{name}_one_test.py").write_text(module(env, 1))
+        (root / f"{name}_many_test.py").write_text(module(env, n))
+        (root / f"{name}_sleep_test.py").write_text(module(env, 1, f"time.sleep({SLEEP})"))
+
+
+# ---------------------------------------------------------------- one pytest run
+
+@dataclasses.dataclass
+class Run:
+    argv: list[str]
+    returncode: int
+    wall: float
+    #: seconds after the process was spawned
+    marks: dict[str, float]
+    results: list[float]
+    report: dict[str, Any] | None
+    output: str
+    memory: procmem.MemoryPeak | None = None
+
+    @property
+    def first_result(self) -> float:
+        return self.results[0]
+
+    def problem(self, expected: int) -> str | None:
+        """Why this run does not count, or None."""
+        if self.returncode != 0:
+            return f"pytest exited with {self.returncode}:\n{self.output[-3000:]}"
+        if len(self.results) != expected:
+            return f"{len(self.results)} results, expected {expected}:\n{self.output[-3000:]}"
+        if self.report is not None:
+            bad = [t for t in self.report.get("tests", []) if t["outcome"] != "passed"]
+            if bad:
+                return f"tests did not pass inside: {bad[:3]}\n{self.output[-3000:]}"
+        return None
+
+
+def run_pytest(project: Path, args: Sequence[str], tmp: Path, isolate_report: bool = True,
+               sample_memory: str | None = None) -> Run:
+    """Run the host pytest on args; with sample_memory (a backend name), sample its agents."""
+    clock = tmp / "clock.json"
+    report = tmp / "report.json"
+    for p in (clock, report):
+        p.unlink(missing_ok=True)
+    argv = [str(PYTEST), "-p", "no:cacheprovider", "-p", CLOCK_PLUGIN, "-q", *args]
+    if isolate_report:
+        argv += ["--isolate-report", str(report), "--isolate-strict"]
+    env = dict(os.environ, ISOLATE_BENCH_CLOCK=str(clock),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")])))
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=project, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    memory = None
+    if sample_memory is not None:
+        with procmem.Sampler(proc.pid, docker=sample_memory == "docker") as sampler:
+            out, _ = proc.communicate()
+        memory = sampler.peak
+    else:
+        out, _ = proc.communicate()
+    wall = time.monotonic() - t0
+    marks: dict[str, float] = {}
+    results: list[float] = []
+    if clock.exists():
+        data = json.loads(clock.read_text())
+        marks = {k: v - t0 for k, v in data["marks"].items()}
+        results = [v - t0 for v in data["results"]]
+    rep = json.loads(report.read_text()) if isolate_report and report.exists() else None
+    return Run(argv, proc.returncode, wall, marks, results, rep, out.decode(errors="replace"),
+               memory)
+
+
+def timed(argv: Sequence[str]) -> float:
+    t0 = time.monotonic()
+    proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    elapsed = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:6])}... exited with {proc.returncode}: "
+                           f"{proc.stderr.decode(errors='replace')[-2000:]}")
+    return elapsed
+
+
+# ---------------------------------------------------------------- figures
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def phase_mean(report: dict[str, Any] | None, phase: str) -> float | None:
+    if not report:
+        return None
+    values = [t["phases"].get(phase, 0.0) for t in report.get("tests", [])]
+    return statistics.fmean(values) if values else None
+
+
+@dataclasses.dataclass
+class Samples:
+    """Every measured value of one subject (a backend or "local"), one per repeat."""
+
+    first_result: list[float] = dataclasses.field(default_factory=list)
+    wall_one: list[float] = dataclasses.field(default_factory=list)
+    wall_many: list[float] = dataclasses.field(default_factory=list)
+    startup: list[float] = dataclasses.field(default_factory=list)  # spawn -> configure
+    collect: list[float] = dataclasses.field(default_factory=list)  # configure -> collected
+    env_start: list[float] = dataclasses.field(default_factory=list)
+    sync: list[float] = dataclasses.field(default_factory=list)
+    first_run: list[float] = dataclasses.field(default_factory=list)
+    provision: list[float] = dataclasses.field(default_factory=list)
+    marginal: list[float] = dataclasses.field(default_factory=list)  # (wall(N)-wall(1))/(N-1)
+    steady: list[float] = dataclasses.field(default_factory=list)  # (last - first result)/(N-1)
+    run_mean: list[float] = dataclasses.field(default_factory=list)
+    reset_mean: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, one: Run, many: Run, n: int) -> None:
+        self.first_result.append(one.first_result)
+        self.wall_one.append(one.wall)
+        self.wall_many.append(many.wall)
+        self.startup.append(one.marks.get("configure", 0.0))
+        self.collect.append(one.marks.get("collected", 0.0) - one.marks.get("configure", 0.0))
+        self.marginal.append((many.wall - one.wall) / (n - 1))
+        self.steady.append((many.results[-1] - many.results[0]) / (n - 1))
+        if one.report and one.report.get("tests"):
+            phases = one.report["tests"][0]["phases"]
+            self.provision.append(phases.get("provision", 0.0))
+            self.env_start.append(phases.get("start", 0.0))
+            self.sync.append(phases.get("sync", 0.0))
+            self.first_run.append(phases.get("run", 0.0))
+        for phase, into in (("run", self.run_mean), ("reset", self.reset_mean)):
+            value = phase_mean(many.report, phase)
+            if value is not None:
+                into.append(value)
+
+    def medians(self) -> dict[str, float | None]:
+        return {f.name: median(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def verdict(value: float | None, limit: float, above: bool = False) -> str:
+    if value is None:
+        return "-"
+    ok = value > limit if above else value <= limit
+    return "PASS" if ok else "MISS"
+
+
+def ms(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{1000 * value:.{digits}f} ms"
+
+
+def sec(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- baselines
+
+def docker_image(report: dict[str, Any] | None) -> str | None:
+    """The image the docker backend ran (its tag is pytest-isolate/docker:<key>)."""
+    key = ((report or {}).get("environments", {}).get("docker") or {}).get("key")
+    if not key:
+        return None
+    tag = f"pytest-isolate/docker:{key}"
+    found = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", tag],
+                           capture_output=True, check=False)
+    return tag if found.returncode == 0 else None
+
+
+def naive_argvs(image: str, project: Path) -> dict[str, list[str]]:
+    base = ["docker", "run", "--rm", "--network", "none"]
+    mounts = ["-v", f"{project}:{project}:ro"]
+    for src, dst in shipped_paths():
+        mounts += ["-v", f"{src}:{dst}:ro"]
+    envs = ["-e", f"PYTHONPATH={SITE}", "-e", "PYTHONDONTWRITEBYTECODE=1",
+            "-e", "PYTEST_DISABLE_PLUGIN_AUTOLOAD=1"]
+    return {
+        "python3 -c pass": [*base, image, "python3", "-c", "pass"],
+        "pytest, 1 test": [*base, *mounts, *envs, "-w", str(project), image, "python3", "-m",
+                           "pytest", "-q", "-p", "no:cacheprovider", "local_one_test.py"],
+    }
+
+
+# ---------------------------------------------------------------- main
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma-separated backends (default: %(default)s)")
+    p.add_argument("--tests", type=int, default=200, help="tests in the many-test run (N)")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each measurement; medians shown")
+    p.add_argument("--naive", type=int, default=20,
+                   help="fresh containers per naive variant (docker run per test)")
+    p.add_argument("--quick", action="store_true",
+                   help="a fast smoke run: --tests 30 --repeats 1 --naive 5")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory sampling runs")
+    p.add_argument("--output", type=Path, default=BENCH / "results" / "latest.json")
+    p.add_argument("--keep", action="store_true", help="keep the generated project")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tests, args.repeats, args.naive = 30, 1, 5
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(args.backends) - set(BACKENDS))
+    if unknown:
+        p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+    if args.tests < 2 or args.repeats < 1 or args.naive < 0:
+        p.error("--tests must be >= 2, --repeats >= 1, --naive >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.load_start = os.getloadavg()
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="pytest-isolate-bench-"))
+    project = tmp / "project"
+    project.mkdir()
+    try:
+        return bench(args, project, tmp, started)
+    finally:
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) -> int:
+    n = args.tests
+    write_project(project, args.backends, n)
+    failed: dict[str, str] = {}
+    backends: list[str] = []
+
+    def one(name: str, isolate: bool = True) -> Run:
+        return run_pytest(project, [f"{name}_one_test.py"], tmp, isolate)
+
+    def many(name: str, isolate: bool = True) -> Run:
+        return run_pytest(project, [f"{name}_many_test.py"], tmp, isolate)
+
+    # Warm every cache (built images, the host's bytecode, the page cache) first.
+    log("warm-up: local")
+    for run in (one("local", False), many("local", False)):
+        problem = run.problem(1 if "one" in run.argv[-1] else n)
+        if problem:
+            raise SystemExit(f"bench: the local baseline failed: {problem}")
+    docker_report: dict[str, Any] | None = None
+    for b in args.backends:
+        log(f"warm-up: {b} (builds its image if the cache lacks it)")
+        run = one(b)
+        problem = run.problem(1)
+        if problem is None:
+            run = many(b)
+            problem = run.problem(n)
+        if problem:
+            failed[b] = problem
+            log(f"{b} is left out: {problem.splitlines()[0]}")
+            continue
+        backends.append(b)
+        if b == "docker":
+            docker_report = run.report
+
+    samples: dict[str, Samples] = {name: Samples() for name in ("local", *backends)}
+    bare: list[float] = []
+    bare_argv = [str(PYTEST), "-p", "no:cacheprovider", "--co", "-q", "local_one_test.py"]
+    for r in range(args.repeats):
+        log(f"repeat {r + 1}/{args.repeats}: local, bare --co, {', '.join(backends)}")
+        t0 = time.monotonic()
+        subprocess.run(bare_argv, cwd=project, capture_output=True, check=True)
+        bare.append(time.monotonic() - t0)
+        for name in ("local", *backends):
+            isolate = name != "local"
+            r1, rn = one(name, isolate), many(name, isolate)
+            problem = r1.problem(1) or rn.problem(n)
+            if problem:
+                raise SystemExit(f"bench: {name} failed in repeat {r + 1}: {problem}")
+            samples[name].add(r1, rn, n)
+
+    naive: dict[str, list[float]] = {}
+    image = docker_image(docker_report) if "docker" in backends else None
+    if image and args.naive:
+        for label, argv in naive_argvs(image, project).items():
+            log(f"naive baseline: {args.naive} x docker run ({label}) on {image}")
+            naive[label] = [timed(argv) for _ in range(args.naive)]
+
+    memory: dict[str, procmem.MemoryPeak] = {}
+    if not args.no_memory:
+        for b in backends:
+            log(f"memory: {b} (one test sleeping {SLEEP}s while /proc is sampled)")
+            run = run_pytest(project, [f"{b}_sleep_test.py"], tmp, True, sample_memory=b)
+            problem = run.problem(1)
+            if problem is None and run.memory is not None:
+                memory[b] = run.memory
+            else:
+                log(f"memory: {b} failed: {problem}")
+
+    elapsed = time.monotonic() - started
+    text, doc = render(args, backends, failed, samples, bare, naive, image, memory, elapsed)
+    print(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    log(f"wrote {args.output} ({elapsed:.0f}s in all)")
+    return 1 if failed else 0
+
+
+def render(args: argparse.Namespace, backends: list[str], failed: dict[str, str],
+           samples: dict[str, Samples], bare: list[float], naive: dict[str, list[float]],
+           image: str | None, memory: dict[str, procmem.MemoryPeak],
+           elapsed: float) -> tuple[str, dict[str, Any]]:
+    n = args.tests
+    med = {name: s.medians() for name, s in samples.items()}
+    local = med["local"]
+    verdicts: dict[str, dict[str, str]] = {}
+    out: list[str] = []
+    load = os.getloadavg()
+    out.append(f"pytest-isolate benchmark: {os.cpu_count()} cpus, load average (1 min) "
+               f"{args.load_start[0]:.2f} at start, {load[0]:.2f} at end; medians of "
+               f"{args.repeats} run(s) unless marked best (the minimum); {elapsed:.0f}s in all")
+
+    # 1. first result
+    rows = [["subject", "first result", "best", "target", "", "vs local", "py+pytest start",
+             "collect", "cache", "env start", "pytest inside", "1st test", "other"]]
+    rows.append(["local (unmarked)", sec(local["first_result"]),
+                 sec(min(samples["local"].first_result)), "", "", "",
+                 sec(local["startup"]), sec(local["collect"]), "", "", "", "",
+                 sec(_rest(local))])
+    rows.append(["bare pytest --co -q", sec(median(bare)), sec(min(bare)), "", "", "", "", "", "",
+                 "", "", "", ""])
+    for b in backends:
+        m = med[b]
+        limit = FIRST_RESULT_TARGET[b]
+        v = verdict(m["first_result"], limit)
+        verdicts.setdefault(b, {})["first_result"] = v
+        rows.append([b, sec(m["first_result"]), sec(min(samples[b].first_result)),
+                     f"<= {limit:g} s", v,
+                     "+" + sec(_sub(m["first_result"], local["first_result"])),
+                     sec(m["startup"]), sec(m["collect"]), sec(m["provision"]),
+                     sec(m["env_start"]), sec(m["sync"]), sec(m["first_run"]), sec(_rest(m))])
+    out += ["", "1. pytest start -> first result, warm cache, one trivial test "
+            "(wall clock from spawning pytest to the first result)", table(rows)]
+
+    # 2. per test
+    naive_pass = median(naive.get("python3 -c pass", []))
+    rows = [["subject", "wall(1)", f"wall({n})", "per test", "added vs local", "min..max",
+             "target", "", "steady", "run phase", "reset phase", "docker-run ÷ this"]]
+    rows.append(["local (unmarked)", sec(local["wall_one"]), sec(local["wall_many"]),
+                 ms(local["marginal"], 2), "", "", "", "", ms(local["steady"], 2), "", "", ""])
+    for b in backends:
+        m = med[b]
+        added = [e - loc for e, loc in zip(samples[b].marginal, samples["local"].marginal)]
+        limit = PER_TEST_TARGET_MS[b]
+        v = verdict(None if not added else median(added), limit / 1000)
+        verdicts.setdefault(b, {})["per_test"] = v
+        ratio = (f"{naive_pass / m['marginal']:.0f}x" if naive_pass and m["marginal"]
+                 else "-")
+        rows.append([b, sec(m["wall_one"]), sec(m["wall_many"]), ms(m["marginal"]),
+                     ms(median(added)), f"{ms(min(added))}..{ms(max(added))}",
+                     f"<= {limit:g} ms", v, ms(m["steady"]), ms(m["run_mean"]),
+                     ms(m["reset_mean"]), ratio])
+    out += ["", f"2. clean state per test (reset=test): {n} trivial tests in one environment; "
+            f"per test = (wall({n}) - wall(1)) / {n - 1}; added = per test - local per test",
+            table(rows)]
+
+    # 3. naive baseline
+    rows = [["baseline", "per test", "min..max", "÷ docker backend per test", "target", ""]]
+    docker_marginal = med.get("docker", {}).get("marginal")
+    for label, values in naive.items():
+        per = median(values)
+        times = per / docker_marginal if per and docker_marginal else None
+        v = verdict(times, NAIVE_RATIO_TARGET, above=True)
+        verdicts.setdefault("docker", {})[f"naive_ratio[{label}]"] = v
+        rows.append([f"docker run --rm per test: {label}", ms(per, 0),
+                     f"{ms(min(values), 0)}..{ms(max(values), 0)}",
+                     "-" if times is None else f"{times:.1f}x", f"> {NAIVE_RATIO_TARGET:g}x", v])
+    if naive:
+        out += ["", f"3. naive container-per-test on the docker backend's image {image} "
+                f"({len(next(iter(naive.values())))} containers each)", table(rows)]
+    elif "docker" in args.backends:
+        out += ["", "3. naive container-per-test: not measured (no docker image / --naive 0)"]
+
+    # 4. memory
+    if memory:
+        rows = [["backend", "agent VmHWM", "agent VmRSS", "worker VmHWM", "agent+workers Pss",
+                 "samples"]]
+        for b, peak in memory.items():
+            rows.append([b, _mb(peak.agent_hwm_kb), _mb(peak.agent_rss_kb),
+                         _mb(peak.worker_hwm_kb), _mb(peak.total_pss_kb), str(peak.samples)])
+        out += ["", "4. memory of the agent processes (peak over one test that sleeps "
+                f"{SLEEP:g}s)", table(rows)]
+
+    for b, why in failed.items():
+        out += ["", f"{b}: NOT MEASURED: {why}"]
+    doc = {
+        "version": 1,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {"backends": args.backends, "tests": n, "repeats": args.repeats,
+                     "naive": args.naive, "sleep": SLEEP},
+        "host": {"cpus": os.cpu_count(), "loadavg_start": list(args.load_start),
+                 "loadavg_end": list(load),
+                 "python": sys.version.split()[0]},
+        "targets": {"first_result_s": FIRST_RESULT_TARGET, "per_test_ms": PER_TEST_TARGET_MS,
+                    "naive_ratio": NAIVE_RATIO_TARGET},
+        "medians": med,
+        "samples": {name: dataclasses.asdict(s) for name, s in samples.items()},
+        "bare_collect_only": bare,
+        "naive": {"image": image, "samples": naive},
+        "memory_kb": {b: dataclasses.asdict(p) for b, p in memory.items()},
+        "verdicts": verdicts,
+        "failed": failed,
+        "elapsed_s": elapsed,
+    }
+    return "\n".join(out), doc
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _rest(m: dict[str, float | None]) -> float | None:
+    """first result minus the parts the other columns account for."""
+    if m["first_result"] is None:
+        return None
+    parts = ("startup", "collect", "provision", "env_start", "sync", "first_run")
+    return m["first_result"] - sum(m[p] or 0.0 for p in parts)
+
+
+def _mb(kb: int) -> str:
+    return f"{kb / 1024:.1f} MB" if kb else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
