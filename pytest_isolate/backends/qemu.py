@@ -686,8 +686,11 @@ class QemuBackend(Backend):
 
     # ---------------------------------------------------------------- libvirt
     def driver(self, spec: EnvSpec) -> str:
-        """"qemu" (QEMU driven directly, the default) or "libvirt" (option vm_driver)."""
-        driver = str(spec.option("vm_driver", os.environ.get("PYTEST_ISOLATE_VM_DRIVER", "qemu")))
+        """"qemu" (QEMU driven directly, the default) or "libvirt" (option vm_driver, or a
+        host pool entry whose endpoint is a libvirt URI)."""
+        default = "libvirt" if self.endpoint else "qemu"
+        driver = str(spec.option("vm_driver",
+                                 os.environ.get("PYTEST_ISOLATE_VM_DRIVER", default)))
         if driver not in ("qemu", "libvirt"):
             raise BackendUnavailable(self.name, f"unknown vm_driver {driver!r}",
                                      "use 'qemu' or 'libvirt'")
@@ -742,8 +745,8 @@ class QemuBackend(Backend):
         """
         libvirt = self._libvirt()
         describe = f"environment {spec.name!r}"
-        uri = str(spec.option("libvirt_uri", os.environ.get("LIBVIRT_DEFAULT_URI",
-                                                           "qemu:///system")))
+        uri = str(spec.option("libvirt_uri", self.endpoint or os.environ.get(
+            "LIBVIRT_DEFAULT_URI", "qemu:///system")))
         reap_temp_dirs()
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
         (tmp / "pid").write_text(str(os.getpid()))
