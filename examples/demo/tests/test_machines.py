@@ -23,7 +23,7 @@ def test_little_endian_64bit(machine):
     print("inside:", describe())
 
 
-@pytest.mark.isolate("arm64-chroot")
+@pytest.mark.isolate("arm64-chroot", "arm64_vm")  # qemu-user, and a whole emulated machine
 def test_runs_on_arm64(machine):
     assert machine == "aarch64"
 
