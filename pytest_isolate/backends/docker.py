@@ -87,6 +87,7 @@ from pytest_isolate.backends.base import (
     handshake_or_stop,
     standard_mounts,
 )
+from pytest_isolate.backends.host import process_start_time
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.errors import BackendUnavailable, ProvisionError
@@ -188,15 +189,9 @@ def repository(env: str) -> str:
 
 
 def process_start(pid: int) -> str:
-    """The start time of pid (clock ticks since boot), or '' when it does not exist."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):  # a zombie (e.g. a crashed xdist worker not yet waited for)
-        return ""
-    return fields[19]
+    """The start time of pid (clock ticks since boot), or '' when it is gone."""
+    start = process_start_time(pid)
+    return "" if start is None else str(start)
 
 
 def owner_gone(labels: dict[str, str]) -> bool:

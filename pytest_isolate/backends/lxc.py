@@ -61,7 +61,6 @@ import atexit
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -81,6 +80,13 @@ from pytest_isolate.backends.base import (
     need_tool,
     standard_mounts,
 )
+from pytest_isolate.backends.host import (
+    fstab_path,
+    owner_alive,
+    owner_label,
+    safe_name,
+)
+from pytest_isolate.backends.host import run_quiet as _run
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
@@ -95,45 +101,6 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SECCOMP_PROFILE = Path("/usr/share/lxc/config/common.seccomp")
 CAP_DROP = "mac_admin mac_override sys_time sys_module sys_rawio"
 TOOLS = ("lxc-start", "lxc-attach", "lxc-stop", "lxc-destroy", "lxc-info")
-
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (None if it does not exist)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):  # a zombie (e.g. a crashed xdist worker not yet waited for)
-        return None
-    return int(fields[19])
-
-
-def owner_label() -> dict[str, Any]:
-    return {"pid": os.getpid(), "start": process_start_time(os.getpid())}
-
-
-def owner_alive(label: dict[str, Any]) -> bool:
-    pid = label.get("pid")
-    if not isinstance(pid, int):
-        return False
-    start = process_start_time(pid)
-    return start is not None and start == label.get("start")
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "env"
-
-
-def fstab_path(path: str) -> str:
-    """Escape a path for an fstab-format line (lxc.mount.entry)."""
-    return (path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
-            .replace("\n", "\\012"))
-
-
-def _run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, check=False)
 
 
 def destroy_container(name: str, lxcpath: Path) -> None:

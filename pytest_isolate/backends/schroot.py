@@ -58,7 +58,6 @@ import atexit
 import contextlib
 import json
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -82,6 +81,13 @@ from pytest_isolate.backends.base import (
     shipped_paths,
     standard_mounts,
 )
+from pytest_isolate.backends.host import (
+    fstab_path,
+    owner_alive,
+    process_start_time,
+    safe_name,
+)
+from pytest_isolate.backends.host import run_quiet as _run
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
@@ -114,41 +120,6 @@ if sys.argv[2] == "1":
     s.close()
 os.execvp(sys.argv[3], sys.argv[3:])
 """
-
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (None if it does not exist)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):  # a zombie (e.g. a crashed xdist worker not yet waited for)
-        return None
-    return int(fields[19])
-
-
-def owner_alive(label: dict[str, Any]) -> bool:
-    pid = label.get("pid")
-    if not isinstance(pid, int):
-        return False
-    start = process_start_time(pid)
-    return start is not None and start == label.get("start")
-
-
-def safe_name(text: str) -> str:
-    """schroot names and chroot.d file names: letters, digits, '-' and '_' only."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "env"
-
-
-def fstab_path(path: str) -> str:
-    return (path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
-            .replace("\n", "\\012"))
-
-
-def _run(argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, check=False)
 
 
 def list_sessions() -> list[str]:

@@ -257,12 +257,14 @@ def test_non_root_is_told_why(backend: type[Backend], tmp_path: Path) -> None:
 
 
 def test_label_owner_liveness() -> None:
-    start = lxc_backend.process_start_time(os.getpid())
+    from pytest_isolate.backends import host
+
+    start = host.process_start_time(os.getpid())
     assert start is not None
     me = {"pid": os.getpid(), "start": start}
-    assert lxc_backend.owner_alive(me) and schroot_backend.owner_alive(me)
-    assert not lxc_backend.owner_alive({**me, "start": start + 1})  # a reused pid
+    assert host.owner_alive(me)
+    assert not host.owner_alive({**me, "start": start + 1})  # a reused pid
     dead = subprocess.Popen(["true"])
     dead.wait()
-    assert not lxc_backend.owner_alive({"pid": dead.pid, "start": 0})
+    assert not host.owner_alive({"pid": dead.pid, "start": 0})
     assert json.loads(json.dumps(me)) == me
