@@ -44,7 +44,6 @@ INI_NAMES = ("isolate_cache_dir", "isolate_timeout", "isolate_reset", "isolate_s
 DEFAULT_TIMEOUT = 300.0
 #: Extra time the host waits beyond a test's timeout before it gives up on the agent.
 HOST_GRACE = 30.0
-MARKER_KWARGS = ("timeout", "reset", "network")
 When = Literal["setup", "call", "teardown"]
 
 
@@ -498,7 +497,7 @@ class ItemRun:
                          else self.m.run_context().log_dir / self.env / "agent.log")
             tail = log_tail(agent_log)
             self.m.drop(self.env)
-            self.crash(f"{exc}\n--- environment log tail ---\n{tail}")
+            self.synthesize(f"{exc}\n--- environment log tail ---\n{tail}")
         except (IsolateError, OSError) as exc:
             message = f"pytest-isolate: {type(exc).__name__}: {exc}"
             current = self.m.instances.get(self.env)
@@ -643,9 +642,6 @@ class ItemRun:
             report=self.make_report("setup", "skipped", (path, lineno, f"Skipped: {reason}")))
         self.pending_teardown = self.make_report("teardown", "passed", None)
         self.flush()
-
-    def crash(self, message: str) -> None:
-        self.synthesize(message)
 
     def synthesize(self, message: str) -> None:
         """The worker ended before finishing: fail the phase it was in."""
