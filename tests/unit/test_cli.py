@@ -409,9 +409,8 @@ def test_pyproject_option(tmp_path: Path, project: Path) -> None:
 # ------------------------------------------------------------------ shell / doctor
 
 
-def test_shell_other_backends_not_supported(project: Path, cache_dir: Path) -> None:
-    line = one_line_error(cli("shell", "docker", "--cache-dir", str(cache_dir), cwd=project))
-    assert "not supported for backend 'docker' yet" in line
+def test_shell_unknown_environment(project: Path, cache_dir: Path) -> None:
+    # every backend has a shell (tests/integration/test_interactive.py drives them)
     line = one_line_error(cli("shell", "nope", "--cache-dir", str(cache_dir), cwd=project))
     assert "unknown environment 'nope'" in line
 

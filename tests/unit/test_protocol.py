@@ -63,10 +63,14 @@ def test_bad_magic() -> None:
 
 
 def test_bad_magic_after_a_good_frame() -> None:
+    """The good frame before the garbage is delivered; the error comes with the next read."""
     dec = FrameDecoder()
     good = encode_frame(0, {"op": "a"})
+    assert dec.feed(good + b"garbage that is long enough") == [(0, {"op": "a"}, b"")]
     with pytest.raises(ProtocolError, match="bad frame magic"):
-        dec.feed(good + b"garbage that is long enough")
+        dec.feed(b"")
+    with pytest.raises(ProtocolError, match="bad frame magic"):  # and stays broken
+        dec.feed(good)
 
 
 @pytest.mark.parametrize("jlen,blen", [(65, 0), (10, 101)])
