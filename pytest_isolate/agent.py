@@ -328,7 +328,8 @@ def launch(cfg: Dict[str, Any]) -> None:
 
     cfg keys: rootfs, workdir, mode ("overlay": writes go to a tmpfs;
     "direct": writes go to rootfs itself, for provisioning), binds
-    [[src, dst, readonly]], network, hostname, argv, env, cwd.
+    [[src, dst, readonly]], network, hostname, argv, env, cwd, new_session
+    (default true; false keeps the caller's terminal for an interactive shell).
     """
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
@@ -361,7 +362,10 @@ def launch(cfg: Dict[str, Any]) -> None:
         os._exit(code if code >= 0 else 128 - code)
     try:
         set_pdeathsig()
-        os.setsid()  # the environment shares no process group with the host's launcher
+        if cfg.get("new_session", True):
+            # the environment shares no process group with the host's launcher; not for an
+            # interactive program, which must keep its terminal (job control, Ctrl-C)
+            os.setsid()
         _enter_root(cfg)
     except BaseException as exc:  # reported on the launcher's stderr (the env's log)
         sys.stderr.write("pytest-isolate launcher: %s: %s\n" % (type(exc).__name__, exc))

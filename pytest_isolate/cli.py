@@ -1060,7 +1060,7 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
     workdir.mkdir(parents=True)
     cfg = {"rootfs": str(entry.data), "workdir": str(workdir), "mode": "overlay", "binds": binds,
            "network": spec.network, "hostname": f"isolate-{spec.name}"[:63], "argv": argv,
-           "env": env, "cwd": rootdir}
+           "env": env, "cwd": rootdir, "new_session": False}
     if sys.stdin.isatty():
         progress(f"shell in a fresh {spec.describe()}; changes are discarded on exit")
     # Ctrl-C belongs to the shell.  A no-op handler, not SIG_IGN: an ignored signal would

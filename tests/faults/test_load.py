@@ -106,7 +106,8 @@ def test_two_thousand_tests_in_one_environment(inner: Inner) -> None:
     assert last < 4 * first + 0.020, (first, last)
     assert worker_fds[f"test_{0:04d}"] == worker_fds[f"test_{N - 1:04d}"], worker_fds
     assert len(agent_fds) >= 4, agent_fds
-    assert agent_fds[-1] <= agent_fds[0] + 2, agent_fds
+    # the first sample can come before the agent has opened its channels: compare steady state
+    assert agent_fds[-1] <= agent_fds[1] + 2, agent_fds
     assert elapsed < 180, elapsed
 
 

@@ -66,7 +66,9 @@ def staging(pytestconfig: pytest.Config) -> Iterator[Path]:
 def run_as_user(staging: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = (f"PYTHONPATH={staging}/site:{staging}/src PYTEST_PLUGINS=pytest_isolate.plugin "
            "ISOLATE_CONFORMANCE_ENVS=chroot PYTHONDONTWRITEBYTECODE=1")
-    command = f"cd {staging} && env {env} /usr/bin/python3 -m pytest -p no:cacheprovider " + " ".join(args)
+    # the user's own default cache: a cache directory chosen for root is not theirs to write
+    command = (f"cd {staging} && env -u PYTEST_ISOLATE_CACHE_DIR {env} /usr/bin/python3 "
+               "-m pytest -p no:cacheprovider " + " ".join(args))
     return subprocess.run(["su", USER, "-s", "/bin/sh", "-c", command],
                           capture_output=True, text=True, timeout=1800)
 
