@@ -260,6 +260,28 @@ class Backend(abc.ABC):
         return []
 
 
+class RootfsBackend(Backend):
+    """A backend whose environments run on the cached Debian root filesystem directly."""
+
+    def check_rootfs(self, spec: EnvSpec, overlay: bool = True) -> None:
+        """What every such backend needs: overlayfs, a rootfs builder, binfmt when foreign."""
+        from pytest_isolate.namespaces import check_foreign, check_rootfs_builder
+
+        if overlay and "overlay" not in Path("/proc/filesystems").read_text():
+            raise BackendUnavailable(self.name, "the kernel has no overlay filesystem",
+                                     "load it: modprobe overlay")
+        check_rootfs_builder(self.name)
+        if spec.foreign:
+            check_foreign(self.name, spec.machine)
+
+    def provision(self, spec: EnvSpec) -> Entry:
+        from pytest_isolate.images.rootfs import provision_rootfs
+
+        return provision_rootfs(spec, self.run.cache,
+                                self.run.log_path(spec.name, "provision.log"),
+                                self.run.rootdir, self.run.progress)
+
+
 def need_tool(backend: str, tool: str, package: str) -> str:
     path = shutil.which(tool)
     if path is None:

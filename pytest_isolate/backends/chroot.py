@@ -13,8 +13,8 @@ import shutil
 import uuid
 
 from pytest_isolate.backends.base import (
-    Backend,
     Instance,
+    RootfsBackend,
     agent_command,
     agent_settings,
     environment_variables,
@@ -23,17 +23,14 @@ from pytest_isolate.backends.base import (
 )
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
-from pytest_isolate.images.rootfs import provision_rootfs
 from pytest_isolate.namespaces import (
-    check_foreign,
     check_namespaces,
-    check_rootfs_builder,
     launcher_argv,
 )
 from pytest_isolate.spec import EnvSpec
 
 
-class ChrootBackend(Backend):
+class ChrootBackend(RootfsBackend):
     name = "chroot"
     needs_root = False
     supports_snapshot = True
@@ -41,13 +38,7 @@ class ChrootBackend(Backend):
 
     def check(self, spec: EnvSpec) -> None:
         check_namespaces(self.name)
-        check_rootfs_builder(self.name)
-        if spec.foreign:
-            check_foreign(self.name, spec.machine)
-
-    def provision(self, spec: EnvSpec) -> Entry:
-        return provision_rootfs(spec, self.run.cache, self.run.log_path(spec.name, "provision.log"),
-                                self.run.rootdir, self.run.progress)
+        self.check_rootfs(spec)
 
     def start(self, spec: EnvSpec, image: Entry) -> Instance:
         workdir = self.run.work_dir / f"{spec.name}-{uuid.uuid4().hex[:8]}"

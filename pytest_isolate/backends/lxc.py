@@ -70,9 +70,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.backends.base import (
-    Backend,
     Instance,
     Mount,
+    RootfsBackend,
     agent_command,
     agent_settings,
     environment_variables,
@@ -90,8 +90,6 @@ from pytest_isolate.backends.host import run_quiet as _run
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
-from pytest_isolate.images.rootfs import provision_rootfs
-from pytest_isolate.namespaces import check_foreign, check_rootfs_builder
 from pytest_isolate.spec import EnvSpec
 
 START_TIMEOUT = 60.0
@@ -187,7 +185,7 @@ def _destroy_live() -> None:
         destroy_container(name, lxcpath)
 
 
-class LxcBackend(Backend):
+class LxcBackend(RootfsBackend):
     name = "lxc"
     needs_root = True
     supports_snapshot = True
@@ -205,16 +203,7 @@ class LxcBackend(Backend):
                 "run pytest as root, or use the chroot backend (works without root)")
         for tool in TOOLS:
             need_tool(self.name, tool, "lxc")
-        if "overlay" not in Path("/proc/filesystems").read_text():
-            raise BackendUnavailable(self.name, "the kernel has no overlay filesystem",
-                                     "load it: modprobe overlay")
-        check_rootfs_builder(self.name)
-        if spec.foreign:
-            check_foreign(self.name, spec.machine)
-
-    def provision(self, spec: EnvSpec) -> Entry:
-        return provision_rootfs(spec, self.run.cache, self.run.log_path(spec.name, "provision.log"),
-                                self.run.rootdir, self.run.progress)
+        self.check_rootfs(spec)
 
     @property
     def lxcpath(self) -> Path:

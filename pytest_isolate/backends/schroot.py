@@ -70,8 +70,8 @@ from typing import Any
 from pytest_isolate.backends.base import (
     PYCACHE,
     SITE,
-    Backend,
     Instance,
+    RootfsBackend,
     agent_command,
     agent_settings,
     environment_variables,
@@ -91,8 +91,6 @@ from pytest_isolate.backends.host import run_quiet as _run
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
-from pytest_isolate.images.rootfs import provision_rootfs
-from pytest_isolate.namespaces import check_foreign, check_rootfs_builder
 from pytest_isolate.spec import EnvSpec
 
 START_TIMEOUT = 60.0
@@ -223,7 +221,7 @@ def _end_live() -> None:
         remove_definition(name, workdir)
 
 
-class SchrootBackend(Backend):
+class SchrootBackend(RootfsBackend):
     name = "schroot"
     needs_root = True
     supports_snapshot = True
@@ -246,16 +244,7 @@ class SchrootBackend(Backend):
         if not CHROOT_D.is_dir():
             raise BackendUnavailable(self.name, f"{CHROOT_D} does not exist",
                                      "reinstall schroot: apt-get install --reinstall schroot")
-        if "overlay" not in Path("/proc/filesystems").read_text():
-            raise BackendUnavailable(self.name, "the kernel has no overlay filesystem",
-                                     "load it: modprobe overlay")
-        check_rootfs_builder(self.name)
-        if spec.foreign:
-            check_foreign(self.name, spec.machine)
-
-    def provision(self, spec: EnvSpec) -> Entry:
-        return provision_rootfs(spec, self.run.cache, self.run.log_path(spec.name, "provision.log"),
-                                self.run.rootdir, self.run.progress)
+        self.check_rootfs(spec)
 
     def reap(self) -> list[str]:
         names = reap()
