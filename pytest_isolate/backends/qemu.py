@@ -155,12 +155,25 @@ class Qmp:
         return msg
 
     def command(self, name: str, timeout: float = QMP_TIMEOUT, **args: Any) -> Any:
+        req: dict[str, Any] = {"execute": name}
+        if args:
+            req["arguments"] = args
+        return self._call(name, req, None, timeout)
+
+    def command_with_fd(self, name: str, fd: int, timeout: float = QMP_TIMEOUT,
+                        **args: Any) -> Any:
+        """A command that takes a file descriptor (getfd, add-fd), passed with SCM_RIGHTS."""
+        return self._call(name, {"execute": name, "arguments": args}, fd, timeout)
+
+    def _call(self, name: str, req: dict[str, Any], fd: int | None, timeout: float) -> Any:
+        """Send one command (with fd over SCM_RIGHTS if given) and wait for its answer."""
         with self.lock:
-            req: dict[str, Any] = {"execute": name}
-            if args:
-                req["arguments"] = args
+            data = json.dumps(req).encode() + b"\n"
             try:
-                self.sock.sendall(json.dumps(req).encode() + b"\n")
+                if fd is None:
+                    self.sock.sendall(data)
+                else:
+                    socket.send_fds(self.sock, [data], [fd])
             except OSError as exc:
                 raise QmpError(f"QEMU's monitor went away: {exc}") from None
             deadline = time.monotonic() + timeout
@@ -171,25 +184,6 @@ class Qmp:
                 elif "error" in msg:
                     err = msg["error"]
                     raise QmpError(f"QEMU refused {name}: {err.get('desc', err)}")
-                elif "return" in msg:
-                    return msg["return"]
-
-    def command_with_fd(self, name: str, fd: int, timeout: float = QMP_TIMEOUT,
-                        **args: Any) -> Any:
-        """A command that takes a file descriptor (getfd, add-fd), passed with SCM_RIGHTS."""
-        with self.lock:
-            req = {"execute": name, "arguments": args}
-            try:
-                socket.send_fds(self.sock, [json.dumps(req).encode() + b"\n"], [fd])
-            except OSError as exc:
-                raise QmpError(f"QEMU's monitor went away: {exc}") from None
-            deadline = time.monotonic() + timeout
-            while True:
-                msg = self._read(max(0.01, deadline - time.monotonic()))
-                if "event" in msg:
-                    self.events.append(msg)
-                elif "error" in msg:
-                    raise QmpError(f"QEMU refused {name}: {msg['error'].get('desc')}")
                 elif "return" in msg:
                     return msg["return"]
 
