@@ -1019,7 +1019,12 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
     import shutil
 
     from pytest_isolate import config
-    from pytest_isolate.backends.base import SITE, RunContext, environment_variables, shipped_paths
+    from pytest_isolate.backends.base import (
+        SITE,
+        RunContext,
+        environment_variables,
+        standard_mounts,
+    )
     from pytest_isolate.namespaces import launcher_argv
 
     specs = resolve_specs(project)
@@ -1046,14 +1051,13 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
     backend = ChrootBackend(ctx)
     backend.check(spec)
     entry = backend.provision(spec)
-    shipped = shipped_paths()
     rootdir = str(project.rootdir)
-    binds: list[list[Any]] = [[src, dst, True] for src, dst in shipped]
-    if rootdir != "/":
-        binds.insert(0, [rootdir, rootdir, not spec.rootdir_writable])
+    # what a test sees; a project at / is not bound over the environment's own root
+    binds: list[list[Any]] = [[m.src, m.dst, m.readonly]
+                              for m in standard_mounts(ctx, spec, entry) if m.dst != "/"]
     has_bash = (entry.data / "usr/bin/bash").exists() or (entry.data / "bin/bash").is_file()
     argv = list(args.argv) if args.argv else ["/bin/bash" if has_bash else "/bin/sh"]
-    env = environment_variables(spec)
+    env = environment_variables(spec, pycache=True)
     env.update({"PYTHONPATH": SITE, "debian_chroot": f"isolate:{spec.name}",
                 "TERM": os.environ.get("TERM", "dumb")})
     workdir = base / "work" / f"{spec.name}-shell"
