@@ -266,9 +266,18 @@ def bind(src: str, dst: str, readonly: bool = False) -> None:
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
+def size_opt(size: Optional[int]) -> str:
+    """tmpfs mount options bounding it to size bytes (unbounded: half of RAM)."""
+    return ",size=%d" % size if size else ""
+
+
 def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
-                  fresh_dev: bool) -> None:
-    """Mount /proc, /dev, /sys, /tmp and the bind mounts into a new root."""
+                  fresh_dev: bool, size: Optional[int] = None, tmp: bool = True) -> None:
+    """Mount /proc, /dev, /sys, /tmp and the bind mounts into a new root.
+
+    size bounds the tmpfs mounts (/tmp, /dev/shm); tmp=False leaves /tmp in the root's
+    own writable layer (a worker's: one budget for both, and part of its snapshots).
+    """
     proc = os.path.join(root, "proc")
     os.makedirs(proc, exist_ok=True)
     mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -291,9 +300,13 @@ def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
         except OSError:
             pass
         os.makedirs(os.path.join(dev, "shm"))
-        mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV,
+              "mode=1777" + size_opt(size))
     else:
         mount(dev_from, dev, None, MS_BIND | MS_REC)
+        shm = os.path.join(dev, "shm")
+        if os.path.isdir(shm):  # its own, not the environment's shared one
+            mount("tmpfs", shm, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size_opt(size))
     sys_dir = os.path.join(root, "sys")
     if os.path.isdir(sys_dir):
         try:
@@ -303,9 +316,10 @@ def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
                 bind("/sys", sys_dir, readonly=True)
             except OSError:
                 pass
-    tmp = os.path.join(root, "tmp")
-    os.makedirs(tmp, exist_ok=True)
-    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if tmp:
+        tmp_dir = os.path.join(root, "tmp")
+        os.makedirs(tmp_dir, exist_ok=True)
+        mount("tmpfs", tmp_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size_opt(size))
     for src, dst, readonly in binds:
         bind(src, root + dst, bool(readonly))
 
@@ -329,7 +343,8 @@ def launch(cfg: Dict[str, Any]) -> None:
     cfg keys: rootfs, workdir, mode ("overlay": writes go to a tmpfs;
     "direct": writes go to rootfs itself, for provisioning), binds
     [[src, dst, readonly]], network, hostname, argv, env, cwd, new_session
-    (default true; false keeps the caller's terminal for an interactive shell).
+    (default true; false keeps the caller's terminal for an interactive shell),
+    disk (bytes: the size of the writable tmpfs mounts; unbounded when absent).
     """
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
@@ -375,7 +390,7 @@ def launch(cfg: Dict[str, Any]) -> None:
 
 def _enter_root(cfg: Dict[str, Any]) -> None:
     work = cfg["workdir"]
-    mount("tmpfs", work, "tmpfs", 0, "mode=755")
+    mount("tmpfs", work, "tmpfs", 0, "mode=755" + size_opt(cfg.get("disk")))
     root = os.path.join(work, "root")
     if cfg.get("mode", "overlay") == "direct":
         os.makedirs(root)
@@ -387,7 +402,7 @@ def _enter_root(cfg: Dict[str, Any]) -> None:
     binds = list(cfg.get("binds", []))
     if cfg.get("network") and os.path.exists("/etc/resolv.conf"):
         binds.append(["/etc/resolv.conf", "/etc/resolv.conf", True])
-    populate_root(root, binds, "/dev", fresh_dev=True)
+    populate_root(root, binds, "/dev", fresh_dev=True, size=cfg.get("disk"))
     if cfg.get("hostname"):
         socket.sethostname(cfg["hostname"])
     if not cfg.get("network"):
@@ -446,6 +461,40 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except OSError:
         pass
+
+
+def limit_guest(values: Dict[str, str]) -> None:
+    """In a virtual machine (the agent is the guest's root): put the agent, and so every
+    worker it forks, into a cgroup v2 group with the spec's limits, as the host does for
+    containers.  values: cgroup file -> value, e.g. {"pids.max": "64"}."""
+    base = "/sys/fs/cgroup"
+    if not os.path.exists(base + "/cgroup.controllers"):
+        os.makedirs(base, exist_ok=True)
+        mount("cgroup2", base, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    group = base + "/pytest-isolate"
+    os.makedirs(group, exist_ok=True)
+    controllers = sorted(set(k.split(".", 1)[0] for k in values))
+    with open(base + "/cgroup.subtree_control", "w") as f:
+        f.write(" ".join("+" + c for c in controllers))
+    for name, value in sorted(values.items()):
+        if name == "memory.swap.max" and not os.path.exists(group + "/" + name):
+            continue  # a kernel without swap accounting: nothing to limit
+        with open(group + "/" + name, "w") as f:
+            f.write(value)
+    with open(group + "/cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
+
+
+def oom_kills() -> Optional[int]:
+    """The kernel's count of OOM kills since boot (/proc/vmstat), None when unknown."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def pack_path(path: str) -> bytes:
@@ -628,6 +677,9 @@ class Agent:
         reason = w.kill_reason
         if reason is None and code != 0:
             reason = ("killed by signal %d" % -code) if code < 0 else "exited with status %d" % code
+            now = oom_kills()
+            if w.oom_kills is not None and now is not None and now > w.oom_kills:
+                reason = "%s: out of memory (the kernel's OOM killer ran)" % reason
         self.send(w.ch, {"op": "exit", "code": code, "reason": reason})
 
     def route(self, ch: int, obj: Dict[str, Any], blob: bytes) -> None:
@@ -664,6 +716,8 @@ class Agent:
         site = self.settings.get("site")
         if site and site not in sys.path:
             sys.path.insert(0, site)
+        if self.settings.get("guest_limits"):
+            limit_guest(self.settings["guest_limits"])
         self.send(0, {"op": "ok"})
 
     def op_pytest(self, req: Dict[str, Any], blob: bytes) -> None:
@@ -697,6 +751,13 @@ class Agent:
                 # a session of its own: a test's kill(0, sig) or killpg(getpgrp(), sig)
                 # reaches its worker only, never the agent or the host-side launcher
                 os.setsid()
+                # when the environment runs out of memory, the kernel's OOM killer ends a
+                # test (this worker or what it started) rather than the agent
+                try:
+                    with open("/proc/self/oom_score_adj", "w") as f:
+                        f.write("1000")
+                except OSError:
+                    pass
                 a.close()
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -713,7 +774,7 @@ class Agent:
                 sys.stderr.flush()
                 os._exit(code)
         b.close()
-        self.workers[ch] = Worker(ch, pid, a)
+        self.workers[ch] = Worker(ch, pid, a, oom_kills())
 
     def op_shutdown(self, req: Dict[str, Any], blob: bytes) -> None:
         self.running = False
@@ -722,8 +783,10 @@ class Agent:
 class Worker:
     """The agent's view of one worker process."""
 
-    def __init__(self, ch: int, pid: int, sock: socket.socket) -> None:
+    def __init__(self, ch: int, pid: int, sock: socket.socket,
+                 oom_kills: Optional[int] = None) -> None:
         self.ch = ch
+        self.oom_kills = oom_kills
         self.pid = pid
         self.sock = sock
         self.fd = sock.fileno()
@@ -790,7 +853,7 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any])
         return code if code >= 0 else 128 - code
     set_pdeathsig()
     ws = "/.isolate/ws"
-    mount("tmpfs", ws, "tmpfs", 0, "mode=755")
+    mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(agent.settings.get("disk")))
     server = WorkerServer(agent, sock, ch, req, root=None)
     root = server.mount_layers([agent.settings["lower"]])
     if req.get("kind", "test") == "test":
@@ -830,7 +893,7 @@ class WorkerServer:
         overlay(root, lowers, self.upper, "%s/work%d" % (ws, g))
         s = self.agent.settings
         binds = [[p, p, False] for p in s.get("binds", [])]
-        populate_root(root, binds, "/dev", fresh_dev=False)
+        populate_root(root, binds, "/dev", fresh_dev=False, size=s.get("disk"), tmp=False)
         return root
 
     def read_frames(self) -> bool:

@@ -210,7 +210,11 @@ def resolve_specs(project: Project) -> dict[str, EnvSpec]:
     from pytest_isolate import config
     from pytest_isolate.backends import BUILTIN_BACKENDS
 
-    return config.resolve_envs(project.table, project.pyproject, BUILTIN_BACKENDS)
+    specs = config.resolve_envs(project.table, project.pyproject, BUILTIN_BACKENDS)
+    for spec in specs.values():
+        if spec.options:
+            config.check_options(spec, getattr(load_backend(spec.backend)[0], "options", None))
+    return specs
 
 
 def cache_location(args: argparse.Namespace, project: Project) -> tuple[Path, str]:

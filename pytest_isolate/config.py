@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.errors import ConfigError
+from pytest_isolate.limits import check_limit
 from pytest_isolate.spec import ARCH_MACHINES, RELEASES, RESETS, VARIANTS, EnvSpec
 
 if sys.version_info >= (3, 11):
@@ -41,6 +42,7 @@ _STR = "a string"
 _STRS = "a list of strings"
 _BOOL = "true or false"
 _NUM = "a positive number of seconds"
+_LIMIT = "a resource limit"
 ENV_KEYS: dict[str, str] = {
     "backend": _STR,
     "arch": _STR,
@@ -55,10 +57,81 @@ ENV_KEYS: dict[str, str] = {
     "timeout": _NUM,
     "pass_env": _STRS,
     "rootdir_writable": _BOOL,
+    "memory": _LIMIT,
+    "cpus": _LIMIT,
+    "pids": _LIMIT,
+    "disk": _LIMIT,
     "options": "a table",
 }
 TOP_KEYS = {"cache_dir": _STR, "timeout": _NUM, "reset": _STR, "strict": _BOOL,
             "envs": "a table", "hosts": "a table"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One key of an environment's ``options`` table, as a backend declares it."""
+
+    kind: str  # "a string" | "true or false" | "a whole number" | "a number"
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+    def check(self, value: Any) -> bool:
+        if self.kind == _BOOL:
+            return isinstance(value, bool)
+        if self.kind == _STR:
+            return isinstance(value, str) and value != "" and (
+                not self.choices or value in self.choices)
+        if isinstance(value, bool) or not isinstance(
+                value, int if self.kind == "a whole number" else (int, float)):
+            return False
+        return self.minimum is None or value >= self.minimum
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.minimum is not None:
+            return f"{self.kind} >= {self.minimum:g}"
+        return self.kind
+
+
+#: Options every backend reads (see backends.base.agent_command).
+COMMON_OPTIONS: dict[str, Option] = {
+    "python": Option(_STR, "the Python inside that runs the agent and pytest"),
+}
+
+
+def check_options(spec: EnvSpec, declared: Mapping[str, Option] | None) -> None:
+    """Validate spec.options against what its backend declares (None: undeclared, so only
+    the common options are checked; a third-party backend may read any key)."""
+    if not spec.options:
+        return
+    where = spec.source("options").rsplit(" key 'options'", 1)[0]
+    known = {**COMMON_OPTIONS, **(declared or {})}
+    for key, value in spec.options:
+        option = known.get(key)
+        if option is None:
+            if declared is None:
+                continue
+            raise ConfigError(
+                f"{where}: unknown option {key!r} for backend {spec.backend!r}"
+                f"{did_you_mean(key, known)}; its options: {', '.join(sorted(known))}")
+        if not option.check(value):
+            raise ConfigError(f"{where}: option {key!r} must be {option.describe()}, got "
+                              f"{value!r} ({option.help})")
+
+
+#: A Debian package as mmdebstrap/apt take it: name, then :arch, =version or /release.
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?([=/][A-Za-z0-9.+~:_-]+)?$")
+
+
+def check_packages(packages: Iterable[str], where: str) -> None:
+    for name in packages:
+        if not PACKAGE_RE.match(name):
+            raise ConfigError(
+                f"{where}: {name!r} is not a Debian package name (lowercase letters, digits "
+                "and '+-.', at least two characters, optionally followed by :ARCH, =VERSION "
+                "or /RELEASE); fix the entry in 'packages'")
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -104,6 +177,8 @@ def check_value(key: str, value: Any, kind: str, where: str) -> Any:
         value = float(value) if ok else value
     elif kind == "a table":
         ok = isinstance(value, dict)
+    elif kind == _LIMIT:
+        return check_limit(key, value, where)
     if not ok:
         raise ConfigError(f"{where}: key {key!r} must be {kind}, got {value!r}")
     return value
@@ -172,6 +247,8 @@ def make_spec(name: str, values: Mapping[str, Any], sources: Mapping[str, str],
                 f"{where(key)}: unsupported {key} {values[key]!r}{did_you_mean(values[key], allowed)}; "
                 f"supported: {', '.join(allowed)}"
             )
+    if "packages" in values:
+        check_packages(values["packages"], where("packages"))
     kwargs = {k: v for k, v in values.items() if k != "options"}
     if "options" in values:
         kwargs["options"] = tuple(sorted(values["options"].items()))

@@ -35,6 +35,7 @@ from pytest_isolate.errors import (
     IsolateError,
     ProvisionError,
 )
+from pytest_isolate.limits import format_size
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
 
@@ -106,6 +107,10 @@ class IsolateManager:
         self.table = cfg.load_pyproject(pyproject)
         self.backend_refs = self._collect_backends()
         self.specs = cfg.resolve_envs(self.table, pyproject, self.backend_refs)
+        for spec in self.specs.values():
+            if spec.options:
+                cfg.check_options(spec, getattr(self._backend_class(spec.backend), "options",
+                                                None))
         self.hosts = cfg.resolve_hosts(self.table, pyproject, self.backend_refs)
 
         timeout, where = self._setting("isolate_timeout", "isolate_timeout", "timeout",
@@ -170,6 +175,18 @@ class IsolateManager:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"isolate: {message}")
+
+    def _backend_class(self, name: str) -> Any:
+        """The registered class of backend name; None when it cannot be loaded (using it
+        reports why)."""
+        ref = self.backend_refs.get(name)
+        if isinstance(ref, str):
+            module, _, attr = ref.partition(":")
+            try:
+                ref = getattr(importlib.import_module(module), attr)
+            except Exception:
+                return None
+        return ref
 
     def backend(self, name: str, endpoint: str | None = None) -> Backend:
         """The backend object driving one engine (the default one, or a pool host's)."""
@@ -554,6 +571,10 @@ class ItemRun:
                     break
                 elif op == "exit":
                     exit_reason = reply.get("reason") or "the worker exited"
+                    if "out of memory" in exit_reason and inst.spec.memory is not None:
+                        exit_reason += (f"; the environment's memory limit is "
+                                        f"{format_size(inst.spec.memory)} "
+                                        f"({inst.spec.source('memory')})")
                     self.m.workers.pop(self.env, None)
                     break
         if exit_reason is not None:

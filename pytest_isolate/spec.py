@@ -9,6 +9,8 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
+from pytest_isolate.limits import DEFAULT_DISK, Limits
+
 #: Bump when the way a rootfs is built changes, so old cache entries are not reused.
 ROOTFS_FORMAT = 1
 
@@ -69,6 +71,10 @@ class EnvSpec:
     timeout: float | None = None
     pass_env: tuple[str, ...] = ()
     rootdir_writable: bool = False
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    disk: int | None = None
     options: tuple[tuple[str, Any], ...] = ()
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -88,6 +94,11 @@ class EnvSpec:
 
     def option(self, key: str, default: Any = None) -> Any:
         return dict(self.options).get(key, default)
+
+    def limits(self) -> Limits:
+        """The resource limits (see pytest_isolate.limits); disk is always bounded."""
+        return Limits(memory=self.memory, cpus=self.cpus, pids=self.pids,
+                      disk=self.disk if self.disk is not None else DEFAULT_DISK)
 
     def all_packages(self) -> tuple[str, ...]:
         """The packages installed: python3 always, then the spec's, sorted and unique."""

@@ -18,15 +18,19 @@ import importlib.util
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pytest_isolate.agent import BOOTSTRAP
 from pytest_isolate.cache import Cache, Entry
 from pytest_isolate.channel import Connection
+from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError
 from pytest_isolate.spec import EnvSpec
+
+if TYPE_CHECKING:
+    from pytest_isolate.limits import HostCgroup
 
 #: Where the host's pytest is visible inside every environment.
 SITE = "/.isolate/site"
@@ -152,11 +156,13 @@ def standard_mounts(run: RunContext, spec: EnvSpec, image: Entry,
     return mounts
 
 
-def agent_settings(run: RunContext, mounts: list[Mount],
+def agent_settings(run: RunContext, spec: EnvSpec, mounts: list[Mount],
                    lower: str = "/.isolate/lower") -> dict[str, Any]:
-    """The agent's settings: per-test overlays over `lower`, the mounts re-bound in each."""
+    """The agent's settings: per-test overlays over `lower` bounded by the spec's disk,
+    the mounts re-bound in each."""
     return {"isolation": "overlay", "lower": lower, "site": SITE,
-            "binds": [m.dst for m in mounts], "cwd": str(run.rootdir)}
+            "binds": [m.dst for m in mounts], "cwd": str(run.rootdir),
+            "disk": spec.limits().disk}
 
 
 def handshake_or_stop(instance: Instance, settings: dict[str, Any],
@@ -231,6 +237,9 @@ class Backend(abc.ABC):
     supports_snapshot: ClassVar[bool] = True
     #: Debian packages that provide what the backend needs (for error messages, doctor).
     packages: ClassVar[tuple[str, ...]] = ()
+    #: The keys of an environment's `options` table it reads, checked before anything
+    #: starts (with the common ones, e.g. python).  None: not declared, not checked.
+    options: ClassVar[Mapping[str, Option] | None] = None
 
     def __init__(self, run: RunContext) -> None:
         self.run = run
@@ -263,6 +272,10 @@ class Backend(abc.ABC):
 class RootfsBackend(Backend):
     """A backend whose environments run on the cached Debian root filesystem directly."""
 
+    options: ClassVar[Mapping[str, Option] | None] = {}
+
+    _cgroups_reaped = False
+
     def check_rootfs(self, spec: EnvSpec, overlay: bool = True) -> None:
         """What every such backend needs: overlayfs, a rootfs builder, binfmt when foreign."""
         from pytest_isolate.namespaces import check_foreign, check_rootfs_builder
@@ -273,6 +286,21 @@ class RootfsBackend(Backend):
         check_rootfs_builder(self.name)
         if spec.foreign:
             check_foreign(self.name, spec.machine)
+
+    def reap(self) -> list[str]:
+        """The cgroups of killed runs (see HostCgroup); subclasses add their own leftovers."""
+        from pytest_isolate.limits import reap_cgroups
+
+        return reap_cgroups()
+
+    def host_cgroup(self, spec: EnvSpec) -> HostCgroup | None:
+        """The cgroup holding one instance's processes, when the spec has limits."""
+        from pytest_isolate.limits import HostCgroup, reap_cgroups
+
+        if spec.limits().needs_cgroup and not self._cgroups_reaped:
+            self._cgroups_reaped = True
+            reap_cgroups()
+        return HostCgroup.create(spec.limits(), f"environment {spec.name!r}")
 
     def provision(self, spec: EnvSpec) -> Entry:
         from pytest_isolate.images.rootfs import provision_rootfs

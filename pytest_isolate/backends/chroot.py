@@ -49,12 +49,23 @@ class ChrootBackend(RootfsBackend):
             "binds": [[m.src, m.dst, m.readonly] for m in mounts], "network": spec.network,
             "hostname": f"isolate-{spec.name}"[:63], "argv": agent_command(spec),
             "env": environment_variables(spec, pycache=True), "cwd": str(self.run.rootdir),
+            "disk": spec.limits().disk,
         }
         log = self.run.log_path(spec.name, "agent.log")
-        process = AgentProcess(launcher_argv(cfg), log, f"environment {spec.name!r}")
+        group = self.host_cgroup(spec)
 
         def cleanup() -> None:
+            if group is not None:
+                group.remove()
             shutil.rmtree(workdir, ignore_errors=True)
 
+        argv = launcher_argv(cfg)
+        try:
+            process = AgentProcess(group.wrap(argv) if group else argv, log,
+                                   f"environment {spec.name!r}")
+        except BaseException:
+            cleanup()
+            raise
+
         instance = Instance(spec, process, {"agent": log, "provision": image.log}, cleanup)
-        return handshake_or_stop(instance, agent_settings(self.run, mounts))
+        return handshake_or_stop(instance, agent_settings(self.run, spec, mounts))

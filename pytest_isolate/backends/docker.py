@@ -90,7 +90,9 @@ from pytest_isolate.backends.base import (
 from pytest_isolate.backends.host import process_start_time
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
+from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, ProvisionError
+from pytest_isolate.limits import cpu_list, host_cpus
 from pytest_isolate.spec import EnvSpec, content_hash
 
 START_TIMEOUT = 60.0
@@ -407,6 +409,13 @@ class DockerBackend(Backend):
     needs_root = False  # root, or membership of the engine's group
     supports_snapshot = True
     packages = ("docker.io", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
+    options = {
+        "docker_network": Option("a string", "the network to join when the spec has "
+                                 "network = true (default: the engine's bridge)"),
+        "docker_transfer": Option("a string", "how the project and pytest reach the "
+                                  "container (default: bind for a local engine, else copy)",
+                                  choices=("bind", "copy")),
+    }
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
@@ -701,6 +710,18 @@ class DockerBackend(Backend):
         mounts = [docker.types.Mount(target=dst, source=src, type="bind", read_only=bool(ro))
                   for src, dst, ro in binds]
         name = f"pytest-isolate-{spec.name}-{purpose}-{uuid.uuid4().hex[:10]}"
+        limits = spec.limits()
+        resources: dict[str, Any] = {}
+        if purpose == "run":  # setup commands build the image: the spec's limits are for tests
+            if limits.memory is not None:
+                resources.update(mem_limit=limits.memory, memswap_limit=limits.memory)
+            if limits.pids is not None:
+                resources["pids_limit"] = limits.pids
+            if limits.cpus is not None:
+                resources["nano_cpus"] = int(limits.cpus * 1e9)
+                if self.local_engine():  # a remote engine's CPUs are not ours to count
+                    cpus = host_cpus(limits.cpu_count() or 1)
+                    resources["cpuset_cpus"] = cpu_list(cpus)
         try:
             return self.client().containers.create(
                 image, command=[spec.option("python", "python3"), "-c", MAIN_PROCESS],
@@ -708,6 +729,7 @@ class DockerBackend(Backend):
                 labels=self.labels(spec), network_mode=self.network_mode(spec),
                 cap_add=["SYS_ADMIN"], security_opt=self.security_opt() or None, mounts=mounts,
                 platform=platform_of(spec), detach=True, stdin_open=False, tty=False,
+                **resources,
             )
         except docker.errors.APIError as exc:
             raise ProvisionError(f"docker: cannot create a container of {image}: {exc}") from None
@@ -760,7 +782,7 @@ class DockerBackend(Backend):
             raise
         logs = {"agent": agent_log, "container": container_log, "provision": provision_log}
         instance = Instance(spec, process, logs, cleanup)
-        return handshake_or_stop(instance, agent_settings(self.run, mounts, lower="/"),
+        return handshake_or_stop(instance, agent_settings(self.run, spec, mounts, lower="/"),
                                  START_TIMEOUT)
 
     def _save_log(self, container: Any, path: Path) -> None:

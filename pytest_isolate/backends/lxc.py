@@ -90,6 +90,7 @@ from pytest_isolate.backends.host import run_quiet as _run
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.limits import Limits, cgroup_v2, cgroup_values, host_cpus
 from pytest_isolate.spec import EnvSpec
 
 START_TIMEOUT = 60.0
@@ -211,7 +212,7 @@ class LxcBackend(RootfsBackend):
 
     def reap(self) -> list[str]:
         """Destroy what killed runs left behind (once per backend instance)."""
-        names = reap(self.run.work_dir.parent.parent)
+        names = reap(self.run.work_dir.parent.parent) + super().reap()
         for name in names:
             self.run.progress(f"lxc: removed container {name} left by an interrupted run")
         return names
@@ -236,6 +237,7 @@ class LxcBackend(RootfsBackend):
         ]
         for dev in ("1:3", "1:5", "1:7", "1:8", "1:9", "5:0", "5:1", "5:2", "136:*"):
             lines.append(f"lxc.cgroup.devices.allow = c {dev} rwm")
+        lines += limit_lines(spec.limits())
         if SECCOMP_PROFILE.exists():
             lines.append(f"lxc.seccomp.profile = {SECCOMP_PROFILE}")
         lines += [f"lxc.log.file = {log}", "lxc.log.level = NOTICE"]
@@ -249,9 +251,11 @@ class LxcBackend(RootfsBackend):
             opts = f"{'ro' if readonly else 'rw'},bind,create={kind}"
             return f"lxc.mount.entry = {fstab_path(src)} {fstab_path(dst.lstrip('/'))} none {opts} 0 0"
 
-        lines.append("lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,create=dir 0 0")
+        size = f"size={spec.limits().disk}"
+        lines.append(f"lxc.mount.entry = tmpfs dev/shm tmpfs rw,nosuid,nodev,mode=1777,{size},"
+                     "create=dir 0 0")
         lines.append(entry(str(rootfs), "/.isolate/lower", True))
-        lines.append("lxc.mount.entry = tmpfs .isolate/ws tmpfs rw,mode=755,create=dir 0 0")
+        lines.append(f"lxc.mount.entry = tmpfs .isolate/ws tmpfs rw,mode=755,{size},create=dir 0 0")
         for m in mounts:
             lines.append(entry(m.src, m.dst, m.readonly))
         if spec.network and os.path.exists("/etc/resolv.conf"):
@@ -309,7 +313,15 @@ class LxcBackend(RootfsBackend):
             raise
         instance = Instance(spec, process, {"agent": agent_log, "lxc": lxc_log,
                                             "provision": image.log}, cleanup)
-        return handshake_or_stop(instance, agent_settings(self.run, mounts), START_TIMEOUT)
+        return handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
+
+
+def limit_lines(limits: Limits) -> list[str]:
+    """The spec's memory, cpus and pids as lxc.cgroup.* (v1) or lxc.cgroup2.* keys."""
+    v2 = cgroup_v2()
+    cpus = host_cpus(limits.cpu_count() or 1) if limits.cpus else None
+    prefix = "lxc.cgroup2." if v2 else "lxc.cgroup."
+    return [f"{prefix}{key} = {value}" for key, value in cgroup_values(limits, v2, cpus).items()]
 
 
 def wait_gone(name: str, lxcpath: Path, timeout: float = 5.0) -> bool:

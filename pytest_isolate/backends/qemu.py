@@ -64,6 +64,7 @@ from pytest_isolate.backends.base import (
 )
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AGENT_SOURCE, Connection, log_tail
+from pytest_isolate.config import Option
 from pytest_isolate.errors import (
     AgentLost,
     AgentTimeout,
@@ -82,6 +83,7 @@ from pytest_isolate.images.kernel import (
     probe_kvm,
 )
 from pytest_isolate.images.rootfs import provision_rootfs
+from pytest_isolate.limits import cgroup_values
 from pytest_isolate.namespaces import check_foreign, check_namespaces, check_rootfs_builder
 from pytest_isolate.spec import EnvSpec, content_hash
 
@@ -98,6 +100,8 @@ BOOT_TIMEOUT = 120.0
 HANDSHAKE_TIMEOUT = 60.0
 QMP_TIMEOUT = 10.0
 MEMORY_MIB = 1024
+#: RAM a guest needs besides its memory limit: kernel, page cache of the root disk.
+GUEST_OVERHEAD_MIB = 256
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -311,6 +315,26 @@ class _Vm:
 TMP_PREFIX = "pytest-isolate-vm-"
 
 
+def vm_memory_mib(spec: EnvSpec) -> int:
+    """The guest's RAM: the spec's memory plus what the guest's kernel needs (the limit
+    itself is a cgroup in the guest, as on the host), else the option memory (MiB), else
+    1 GiB."""
+    if spec.memory is not None:
+        return (spec.memory >> 20) + GUEST_OVERHEAD_MIB
+    return int(spec.option("memory", MEMORY_MIB))
+
+
+def guest_limits(spec: EnvSpec) -> dict[str, str]:
+    """The limits the agent applies inside the guest (a cgroup v2 group of its own): the
+    CPU set is the guest's own CPUs (vm_cpus), the rest as on the host."""
+    return cgroup_values(spec.limits(), v2=True, cpus=None)
+
+
+def vm_cpus(spec: EnvSpec) -> int:
+    """Virtual CPUs: the spec's cpus rounded up, else the option cpus, else 1."""
+    return spec.limits().cpu_count() or int(spec.option("cpus", 1))
+
+
 def reap_temp_dirs() -> None:
     """Remove socket directories left by runs that were killed (their pid file names a dead pid)."""
     base = Path(tempfile.gettempdir())
@@ -370,6 +394,22 @@ class QemuBackend(Backend):
     supports_snapshot = True
     packages = ("qemu-system-x86", "qemu-system-arm", "qemu-utils", "e2fsprogs", "mmdebstrap",
                 "qemu-user-static", "binfmt-support", "arch-test")
+    options = {
+        "vm_driver": Option("a string", "QEMU driven directly, or a libvirt domain",
+                            choices=("qemu", "libvirt")),
+        "vm_snapshot": Option("true or false", "save the booted machine and restore it "
+                              "instead of booting"),
+        "libvirt_uri": Option("a string", "the libvirt connection of the libvirt driver"),
+        "accel": Option("a string", "the accelerator (auto: KVM after a probe, else TCG)",
+                        choices=("auto", "kvm", "tcg")),
+        "cpu": Option("a string", "the CPU model under TCG"),
+        "memory": Option("a whole number", "the guest's RAM in MiB when the spec has no "
+                         "memory key", minimum=64),
+        "cpus": Option("a whole number", "virtual CPUs when the spec has no cpus key",
+                       minimum=1),
+        "boot_timeout": Option("a number", "seconds to wait for the agent's port",
+                               minimum=1),
+    }
 
     def __init__(self, run: RunContext) -> None:
         super().__init__(run)
@@ -498,8 +538,7 @@ class QemuBackend(Backend):
             append += " isolate.probe"
         qemu = shutil.which(binary) or binary
         argv = [qemu, *machine, "-accel", accel, "-cpu", cpu,
-                "-m", str(spec.option("memory", MEMORY_MIB)),
-                "-smp", str(spec.option("cpus", 1)),
+                "-m", str(vm_memory_mib(spec)), "-smp", str(vm_cpus(spec)),
                 "-name", f"pytest-isolate:{self.run.run_id}:{spec.name}",
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-kernel", str(files.kernel), "-initrd", str(initrd), "-append", append]
@@ -638,7 +677,8 @@ class QemuBackend(Backend):
             instance.handshake(
                 {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
                  "binds": [rootdir] + [dst for _, dst in shipped]
-                 + (["/etc/resolv.conf"] if spec.network else []), "cwd": rootdir},
+                 + (["/etc/resolv.conf"] if spec.network else []), "cwd": rootdir,
+                 "disk": spec.limits().disk, "guest_limits": guest_limits(spec)},
                 timeout=timeout,
             )
             mark("agent ready")
@@ -826,8 +866,8 @@ class QemuBackend(Backend):
                else "")
         return (
             f"<domain type='qemu'><name>{escape(name)}</name>"
-            f"<memory unit='MiB'>{int(spec.option('memory', MEMORY_MIB))}</memory>"
-            f"<vcpu>{int(spec.option('cpus', 1))}</vcpu>"
+            f"<memory unit='MiB'>{vm_memory_mib(spec)}</memory>"
+            f"<vcpu>{vm_cpus(spec)}</vcpu>"
             f"<os><type arch='{arch}' machine='{machine[1]}'>hvm</type>"
             f"<kernel>{escape(str(files.kernel))}</kernel><initrd>{escape(str(initrd))}</initrd>"
             f"<cmdline>console={console} panic=-1 loglevel=4 rdinit=/init</cmdline></os>"

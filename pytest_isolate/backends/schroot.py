@@ -247,7 +247,7 @@ class SchrootBackend(RootfsBackend):
         self.check_rootfs(spec)
 
     def reap(self) -> list[str]:
-        names = reap()
+        names = reap() + super().reap()
         for name in names:
             self.run.progress(f"schroot: removed {name} left by an interrupted run")
         return names
@@ -335,6 +335,7 @@ class SchrootBackend(RootfsBackend):
         agent_log = self.run.log_path(spec.name, "agent.log")
         rootdir = str(self.run.rootdir)
         sessions: list[str] = []
+        group = self.host_cgroup(spec)
         workdir.mkdir(parents=True)
         with _LIVE_LOCK:
             _LIVE[name] = (sessions, str(workdir))
@@ -342,6 +343,8 @@ class SchrootBackend(RootfsBackend):
         def cleanup() -> None:
             with _LIVE_LOCK:
                 _LIVE.pop(name, None)
+            if group is not None:
+                group.remove()
             for s in sessions:
                 end_session(s, log)
             remove_definition(name, str(workdir))
@@ -375,14 +378,15 @@ class SchrootBackend(RootfsBackend):
                     "schroot", "-r", "-c", session, "-d", "/", "--",
                     "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
                     *agent_command(spec)]
-            process = AgentProcess(argv, agent_log, f"environment {spec.name!r}")
+            process = AgentProcess(group.wrap(argv) if group else argv, agent_log,
+                                   f"environment {spec.name!r}")
         except BaseException:
             cleanup()
             raise
         instance = Instance(spec, process, {"agent": agent_log, "schroot": log,
                                             "provision": image.log}, cleanup)
         mounts = standard_mounts(self.run, spec, image)  # what the fstab above binds
-        return handshake_or_stop(instance, agent_settings(self.run, mounts), START_TIMEOUT)
+        return handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
 
 
 def wait_no_session(prefix: str, timeout: float = 10.0) -> bool:

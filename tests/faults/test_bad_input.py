@@ -103,28 +103,56 @@ def test_a_failed_start_shows_the_log_tail(inner: Inner) -> None:
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: values in an environment's options table "
-                   "are not validated: options.python = 3 reaches the launcher's execvpe "
-                   "(TypeError in agent.log) and the tests fail with 'the agent's stream ended'")
-def test_option_of_the_wrong_type_is_a_usage_error(inner: Inner) -> None:
-    toml = '[tool.pytest-isolate.envs.badpy]\nbackend = "chroot"\noptions = {python = 3}\n'
+@pytest.mark.parametrize(("options", "needle"), [
+    ("{python = 3}", "option 'python' must be a string, got 3"),
+    ('{vm_drvier = "libvirt"}', "unknown option 'vm_drvier' for backend 'chroot'"),
+], ids=["wrong-type", "unknown"])
+def test_bad_option_is_a_usage_error(inner: Inner, options: str, needle: str) -> None:
+    toml = f'[tool.pytest-isolate.envs.badpy]\nbackend = "chroot"\noptions = {options}\n'
     project(inner, toml, "badpy")
     result = inner.run()
     assert result.ret == USAGE
-    result.stderr.fnmatch_lines([
-        "ERROR: *pyproject.toml: [[]tool.pytest-isolate.envs.badpy[]]: option 'python' must be "
-        "a string, got 3*"])
+    result.stderr.fnmatch_lines([f"ERROR: *pyproject.toml: [[]tool.pytest-isolate.envs.badpy[]]: "
+                                 f"{needle}*"])
+    result.stdout.no_fnmatch_line("*passed*")
 
 
-@pytest.mark.xfail(strict=True, reason="core gap: package names are not checked before the "
-                   "build: an impossible name costs an mmdebstrap run and is reported as a "
-                   "provisioning failure of each test, not a usage error naming the key")
-def test_impossible_package_name_is_a_usage_error(inner: Inner) -> None:
+def test_qemu_options_are_checked_against_their_declaration(inner: Inner) -> None:
+    toml = ('[tool.pytest-isolate.envs.vm]\nbackend = "qemu"\n'
+            'options = {vm_driver = "virtualbox"}\n')
+    project(inner, toml, "vm")
+    result = inner.run()
+    assert result.ret == USAGE
+    result.stderr.fnmatch_lines(["ERROR: *envs.vm[]]: option 'vm_driver' must be one of "
+                                 "'qemu', 'libvirt', got 'virtualbox'*"])
+
+
+@pytest.mark.parametrize("name", ["no such package!", "gcc,make", "--allow-unauthenticated",
+                                  "Gcc"])
+def test_impossible_package_name_is_a_usage_error(inner: Inner, name: str) -> None:
+    """Checked before any build: a comma or a leading '-' would reach mmdebstrap's
+    --include as two packages or as an option."""
     toml = ('[tool.pytest-isolate.envs.nopkg]\nbackend = "chroot"\n'
-            'packages = ["no such package!"]\n')
+            f'packages = ["{name}"]\n')
     project(inner, toml, "nopkg")
+    builds = sorted((Path(inner.cache_dir) / "tmp").glob("rootfs-*"))
     result = inner.run(timeout=600)
     assert result.ret == USAGE
     result.stderr.fnmatch_lines([
         "ERROR: *pyproject.toml: [[]tool.pytest-isolate.envs.nopkg[]]*key 'packages'*"
-        "'no such package!'*"])
+        f"{name!r} is not a Debian package name*"])
+    assert sorted((Path(inner.cache_dir) / "tmp").glob("rootfs-*")) == builds
+
+
+@pytest.mark.parametrize(("line", "needle"), [
+    ('memory = "lots"', "key 'memory' must be a size such as \"512M\""),
+    ('disk = "10k"', "disk = '10k' is below the minimum of 1M"),
+    ("pids = 2", "key 'pids' must be a whole number >= 16"),
+    ('cpus = "all"', "key 'cpus' must be a number of CPUs"),
+], ids=["memory", "disk", "pids", "cpus"])
+def test_bad_limit_is_a_usage_error(inner: Inner, line: str, needle: str) -> None:
+    project(inner, f'[tool.pytest-isolate.envs.lim]\nbackend = "chroot"\n{line}\n', "lim")
+    result = inner.run()
+    assert result.ret == USAGE
+    result.stderr.fnmatch_lines(["ERROR: *pyproject.toml: [[]tool.pytest-isolate.envs.lim[]]*"])
+    assert needle in result.stderr.str()

@@ -91,6 +91,14 @@ BAD_TABLES = {
                                        "trixie"]),
     "release-typo": ('release = "bookwrom"', ["did you mean 'bookworm'?"]),
     "negative-timeout": ("timeout = -1", ["key 'timeout' must be a positive number of seconds"]),
+    "memory-text": ('memory = "a lot"', ["key 'memory' must be a size such as", "'a lot'"]),
+    "memory-small": ('memory = "1M"', ["memory = '1M' is below the minimum of 64M"]),
+    "pids-float": ("pids = 100.5", ["key 'pids' must be a whole number >= 16", "100.5"]),
+    "cpus-zero": ("cpus = 0", ["key 'cpus' must be a number of CPUs", "got 0"]),
+    "package": ('packages = ["gcc make"]', ["'gcc make' is not a Debian package name",
+                                            "key 'packages'"]),
+    # the fake backend declares no options: only the common ones are checked
+    "option-type": ("options = {python = 3}", ["option 'python' must be a string, got 3"]),
 }
 
 
@@ -235,3 +243,32 @@ def test_config_error_messages_name_their_source() -> None:
         cfg.resolve_envs({"envs": {"bad name": {"backend": "fake"}}}, Path("p"), ["fake"])
     with pytest.raises(ConfigError, match=textwrap.dedent(r"unsupported reset 'never'")):
         cfg.with_overrides(mine, {"reset": "never"}, "here")
+
+
+def test_limits_are_parsed_with_their_units() -> None:
+    from pytest_isolate.config import resolve_envs
+    from pytest_isolate.limits import DEFAULT_DISK, Limits
+
+    specs = resolve_envs({"envs": {"a": {"backend": "fake", "memory": "1.5G", "disk": "64MiB",
+                                         "pids": 100, "cpus": 0.5},
+                                   "b": {"backend": "fake", "memory": 134217728}}},
+                         Path("pyproject.toml"), ["fake"])
+    assert specs["a"].limits() == Limits(memory=3 << 29, cpus=0.5, pids=100, disk=64 << 20)
+    assert specs["b"].limits() == Limits(memory=128 << 20, disk=DEFAULT_DISK)
+    assert specs["a"].limits().cpu_count() == 1
+    # limits are not part of the root filesystem: the same image serves both
+    assert specs["a"].rootfs_key() == specs["b"].rootfs_key()
+
+
+def test_cgroup_values_v1_and_v2() -> None:
+    from pytest_isolate.limits import Limits, cgroup_values
+
+    limits = Limits(memory=128 << 20, cpus=1.5, pids=64)
+    assert cgroup_values(limits, v2=True, cpus=[0, 1]) == {
+        "memory.max": str(128 << 20), "memory.swap.max": "0", "pids.max": "64",
+        "cpu.max": "150000 100000", "cpuset.cpus": "0,1"}
+    assert cgroup_values(limits, v2=False, cpus=[1]) == {
+        "memory.limit_in_bytes": str(128 << 20), "memory.memsw.limit_in_bytes": str(128 << 20),
+        "pids.max": "64", "cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "150000",
+        "cpuset.cpus": "1"}
+    assert cgroup_values(Limits(), v2=True, cpus=None) == {}
