@@ -571,6 +571,15 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
     dry = args.dry_run
     verb = "would remove" if dry else "removed"
 
+    # 0. what killed runs left outside the cache: containers, sessions, cgroups
+    if dry:
+        out("leftovers of killed runs (containers, sessions, cgroups): not looked for in a "
+            "dry run")
+    else:
+        removed = reap_leftovers(cache)
+        out(f"removed {len(removed)} leftovers of killed runs"
+            + (f": {', '.join(removed)}" if removed else ""))
+
     # 1. build directories left by killed runs (their build lock is free)
     out(f"{verb} {clean_tmp(cache.root, dry)} stale build directories")
 
@@ -626,6 +635,26 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
         out(f"still above --max-size {format_size(args.max_size)}: "
             "the remaining entries are in use or were used recently")
     return 0
+
+
+def reap_leftovers(cache: Cache) -> list[str]:
+    """Every built-in backend's reap(): what runs whose process is gone left behind."""
+    from pytest_isolate.backends import BUILTIN_BACKENDS
+    from pytest_isolate.backends.base import RunContext
+
+    base = cache.root / "runs" / "gc"
+    ctx = RunContext(run_id="gc", rootdir=Path.cwd(), cache=cache, log_dir=base / "logs",
+                     work_dir=base / "work", progress=lambda message: None)
+    removed: list[str] = []
+    for name in sorted(BUILTIN_BACKENDS):
+        cls, _ = load_backend(name)
+        if cls is None:
+            continue
+        try:
+            removed += [r for r in cls(ctx).reap() if r not in removed]
+        except Exception as exc:  # best effort: an engine that is down has nothing to reap
+            out(f"{name}: could not look for leftovers: {type(exc).__name__}: {exc}")
+    return removed
 
 
 def cmd_cache_rm(args: argparse.Namespace, project: Project) -> int:

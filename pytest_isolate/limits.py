@@ -270,10 +270,14 @@ class HostCgroup:
 
 
 def remove_dirs(dirs: list[Path], timeout: float = 5.0) -> list[Path]:
-    """Kill the processes of each group, then rmdir it; returns those removed."""
+    """Kill the processes of each group and of the groups below it, then rmdir them all,
+    the deepest first; returns the dirs (of those given) removed."""
     removed = []
     deadline = time.monotonic() + timeout
-    for d in dirs:
+    for top in dirs:
+        below = [Path(d) for d, _, _ in os.walk(top, topdown=False)][:-1]
+        remove_dirs(below, max(0.0, deadline - time.monotonic()))
+        d = top
         while True:
             try:
                 pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]

@@ -61,6 +61,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -170,7 +171,29 @@ def reap(runs_dir: Path) -> list[str]:
         if not owner_alive(label):
             destroy_container(label_path.parent.name, label_path.parent.parent)
             reaped.append(label_path.parent.name)
+    reaped += leftover_cgroups()
     return sorted(set(reaped))
+
+
+_RUN_PID = re.compile(r"^lxc\.(?:monitor|payload|pivot)\." + PREFIX + r"\d{8}-\d{6}-(\d+)-")
+
+
+def leftover_cgroups() -> list[str]:
+    """LXC's cgroups of our containers whose monitor was killed (LXC removes them when a
+    container stops; a SIGKILLed monitor cannot): removed once no monitor of that name
+    runs and the run's process (its pid is in the name) is gone."""
+    from pytest_isolate.limits import CGROUP_ROOT, remove_dirs
+
+    live = {name for _, _, name in monitors()}
+    found: list[Path] = []
+    with contextlib.suppress(OSError):
+        for hierarchy in [CGROUP_ROOT, *CGROUP_ROOT.iterdir()]:
+            for path in hierarchy.glob(f"lxc.*.{PREFIX}*"):
+                m = _RUN_PID.match(path.name)
+                name = path.name.split(".", 2)[2]
+                if m and name not in live and not os.path.exists(f"/proc/{m.group(1)}"):
+                    found.append(path)
+    return sorted({p.name.split(".", 2)[2] for p in remove_dirs(found, timeout=1.0)})
 
 
 _LIVE: dict[str, Path] = {}

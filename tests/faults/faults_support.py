@@ -190,6 +190,17 @@ def work_left(cache_dir: str, run_id: str) -> list[str]:
     return sorted(str(p.relative_to(work)) for p in work.rglob("*"))
 
 
+def cgroups(run_id: str) -> list[str]:
+    """cgroups of one run: pytest-isolate's own (named by the run's pid) and LXC's (named
+    after the run's containers), in every hierarchy."""
+    pid = run_id.split("-")[2]
+    found = []
+    for path in Path("/sys/fs/cgroup").glob("**/*pytest-isolate-*"):
+        if path.name.startswith(f"pytest-isolate-{pid}-") or safe_name(run_id) in path.name:
+            found.append(str(path))
+    return sorted(found)
+
+
 @dataclasses.dataclass
 class HostState:
     """What one run has on the host."""
@@ -201,6 +212,7 @@ class HostState:
     monitors: list[str]
     mounts: list[str]
     work: list[str]
+    cgroups: list[str]
 
     def summary(self) -> str:
         return "\n".join(f"{k}: {v}" for k, v in dataclasses.asdict(self).items())
@@ -215,6 +227,7 @@ def host_state(cache_dir: str, run_id: str, processes: dict[tuple[int, str], str
         monitors=lxc_monitors(run_id),
         mounts=mounts(safe_name(run_id)),
         work=work_left(cache_dir, run_id),
+        cgroups=cgroups(run_id),
     )
 
 

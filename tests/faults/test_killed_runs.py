@@ -48,6 +48,9 @@ def dead_run_source(tag: str) -> str:
     return "\n".join(lines)
 
 
+#: Both runs give every backend a memory limit: their groups must be reaped too.
+LIMITED = "".join(f'[tool.pytest-isolate.envs.{env}]\nmemory = "1G"\n\n' for env in BACKENDS)
+
 NEXT_RUN = """
     import pytest
 
@@ -79,6 +82,7 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Iter
     sc = Scenario(project, cache_dir)
     tag = sleep_tag()
     (project / "test_dead.py").write_text(dead_run_source(tag))
+    (project / "pyproject.toml").write_text(LIMITED)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
     with open(project / "dead.out", "wb") as out:
         proc = subprocess.Popen(pytest_cmd(cache_dir), cwd=project, stdout=out,
@@ -125,6 +129,9 @@ def cleanup(sc: Scenario) -> None:
     for definition in state.definitions:
         Path("/etc/schroot/chroot.d", definition).unlink(missing_ok=True)
         shutil.rmtree(Path("/etc/schroot", definition), ignore_errors=True)
+    from pytest_isolate.limits import remove_dirs
+
+    remove_dirs([Path(g) for g in state.cgroups], timeout=2.0)
     work = Path(sc.cache_dir) / "runs" / sc.run_id / "work"
     if work.exists() and not host_state(sc.cache_dir, sc.run_id, {}).mounts:
         shutil.rmtree(work, ignore_errors=True)
@@ -173,6 +180,14 @@ def test_no_mount_survives(killed_run: Scenario) -> None:
 
 def test_no_work_directory_survives(killed_run: Scenario) -> None:
     assert after_next(killed_run).work == []
+
+
+def test_no_cgroup_survives(killed_run: Scenario) -> None:
+    """The groups holding the limited environments (chroot's and schroot's own, LXC's):
+    their processes died with the run, the directories stay until reaped."""
+    assert killed_run.after_kill is not None and killed_run.after_kill.cgroups, \
+        killed_run.after_kill
+    assert after_next(killed_run).cgroups == []
 
 
 # ---------------------------------------------------------------- killed while building
@@ -261,3 +276,32 @@ def test_killed_build_is_never_used(killed_build: BuildScenario) -> None:
 
 def test_next_run_cleans_the_killed_build_directory(killed_build: BuildScenario) -> None:
     assert killed_build.tmp_after == []
+
+
+def test_cache_gc_removes_the_groups_of_dead_runs(cache_dir: str) -> None:
+    """`cache gc` reaps like a run does: a group whose owner is gone, with a process in it."""
+    from pytest_isolate.limits import CGROUP_ROOT, cgroup_v2, v1_hierarchy
+
+    done = subprocess.run(["true"], check=True)
+    assert done.returncode == 0
+    parent = CGROUP_ROOT / "pytest-isolate" if cgroup_v2() else v1_hierarchy("pids")
+    parent.mkdir(exist_ok=True)
+    group = parent / f"pytest-isolate-{2**22 + 7}-1-{os.getpid():08x}"  # no such owner
+    group.mkdir()
+    sleeper = subprocess.Popen(["/bin/sh", "-c", f'echo $$ > "{group}/cgroup.procs"; '
+                                "exec sleep 300"])
+    try:
+        wait_for("the sleeper to join the group",
+                 lambda: str(sleeper.pid) in (group / "cgroup.procs").read_text().split(), 10)
+        out = subprocess.run([sys.executable, "-m", "pytest_isolate", "cache", "gc",
+                              "--cache-dir", cache_dir], capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert out.returncode == 0, out.stderr
+        assert str(group) in out.stdout, out.stdout
+        assert not group.exists()
+        assert sleeper.wait(10) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        if group.exists():
+            group.rmdir()
