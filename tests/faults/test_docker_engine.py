@@ -65,6 +65,10 @@ def remove_private_engine() -> None:
             shutil.rmtree(path, ignore_errors=True)
     for path in (SOCK, PIDFILE):
         Path(path).unlink(missing_ok=True)
+    # the killed engine cannot remove its containers' groups (its --cgroup-parent)
+    from pytest_isolate.limits import remove_dirs
+
+    remove_dirs(sorted(Path("/sys/fs/cgroup").glob(f"*/{NAME}")), timeout=2.0)
 
 
 def engine_answers() -> bool:
