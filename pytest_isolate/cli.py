@@ -1222,7 +1222,9 @@ def build_parser() -> Parser:
     c.add_argument("--json", action="store_true", help="print a JSON document instead")
     c.set_defaults(handler=cmd_cache_ls)
     c = csub.add_parser("gc", parents=[common], help="remove old or excess entries",
-                        description="Remove stale build directories of killed runs, log "
+                        description="Remove what killed runs left outside the cache "
+                                    "(containers, LXC containers, schroot sessions, cgroups), "
+                                    "stale build directories of killed runs, log "
                                     "directories of finished runs (older than --max-age, default "
                                     f"{RUNS_MAX_AGE_DAYS:g} days), entries not used for --max-age "
                                     "days, then the least recently used entries until the cache "
