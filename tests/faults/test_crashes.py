@@ -5,8 +5,10 @@ Each case is a generated project run by a pytest subprocess against a real backe
 
 from __future__ import annotations
 
+import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from faults_support import (
@@ -145,6 +147,123 @@ def test_agent_killed_from_the_host(inner: Inner, env: str) -> None:
     assert elapsed < 30, elapsed
     assert inner.report()["environments"][env]["starts"] == 2
     assert find_processes(f"sleep {tag}") == {}
+
+
+def pid_namespace(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/pid")
+
+
+def namespace_init(agent: int) -> int:
+    """The host pid of PID 1 of the agent's PID namespace (the environment's init)."""
+    from faults_support import all_pids
+
+    ns = pid_namespace(agent)
+    for pid in all_pids():
+        try:
+            if pid_namespace(pid) != ns:
+                continue
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        nspid = next(line.split()[1:] for line in status.splitlines()
+                     if line.startswith("NSpid:"))
+        if nspid[-1] == "1":
+            return pid
+    raise AssertionError(f"no init in the PID namespace of {agent}")
+
+
+#: What runs as the environment's PID 1, by backend (chroot's is the agent itself:
+#: test_agent_killed_from_the_host covers it).
+INITS = {"docker": "python3", "lxc": "/bin/sleep infinity", "schroot": "schroot"}
+
+
+@pytest.mark.parametrize("env", sorted(INITS))
+def test_environment_init_killed_from_the_host(inner: Inner, env: str) -> None:
+    """SIGKILL of the environment's init (the container's main process, LXC's init, the
+    schroot session's first process): everything inside dies with it; the test fails with
+    the reason, and the next one gets a new environment."""
+    tag = sleep_tag()
+    inner.write("test_victim.py", VICTIM.format(env=env, tag=tag))
+    proc = inner.popen("--isolate-report=report.json")
+    try:
+        sleeper = wait_for(f"sleep {tag} inside {env}",
+                           lambda: list(find_processes(f"sleep {tag}")), 180, proc)[0]
+        agent = [p for p in ancestors(sleeper) if AGENT_CMDLINE_MARK in cmdline(p)
+                 and cmdline(p).startswith("python3 -u -c ")][-1]
+        init = namespace_init(agent)
+        assert cmdline(init).startswith(INITS[env]), (init, cmdline(init))
+        killed_at = time.monotonic()
+        kill_all([init])
+        proc.wait(120)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = inner.output()
+    assert "test_victim.py::test_victim FAILED" in out, out
+    assert "test_victim.py::test_next PASSED" in out, out
+    assert f"environment '{env}': the agent's stream ended" in out, out
+    assert "--- environment log tail ---" in out, out
+    assert elapsed < 30, elapsed
+    assert inner.report()["environments"][env]["starts"] == 2
+    assert find_processes(f"sleep {tag}") == {}
+
+
+VM_VICTIM = """
+    import time
+    import pytest
+
+    @pytest.mark.isolate("qemu_vm")
+    def test_victim():
+        with open("/dev/kmsg", "w") as f:  # level 2: shown on the console (console.log)
+            f.write("<2>isolate-victim-started {tag}\\n")
+        time.sleep(600)
+
+    @pytest.mark.isolate("qemu_vm")
+    def test_next():
+        pass
+"""
+
+
+def test_virtual_machine_killed_from_the_host(inner: Inner) -> None:
+    """SIGKILL of QEMU while a test runs in the VM: the test fails naming the environment,
+    with the console's tail; the next test runs in a new (restored) machine."""
+    from faults_support import run_id_of
+
+    tag = sleep_tag()
+    inner.write("test_victim.py", VM_VICTIM.format(tag=tag))
+    proc = inner.popen("--isolate-report=report.json")
+    try:
+        def started() -> str | None:
+            runs = list((Path(inner.cache_dir) / "runs").glob(f"*-{proc.pid}"))
+            if not runs:
+                return None
+            console = runs[0] / "logs" / "qemu_vm" / "console.log"
+            text = console.read_text(errors="replace") if console.exists() else ""
+            return runs[0].name if f"isolate-victim-started {tag}" in text else None
+
+        run_id = wait_for("the test to start in the VM", started, 300, proc)
+        assert run_id == run_id_of(inner.cache_dir, proc.pid)
+        qemus = [p for p, text in find_processes(f"pytest-isolate:{run_id}:qemu_vm").items()
+                 if text.startswith("/usr/bin/qemu-system") or "qemu-system" in text.split()[0]]
+        assert len(qemus) == 1, qemus
+        killed_at = time.monotonic()
+        kill_all(qemus)
+        proc.wait(120)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = inner.output()
+    assert "test_victim.py::test_victim FAILED" in out, out
+    assert "test_victim.py::test_next PASSED" in out, out
+    assert "environment 'qemu_vm'" in out, out
+    assert f"isolate-victim-started {tag}" in out, out  # the console's tail is shown
+    assert elapsed < 60, elapsed
+    assert inner.report()["environments"]["qemu_vm"]["starts"] == 2
+    assert find_processes(f"pytest-isolate:{run_id}:qemu_vm") == {}
 
 
 KILLPG = """
