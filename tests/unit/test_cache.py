@@ -165,3 +165,42 @@ def test_unwritable_root_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(ConfigError, match=r"where: cache directory '.*/file/c' is not writable"):
         Cache(blocker / "c", where="where")
+
+
+@pytest.mark.parametrize("damage", ["file-removed", "file-added", "dir-removed",
+                                    "image-rewritten"])
+def test_entry_changed_after_its_build_is_rebuilt(tmp_path: Path, damage: str) -> None:
+    """The manifest's seal: an entry whose data changed is never used, but rebuilt."""
+    cache = Cache(tmp_path / "c")
+    counter = tmp_path / "n"
+    counter.mkdir()
+    entry = cache.get_or_build("k", "key", counting_builder(counter), {}, tmp_path / "log")
+    assert len(entry.manifest["seal"]) == 64
+    time.sleep(0.01)  # a new modification time, even on coarse clocks
+    if damage == "file-removed":
+        (entry.data / "sub" / "more").unlink()
+    elif damage == "file-added":
+        (entry.data / "sub" / "intruder").write_text("x")
+    elif damage == "dir-removed":
+        (entry.data / "sub" / "more").unlink()
+        (entry.data / "sub").rmdir()
+    else:
+        (entry.data / "payload").write_text("rewritten, longer than before")
+    # a fresh process (a new Cache) checks the seal
+    fresh = Cache(tmp_path / "c")
+    assert fresh.lookup("k", "key") is None
+    rebuilt = fresh.get_or_build("k", "key", counting_builder(counter), {}, tmp_path / "log")
+    assert not rebuilt.hit and builds(counter) == 2
+    assert (rebuilt.data / "sub" / "more").exists()
+    assert not (rebuilt.data / "sub" / "intruder").exists()
+    assert Cache(tmp_path / "c").lookup("k", "key") is not None
+
+
+def test_untouched_entry_keeps_its_seal(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    counter = tmp_path / "n"
+    counter.mkdir()
+    cache.get_or_build("k", "key", counting_builder(counter), {}, tmp_path / "log")
+    for _ in range(3):
+        assert Cache(tmp_path / "c").lookup("k", "key") is not None
+    assert builds(counter) == 1
