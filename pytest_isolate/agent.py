@@ -840,18 +840,48 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any])
     # Inherited mounts may be shared (LXC makes every container mount shared): pivot_root
     # would fail with EINVAL and the worker's mounts would propagate back to the agent.
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # Three processes: this one (in the agent's PID namespace), PID 1 of the new namespace,
+    # and the test as PID 1's child.  The kernel drops every signal a namespace's init
+    # sends itself or gets from inside without a handler, so a test running as PID 1
+    # would survive its own kill(0, SIGKILL) or kill(getpid(), SIGKILL) and go on
+    # reporting.  PID 1 only waits (and reaps orphans) and hands the test's wait status
+    # up through a pipe; this process then ends the way the test ended, so the agent
+    # reports "killed by signal N" for a test killed by a signal (or the OOM killer).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test's kill(0, SIGINT) ends us too
+    r, w = os.pipe()
     pid = os.fork()
     if pid:
         sock.close()
+        os.close(w)
         while True:
             try:
                 _, status = os.waitpid(pid, 0)
                 break
             except InterruptedError:
                 continue
-        code = os.waitstatus_to_exitcode(status)
+        reported = os.read(r, 64)
+        os.close(r)
+        code = os.waitstatus_to_exitcode(int(reported) if reported else status)
+        if code < 0:
+            try:
+                signal.signal(-code, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # SIGKILL, SIGSTOP: no handler to reset
+            os.kill(os.getpid(), -code)
         return code if code >= 0 else 128 - code
+    os.close(r)
     set_pdeathsig()
+    test = os.fork()
+    if test:
+        sock.close()
+        while True:
+            child, status = os.waitpid(-1, 0)
+            if child == test:
+                write_all(w, str(status).encode())
+                os._exit(0)
+    os.close(w)
+    set_pdeathsig()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ws = "/.isolate/ws"
     mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(agent.settings.get("disk")))
     server = WorkerServer(agent, sock, ch, req, root=None)

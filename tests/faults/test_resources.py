@@ -164,7 +164,7 @@ def test_spec_limits_are_enforced(inner: Inner, backend: str) -> None:
     result.assert_outcomes(passed=5, failed=1)
     result.stdout.fnmatch_lines([
         "*test_limited.py::test_memory FAILED*",
-        "test worker inside environment 'limited' ended: * out of memory (the kernel's OOM "
+        "test worker inside environment 'limited' ended: killed by signal 9: out of memory (the kernel's OOM "
         "killer ran); the environment's memory limit is 128M (*pyproject.toml: "
         "[[]tool.pytest-isolate.envs.limited[]] key 'memory')",
     ])
