@@ -2,9 +2,10 @@
 
 One scenario per module (module-scoped fixtures, so the kill happens once): the
 dead run had an environment of every backend running; what it left is counted
-right after the kill and again after the next run, resource by resource.  Each
-test asserts one kind of resource, so a resource the core does not reap yet
-shows as its own xfail.
+right after the kill and again after the next run, resource by resource
+(processes, containers, LXC containers, schroot sessions and definitions, mounts,
+work directories, cgroups).  Each test asserts one kind of resource, so a kind
+that is not reaped shows as its own failure.
 """
 
 from __future__ import annotations
