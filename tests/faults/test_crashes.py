@@ -296,17 +296,26 @@ KILLPG = """
     @pytest.mark.isolate({env!r})
     def test_f_next():
         pass
+
+    @pytest.mark.isolate({env!r})
+    def test_g_crashes():
+        import ctypes
+        ctypes.string_at(0)  # SIGSEGV
+
+    @pytest.mark.isolate({env!r})
+    def test_h_next():
+        pass
 """
 
 
 @pytest.mark.parametrize("env", BACKENDS)
 def test_a_test_signalling_itself_or_its_group_ends_only_itself(inner: Inner, env: str) -> None:
     """A test runs below the PID namespace's init (which the kernel protects from signals
-    sent inside): kill(0, sig) and kill(getpid(), SIGKILL) end the test, reported with the
-    signal, and nothing else; the next test runs in the same environment."""
+    sent inside): kill(0, sig), kill(getpid(), SIGKILL) and a crash end the test, reported
+    with the signal, and nothing else; the next test runs in the same environment."""
     inner.write("test_killpg.py", KILLPG.format(env=env))
     result = inner.run("--isolate-report=report.json", timeout=240)
-    result.assert_outcomes(passed=3, failed=3)
+    result.assert_outcomes(passed=4, failed=4)
     result.stdout.fnmatch_lines([
         "*test_killpg.py::test_a_signals_its_process_group FAILED*",
         "*test_killpg.py::test_b_next PASSED*",
@@ -314,10 +323,16 @@ def test_a_test_signalling_itself_or_its_group_ends_only_itself(inner: Inner, en
         "*test_killpg.py::test_d_next PASSED*",
         "*test_killpg.py::test_e_interrupts_its_process_group FAILED*",
         "*test_killpg.py::test_f_next PASSED*",
+        "*test_killpg.py::test_g_crashes FAILED*",
+        "*test_killpg.py::test_h_next PASSED*",
     ])
     out = result.stdout.str()
+    # the reasons as the FAILURES section prints them (lines of their own; the short
+    # summary repeats them after the test id)
+    lines = out.splitlines()
     ended = f"test worker inside environment '{env}' ended: killed by signal "
-    assert out.count(ended + f"{int(signal.SIGKILL)}\n") == 2, out
-    assert out.count(ended + f"{int(signal.SIGINT)}\n") == 1, out
+    assert lines.count(ended + f"{int(signal.SIGKILL)}") == 2, out
+    assert lines.count(ended + f"{int(signal.SIGINT)}") == 1, out
+    assert lines.count(ended + f"{int(signal.SIGSEGV)}") == 1, out
     assert "NOT-REACHED" not in out
     assert inner.report()["environments"][env]["starts"] == 1
