@@ -42,6 +42,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tarfile
@@ -270,24 +271,58 @@ class VmProcess:
 class LibvirtProcess:
     """The Transport of a libvirt domain."""
 
-    def __init__(self, dom: Any, sock: socket.socket, describe: str) -> None:
+    def __init__(self, dom: Any, sock: socket.socket, describe: str, name: str,
+                 local: bool) -> None:
         self.dom = dom
         self.sock = sock
         self.conn = Connection(sock.fileno(), sock.fileno(), describe)
+        self.name = name
+        self.local = local
 
     def alive(self) -> bool:
         try:
             return bool(self.dom.isActive()) and not self.conn.closed
         except Exception:
-            return False
+            # libvirtd may be gone while the machine runs on: the channel decides
+            return not self.conn.closed
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            if self.dom.isActive():
-                self.dom.destroy()
+        destroy_domain(self.dom, self.name, self.local)
         with contextlib.suppress(OSError):
             self.sock.close()
         self.conn.closed = True
+
+
+def destroy_domain(dom: Any, name: str, local: bool) -> None:
+    """Destroy a domain through libvirt; when libvirtd is gone (its QEMU lives on, kept
+    by -no-shutdown even after the guest powers off) and the domain is on this host,
+    kill its QEMU directly."""
+    try:
+        if dom.isActive():
+            dom.destroy()
+        return
+    except Exception:
+        if not local:
+            return
+    for pid in qemu_processes_of(name):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def qemu_processes_of(domain: str) -> list[int]:
+    """Host pids of the QEMU running libvirt domain `domain` (its -name guest=...)."""
+    found = []
+    needle = f"guest={domain},".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline and b"qemu-system" in cmdline.split(b"\0", 1)[0]:
+            found.append(int(entry))
+    return found
 
 
 @dataclasses.dataclass
@@ -797,10 +832,12 @@ class QemuBackend(Backend):
         dom: Any = None
         sock: socket.socket | None = None
 
+        local = uri.startswith("qemu:///")
+        name = f"pytest-isolate-{self.run.run_id}-{spec.name}-{os.urandom(3).hex()}"
+
         def cleanup() -> None:
-            with contextlib.suppress(Exception):
-                if dom is not None and dom.isActive():
-                    dom.destroy()
+            if dom is not None:
+                destroy_domain(dom, name, local)
             with contextlib.suppress(Exception):
                 if conn is not None:
                     conn.close()
@@ -811,7 +848,6 @@ class QemuBackend(Backend):
             files = self.files(image.data)
             initrd = tmp / "initrd.img"
             self.write_initrd(files.initramfs, initrd, spec, agent_command(spec))
-            name = f"pytest-isolate-{self.run.run_id}-{spec.name}-{os.urandom(3).hex()}"
             xml = self.domain_xml(spec, files, initrd, tmp, console_log, name)
             with open(qemu_log, "a") as log:
                 log.write(f"# libvirt {uri}: domain {name}\n{xml}\n")
@@ -836,7 +872,7 @@ class QemuBackend(Backend):
                 sock.close()
             cleanup()
             raise
-        process = LibvirtProcess(dom, sock, describe)
+        process = LibvirtProcess(dom, sock, describe, name, local)
         instance = Instance(spec, process, {"agent": console_log, "console": console_log,
                                             "qemu": qemu_log, "provision": image.log}, cleanup)
         # the agent's source waits in the socket until the guest opens its port: the

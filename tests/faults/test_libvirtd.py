@@ -1,0 +1,111 @@
+"""libvirtd killed with SIGKILL while a test runs in a libvirt domain.
+
+The machine itself lives on (QEMU is not libvirtd's child in any way that kills it,
+and the agent's channel is a socket of QEMU's): the running test and the next one in
+that machine pass.  A new environment needs libvirtd and fails at once, naming the
+URI.  At the end of the run the domain cannot be destroyed through libvirt, so its
+QEMU is killed directly: nothing keeps running.  The module restarts libvirtd the
+way scripts/services.sh starts it, whatever happens.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from faults_support import Inner, find_processes, kill_all, sleep_tag, wait_for
+
+pytestmark = pytest.mark.integration
+
+URI = "qemu:///system"
+SERVICES = Path(__file__).resolve().parents[2] / "scripts" / "services.sh"
+
+PYPROJECT = """
+    [tool.pytest-isolate.envs.lv]
+    backend = "qemu"
+    options = {{vm_driver = "libvirt", libvirt_uri = "{uri}"}}
+
+    [tool.pytest-isolate.envs.lv2]
+    backend = "qemu"
+    options = {{vm_driver = "libvirt", libvirt_uri = "{uri}"}}
+"""
+
+TESTS = """
+    import time
+    import pytest
+
+    @pytest.mark.isolate("lv")
+    def test_a_running_when_libvirtd_dies():
+        with open("/dev/kmsg", "w") as f:  # level 2: shown on the console (console.log)
+            f.write("<2>isolate-victim-started {tag}\\n")
+        time.sleep(8)
+
+    @pytest.mark.isolate("lv")
+    def test_b_same_machine_after():
+        pass
+
+    @pytest.mark.isolate("lv2")
+    def test_c_new_machine_needs_libvirtd():
+        pass
+"""
+
+
+def libvirtd_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True,
+                         check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def restart_libvirtd() -> None:
+    done = subprocess.run(["bash", str(SERVICES)], capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def libvirtd_restored() -> Iterator[None]:
+    assert libvirtd_pids(), "libvirtd is not running: scripts/services.sh starts it"
+    try:
+        yield
+    finally:
+        restart_libvirtd()
+
+
+def test_libvirtd_killed_mid_run(inner: Inner, libvirtd_restored: None) -> None:
+    tag = sleep_tag()
+    inner.write("pyproject.toml", PYPROJECT.format(uri=URI))
+    inner.write("test_lv.py", TESTS.format(tag=tag))
+    proc = inner.popen()
+    run_id = ""
+    try:
+        def started() -> str | None:
+            runs = list((Path(inner.cache_dir) / "runs").glob(f"*-{proc.pid}"))
+            if not runs:
+                return None
+            console = runs[0] / "logs" / "lv" / "console.log"
+            text = console.read_text(errors="replace") if console.exists() else ""
+            return runs[0].name if f"isolate-victim-started {tag}" in text else None
+
+        run_id = wait_for("the test to start in the libvirt domain", started, 300, proc)
+        domain_qemu = find_processes(f"guest=pytest-isolate-{run_id}-lv-")
+        assert len(domain_qemu) == 1, domain_qemu
+        kill_all(libvirtd_pids())
+        killed_at = time.monotonic()
+        proc.wait(180)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = inner.output()
+    assert "test_lv.py::test_a_running_when_libvirtd_dies PASSED" in out, out
+    assert "test_lv.py::test_b_same_machine_after PASSED" in out, out
+    assert "test_lv.py::test_c_new_machine_needs_libvirtd ERROR" in out, out
+    assert f"cannot connect to libvirt at {URI}" in out, out
+    assert "2 passed, 1 error" in out, out
+    assert elapsed < 60, elapsed
+    # the domain's QEMU did not outlive the run, though libvirt could not destroy it
+    assert find_processes(f"guest=pytest-isolate-{run_id}-") == {}
