@@ -471,7 +471,7 @@ def limit_guest(values: Dict[str, str]) -> None:
     if not os.path.exists(base + "/cgroup.controllers"):
         os.makedirs(base, exist_ok=True)
         mount("cgroup2", base, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    group = base + "/pytest-isolate"
+    group = base + "/pytest-isolate-agent"  # not "pytest-isolate": the host's groups' parent
     os.makedirs(group, exist_ok=True)
     controllers = sorted(set(k.split(".", 1)[0] for k in values))
     with open(base + "/cgroup.subtree_control", "w") as f:
