@@ -41,6 +41,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -309,6 +310,27 @@ def destroy_domain(dom: Any, name: str, local: bool) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+_RUN_NAME = re.compile(rb"(?:^|\0)-name\0(?:guest=)?pytest-isolate[:-](\d{8}-\d{6}-\d+)")
+
+
+def qemu_processes_of_runs() -> list[tuple[int, str]]:
+    """(pid, run id) of every QEMU named after a pytest-isolate run (``-name``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" not in cmdline.split(b"\0", 1)[0]:
+            continue
+        m = _RUN_NAME.search(cmdline)
+        if m:
+            found.append((int(entry), m.group(1).decode()))
+    return found
+
+
 def qemu_processes_of(domain: str) -> list[int]:
     """Host pids of the QEMU running libvirt domain `domain` (its -name guest=...)."""
     found = []
@@ -453,8 +475,23 @@ class QemuBackend(Backend):
         self._versions: dict[str, str] = {}
         #: how the last start() went: "boot (tcg)", "restore (tcg)", ... (for bench / logs)
         self.last_start = ""
+        self._reaped = False
 
     # ------------------------------------------------------------------ check
+    def reap(self) -> list[str]:
+        """QEMU processes (direct or libvirt's) and socket directories of runs whose
+        process is gone.  A guest powers itself off when its agent's channel closes;
+        this covers one that cannot (hung) and QEMU kept by libvirt's -no-shutdown."""
+        reaped = []
+        for pid, run_id in qemu_processes_of_runs():
+            owner = run_id.split("-")[2] if run_id.count("-") >= 2 else ""
+            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    reaped.append(f"qemu {pid} of run {run_id}")
+        reap_temp_dirs()
+        return reaped
+
     def check(self, spec: EnvSpec) -> None:
         if spec.arch not in ARCHES:
             raise BackendUnavailable(self.name, f"no VM support for architecture {spec.arch!r}",
@@ -621,6 +658,10 @@ class QemuBackend(Backend):
         return _Vm(proc, qmp, sock)
 
     def start(self, spec: EnvSpec, image: Entry) -> Instance:
+        if not self._reaped:
+            self._reaped = True
+            for what in self.reap():
+                self.run.progress(f"qemu: killed {what} (an interrupted run)")
         if self.driver(spec) == "libvirt":
             return self._start_libvirt(spec, image)
         describe = f"environment {spec.name!r}"

@@ -201,6 +201,21 @@ def cgroups(run_id: str) -> list[str]:
     return sorted(found)
 
 
+def vm_dirs(run_id: str) -> list[str]:
+    """The qemu backend's socket directories in /tmp that name the run's pid."""
+    import tempfile
+
+    pid = run_id.split("-")[2]
+    found = []
+    for path in Path(tempfile.gettempdir()).glob("pytest-isolate-vm-*"):
+        try:
+            if (path / "pid").read_text().strip() == pid:
+                found.append(str(path))
+        except OSError:
+            continue
+    return sorted(found)
+
+
 @dataclasses.dataclass
 class HostState:
     """What one run has on the host."""
@@ -213,6 +228,7 @@ class HostState:
     mounts: list[str]
     work: list[str]
     cgroups: list[str]
+    vm_dirs: list[str]
 
     def summary(self) -> str:
         return "\n".join(f"{k}: {v}" for k, v in dataclasses.asdict(self).items())
@@ -228,6 +244,7 @@ def host_state(cache_dir: str, run_id: str, processes: dict[tuple[int, str], str
         mounts=mounts(safe_name(run_id)),
         work=work_left(cache_dir, run_id),
         cgroups=cgroups(run_id),
+        vm_dirs=vm_dirs(run_id),
     )
 
 

@@ -38,11 +38,15 @@ from faults_support import (
 
 pytestmark = pytest.mark.integration
 
+#: The dead run also has a virtual machine running (QEMU, its socket directory in /tmp).
+VM = "qemu_vm"
+
+
 def dead_run_source(tag: str) -> str:
-    """A quick test in every backend but the last, whose test then sleeps: all of them
-    are running (instances live until the session ends) when the run is killed."""
+    """A quick test in the VM and every backend but the last, whose test then sleeps: all
+    of them are running (instances live until the session ends) when the run is killed."""
     lines = ["import subprocess", "import pytest", ""]
-    for env in BACKENDS[:-1]:
+    for env in (VM, *BACKENDS[:-1]):
         lines += [f"@pytest.mark.isolate({env!r})", f"def test_{env}():", "    pass", ""]
     lines += [f"@pytest.mark.isolate({BACKENDS[-1]!r})", "def test_zz_sleeps():",
               f"    subprocess.run(['sleep', {tag!r}])", ""]
@@ -100,7 +104,7 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Iter
         sc.after_kill = host_state(cache_dir, sc.run_id, sc.tree)
         (project / "test_dead.py").unlink()
         (project / "test_next.py").write_text(textwrap.dedent(NEXT_RUN).format(
-            envs=", ".join(repr(b) for b in BACKENDS)))
+            envs=", ".join(repr(b) for b in (VM, *BACKENDS))))
         done = subprocess.run(pytest_cmd(cache_dir), cwd=project, capture_output=True,
                               text=True, stdin=subprocess.DEVNULL, env=env, timeout=600,
                               check=False)
@@ -150,7 +154,7 @@ def test_the_dead_run_left_something_to_reap(killed_run: Scenario) -> None:
 
 def test_the_next_run_passes(killed_run: Scenario) -> None:
     assert killed_run.next_status == 0, killed_run.next_output
-    assert f"{len(BACKENDS)} passed" in killed_run.next_output, killed_run.next_output
+    assert f"{len(BACKENDS) + 1} passed" in killed_run.next_output, killed_run.next_output
 
 
 def after_next(sc: Scenario) -> HostState:
@@ -181,6 +185,15 @@ def test_no_mount_survives(killed_run: Scenario) -> None:
 
 def test_no_work_directory_survives(killed_run: Scenario) -> None:
     assert after_next(killed_run).work == []
+
+
+def test_no_virtual_machine_survives(killed_run: Scenario) -> None:
+    """The dead run's QEMU (a descendant of it: counted with the processes) and the
+    socket directory it had in /tmp."""
+    qemus = [text for text in killed_run.tree.values() if "qemu-system" in text.split(" ")[0]]
+    assert len(qemus) == 1, killed_run.tree
+    assert not [t for t in after_next(killed_run).processes.values() if "qemu-system" in t]
+    assert after_next(killed_run).vm_dirs == []
 
 
 def test_no_cgroup_survives(killed_run: Scenario) -> None:
@@ -306,3 +319,30 @@ def test_cache_gc_removes_the_groups_of_dead_runs(cache_dir: str) -> None:
         sleeper.wait()
         if group.exists():
             group.rmdir()
+
+
+def test_cache_gc_kills_the_qemu_of_a_dead_run(cache_dir: str) -> None:
+    """A QEMU named after a run whose pytest is gone (a guest that could not power itself
+    off) is killed by `cache gc`, as by the qemu backend's first start in a run."""
+    dead_run = f"20260101-000000-{2**22 + 11}"
+    fake = subprocess.Popen(["bash", "-c", 'exec -a qemu-system-x86_64 "$0" "$@"',
+                             sys.executable, "-c", "import time; time.sleep(300)",
+                             "-name", f"pytest-isolate:{dead_run}:qemu_vm"])
+    live_run = f"20260101-000000-{os.getpid()}"
+    live = subprocess.Popen(["bash", "-c", 'exec -a qemu-system-x86_64 "$0" "$@"',
+                             sys.executable, "-c", "import time; time.sleep(300)",
+                             "-name", f"guest=pytest-isolate-{live_run}-lv-abc,debug=on"])
+    try:
+        wait_for("the fake QEMUs", lambda: find_processes(dead_run) and find_processes(live_run),
+                 10)
+        out = subprocess.run([sys.executable, "-m", "pytest_isolate", "cache", "gc",
+                              "--cache-dir", cache_dir], capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert out.returncode == 0, out.stderr
+        assert f"qemu {fake.pid} of run {dead_run}" in out.stdout, out.stdout
+        assert fake.wait(10) == -signal.SIGKILL
+        assert live.poll() is None  # its run (this process) is alive
+    finally:
+        for p in (fake, live):
+            p.kill()
+            p.wait()
