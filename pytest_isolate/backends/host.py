@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,17 @@ def owner_alive(label: dict[str, Any]) -> bool:
         return False
     start = process_start_time(pid)
     return start is not None and start == label.get("start")
+
+
+def command_lines() -> Iterator[tuple[int, bytes]]:
+    """(pid, raw /proc/PID/cmdline: NUL-separated arguments) of every process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            yield int(entry), Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
 
 
 def safe_name(text: str) -> str:

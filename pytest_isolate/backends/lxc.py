@@ -82,6 +82,7 @@ from pytest_isolate.backends.base import (
     standard_mounts,
 )
 from pytest_isolate.backends.host import (
+    command_lines,
     fstab_path,
     owner_alive,
     owner_label,
@@ -118,19 +119,13 @@ def destroy_container(name: str, lxcpath: Path) -> None:
 def monitors() -> list[tuple[int, str, str]]:
     """(pid, lxcpath, name) of every running ``[lxc monitor]`` of one of our containers."""
     out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
+    for pid, cmdline in command_lines():
         text = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
         if not text.startswith("[lxc monitor] "):
             continue
         parts = text[len("[lxc monitor] "):].rsplit(" ", 1)
         if len(parts) == 2 and parts[1].startswith(PREFIX):
-            out.append((int(entry), parts[0], parts[1]))
+            out.append((pid, parts[0], parts[1]))
     return out
 
 

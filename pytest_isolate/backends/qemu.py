@@ -64,6 +64,7 @@ from pytest_isolate.backends.base import (
     need_tool,
     shipped_paths,
 )
+from pytest_isolate.backends.host import command_lines
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AGENT_SOURCE, Connection, log_tail
 from pytest_isolate.config import Option
@@ -316,35 +317,23 @@ _RUN_NAME = re.compile(rb"(?:^|\0)-name\0(?:guest=)?pytest-isolate[:-](\d{8}-\d{
 def qemu_processes_of_runs() -> list[tuple[int, str]]:
     """(pid, run id) of every QEMU named after a pytest-isolate run (``-name``)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" not in cmdline.split(b"\0", 1)[0]:
-            continue
+    for pid, cmdline in qemu_command_lines():
         m = _RUN_NAME.search(cmdline)
         if m:
-            found.append((int(entry), m.group(1).decode()))
+            found.append((pid, m.group(1).decode()))
     return found
+
+
+def qemu_command_lines() -> list[tuple[int, bytes]]:
+    """(pid, raw command line) of every QEMU system emulator running here."""
+    return [(pid, cmdline) for pid, cmdline in command_lines()
+            if b"qemu-system" in cmdline.split(b"\0", 1)[0]]
 
 
 def qemu_processes_of(domain: str) -> list[int]:
     """Host pids of the QEMU running libvirt domain `domain` (its -name guest=...)."""
-    found = []
     needle = f"guest={domain},".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline and b"qemu-system" in cmdline.split(b"\0", 1)[0]:
-            found.append(int(entry))
-    return found
+    return [pid for pid, cmdline in qemu_command_lines() if needle in cmdline]
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ names carry the run id, and the run's work directory in the cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -299,6 +300,47 @@ class Inner:
     def report(self, name: str = "report.json") -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.path / name).read_text())
         return data
+
+
+def console_mark(tag: str, indent: str = "        ") -> str:
+    """Source lines for a test inside a VM that make `isolate-victim-started TAG` appear on
+    the VM's console (see wait_for_console)."""
+    return (f'with open("/dev/kmsg", "w") as f:  # level 2: shown on the console\n'
+            f'{indent}    f.write("<2>isolate-victim-started {tag}\\n")')
+
+
+@contextlib.contextmanager
+def ended(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Kill the inner run proc on the way out if it still runs."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def kill_and_wait(proc: subprocess.Popen[bytes], pids: Any, timeout: float = 120.0) -> float:
+    """SIGKILL pids, then wait for the inner run proc to end; the seconds that took."""
+    killed_at = time.monotonic()
+    kill_all(pids)
+    proc.wait(timeout)
+    return time.monotonic() - killed_at
+
+
+def wait_for_console(inner: Inner, proc: subprocess.Popen[bytes], env: str, marker: str,
+                     timeout: float = 300.0) -> str:
+    """Wait until a VM's console (its console.log in the run proc's log directory) shows
+    marker -- a test inside writes it to /dev/kmsg; returns the run id."""
+    def seen() -> str | None:
+        runs = list((Path(inner.cache_dir) / "runs").glob(f"*-{proc.pid}"))
+        if not runs:
+            return None
+        console = runs[0] / "logs" / env / "console.log"
+        text = console.read_text(errors="replace") if console.exists() else ""
+        return runs[0].name if marker in text else None
+
+    return wait_for(f"{marker!r} on the console of {env}", seen, timeout, proc)
 
 
 def sleep_tag() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,14 @@ from faults_support import (
     Inner,
     ancestors,
     cmdline,
+    console_mark,
+    ended,
     find_processes,
-    kill_all,
+    kill_and_wait,
+    run_id_of,
     sleep_tag,
     wait_for,
+    wait_for_console,
 )
 
 pytestmark = pytest.mark.integration
@@ -114,13 +119,14 @@ VICTIM = """
 """
 
 
-@pytest.mark.parametrize("env", BACKENDS)
-def test_agent_killed_from_the_host(inner: Inner, env: str) -> None:
-    """SIGKILL of the agent process: the test fails with the reason, the next one passes."""
+def kill_during_victim(inner: Inner, env: str, pick: Callable[[int], int]) -> None:
+    """Run VICTIM in env, SIGKILL pick(agent pid) while test_victim sleeps, and check the
+    outcome: that test fails with the reason and the log tail, the next one passes in a
+    new environment, nothing of the first is left, and it took no time-out to notice."""
     tag = sleep_tag()
     inner.write("test_victim.py", VICTIM.format(env=env, tag=tag))
     proc = inner.popen("--isolate-report=report.json")
-    try:
+    with ended(proc):
         sleeper = wait_for(f"sleep {tag} inside {env}",
                            lambda: list(find_processes(f"sleep {tag}")), 180, proc)[0]
         # the agent: the outermost python3 running the bootstrap (the workers below it are
@@ -129,15 +135,7 @@ def test_agent_killed_from_the_host(inner: Inner, env: str) -> None:
         agents = [p for p in ancestors(sleeper)
                   if cmdline(p).startswith("python3 -u -c ") and AGENT_CMDLINE_MARK in cmdline(p)]
         assert agents, f"no agent among the ancestors of {sleeper}"
-        agent = agents[-1]
-        killed_at = time.monotonic()
-        kill_all([agent])
-        proc.wait(120)
-        elapsed = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        elapsed = kill_and_wait(proc, [pick(agents[-1])])
     out = inner.output()
     assert "test_victim.py::test_victim FAILED" in out, out
     assert "test_victim.py::test_next PASSED" in out, out
@@ -147,6 +145,12 @@ def test_agent_killed_from_the_host(inner: Inner, env: str) -> None:
     assert elapsed < 30, elapsed
     assert inner.report()["environments"][env]["starts"] == 2
     assert find_processes(f"sleep {tag}") == {}
+
+
+@pytest.mark.parametrize("env", BACKENDS)
+def test_agent_killed_from_the_host(inner: Inner, env: str) -> None:
+    """SIGKILL of the agent process: the test fails with the reason, the next one passes."""
+    kill_during_victim(inner, env, lambda agent: agent)
 
 
 def pid_namespace(pid: int) -> str:
@@ -182,32 +186,12 @@ def test_environment_init_killed_from_the_host(inner: Inner, env: str) -> None:
     """SIGKILL of the environment's init (the container's main process, LXC's init, the
     schroot session's first process): everything inside dies with it; the test fails with
     the reason, and the next one gets a new environment."""
-    tag = sleep_tag()
-    inner.write("test_victim.py", VICTIM.format(env=env, tag=tag))
-    proc = inner.popen("--isolate-report=report.json")
-    try:
-        sleeper = wait_for(f"sleep {tag} inside {env}",
-                           lambda: list(find_processes(f"sleep {tag}")), 180, proc)[0]
-        agent = [p for p in ancestors(sleeper) if AGENT_CMDLINE_MARK in cmdline(p)
-                 and cmdline(p).startswith("python3 -u -c ")][-1]
+    def init_of(agent: int) -> int:
         init = namespace_init(agent)
         assert cmdline(init).startswith(INITS[env]), (init, cmdline(init))
-        killed_at = time.monotonic()
-        kill_all([init])
-        proc.wait(120)
-        elapsed = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = inner.output()
-    assert "test_victim.py::test_victim FAILED" in out, out
-    assert "test_victim.py::test_next PASSED" in out, out
-    assert f"environment '{env}': the agent's stream ended" in out, out
-    assert "--- environment log tail ---" in out, out
-    assert elapsed < 30, elapsed
-    assert inner.report()["environments"][env]["starts"] == 2
-    assert find_processes(f"sleep {tag}") == {}
+        return init
+
+    kill_during_victim(inner, env, init_of)
 
 
 VM_VICTIM = """
@@ -216,8 +200,7 @@ VM_VICTIM = """
 
     @pytest.mark.isolate("qemu_vm")
     def test_victim():
-        with open("/dev/kmsg", "w") as f:  # level 2: shown on the console (console.log)
-            f.write("<2>isolate-victim-started {tag}\\n")
+        {mark}
         time.sleep(600)
 
     @pytest.mark.isolate("qemu_vm")
@@ -229,33 +212,17 @@ VM_VICTIM = """
 def test_virtual_machine_killed_from_the_host(inner: Inner) -> None:
     """SIGKILL of QEMU while a test runs in the VM: the test fails naming the environment,
     with the console's tail; the next test runs in a new (restored) machine."""
-    from faults_support import run_id_of
 
     tag = sleep_tag()
-    inner.write("test_victim.py", VM_VICTIM.format(tag=tag))
+    inner.write("test_victim.py", VM_VICTIM.format(mark=console_mark(tag)))
     proc = inner.popen("--isolate-report=report.json")
-    try:
-        def started() -> str | None:
-            runs = list((Path(inner.cache_dir) / "runs").glob(f"*-{proc.pid}"))
-            if not runs:
-                return None
-            console = runs[0] / "logs" / "qemu_vm" / "console.log"
-            text = console.read_text(errors="replace") if console.exists() else ""
-            return runs[0].name if f"isolate-victim-started {tag}" in text else None
-
-        run_id = wait_for("the test to start in the VM", started, 300, proc)
+    with ended(proc):
+        run_id = wait_for_console(inner, proc, "qemu_vm", f"isolate-victim-started {tag}")
         assert run_id == run_id_of(inner.cache_dir, proc.pid)
         qemus = [p for p, text in find_processes(f"pytest-isolate:{run_id}:qemu_vm").items()
-                 if text.startswith("/usr/bin/qemu-system") or "qemu-system" in text.split()[0]]
+                 if "qemu-system" in text.split()[0]]
         assert len(qemus) == 1, qemus
-        killed_at = time.monotonic()
-        kill_all(qemus)
-        proc.wait(120)
-        elapsed = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        elapsed = kill_and_wait(proc, qemus)
     out = inner.output()
     assert "test_victim.py::test_victim FAILED" in out, out
     assert "test_victim.py::test_next PASSED" in out, out

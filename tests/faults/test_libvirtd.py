@@ -11,12 +11,19 @@ way scripts/services.sh starts it, whatever happens.
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faults_support import Inner, find_processes, kill_all, sleep_tag, wait_for
+from faults_support import (
+    Inner,
+    console_mark,
+    ended,
+    find_processes,
+    kill_and_wait,
+    sleep_tag,
+    wait_for_console,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +46,7 @@ TESTS = """
 
     @pytest.mark.isolate("lv")
     def test_a_running_when_libvirtd_dies():
-        with open("/dev/kmsg", "w") as f:  # level 2: shown on the console (console.log)
-            f.write("<2>isolate-victim-started {tag}\\n")
+        {mark}
         time.sleep(8)
 
     @pytest.mark.isolate("lv")
@@ -77,29 +83,13 @@ def libvirtd_restored() -> Iterator[None]:
 def test_libvirtd_killed_mid_run(inner: Inner, libvirtd_restored: None) -> None:
     tag = sleep_tag()
     inner.write("pyproject.toml", PYPROJECT.format(uri=URI))
-    inner.write("test_lv.py", TESTS.format(tag=tag))
+    inner.write("test_lv.py", TESTS.format(mark=console_mark(tag)))
     proc = inner.popen()
-    run_id = ""
-    try:
-        def started() -> str | None:
-            runs = list((Path(inner.cache_dir) / "runs").glob(f"*-{proc.pid}"))
-            if not runs:
-                return None
-            console = runs[0] / "logs" / "lv" / "console.log"
-            text = console.read_text(errors="replace") if console.exists() else ""
-            return runs[0].name if f"isolate-victim-started {tag}" in text else None
-
-        run_id = wait_for("the test to start in the libvirt domain", started, 300, proc)
+    with ended(proc):
+        run_id = wait_for_console(inner, proc, "lv", f"isolate-victim-started {tag}")
         domain_qemu = find_processes(f"guest=pytest-isolate-{run_id}-lv-")
         assert len(domain_qemu) == 1, domain_qemu
-        kill_all(libvirtd_pids())
-        killed_at = time.monotonic()
-        proc.wait(180)
-        elapsed = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        elapsed = kill_and_wait(proc, libvirtd_pids(), timeout=180)
     out = inner.output()
     assert "test_lv.py::test_a_running_when_libvirtd_dies PASSED" in out, out
     assert "test_lv.py::test_b_same_machine_after PASSED" in out, out
