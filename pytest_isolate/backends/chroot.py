@@ -41,6 +41,7 @@ class ChrootBackend(RootfsBackend):
         self.check_rootfs(spec)
 
     def start(self, spec: EnvSpec, image: Entry) -> Instance:
+        group = self.host_cgroup(spec)  # first: it may refuse (limits need root here)
         workdir = self.run.work_dir / f"{spec.name}-{uuid.uuid4().hex[:8]}"
         workdir.mkdir(parents=True)
         mounts = standard_mounts(self.run, spec, image)
@@ -52,7 +53,6 @@ class ChrootBackend(RootfsBackend):
             "disk": spec.limits().disk,
         }
         log = self.run.log_path(spec.name, "agent.log")
-        group = self.host_cgroup(spec)
 
         def cleanup() -> None:
             if group is not None:

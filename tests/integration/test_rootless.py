@@ -96,3 +96,31 @@ def test_rootless_is_root_inside_but_not_outside(staging: Path) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "test_inside PASSED" in result.stdout
     assert "test_outside PASSED" in result.stdout
+
+
+def test_rootless_limits(staging: Path) -> None:
+    """Rootless: the disk bound works (tmpfs sizes in the user namespace); memory, cpus and
+    pids need the cgroup filesystem, which this user cannot write: a clear error, not a
+    silently unlimited environment."""
+    (staging / "pyproject.toml").write_text(
+        (staging / "pyproject.toml").read_text()
+        + '\n[tool.pytest-isolate.envs.small-disk]\nbackend = "chroot"\ndisk = "32M"\n'
+        + '\n[tool.pytest-isolate.envs.small-memory]\nbackend = "chroot"\nmemory = "256M"\n')
+    test = staging / "tests" / "test_limits.py"
+    test.write_text(
+        "import os, pytest\n"
+        "@pytest.mark.isolate('small-disk')\n"
+        "def test_disk():\n"
+        "    st = os.statvfs('/tmp')\n"
+        "    assert st.f_blocks * st.f_frsize == 32 << 20\n"
+        "@pytest.mark.isolate('small-memory')\n"
+        "def test_memory():\n"
+        "    pass\n"
+    )
+    os.chmod(test, 0o644)
+    result = run_as_user(staging, "tests/test_limits.py", "--isolate-strict", "-v")
+    out = result.stdout
+    assert "test_disk PASSED" in out, out[-4000:] + result.stderr[-2000:]
+    assert "test_memory ERROR" in out, out[-4000:]
+    assert "environment 'small-memory': cannot apply the resource limits" in out, out[-4000:]
+    assert "need write access to the cgroup filesystem (run as root)" in out, out[-4000:]
