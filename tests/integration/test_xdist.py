@@ -333,3 +333,78 @@ def test_a_killed_worker_leaves_nothing_behind(project: Project, built: Run) -> 
     # ... and no mount below it
     with open("/proc/self/mountinfo") as f:
         assert [ln for ln in f if cache in ln] == []
+
+
+VM_TESTS = '''\
+import platform
+
+import pytest
+
+
+@pytest.mark.isolate("qemu_vm")
+def test_x1():
+    assert platform.machine() == "x86_64"
+
+
+@pytest.mark.isolate("arm64_vm")
+def test_a1():
+    assert platform.machine() == "aarch64"
+
+
+@pytest.mark.isolate("qemu_vm")
+def test_x2():
+    assert platform.machine() == "x86_64"
+
+
+@pytest.mark.isolate("arm64_vm")
+def test_a2():
+    assert platform.machine() == "aarch64"
+
+
+@pytest.mark.isolate("qemu_vm")
+def test_x3():
+    assert platform.machine() == "x86_64"
+
+
+@pytest.mark.isolate("arm64_vm")
+def test_a3():
+    assert platform.machine() == "aarch64"
+'''
+
+
+def qemu_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "^[^ ]*qemu-system"], capture_output=True, text=True,
+                         check=False).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_virtual_machines_on_two_workers(tmp_path: Path, pytestconfig: pytest.Config) -> None:
+    """`-n 2` over qemu_vm and arm64_vm with the suite's warm cache: each worker restores its
+    own machines from the saved states (no build), every test passes, no QEMU is left."""
+    manager = pytestconfig.pluginmanager.get_plugin("isolate-manager")
+    cache = manager.cache.root
+    (tmp_path / "test_vms.py").write_text(VM_TESTS)
+    before = qemu_pids()
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))}
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "--dist", "load", "-v", "-p",
+         "no:cacheprovider", "--isolate-strict", f"--isolate-cache-dir={cache}",
+         f"--isolate-report={report}", "test_vms.py"],
+        cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=1200)
+    out = result.stdout
+    assert result.returncode == 0, out[-6000:] + result.stderr[-2000:]
+    assert re.search(r"\b6 passed\b", out), out[-3000:]
+    data = json.loads(report.read_text())
+    for env in ("qemu_vm", "arm64_vm"):
+        stats = data["environments"][env]
+        assert stats["tests"] == 3, stats
+        assert stats["cache_hit"] is True, stats  # nothing built: the suite's images
+        assert 1 <= stats["starts"] <= 2, stats  # one machine per worker that ran it
+    ran_on = {m.group(1) for m in re.finditer(r"\[(gw\d)\] \[[ \d%]+\] PASSED", out)}
+    assert ran_on == {"gw0", "gw1"}, out[-3000:]
+    deadline = time.monotonic() + 15
+    while qemu_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert qemu_pids() - before == set()
