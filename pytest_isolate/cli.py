@@ -320,10 +320,16 @@ def summarize(manifest: dict[str, Any]) -> str:
     return " ".join(parts)[:60]
 
 
+def rootfs_key_of(spec: EnvSpec) -> str:
+    """The key of the root filesystem spec's backend builds (a VM's has a kernel too)."""
+    cls, _ = load_backend(spec.backend)
+    return (cls.rootfs_spec(spec) if cls is not None else spec).rootfs_key()
+
+
 def envs_by_key(specs: dict[str, EnvSpec]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for name, spec in specs.items():
-        found.setdefault(spec.rootfs_key(), []).append(name)
+        found.setdefault(rootfs_key_of(spec), []).append(name)
     return found
 
 
@@ -716,7 +722,7 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
             elif isinstance(value, tuple):
                 value = list(value)
             values[key] = {"value": value, "source": spec.source(key)}
-        key = spec.rootfs_key()
+        key = rootfs_key_of(spec)
         result[name] = {
             "backend": spec.backend,
             "builtin": name in config.BUILTIN_ENVS,

@@ -241,6 +241,12 @@ class Backend(abc.ABC):
     #: starts (with the common ones, e.g. python).  None: not declared, not checked.
     options: ClassVar[Mapping[str, Option] | None] = None
 
+    @classmethod
+    def rootfs_spec(cls, spec: EnvSpec) -> EnvSpec:
+        """The spec of the Debian root filesystem this backend builds for spec (a backend
+        that adds packages says so here; `cache ls` and `envs` show the right key)."""
+        return spec
+
     def __init__(self, run: RunContext) -> None:
         self.run = run
         #: The engine this object drives: a pool host's endpoint (a Docker URL, a libvirt

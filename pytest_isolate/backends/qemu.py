@@ -467,6 +467,10 @@ class QemuBackend(Backend):
         self._reaped = False
 
     # ------------------------------------------------------------------ check
+    @classmethod
+    def rootfs_spec(cls, spec: EnvSpec) -> EnvSpec:
+        return vm_rootfs_spec(spec)
+
     def reap(self) -> list[str]:
         """QEMU processes (direct or libvirt's) and socket directories of runs whose
         process is gone.  A guest powers itself off when its agent's channel closes;
@@ -499,7 +503,7 @@ class QemuBackend(Backend):
     # -------------------------------------------------------------- provision
     def provision(self, spec: EnvSpec) -> Entry:
         log = self.run.log_path(spec.name, "provision.log")
-        rootfs = provision_rootfs(vm_rootfs_spec(spec), self.run.cache, log, self.run.rootdir,
+        rootfs = provision_rootfs(self.rootfs_spec(spec), self.run.cache, log, self.run.rootdir,
                                   self.run.progress)
         fields = {"format": VMDISK_FORMAT, "initramfs": ird.INITRAMFS_FORMAT,
                   "rootfs": rootfs.key}

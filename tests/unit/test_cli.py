@@ -373,6 +373,18 @@ def test_envs_without_pyproject_lists_builtins(tmp_path: Path) -> None:
     assert set(data["envs"]) == set(config.BUILTIN_ENVS)
 
 
+def test_envs_shows_the_root_filesystem_a_vm_boots(tmp_path: Path) -> None:
+    """A VM's root filesystem has a kernel and busybox besides the spec's packages: its
+    key is not the chroot's, and `envs` / `cache ls` name the one the backend builds."""
+    from pytest_isolate.backends.qemu import vm_rootfs_spec
+
+    data = json.loads(cli("envs", "--json", "qemu_vm", "chroot", cwd=tmp_path).stdout)
+    specs = config.resolve_envs({}, None, BUILTIN_BACKENDS)
+    assert data["envs"]["qemu_vm"]["rootfs_key"] == vm_rootfs_spec(specs["qemu_vm"]).rootfs_key()
+    assert data["envs"]["chroot"]["rootfs_key"] == specs["chroot"].rootfs_key()
+    assert data["envs"]["qemu_vm"]["rootfs_key"] != data["envs"]["chroot"]["rootfs_key"]
+
+
 def test_envs_unknown_name(project: Path) -> None:
     line = one_line_error(cli("envs", "chrot", cwd=project))
     assert "unknown environment 'chrot'" in line and "did you mean 'chroot'" in line
