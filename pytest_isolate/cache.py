@@ -232,8 +232,14 @@ class Cache:
             return Entry(kind, key, final, manifest, hit=False, build_seconds=seconds)
 
     def hold(self, entry: Entry) -> Callable[[], None]:
-        """Mark entry in use until the returned callable runs: `cache gc`/`rm` skip it."""
-        fd = os.open(entry.path / MANIFEST, os.O_RDONLY | os.O_CLOEXEC)
+        """Mark entry in use until the returned callable runs: `cache gc`/`rm` skip it.
+
+        An entry that is not in the cache directory (a user's own docker image) has
+        nothing to hold."""
+        try:
+            fd = os.open(entry.path / MANIFEST, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return lambda: None
         fcntl.flock(fd, fcntl.LOCK_SH)
         released = False
 

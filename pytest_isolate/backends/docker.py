@@ -91,7 +91,7 @@ from pytest_isolate.backends.host import process_start_time
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
-from pytest_isolate.errors import BackendUnavailable, ProvisionError
+from pytest_isolate.errors import BackendUnavailable, IsolateError, ProvisionError
 from pytest_isolate.limits import cpu_list, host_cpus
 from pytest_isolate.spec import EnvSpec, content_hash
 
@@ -99,6 +99,8 @@ START_TIMEOUT = 60.0
 #: Bump when the way images are made changes, so old tags are not reused.
 IMAGE_FORMAT = 1
 LABEL = "pytest-isolate"
+#: The cache entries that stand for images on an engine (see DockerBackend._record_image).
+IMAGE_KIND = "docker-image"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INSTALL_SDK = "install the Docker SDK for Python: pip install 'pytest-isolate-env[docker]'"
 START_ENGINE = ("start it with `dockerd --bridge=none --iptables=false --ip-masq=false &` "
@@ -164,6 +166,21 @@ def _sdk() -> Any:
         raise BackendUnavailable("docker", "the Docker SDK for Python is not installed",
                                  INSTALL_SDK) from None
     return docker
+
+
+def remove_images(key: str, endpoint: str | None) -> str | None:
+    """Remove the images labelled with key from the engine at endpoint (None: the default
+    engine); None when done, else why not (an image in use by a container is kept)."""
+    try:
+        client = make_client(endpoint)
+        images = client.images.list(filters={"label": f"{LABEL}.key={key}"})
+        for image in images:
+            for tag in image.tags or [image.id]:
+                client.images.remove(tag, noprune=False)
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"its image could not be removed from the engine ({text})"
+    return None
 
 
 def make_client(endpoint: str | None = None) -> Any:
@@ -552,8 +569,29 @@ class DockerBackend(Backend):
                     if image is None:
                         raise ProvisionError(f"docker: image {tag} is missing right after it was made",
                                              log_path=str(log))
-        return Entry("docker", key, path, {"image": tag, "id": image.id, "base": spec.image},
+        record = self._record_image(spec, key, tag, image, log)
+        # the session holds the record (Cache.hold): `cache gc` keeps the image meanwhile
+        return Entry("docker", key, record.path if record is not None else path,
+                     {"image": tag, "id": image.id, "base": spec.image},
                      hit=hit, build_seconds=0.0 if hit else time.monotonic() - started)
+
+    def _record_image(self, spec: EnvSpec, key: str, tag: str, image: Any,
+                      log: Path) -> Entry | None:
+        """A cache entry of kind IMAGE_KIND for an image this backend made, so that
+        `cache ls` shows it with its last use and `cache gc`/`rm` remove it from its engine
+        (the images themselves live in the engine, not in the cache directory)."""
+        def build(data: Path, log_path: Path) -> dict[str, Any]:
+            data.mkdir(parents=True)
+            (data / "image.json").write_text(json.dumps(
+                {"tag": tag, "id": image.id, "engine": self.endpoint}))
+            return {"image": tag, "image_size": int(image.attrs.get("Size") or 0),
+                    "engine": self.endpoint}
+
+        try:
+            return self.run.cache.get_or_build(IMAGE_KIND, key, build,
+                                               {"env": spec.name, "image": tag}, log)
+        except (IsolateError, OSError):  # bookkeeping only
+            return None
 
     def _base_image(self, spec: EnvSpec) -> Any:
         docker = _sdk()

@@ -90,8 +90,8 @@ def test_cache_ls_after_a_real_build(built: Built) -> None:
     assert entry["key"] == built.key and entry["kind"] == "rootfs"
     assert entry["size"] > 50 * 1024 * 1024
     assert entry["spec"]["arch"] == host_arch()
-    assert sorted(entry["envs"]) == sorted(
-        ["chroot", "plain", "schroot", "lxc", "docker", "qemu_vm"])
+    # not qemu_vm: a VM boots a root filesystem with a kernel (another key)
+    assert sorted(entry["envs"]) == sorted(["chroot", "plain", "schroot", "lxc", "docker"])
 
 
 def test_envs_on_a_real_project(built: Built) -> None:
@@ -271,3 +271,94 @@ def test_gc_keeps_a_finished_run_with_a_mount_left_in_it(tmp_path: Path) -> None
         subprocess.run(["umount", str(target)], check=True)
     result = cli("cache", "gc", "--max-age", "0", "--cache-dir", str(cache), cwd=tmp_path)
     assert "removed 1 finished run directories" in result.stdout and not run.exists()
+
+
+DOCKER_PROJECT = """
+[tool.pytest-isolate.envs.derived]
+backend = "docker"
+image = "{base}"
+setup = ["echo {token} > /etc/derived-token"]
+
+[tool.pytest-isolate.envs.as-is]
+backend = "docker"
+image = "{base}"
+"""
+
+DOCKER_TEST = """
+import pytest
+
+@pytest.mark.isolate("derived")
+def test_derived():
+    assert open("/etc/derived-token").read().strip() == "{token}"
+
+@pytest.mark.isolate("as-is")
+def test_user_image_as_is():
+    import os
+    assert not os.path.exists("/etc/derived-token")
+"""
+
+
+def suite_docker_image(pytestconfig: pytest.Config, where: Path) -> str:
+    """A tag of the docker backend's default image (made by an inner run if needed)."""
+    import docker
+
+    client = docker.from_env()
+    tags = [t for i in client.images.list(name="pytest-isolate/docker") for t in i.tags]
+    if not tags:
+        (where / "test_docker.py").write_text(
+            "import pytest\n@pytest.mark.isolate('docker')\ndef test_it():\n    pass\n")
+        cache = pytestconfig.pluginmanager.get_plugin("isolate-manager").cache.root
+        subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                        f"--isolate-cache-dir={cache}", "--isolate-strict", "test_docker.py"],
+                       cwd=where, check=True, capture_output=True, timeout=900)
+        tags = [t for i in client.images.list(name="pytest-isolate/docker") for t in i.tags]
+    assert tags
+    return str(tags[0])
+
+
+def test_docker_images_are_cache_entries(tmp_path: Path, pytestconfig: pytest.Config) -> None:
+    """An image the docker backend made (here: a base image plus a setup command, in a
+    private cache) is listed by `cache ls` with its size and last use, and `cache gc`
+    removes it from the engine once unused for longer than --max-age.  A user's image
+    used as it is stays out of the cache (and runs: nothing to hold)."""
+    import uuid
+
+    import docker
+
+    from pytest_isolate.backends.docker import IMAGE_KIND
+    from pytest_isolate.cli import IMAGE_KIND as CLI_IMAGE_KIND
+
+    assert IMAGE_KIND == CLI_IMAGE_KIND
+    token = uuid.uuid4().hex[:12]
+    (tmp_path / "base").mkdir()
+    base = suite_docker_image(pytestconfig, tmp_path / "base")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(DOCKER_PROJECT.format(base=base, token=token))
+    (project / "test_derived.py").write_text(DOCKER_TEST.format(token=token))
+    cache = tmp_path / "cache"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                          f"--isolate-cache-dir={cache}", "--isolate-strict", "-q"],
+                         cwd=project, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    entries = list((cache / IMAGE_KIND).iterdir())
+    assert len(entries) == 1, entries
+    key = entries[0].name
+    client = docker.from_env()
+    images = client.images.list(filters={"label": f"pytest-isolate.key={key}"})
+    assert len(images) == 1
+
+    ls = cli("cache", "ls", "--cache-dir", str(cache), cwd=project)
+    assert ls.returncode == 0, ls.stderr
+    row = next(line for line in ls.stdout.splitlines() if line.startswith(key))
+    assert IMAGE_KIND in row and "M" in row.split()[-4], row  # the image's size, in MiB
+
+    # unused for two days: gc removes the entry and the image
+    old = time.time() - 2 * 86400
+    os.utime(entries[0] / "manifest.json", (old, old))
+    gc = cli("cache", "gc", "--max-age", "1", "--cache-dir", str(cache), cwd=project)
+    assert gc.returncode == 0, gc.stderr
+    assert f"removed {IMAGE_KIND}/{key}" in gc.stdout, gc.stdout
+    assert not entries[0].exists()
+    assert client.images.list(filters={"label": f"pytest-isolate.key={key}"}) == []
+    assert client.images.get(base) is not None  # the base image is not touched

@@ -204,3 +204,12 @@ def test_untouched_entry_keeps_its_seal(tmp_path: Path) -> None:
     for _ in range(3):
         assert Cache(tmp_path / "c").lookup("k", "key") is not None
     assert builds(counter) == 1
+
+
+def test_hold_of_something_outside_the_cache_is_a_no_op(tmp_path: Path) -> None:
+    """A docker environment using a user's image as it is has no entry to hold."""
+    cache = Cache(tmp_path / "c")
+    outside = Entry("docker", "k", tmp_path / "not-an-entry", {}, hit=True)
+    release = cache.hold(outside)
+    release()
+    assert not (tmp_path / "not-an-entry").exists()
