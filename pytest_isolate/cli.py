@@ -34,8 +34,6 @@ DOCTOR_BACKENDS = ("chroot", "docker", "lxc", "schroot", "qemu")
 FALLBACK_REFS = {"qemu": "pytest_isolate.backends.qemu:QemuBackend"}
 #: Cache sub-directories that hold no entries.
 NOT_KINDS = ("tmp", "locks", "runs")
-#: Entries standing for an image on a Docker engine (backends.docker.IMAGE_KIND).
-IMAGE_KIND = "docker-image"
 #: gc keeps entries used this recently: a session may be between lookup and mount.
 GC_GRACE_SECONDS = 60.0
 #: gc removes finished runs' log directories older than this unless --max-age says otherwise.
@@ -293,8 +291,8 @@ def list_items(root: Path, with_size: bool = True) -> list[CacheItem]:
             except OSError:
                 continue
             size = dir_size(path) if with_size else int(manifest.get("size") or 0)
-            # an image's bytes are on its engine, the entry only records it
-            size += int(manifest.get("image_size") or 0)
+            # what the entry stands for outside the cache (a Docker image) counts too
+            size += int(manifest.get("external_size") or 0)
             items.append(CacheItem(kind_dir.name, path.name, path, manifest, size, last_use))
     return items
 
@@ -486,14 +484,14 @@ def remove_item(cache_root: Path, item: CacheItem, busy_mounts: dict[str, int]) 
         inner = mounted_under([pattern]).get(pattern)
         if inner is not None:
             return f"something is mounted under it ({inner}): unmount it first"
-        if item.kind == IMAGE_KIND:
-            try:
-                from pytest_isolate.backends.docker import remove_images
-            except ImportError as exc:  # pragma: no cover - the module is stdlib-importable
-                return f"cannot load the docker backend: {exc}"
-            why = remove_images(item.key, item.manifest.get("engine"))
-            if why is not None:
-                return why
+        external = item.manifest.get("external_backend")
+        if isinstance(external, str):
+            cls, missing = load_backend(external)
+            if cls is None:
+                return f"backend {external!r}, which made it, {missing}"
+            kept = cls.remove_external(item.key, item.manifest)
+            if kept is not None:
+                return kept
         _force_rmtree(item.path)
     finally:
         lock.release()

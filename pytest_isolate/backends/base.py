@@ -242,6 +242,13 @@ class Backend(abc.ABC):
     options: ClassVar[Mapping[str, Option] | None] = None
 
     @classmethod
+    def remove_external(cls, key: str, manifest: dict[str, Any]) -> str | None:
+        """Remove what a cache entry of this backend stands for outside the cache directory
+        (its manifest names the backend as "external_backend"), before `cache gc`/`rm`
+        removes the entry; None when done, else why it must be kept."""
+        return None
+
+    @classmethod
     def rootfs_spec(cls, spec: EnvSpec) -> EnvSpec:
         """The spec of the Debian root filesystem this backend builds for spec (a backend
         that adds packages says so here; `cache ls` and `envs` show the right key)."""

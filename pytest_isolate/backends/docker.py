@@ -434,6 +434,11 @@ class DockerBackend(Backend):
                                   choices=("bind", "copy")),
     }
 
+    @classmethod
+    def remove_external(cls, key: str, manifest: dict[str, Any]) -> str | None:
+        """An image entry: remove the image from the engine it was made on."""
+        return remove_images(key, manifest.get("engine"))
+
     def __init__(self, run: Any) -> None:
         super().__init__(run)
         self._client: Any = None
@@ -584,8 +589,8 @@ class DockerBackend(Backend):
             data.mkdir(parents=True)
             (data / "image.json").write_text(json.dumps(
                 {"tag": tag, "id": image.id, "engine": self.endpoint}))
-            return {"image": tag, "image_size": int(image.attrs.get("Size") or 0),
-                    "engine": self.endpoint}
+            return {"image": tag, "engine": self.endpoint, "external_backend": self.name,
+                    "external_size": int(image.attrs.get("Size") or 0)}
 
         try:
             return self.run.cache.get_or_build(IMAGE_KIND, key, build,
