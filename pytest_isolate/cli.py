@@ -211,9 +211,7 @@ def resolve_specs(project: Project) -> dict[str, EnvSpec]:
     from pytest_isolate.backends import BUILTIN_BACKENDS
 
     specs = config.resolve_envs(project.table, project.pyproject, BUILTIN_BACKENDS)
-    for spec in specs.values():
-        if spec.options:
-            config.check_options(spec, getattr(load_backend(spec.backend)[0], "options", None))
+    config.check_all_options(specs, lambda name: load_backend(name)[0])
     return specs
 
 

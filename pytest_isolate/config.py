@@ -12,7 +12,7 @@ import difflib
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,15 @@ def check_options(spec: EnvSpec, declared: Mapping[str, Option] | None) -> None:
         if not option.check(value):
             raise ConfigError(f"{where}: option {key!r} must be {option.describe()}, got "
                               f"{value!r} ({option.help})")
+
+
+def check_all_options(specs: Mapping[str, EnvSpec],
+                      backend_class: Callable[[str], Any]) -> None:
+    """check_options for every spec with options; backend_class(name) gives the class whose
+    `options` declare them (None when it cannot be loaded: using it reports why)."""
+    for spec in specs.values():
+        if spec.options:
+            check_options(spec, getattr(backend_class(spec.backend), "options", None))
 
 
 #: A Debian package as mmdebstrap/apt take it: name, then :arch, =version or /release.

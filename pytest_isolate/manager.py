@@ -24,6 +24,7 @@ from _pytest.reports import TestReport
 from pytest_isolate import config as cfg
 from pytest_isolate.agent import isolate_targets, parametrize_envs
 from pytest_isolate.backends.base import Backend, Instance, RunContext
+from pytest_isolate.backends.host import run_gone, run_owner
 from pytest_isolate.cache import Cache, _force_rmtree
 from pytest_isolate.channel import log_tail
 from pytest_isolate.errors import (
@@ -107,10 +108,7 @@ class IsolateManager:
         self.table = cfg.load_pyproject(pyproject)
         self.backend_refs = self._collect_backends()
         self.specs = cfg.resolve_envs(self.table, pyproject, self.backend_refs)
-        for spec in self.specs.values():
-            if spec.options:
-                cfg.check_options(spec, getattr(self._backend_class(spec.backend), "options",
-                                                None))
+        cfg.check_all_options(self.specs, self._backend_class)
         self.hosts = cfg.resolve_hosts(self.table, pyproject, self.backend_refs)
 
         timeout, where = self._setting("isolate_timeout", "isolate_timeout", "timeout",
@@ -427,9 +425,7 @@ class IsolateManager:
         if not runs.is_dir():
             return
         def finished(run: Path) -> bool:
-            parts = run.name.split("-")  # YYYYmmdd-HHMMSS-PID[-gwN]
-            return not (len(parts) >= 3 and parts[2].isdigit()
-                        and os.path.exists(f"/proc/{parts[2]}"))
+            return run_owner(run.name) is None or run_gone(run.name)
 
         ordered = sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)
         for old in ordered[:-keep]:

@@ -50,6 +50,22 @@ def command_lines() -> Iterator[tuple[int, bytes]]:
             continue
 
 
+def run_owner(run_id: str) -> int | None:
+    """The pytest pid in a run id (``YYYYmmdd-HHMMSS-PID[-...]``, also the start of the
+    names lxc, schroot and qemu give what a run starts); None for anything else."""
+    parts = run_id.split("-")
+    if (len(parts) >= 3 and len(parts[0]) == 8 and parts[0].isdigit()
+            and len(parts[1]) == 6 and parts[1].isdigit() and parts[2].isdigit()):
+        return int(parts[2])
+    return None
+
+
+def run_gone(run_id: str) -> bool:
+    """True when run_id names a run whose pytest process no longer exists."""
+    owner = run_owner(run_id)
+    return owner is not None and not os.path.exists(f"/proc/{owner}")
+
+
 def safe_name(text: str) -> str:
     """Container, session and file names: letters, digits, '-' and '_' only."""
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "env"

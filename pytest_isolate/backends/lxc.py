@@ -61,7 +61,6 @@ import atexit
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -86,6 +85,7 @@ from pytest_isolate.backends.host import (
     fstab_path,
     owner_alive,
     owner_label,
+    run_gone,
     safe_name,
 )
 from pytest_isolate.backends.host import run_quiet as _run
@@ -170,9 +170,6 @@ def reap(runs_dir: Path) -> list[str]:
     return sorted(set(reaped))
 
 
-_RUN_PID = re.compile(r"^lxc\.(?:monitor|payload|pivot)\." + PREFIX + r"\d{8}-\d{6}-(\d+)-")
-
-
 def leftover_cgroups() -> list[str]:
     """LXC's cgroups of our containers whose monitor was killed (LXC removes them when a
     container stops; a SIGKILLed monitor cannot): removed once no monitor of that name
@@ -184,9 +181,9 @@ def leftover_cgroups() -> list[str]:
     with contextlib.suppress(OSError):
         for hierarchy in [CGROUP_ROOT, *CGROUP_ROOT.iterdir()]:
             for path in hierarchy.glob(f"lxc.*.{PREFIX}*"):
-                m = _RUN_PID.match(path.name)
-                name = path.name.split(".", 2)[2]
-                if m and name not in live and not os.path.exists(f"/proc/{m.group(1)}"):
+                kind, _, name = path.name[len("lxc."):].partition(".")
+                if (kind in ("monitor", "payload", "pivot") and name not in live
+                        and run_gone(name[len(PREFIX):])):
                     found.append(path)
     return sorted({p.name.split(".", 2)[2] for p in remove_dirs(found, timeout=1.0)})
 

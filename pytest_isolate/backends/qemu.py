@@ -64,7 +64,7 @@ from pytest_isolate.backends.base import (
     need_tool,
     shipped_paths,
 )
-from pytest_isolate.backends.host import command_lines
+from pytest_isolate.backends.host import command_lines, run_gone
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AGENT_SOURCE, Connection, log_tail
 from pytest_isolate.config import Option
@@ -477,8 +477,7 @@ class QemuBackend(Backend):
         this covers one that cannot (hung) and QEMU kept by libvirt's -no-shutdown."""
         reaped = []
         for pid, run_id in qemu_processes_of_runs():
-            owner = run_id.split("-")[2] if run_id.count("-") >= 2 else ""
-            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            if run_gone(run_id):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                     reaped.append(f"qemu {pid} of run {run_id}")
