@@ -62,9 +62,19 @@ ENV_KEYS: dict[str, str] = {
     "pids": _LIMIT,
     "disk": _LIMIT,
     "options": "a table",
+    "package": _STR,
+    "extras": _STRS,
+    "dependency_groups": _STRS,
+    "deps": _STRS,
+    "installer": _STR,
 }
+#: Keys that [tool.pytest-isolate] gives every environment (built-ins included) unless the
+#: environment's own table sets them: how the project and its test dependencies go inside.
+DEPS_KEYS = ("package", "extras", "dependency_groups", "deps", "installer")
+PACKAGE_MODES = ("editable", "wheel", "skip")
+INSTALLERS = ("auto", "uv", "pip")
 TOP_KEYS = {"cache_dir": _STR, "timeout": _NUM, "reset": _STR, "strict": _BOOL,
-            "envs": "a table", "hosts": "a table"}
+            "envs": "a table", "hosts": "a table", **{k: ENV_KEYS[k] for k in DEPS_KEYS}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +215,16 @@ def resolve_envs(
     if not isinstance(user_envs, dict):
         raise ConfigError(f"{where_envs} must be a table of environments")
     raw: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}
+    defaults: dict[str, Any] = {}
+    default_sources: dict[str, str] = {}
+    for key in DEPS_KEYS:
+        if key in table:
+            where = f"{pyproject}: [{TABLE}]"
+            defaults[key] = check_value(key, table[key], ENV_KEYS[key], where)
+            default_sources[key] = f"{where} key {key!r}"
     for name, values in BUILTIN_ENVS.items():
-        raw[name] = (dict(values), {k: "built-in default" for k in values})
+        raw[name] = ({**defaults, **values},
+                     {**default_sources, **{k: "built-in default" for k in values}})
     for name, values in user_envs.items():
         where = f"{pyproject}: [{TABLE}.envs.{name}]"
         if not NAME_RE.match(name):
@@ -215,7 +233,7 @@ def resolve_envs(
             )
         if not isinstance(values, dict):
             raise ConfigError(f"{where} must be a table, got {values!r}")
-        merged, sources = raw.get(name, ({}, {}))
+        merged, sources = raw.get(name, (dict(defaults), dict(default_sources)))
         merged, sources = dict(merged), dict(sources)
         for key, value in values.items():
             if key not in ENV_KEYS:
@@ -258,6 +276,17 @@ def make_spec(name: str, values: Mapping[str, Any], sources: Mapping[str, str],
             )
     if "packages" in values:
         check_packages(values["packages"], where("packages"))
+    if "package" in values and values["package"] not in PACKAGE_MODES:
+        raise ConfigError(
+            f"{where('package')}: unsupported package {values['package']!r}"
+            f"{did_you_mean(values['package'], PACKAGE_MODES)}; supported: "
+            f"{', '.join(PACKAGE_MODES)} (how the project under test is installed inside)")
+    if "installer" in values and values["installer"] not in INSTALLERS:
+        raise ConfigError(
+            f"{where('installer')}: unsupported installer {values['installer']!r}"
+            f"{did_you_mean(values['installer'], INSTALLERS)}; supported: "
+            f"{', '.join(INSTALLERS)} (auto: uv when the host has it and the environment is "
+            "of the host's architecture, else pip)")
     kwargs = {k: v for k, v in values.items() if k != "options"}
     if "options" in values:
         kwargs["options"] = tuple(sorted(values["options"].items()))

@@ -7,9 +7,12 @@ import hashlib
 import json
 import platform
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_isolate.limits import DEFAULT_DISK, Limits
+
+if TYPE_CHECKING:
+    from pytest_isolate.images.deps import DepsLayer
 
 #: Bump when the way a rootfs is built changes, so old cache entries are not reused.
 ROOTFS_FORMAT = 1
@@ -76,6 +79,18 @@ class EnvSpec:
     pids: int | None = None
     disk: int | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    #: how the project under test is installed inside: editable | wheel | skip; None: editable
+    #: when the rootdir's pyproject.toml has a [project] table, else skip
+    package: str | None = None
+    extras: tuple[str, ...] = ()
+    dependency_groups: tuple[str, ...] = ()
+    deps: tuple[str, ...] = ()
+    #: auto | uv | pip: what installs them (auto: uv when usable, else pip)
+    installer: str = "auto"
+    #: the dependency layer built for this spec (see images/deps.py), set by the manager
+    #: before start(); not part of what the spec is
+    layer: DepsLayer | None = dataclasses.field(default=None, compare=False, hash=False,
+                                                repr=False)
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
     )

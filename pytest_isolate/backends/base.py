@@ -34,9 +34,11 @@ if TYPE_CHECKING:
 
 #: Where the host's pytest is visible inside every environment.
 SITE = "/.isolate/site"
-#: Pure-Python packages shipped from the host so both sides run the same pytest.
+#: Pure-Python packages shipped from the host so both sides run the same pytest (and, for
+#: pytest-cov, the same coverage: its compiled tracer is used where it fits the Python
+#: inside, its pure-Python one elsewhere).
 SHIPPED = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py",
-           "exceptiongroup", "tomli", "pygments")
+           "exceptiongroup", "tomli", "pygments", "coverage")
 #: Default environment variables inside (no host variables leak in).
 BASE_ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",
@@ -80,7 +82,8 @@ def shipped_paths() -> list[tuple[str, str]]:
             out.append((src, f"{SITE}/{name}"))
         else:
             out.append((spec.origin, f"{SITE}/{os.path.basename(spec.origin)}"))
-    wanted = {"pytest", "pluggy", "iniconfig", "packaging", "exceptiongroup", "tomli", "pygments"}
+    wanted = {"pytest", "pluggy", "iniconfig", "packaging", "exceptiongroup", "tomli", "pygments",
+              "coverage"}
     seen = set()
     for dist in importlib.metadata.distributions():
         dist_name = (dist.metadata["Name"] or "").lower()
@@ -131,6 +134,12 @@ def environment_variables(spec: EnvSpec, pycache: bool = False) -> dict[str, str
     for name in spec.pass_env:
         if name in os.environ:
             env[name] = os.environ[name]
+    if spec.layer is not None:  # the project's virtual environment: its tools come first
+        from pytest_isolate.agent import DEFAULT_PATH
+        from pytest_isolate.images.deps import VENV
+
+        env["VIRTUAL_ENV"] = VENV
+        env["PATH"] = f"{VENV}/bin:{DEFAULT_PATH}"
     return env
 
 
@@ -153,6 +162,18 @@ def standard_mounts(run: RunContext, spec: EnvSpec, image: Entry,
     mounts += [Mount(src, dst, True) for src, dst in shipped_paths()]
     if pycache:
         mounts.append(Mount(str(pycache_dir(run, image)), PYCACHE, False))
+    return mounts + layer_mounts(spec)
+
+
+def layer_mounts(spec: EnvSpec) -> list[Mount]:
+    """The dependency layer's read-only binds (images/deps.py), when spec has one."""
+    if spec.layer is None:
+        return []
+    from pytest_isolate.images.deps import PROJECT_LAYER, VENV
+
+    mounts = [Mount(str(spec.layer.venv), VENV, True)]
+    if spec.layer.project is not None:
+        mounts.append(Mount(str(spec.layer.project), PROJECT_LAYER, True))
     return mounts
 
 
@@ -160,9 +181,15 @@ def agent_settings(run: RunContext, spec: EnvSpec, mounts: list[Mount],
                    lower: str = "/.isolate/lower") -> dict[str, Any]:
     """The agent's settings: per-test overlays over `lower` bounded by the spec's disk,
     the mounts re-bound in each."""
-    return {"isolation": "overlay", "lower": lower, "site": SITE,
-            "binds": [m.dst for m in mounts], "cwd": str(run.rootdir),
-            "disk": spec.limits().disk}
+    settings = {"isolation": "overlay", "lower": lower, "site": SITE,
+                "binds": [m.dst for m in mounts], "cwd": str(run.rootdir),
+                "disk": spec.limits().disk}
+    if spec.layer is not None and spec.layer.project is not None:
+        from pytest_isolate.images.deps import PROJECT_LAYER
+
+        # what the editable install built (extensions) over the read-only project tree
+        settings["project_layer"] = [PROJECT_LAYER, str(run.rootdir)]
+    return settings
 
 
 def handshake_or_stop(instance: Instance, settings: dict[str, Any],
@@ -240,6 +267,9 @@ class Backend(abc.ABC):
     #: The keys of an environment's `options` table it reads, checked before anything
     #: starts (with the common ones, e.g. python).  None: not declared, not checked.
     options: ClassVar[Mapping[str, Option] | None] = None
+    #: Runs the project's dependency layer (images/deps.py: a virtual environment built on
+    #: the Debian root filesystem, bound at /.isolate/venv).
+    supports_layers: ClassVar[bool] = True
 
     @classmethod
     def remove_external(cls, key: str, manifest: dict[str, Any]) -> str | None:
@@ -333,4 +363,10 @@ def need_tool(backend: str, tool: str, package: str) -> str:
 
 def agent_command(spec: EnvSpec) -> list[str]:
     """The command inside an environment that starts the agent (source comes on stdin)."""
-    return [spec.option("python", "python3"), "-u", "-c", BOOTSTRAP]
+    if spec.layer is not None:
+        from pytest_isolate.images.deps import VENV
+
+        python = f"{VENV}/bin/python"
+    else:
+        python = spec.option("python", "python3")
+    return [python, "-u", "-c", BOOTSTRAP]

@@ -76,6 +76,7 @@ from pytest_isolate.backends.base import (
     agent_settings,
     environment_variables,
     handshake_or_stop,
+    layer_mounts,
     need_tool,
     pycache_dir,
     shipped_paths,
@@ -294,7 +295,7 @@ class SchrootBackend(RootfsBackend):
             f"{fstab_path(str(pycache))} {PYCACHE} none rw,bind 0 0",
         ]
         fstab += [f"{fstab_path(src)} {fstab_path(dst)} none ro,bind 0 0"
-                  for src, dst in site_binds]
+                  for src, dst in [*site_binds, *((m.src, m.dst) for m in layer_mounts(spec))]]
         (workdir / "overlay").mkdir()
         (workdir / "underlay").mkdir()
         profile = SCHROOT_DIR / name
