@@ -1,4 +1,4 @@
-"""The command line: ``pytest-isolate doctor | envs | cache ls|gc|rm | shell ENV``.
+"""The command line: ``pytest-isolate doctor | setup | envs | cache ls|gc|rm | shell ENV``.
 
 Cheap to import: only the standard library at module level; the engine's
 modules (config, cache, backends) are imported by the command that needs them.
@@ -822,15 +822,22 @@ def run_probe(probe: Probe) -> dict[str, Any]:
     return {"tools": tools, "daemons": daemons, "python": python}
 
 
-def probe_hints(result: dict[str, Any]) -> list[str]:
+def setup_invocation(*args: str) -> str:
+    from pytest_isolate.setup_host import invocation
+
+    return invocation(args)
+
+
+def probe_hints(result: dict[str, Any], backend: str) -> list[str]:
     hints = []
+    setup = setup_invocation("--backends", backend)
     missing = sorted({v["package"] for v in result["tools"].values() if not v["found"]})
     if missing:
         tools = ", ".join(t for t, v in result["tools"].items() if not v["found"])
-        hints.append(f"missing {tools}: apt-get install {' '.join(missing)}")
+        hints.append(f"missing {tools}: {setup}  (or apt-get install {' '.join(missing)})")
     for name, v in result["daemons"].items():
         if not v["running"]:
-            hints.append(f"{name} is not running: start it with `{v['start']}`")
+            hints.append(f"{name} is not running: {setup}  (or start it with `{v['start']}`)")
     for mod, v in result["python"].items():
         if not v["found"]:
             hints.append(f"Python package {mod!r} is missing: {v['install']}")
@@ -975,13 +982,14 @@ def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
             packages = list(getattr(cls, "packages", ())) if cls is not None else []
             backends[name] = {"available": usable, "implemented": cls is not None,
                               "reason": reason, "fix": fix, "checked_with": spec.name,
-                              "packages": packages, **probe, "hints": probe_hints(probe)}
+                              "packages": packages, **probe, "hints": probe_hints(probe, name),
+                              "setup": setup_invocation("--backends", name)}
         envs: dict[str, Any] = {}
         for name in used:
             spec = specs[name]
             usable, reason, fix = checker.check(spec)
             envs[name] = {"backend": spec.backend, "arch": spec.arch, "usable": usable,
-                          "reason": reason, "fix": fix}
+                          "reason": reason, "fix": fix, "setup": setup_invocation("--envs", name)}
     items = list_items(root, with_size=False)
     report = {
         "root": os.geteuid() == 0,
@@ -1002,6 +1010,12 @@ def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
     else:
         print_doctor(report)
     return 0 if ok else 1
+
+
+def debian_arch(binfmt_name: str) -> str:
+    from pytest_isolate.setup_host import BINFMT_NAMES
+
+    return next((deb for deb, name in BINFMT_NAMES.items() if name == binfmt_name), binfmt_name)
 
 
 def print_doctor(r: dict[str, Any]) -> None:
@@ -1026,15 +1040,20 @@ def print_doctor(r: dict[str, Any]) -> None:
     kvm = r["kvm"]
     out(f"KVM: {kvm['verdict']}")
     binfmt = r["binfmt"]
+    setup_arm64 = setup_invocation("--arches", "arm64")
     if not binfmt["mounted"]:
-        out("qemu-user (binfmt_misc): not mounted: "
-            "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc")
+        out(f"qemu-user (binfmt_misc): not mounted: {setup_arm64}  (or: "
+            "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc)")
     elif binfmt["qemu_user"]:
         arches = ", ".join(a + ("" if on else " (disabled)") for a, on in binfmt["qemu_user"].items())
         out(f"qemu-user (binfmt_misc): {arches}")
+        disabled = [debian_arch(a) for a, on in binfmt["qemu_user"].items() if not on]
+        if disabled:
+            out(f"  enable the disabled ones: {setup_invocation('--arches', ','.join(disabled))}")
     else:
         out("qemu-user (binfmt_misc): none registered; foreign-arch chroots/containers need: "
-            "apt-get install qemu-user-static binfmt-support && update-binfmts --enable qemu-aarch64")
+            f"{setup_arm64}  (or: apt-get install qemu-user-static binfmt-support && "
+            "update-binfmts --enable qemu-aarch64)")
     if r["root"]:
         userns = "allowed" if r["userns_allowed"] else "disabled (not needed as root)"
     else:
@@ -1054,8 +1073,68 @@ def print_doctor(r: dict[str, Any]) -> None:
         out(f"  {name} ({e['backend']}, {e['arch']}): {state}")
         if e["fix"]:
             out(f"      fix: {e['fix']}")
+        if not e["usable"]:
+            out(f"      set up what it needs: {e['setup']}")
     out("OK: every environment the project uses can run here" if r["ok"] else
         "NOT OK: some environments the project uses cannot run here (see above)")
+
+
+# --------------------------------------------------------------------------
+# setup (the planning and doing live in setup_host.py)
+
+
+def split_list(value: str | None) -> list[str] | None:
+    return [v for v in (value or "").replace(" ", ",").split(",") if v] or None
+
+
+def cmd_setup(args: argparse.Namespace, project: Project) -> int:
+    from pytest_isolate import setup_host
+    from pytest_isolate.spec import host_arch
+
+    specs = resolve_specs(project)
+    try:
+        request = setup_host.select(
+            specs, list(project.table.get("envs", {}) or {}), backends=split_list(args.backends),
+            envs=split_list(args.envs), arches=split_list(args.arches) or (), user=args.user,
+            packages=not args.no_packages, host_arch=host_arch())
+    except setup_host.SetupError as exc:
+        raise UsageError(str(exc)) from None
+    started = time.monotonic()
+    state = setup_host.gather_state(request)
+    plan = setup_host.plan(request, state)
+    prefix = setup_host.sudo_prefix(state)
+    arches = setup_host.foreign_arches(request, state)
+    out(f"setup for {', '.join(request.backends)} ({request.why})"
+        + (f"; foreign architectures: {', '.join(arches)}" if arches else "")
+        + (f"; rootless user: {request.user}" if request.user else ""))
+    for note in plan.notes:
+        out(f"note: {note}")
+    if args.dry_run or plan.problems:
+        if plan.empty and not plan.problems:
+            out("nothing to do: everything is in place")
+        for step in plan.steps:
+            out(f"# {step.reason}")
+            out(step.shell(prefix))
+        for problem in plan.problems:
+            sys.stderr.write(f"{PROG}: error: {problem}\n")
+        return 2 if plan.problems else 0
+    if plan.empty:
+        out(f"nothing to do: everything is in place ({time.monotonic() - started:.1f}s)")
+        return 0
+    if prefix:
+        out(f"not running as root: the commands run through {prefix[0]}")
+    try:
+        setup_host.execute(plan.steps, prefix, out)
+    except setup_host.SetupError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 1
+    left = setup_host.plan(request, setup_host.gather_state(request))
+    if not left.empty:
+        sys.stderr.write(f"{PROG}: error: still not in place after setup: "
+                         + "; ".join(s.reason for s in left.steps) + "\n")
+        return 1
+    out(f"done in {time.monotonic() - started:.1f}s")
+    return 0
 
 
 # --------------------------------------------------------------------------
@@ -1206,6 +1285,10 @@ def build_parser() -> Parser:
                     "shell inside an environment.",
         epilog="Run `pytest-isolate COMMAND --help` for a command's options.",
     )
+    from pytest_isolate import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__} "
+                        f"(distribution pytest-isolate-env)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("doctor", parents=[common],
@@ -1258,6 +1341,29 @@ def build_parser() -> Parser:
     c.add_argument("keys", nargs="*", metavar="KEY", help="entry key, prefix or KIND/KEY")
     c.add_argument("--all", action="store_true", help="remove every entry")
     c.set_defaults(handler=cmd_cache_rm)
+
+    p = sub.add_parser("setup", parents=[common],
+                       help="install and start what the project's backends need (root or sudo)",
+                       description="Install the system packages (apt: Debian, Ubuntu), enable "
+                                   "binfmt for foreign architectures, start the Docker engine and "
+                                   "libvirtd, and give --user subordinate id ranges, for the "
+                                   "environments the project's pyproject.toml defines (or the "
+                                   "built-in chroot), or what --envs / --backends name. What is "
+                                   "in place is left alone: a second run does nothing. Needs "
+                                   "root; runs the commands through sudo otherwise.")
+    p.add_argument("--backends", metavar="NAME[,NAME...]",
+                   help="these backends (chroot, docker, lxc, schroot, qemu, or all)")
+    p.add_argument("--envs", metavar="ENV[,ENV...]",
+                   help="what these environments need (their backends and architectures)")
+    p.add_argument("--arches", metavar="ARCH[,ARCH...]",
+                   help="also these foreign architectures (Debian names: arm64, armhf, ...)")
+    p.add_argument("--user", metavar="NAME",
+                   help="an unprivileged user for rootless use: subordinate uid/gid ranges, uidmap")
+    p.add_argument("--no-packages", action="store_true",
+                   help="install nothing: only binfmt, daemons and the user's id ranges")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the commands (with their reasons) instead of running them")
+    p.set_defaults(handler=cmd_setup)
 
     p = sub.add_parser("shell", parents=[common],
                        help="an interactive shell in a fresh instance of an environment",

@@ -11,6 +11,8 @@ from typing import Any
 
 from pytest_isolate.channel import AGENT_PATH
 from pytest_isolate.errors import BackendUnavailable
+from pytest_isolate.setup_host import invocation as setup_invocation
+from pytest_isolate.spec import HOST_ARCHES
 
 
 def launcher_argv(cfg: dict[str, Any]) -> list[str]:
@@ -52,8 +54,9 @@ def check_foreign(backend: str, machine: str) -> None:
     if not binfmt_registered(machine):
         raise BackendUnavailable(
             backend, f"no qemu-user interpreter is registered for {machine}",
-            "install qemu-user-static and binfmt-support, then run: "
-            f"update-binfmts --enable qemu-{machine}",
+            f"{setup_invocation(('--arches', HOST_ARCHES.get(machine, machine)))}  (or install "
+            "qemu-user-static and binfmt-support, then run: "
+            f"update-binfmts --enable qemu-{machine})",
         )
 
 

@@ -444,6 +444,9 @@ def test_doctor_fails_when_a_project_env_cannot_run(project: Path, cache_dir: Pa
     assert result.returncode == 1, result.stdout + result.stderr
     assert "foreign (chroot, " in result.stdout and "NOT usable" in result.stdout
     assert "update-binfmts --enable qemu-" in result.stdout
+    # the exact setup invocation that fixes it
+    assert f"pytest-isolate setup --arches {arch}" in result.stdout
+    assert "set up what it needs: " in result.stdout and "setup --envs foreign" in result.stdout
     assert "NOT OK" in result.stdout
 
     data = json.loads(cli("doctor", "--json", "--cache-dir", str(cache_dir), cwd=project).stdout)
