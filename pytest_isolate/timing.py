@@ -46,6 +46,8 @@ class EnvStats:
     provision: float = 0.0
     start: float = 0.0
     starts: int = 0
+    #: items bound to this environment when collection ended (after -k, --deselect, --lf)
+    bound: int = 0
     tests: int = 0
     run_total: float = 0.0
     logs: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -82,6 +84,8 @@ class RunReport:
                 continue
             for key in ("start", "starts", "tests", "run_total"):
                 setattr(mine, key, getattr(mine, key) + env[key])
+            # every xdist worker collects (and binds) all items: not a sum
+            mine.bound = max(mine.bound, env.get("bound", 0))
             # workers build a key once and the others wait for it: the longest is the cost
             mine.provision = max(mine.provision, env["provision"])
             if env.get("cache_hit") is False or mine.cache_hit is None:
@@ -96,12 +100,13 @@ class RunReport:
         path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 
     def table(self) -> list[str]:
-        rows = [("environment", "backend", "arch", "tests", "provision", "start", "per test")]
+        rows = [("environment", "backend", "arch", "bound", "tests", "provision", "start",
+                 "per test")]
         for s in self.envs.values():
             prov = "-" if s.cache_hit is None else (
                 f"{s.provision:.2f}s (cached)" if s.cache_hit else f"{s.provision:.1f}s (built)")
-            per = f"{1000 * s.run_total / s.tests:.1f} ms" if s.tests else "-"
-            rows.append((s.name, s.backend, s.arch, str(s.tests), prov,
+            per = f"{1000 * s.run_total / s.tests:.1f} ms" if s.tests and s.starts else "-"
+            rows.append((s.name, s.backend, s.arch, str(s.bound), str(s.tests), prov,
                          f"{s.start:.2f}s" if s.starts else "-", per))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -100,13 +100,13 @@ def test_terminal_summary_table(project: Project) -> None:
     ])
     result.stdout.fnmatch_lines([
         "*= pytest-isolate =*",
-        "environment  backend  arch   tests  provision  *start  per test",
-        "fakeenv      fake     amd64  2      *(built)  *s  * ms",
-        "fakeenv2     fake     amd64  1      *(built)  *s  * ms",
+        "environment  backend  arch   bound  tests  provision  *start  per test",
+        "fakeenv      fake     amd64  2      2      *(built)  *s  * ms",
+        "fakeenv2     fake     amd64  1      1      *(built)  *s  * ms",
         "logs: *",
     ])
     again = project.run()
-    again.stdout.fnmatch_lines(["fakeenv      fake     amd64  2      *(cached)*"])
+    again.stdout.fnmatch_lines(["fakeenv      fake     amd64  2      2      *(cached)*"])
 
 
 def test_no_table_without_isolated_tests(project: Project) -> None:
