@@ -410,8 +410,11 @@ def test_killed_environment_fails_the_test_and_is_restarted(project: Project) ->
         def test_kill_agent():
             import time
             time.sleep(0.5)  # let the agent relay the setup report first
-            # the worker's parent is the agent: kill the whole "environment"
-            os.kill(os.getppid(), signal.SIGKILL)
+            # the worker's parent is the zygote, whose parent is the agent: kill the
+            # whole "environment"
+            with open("/proc/%d/stat" % os.getppid()) as f:
+                agent = int(f.read().rsplit(")", 1)[1].split()[1])
+            os.kill(agent, signal.SIGKILL)
             import time
             time.sleep(10)
 

@@ -19,9 +19,11 @@ def record(name, target=None):
     # RECORD_DIR reaches the environment through pass_env only
     path = os.path.join(os.environ["RECORD_DIR"], name + ".json")
     with open(path, "w") as f:
-        with open("/proc/%d/stat" % os.getppid()) as stat:
-            agent_parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        json.dump({"pid": os.getpid(), "ppid": os.getppid(), "agent_parent": agent_parent,
+        ancestors = [os.getppid()]  # the zygote, the agent, the host pytest, ...
+        while ancestors[-1] > 1 and len(ancestors) < 4:
+            with open("/proc/%d/stat" % ancestors[-1]) as stat:
+                ancestors.append(int(stat.read().rsplit(")", 1)[1].split()[1]))
+        json.dump({"pid": os.getpid(), "ppid": os.getppid(), "ancestors": ancestors,
                    "target": target,
                    "autoload": os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD")}, f)
 """
@@ -114,10 +116,10 @@ def test_isolate_env_runs_unmarked_tests_inside(project: Project, monkeypatch: p
     a, b = (recorded(project.path / "records", n) for n in ("a", "b"))
     assert a["autoload"] == b["autoload"] == "1"
     assert host_pid not in (a["pid"], b["pid"], a["ppid"])
-    # each test runs in its own worker (reset = "test"), forked from the same agent,
-    # and that agent is a child of the host pytest
+    # each test runs in its own worker (reset = "test"), forked from the same zygote, a
+    # child of the agent, which is a child of the host pytest
     assert a["pid"] != b["pid"] and a["ppid"] == b["ppid"]
-    assert a["agent_parent"] == host_pid
+    assert a["ancestors"][2] == host_pid
 
 
 def test_isolate_env_with_two_envs_parametrizes_unmarked(project: Project) -> None:
