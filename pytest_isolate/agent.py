@@ -606,6 +606,168 @@ def parametrize_envs(metafunc: Any, default_envs: Sequence[str]) -> None:
         metafunc.parametrize("isolate_target", envs, ids=envs, indirect=True)
 
 
+_TARGET_KEY: Any = None
+
+
+def target_key() -> Any:
+    """The stash key holding the environment of an item copy made by split_items."""
+    global _TARGET_KEY
+    if _TARGET_KEY is None:
+        import pytest
+
+        _TARGET_KEY = pytest.StashKey()
+    return _TARGET_KEY
+
+
+def item_target(item: Any) -> Optional[str]:
+    """The environment an item was split for: its copy's, else its isolate_target param."""
+    env = item.stash.get(target_key(), None)
+    if env is not None:
+        return str(env)
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "isolate_target" in callspec.params:
+        return str(callspec.params["isolate_target"])
+    return None
+
+
+def env_nodeid(nodeid: str, env: str) -> str:
+    """The node id of an item's copy for env, spelled as parametrize spells it:
+    ``t`` -> ``t[env]``, ``t[a]`` -> ``t[a-env]``."""
+    tail = nodeid.rpartition("::")[2]
+    if tail.endswith("]") and "[" in tail:
+        return nodeid[:-1] + "-" + env + "]"
+    return nodeid + "[" + env + "]"
+
+
+def copy_item_for_env(item: Any, env: str) -> Any:
+    """A copy of item that differs in its node id (``[env]``), its keywords (``-k env``
+    selects it), its stash (which holds env), user properties and report sections.
+
+    ``name`` stays: a unittest TestCaseFunction finds its method by name, and doctest
+    and plugin items have constructors of their own, so no constructor is called again.
+    Raises ValueError for an item whose node id cannot be changed this way.
+    """
+    import copy
+
+    nodeid = env_nodeid(item.nodeid, env)
+    new = copy.copy(item)
+    node_id = getattr(item, "_id", None)
+    if node_id is not None and hasattr(type(node_id), "parse"):  # pytest >= 9: a NodeId
+        new._id = type(node_id).parse(nodeid)
+    else:
+        new._nodeid = nodeid
+    if new.nodeid != nodeid:
+        raise ValueError("%s defines its own node id (%r), so no copy per environment can "
+                         "carry the environment in its id" % (type(item).__name__, new.nodeid))
+    try:
+        keywords = type(item.keywords)(new)
+    except TypeError:
+        keywords = {}
+    own = getattr(item.keywords, "_markers", None)
+    for key in (own if isinstance(own, dict) else list(item.keywords)):
+        keywords[key] = item.keywords[key]
+    keywords[env] = True
+    new.keywords = keywords
+    new.own_markers = list(item.own_markers)
+    new.extra_keyword_matches = set(item.extra_keyword_matches) | {env}
+    stash = type(item.stash)()
+    storage = getattr(item.stash, "_storage", None)
+    if isinstance(storage, dict):
+        stash._storage.update(storage)
+    new.stash = stash
+    if hasattr(item, "_store"):
+        new._store = stash
+    new.user_properties = list(getattr(item, "user_properties", []))
+    new._report_sections = []
+    if isinstance(getattr(item, "fixturenames", None), list):
+        new.fixturenames = list(item.fixturenames)
+    if hasattr(new, "_initrequest"):  # Function, TestCaseFunction, DoctestItem: a request of its own
+        new._initrequest()
+    stash[target_key()] = env
+    return new
+
+
+def split_items(nodes: List[Any], default_envs: Sequence[str]) -> Tuple[List[Any], List[str]]:
+    """One copy per environment of every item with several environments that
+    parametrize_envs did not split: unittest TestCase methods, doctests, items a plugin
+    collects (shared by host and agent, so node ids match on both sides).
+
+    nodes is a collector's result (collectors in it pass unchanged).  Returns the new
+    list and, for each item that cannot be split, "nodeid: reason".
+    """
+    import pytest
+
+    result: List[Any] = []
+    problems: List[str] = []
+    for node in nodes:
+        if not isinstance(node, pytest.Item) or item_target(node) is not None:
+            result.append(node)
+            continue
+        marker = node.get_closest_marker("isolate")
+        envs = isolate_targets(marker.args if marker else (), default_envs,
+                               getattr(node, "fixturenames", ()) or ())
+        if len(envs) < 2:
+            result.append(node)
+            continue
+        try:
+            copies = [copy_item_for_env(node, env) for env in envs]
+        except Exception as exc:
+            problems.append("%s (%s): %s: %s" % (node.nodeid, type(node).__name__,
+                                                 type(exc).__name__, exc))
+            result.append(node)
+            continue
+        result.extend(copies)
+    return result, problems
+
+
+#: Where coverage data files are written inside (the host's pytest-cov combines them).
+COVERAGE_DIR = "/.isolate/coverage"
+
+
+def start_coverage(options: Optional[Dict[str, Any]]) -> Any:
+    """A started coverage.Coverage for the host's pytest-cov options (None: not asked)."""
+    if not options:
+        return None
+    try:
+        import coverage
+    except ImportError as exc:
+        sys.stderr.write("pytest-isolate: no coverage measurement inside: %s\n" % exc)
+        return None
+    import warnings
+
+    # the host's compiled tracer fits only the host's Python: the pure-Python one is fine
+    warnings.filterwarnings("ignore", message="Couldn't import C tracer")
+    cov = coverage.Coverage(
+        source=options.get("source") or None, branch=options.get("branch") or None,
+        config_file=options.get("config") or False, data_suffix=True,
+        data_file=os.path.join(COVERAGE_DIR, ".coverage"))
+    cov.start()
+    return cov
+
+
+def save_coverage(cov: Any) -> None:
+    if cov is None:
+        return
+    cov.stop()
+    cov.save()
+
+
+def activate_venv(venv: str) -> None:
+    """Become the venv's interpreter where the agent could not be started on it (a VM boots
+    before its dependency layer arrives): what site.py does for a venv's python."""
+    import glob
+    import site
+
+    sys.executable = venv + "/bin/python"
+    sys.prefix = sys.exec_prefix = venv
+    # a venv sees no system site-packages
+    sys.path[:] = [p for p in sys.path if not p.endswith(("dist-packages", "site-packages"))]
+    for sp in sorted(glob.glob(venv + "/lib/python*/site-packages")):
+        site.addsitedir(sp)
+    os.environ["VIRTUAL_ENV"] = venv
+    os.environ["PATH"] = venv + "/bin:" + os.environ.get("PATH", DEFAULT_PATH)
+
+
 class Agent:
     def __init__(self, rfd: int, wfd: int) -> None:
         self.rfd = rfd
@@ -616,6 +778,8 @@ class Agent:
         self.session: Any = None
         self.items: Dict[str, Any] = {}
         self.running = True
+        #: the coverage.Coverage measuring now (collection here, a test in a worker)
+        self.coverage: Any = None
         self.sigr, self.sigw = os.pipe()
         os.set_blocking(self.sigw, False)
         os.set_blocking(self.sigr, False)
@@ -664,15 +828,25 @@ class Agent:
                 if w.fd in ready:
                     w.pump(self)
                 if w.deadline and time.monotonic() >= w.deadline and w.kill_reason is None:
-                    w.kill("timeout: the test ran longer than %ss" % w.timeout)
-                if w.pid in self.exited and w.fd < 0:
+                    w.kill("timeout: the test ran longer than %ss" % w.timeout, self)
+                if w.fd < 0 and (w.pid in self.exited or w.orphaned):
                     self.finish(w)
         for w in list(self.workers.values()):
             w.kill("agent shutting down")
 
     def finish(self, w: "Worker") -> None:
-        status = self.exited.pop(w.pid)
+        # a zygote's worker that will never be reaped ended with its zygote (SIGKILL)
+        if w.pid is not None and w.pid in self.exited:
+            status = self.exited.pop(w.pid)
+        else:
+            status = int(signal.SIGKILL)
+            w.kill_reason = w.kill_reason or w.orphaned
         del self.workers[w.ch]
+        if w.zygote:
+            for other in self.workers.values():
+                if other.via == w.ch and other.orphaned is None:
+                    other.orphaned = "its zygote ended (%s)" % (
+                        w.kill_reason or "status %s" % os.waitstatus_to_exitcode(status))
         code = os.waitstatus_to_exitcode(status)
         reason = w.kill_reason
         if reason is None and code != 0:
@@ -681,6 +855,17 @@ class Agent:
             if w.oom_kills is not None and now is not None and now > w.oom_kills:
                 reason = "%s: out of memory (the kernel's OOM killer ran)" % reason
         self.send(w.ch, {"op": "exit", "code": code, "reason": reason})
+
+    def zygote_event(self, obj: Dict[str, Any]) -> None:
+        """A zygote forked a test worker, or reaped one (its pid is in our PID namespace)."""
+        w = self.workers.get(int(obj["ch"]))
+        if obj["op"] == "forked":
+            if w is not None:
+                w.pid = int(obj["pid"])
+                if w.kill_reason is not None:  # timed out while the zygote set up
+                    w.kill(w.kill_reason, self)
+        else:
+            self.exited[int(obj["pid"])] = int(obj["status"])
 
     def route(self, ch: int, obj: Dict[str, Any], blob: bytes) -> None:
         if ch:
@@ -692,7 +877,7 @@ class Agent:
                 w.timeout = obj.get("timeout")
                 w.deadline = time.monotonic() + w.timeout if w.timeout else None
             if obj["op"] == "kill":
-                w.kill(obj.get("reason") or "killed by the host")
+                w.kill(obj.get("reason") or "killed by the host", self)
                 return
             w.forward(obj, blob)
             return
@@ -716,8 +901,21 @@ class Agent:
         site = self.settings.get("site")
         if site and site not in sys.path:
             sys.path.insert(0, site)
-        if self.settings.get("guest_limits"):
+        if (req.get("settings") or {}).get("guest_limits"):
             limit_guest(self.settings["guest_limits"])
+        if self.settings.get("coverage") and COVERAGE_DIR not in self.settings.get("binds", []):
+            # shared by every worker (bound into their roots) until the host collects it
+            os.makedirs(COVERAGE_DIR, exist_ok=True)
+            self.settings["binds"] = [*self.settings.get("binds", []), COVERAGE_DIR]
+        venv = self.settings.get("venv")
+        if venv and os.path.realpath(sys.prefix) != venv:
+            activate_venv(venv)
+        layer = (req.get("settings") or {}).get("project_layer")
+        if layer:
+            # what the project's editable install built (compiled extensions), laid over the
+            # read-only project tree at its own path; workers bind this view
+            upper, tree = layer
+            mount("overlay", tree, "overlay", MS_RDONLY, "lowerdir=%s:%s" % (upper, tree))
         self.send(0, {"op": "ok"})
 
     def op_pytest(self, req: Dict[str, Any], blob: bytes) -> None:
@@ -728,6 +926,8 @@ class Agent:
         import pytest
 
         plugin = make_pytest_plugin(self, req)
+        # coverage of collection (imports, module-level code) as on the host's pytest-cov
+        self.coverage = start_coverage(self.settings.get("coverage"))
         code = pytest.main(list(req["args"]), plugins=[plugin])
         if not plugin.reached_loop:
             self.send(0, {"op": "error", "type": "PytestStartError",
@@ -739,10 +939,34 @@ class Agent:
         reply, out = run_command(req, blob)
         self.send(0, reply, out)
 
+    def op_coverage(self, req: Dict[str, Any], blob: bytes) -> None:
+        """The coverage data files written so far (a tar of COVERAGE_DIR), then removed."""
+        names = sorted(os.listdir(COVERAGE_DIR)) if os.path.isdir(COVERAGE_DIR) else []
+        data = pack_path(COVERAGE_DIR) if names else b""
+        for name in names:
+            try:
+                os.unlink(os.path.join(COVERAGE_DIR, name))
+            except OSError:
+                pass
+        self.send(0, {"op": "coverage", "files": len(names)}, data)
+
+    def op_plugins(self, req: Dict[str, Any], blob: bytes) -> None:
+        """Which of the named pytest11 entry points are installed here."""
+        import importlib.metadata
+
+        eps = importlib.metadata.entry_points()
+        group = (eps.select(group="pytest11") if hasattr(eps, "select")
+                 else eps.get("pytest11", []))  # type: ignore[attr-defined,arg-type,unused-ignore]
+        have = {ep.name for ep in group}
+        self.send(0, {"op": "plugins", "present": [n for n in req["names"] if n in have]})
+
     def op_worker(self, req: Dict[str, Any], blob: bytes) -> None:
         ch = int(req["ch"])
         if ch <= 0 or ch in self.workers:
             raise ValueError("channel %d is not free" % ch)
+        if req.get("zygote"):
+            self.fork_from_zygote(ch, int(req["zygote"]), req)
+            return
         a, b = socket.socketpair()
         pid = os.fork()
         if pid == 0:
@@ -775,6 +999,29 @@ class Agent:
                 os._exit(code)
         b.close()
         self.workers[ch] = Worker(ch, pid, a, oom_kills())
+        if req.get("kind") == "zygote":
+            self.workers[ch].zygote = True
+
+    def fork_from_zygote(self, ch: int, zch: int, req: Dict[str, Any]) -> None:
+        """A test worker forked by the zygote on channel zch (see Zygote): the agent keeps
+        one end of the worker's socket and relays its frames like any worker's; the
+        zygote, its parent, reports its pid ("forked") and its wait status ("reaped")."""
+        z = self.workers.get(zch)
+        a, b = socket.socketpair()
+        w = Worker(ch, None, a, oom_kills())
+        w.via = zch
+        self.workers[ch] = w
+        if z is None or not z.zygote or z.fd < 0:
+            b.close()
+            w.orphaned = "the zygote on channel %d is gone" % zch
+            return
+        frame = encode_frame(zch, dict(req, op="fork"))
+        try:
+            socket.send_fds(z.sock, [frame], [b.fileno()])
+        except OSError as exc:
+            w.orphaned = "cannot reach the zygote: %s" % exc
+        finally:
+            b.close()
 
     def op_shutdown(self, req: Dict[str, Any], blob: bytes) -> None:
         self.running = False
@@ -783,7 +1030,7 @@ class Agent:
 class Worker:
     """The agent's view of one worker process."""
 
-    def __init__(self, ch: int, pid: int, sock: socket.socket,
+    def __init__(self, ch: int, pid: Optional[int], sock: socket.socket,
                  oom_kills: Optional[int] = None) -> None:
         self.ch = ch
         self.oom_kills = oom_kills
@@ -794,6 +1041,11 @@ class Worker:
         self.deadline: Optional[float] = None
         self.timeout: Optional[float] = None
         self.kill_reason: Optional[str] = None
+        #: this worker is a zygote (forks test workers); or the zygote channel it came from
+        self.zygote = False
+        self.via = 0
+        #: why a worker of a zygote will never be reaped (the zygote is gone)
+        self.orphaned: Optional[str] = None
 
     def forward(self, obj: Dict[str, Any], blob: bytes) -> None:
         if self.fd < 0:
@@ -818,24 +1070,42 @@ class Worker:
             self.kill("sent a malformed frame: %s" % exc)
             return
         for _, obj, blob in frames:
+            if self.zygote and obj["op"] in ("forked", "reaped"):
+                agent.zygote_event(obj)
+                continue
             if obj["op"] in ("done", "exit"):
                 self.deadline = None
             agent.send(self.ch, obj, blob)
 
-    def kill(self, reason: str) -> None:
+    def kill(self, reason: str, agent: Optional["Agent"] = None) -> None:
         if self.kill_reason is None:
             self.kill_reason = reason
+        if self.pid is None:
+            # still in the zygote's hands (its higher-scoped set-up for this test hangs):
+            # only ending the zygote ends that
+            z = agent.workers.get(self.via) if agent is not None else None
+            if z is not None:
+                z.kill("a test's set-up of session/module fixtures ran out of time (%s)"
+                       % reason)
+            return
         try:
             os.kill(self.pid, signal.SIGKILL)
         except OSError:
             pass
 
 
-def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any]) -> int:
-    """Runs in the forked worker: make a fresh root and a PID namespace, then serve."""
+def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
+                zygote: Optional["Zygote"] = None) -> int:
+    """Runs in the forked worker: make a fresh root and a PID namespace, then serve.
+
+    A zygote's test worker (zygote given) lays its fresh upper layer over the zygote's
+    layers (see Zygote) instead of over the pristine root alone.
+    """
+    if req.get("kind") == "zygote":
+        return Zygote(agent, sock, ch).main()
     isolated = agent.settings.get("isolation") == "overlay"
     if not isolated:
-        return WorkerServer(agent, sock, ch, req, root=None).serve()
+        return WorkerServer(agent, sock, ch, req, root=None, zygote=zygote).serve()
     unshare(CLONE_NEWNS | CLONE_NEWPID)
     # Inherited mounts may be shared (LXC makes every container mount shared): pivot_root
     # would fail with EINVAL and the worker's mounts would propagate back to the agent.
@@ -886,10 +1156,11 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any])
     os.close(w)
     set_pdeathsig()
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    ws = "/.isolate/ws"
+    ws = zygote.test_ws if zygote is not None else "/.isolate/ws"
     mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(agent.settings.get("disk")))
-    server = WorkerServer(agent, sock, ch, req, root=None)
-    root = server.mount_layers([agent.settings["lower"]])
+    server = WorkerServer(agent, sock, ch, req, root=None, zygote=zygote, ws=ws)
+    lowers = zygote.lowers if zygote is not None else [agent.settings["lower"]]
+    root = server.mount_layers(lowers)
     if req.get("kind", "test") == "test":
         pivot_root(root, allow_move=True)
         os.chdir(agent.settings.get("cwd") or "/")
@@ -901,8 +1172,11 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any])
 
 class WorkerServer:
     def __init__(self, agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
-                 root: Optional[str]) -> None:
+                 root: Optional[str], zygote: Optional["Zygote"] = None,
+                 ws: str = "/.isolate/ws") -> None:
         self.agent = agent
+        self.zygote = zygote
+        self.ws = ws
         self.sock = sock
         self.ch = ch
         self.req = req
@@ -920,7 +1194,7 @@ class WorkerServer:
     def mount_layers(self, lowers: List[str]) -> str:
         self.generation += 1
         g = self.generation
-        ws = "/.isolate/ws"
+        ws = self.ws
         root = "%s/root%d" % (ws, g)
         self.upper = "%s/upper%d" % (ws, g)
         self.lowers = list(lowers)
@@ -1090,10 +1364,396 @@ class WorkerServer:
                        "known": sorted(items)[:50]})
             return
         nextitem = items.get(req.get("next") or "")
+        if self.zygote is not None:
+            # the zygote holds the higher scopes: tear down only what this test set up
+            nextitem = self.zygote.keep_scopes(item)
         item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
         sys.stdout.flush()
         sys.stderr.flush()
         self.send({"op": "done", "nodeid": req["nodeid"]})
+
+
+class _KeepScopes:
+    """What a zygote's test worker passes as nextitem: an item whose chain is the test's
+    ancestors, so the test's teardown stops short of the scopes the zygote holds."""
+
+    def __init__(self, item: Any, chain: List[Any]) -> None:
+        self._item = item
+        self._chain = chain
+
+    def listchain(self) -> List[Any]:
+        return list(self._chain)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._item, name)
+
+
+class Zygote:
+    """The process that holds an environment's higher-scoped fixtures (reset = "test").
+
+    Forked from the agent once per environment (host op "worker", kind "zygote"), it
+    sets up, for each test the host asks it to fork a worker for, the collectors and
+    the session-, package-, module- and class-scoped fixtures that test needs -- each
+    once, as pytest on the host would -- and then forks that test's worker (host op
+    "worker" with "zygote": its channel; the agent passes the worker's socket over with
+    SCM_RIGHTS).  The worker runs the test with a nextitem that keeps those scopes, so
+    only what the test itself set up is torn down there; the zygote tears a scope down
+    where it set it up, when the host says the next test leaves it ("advance", whose
+    teardown report the host merges into the previous test's).
+
+    Layers (isolated backends): the zygote's root is an overlay whose upper layer
+    (/.isolate/ws/session/upper, on a tmpfs of its own) takes what those fixtures write;
+    each test worker's root is a fresh upper over [that layer, the pristine root].  So a
+    test starts from the files, values, descriptors and processes the fixtures made, and
+    its own writes and processes go with its worker.
+
+    Threads do not survive fork: a fixture whose set-up leaves new threads running is
+    torn down again in the zygote and set up per test from then on (with a warning that
+    names it); ``@pytest.mark.isolate(..., fixtures_per_test=[...])`` asks for that
+    up front.  A later change (issue 13) can fork the next worker ahead of time here.
+    """
+
+    WS = "/.isolate/ws"
+
+    def __init__(self, agent: Agent, sock: socket.socket, ch: int) -> None:
+        self.agent = agent
+        self.sock = sock
+        self.ch = ch
+        self.decoder = FrameDecoder()
+        self.fds: "collections.deque[int]" = collections.deque()
+        self.children: Dict[int, int] = {}
+        self.per_test: Dict[str, str] = {}
+        self.lowers: List[str] = []
+        self.test_ws = self.WS + "/t"
+        self.sigr = self.sigw = -1
+        self.running = True
+
+    def send(self, obj: Dict[str, Any], blob: bytes = b"") -> None:
+        self.sock.sendall(encode_frame(self.ch, obj, blob))
+
+    def main(self) -> int:
+        if self.agent.settings.get("isolation") == "overlay":
+            self.enter_layer()
+        self.sigr, self.sigw = os.pipe()
+        os.set_blocking(self.sigr, False)
+        os.set_blocking(self.sigw, False)
+        signal.set_wakeup_fd(self.sigw)
+        signal.signal(signal.SIGCHLD, lambda s, f: None)
+        self.agent.current_sender = self.send
+        try:
+            self.serve()
+        finally:
+            self.teardown_all()
+            _kill_session_leftovers()
+        return 0
+
+    def enter_layer(self) -> None:
+        s = self.agent.settings
+        lower = s["lower"]
+        unshare(CLONE_NEWNS)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        ws = self.WS
+        mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(s.get("disk")))
+        upper = ws + "/session/upper"
+        root = ws + "/root"
+        overlay(root, [lower], upper, ws + "/session/work")
+        binds = [[p, p, False] for p in s.get("binds", [])]
+        populate_root(root, binds, "/dev", fresh_dev=False, size=s.get("disk"), tmp=False)
+        # the layers at the same paths inside (a plain bind: not the root mounted in ws)
+        os.makedirs(root + ws, exist_ok=True)
+        mount(ws, root + ws, None, MS_BIND)
+        # the pristine root at a path of its own (lower may be "/" itself: docker)
+        pristine = "/.isolate/pristine"
+        bind(lower, root + pristine, readonly=True)
+        os.makedirs(self.test_ws, exist_ok=True)
+        pivot_root(root, allow_move=True)
+        os.chdir(s.get("cwd") or "/")
+        self.lowers = [upper, pristine]
+        try:  # a fixture's server on 127.0.0.1 (a container "without network" has lo down)
+            loopback_up()
+        except OSError:
+            pass
+
+    def serve(self) -> None:
+        while self.running:
+            sock = self.sock.fileno()
+            ready = select.select([sock, self.sigr], [], [])[0]
+            if self.sigr in ready:
+                try:
+                    while os.read(self.sigr, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                self.reap()
+            if sock not in ready:
+                continue
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 16)
+            self.fds.extend(fds)
+            if not data:
+                return
+            for _, obj, _blob in self.decoder.feed(data):
+                try:
+                    getattr(self, "op_" + obj["op"])(obj)
+                except Exception as exc:
+                    self.send({"op": "error", "type": type(exc).__name__, "message": str(exc),
+                               "traceback": traceback.format_exc()})
+                if not self.running:
+                    return
+
+    def reap(self) -> None:
+        for pid in list(self.children):
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got, status = pid, int(signal.SIGKILL)
+            if got:
+                ch = self.children.pop(pid)
+                self.send({"op": "reaped", "ch": ch, "pid": pid, "status": status})
+
+    def op_ping(self, req: Dict[str, Any]) -> None:
+        self.send({"op": "pong", "per_test": sorted(self.per_test)})
+
+    def op_close(self, req: Dict[str, Any]) -> None:
+        self.running = False
+
+    def op_fork(self, req: Dict[str, Any]) -> None:
+        fd = self.fds.popleft()
+        ch = int(req["ch"])
+        item = self.agent.items.get(req.get("nodeid") or "")
+        warnings: List[str] = []
+        if item is not None:
+            warnings = self.prepare(item)
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                os.setsid()  # a test's kill(0, sig) never reaches the zygote
+                set_pdeathsig()
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for other in (self.sigr, self.sigw, *self.fds):
+                    os.close(other)
+                self.sock.close()
+                sock = socket.socket(fileno=fd)
+                for message in warnings:
+                    sock.sendall(encode_frame(ch, {"op": "warning", "message": message}))
+                code = worker_main(self.agent, sock, ch, dict(req, kind="test"), zygote=self)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(fd)
+        self.children[pid] = ch
+        if item is not None:
+            item._report_sections = []  # the worker reports what the set-up printed
+        self.send({"op": "forked", "ch": ch, "pid": pid})
+
+    # -- pytest's scopes
+    def prepare(self, item: Any) -> List[str]:
+        """Set up item's collectors and higher-scoped fixtures here; failures are cached
+        by pytest, so the worker's set-up raises them with their traceback, as on the host."""
+        from _pytest.outcomes import TEST_OUTCOME
+
+        ss = item.session._setupstate
+        chain = item.listchain()
+        warnings: List[str] = []
+        if list(ss.stack) != chain[: len(ss.stack)]:  # the host did not advance: do it now
+            try:
+                ss.teardown_exact(item)
+            except TEST_OUTCOME as exc:
+                warnings.append("pytest-isolate: tearing down the scopes before %s failed "
+                                "in the zygote: %s: %s" % (item.nodeid, type(exc).__name__, exc))
+        for col in chain[len(ss.stack):-1]:
+            ss.stack[col] = ([col.teardown], None)
+            try:
+                col.setup()
+            except TEST_OUTCOME as exc:
+                ss.stack[col] = (ss.stack[col][0], (exc, exc.__traceback__))
+                return warnings
+        if any(exc for _, exc in ss.stack.values()):
+            return warnings
+        request = getattr(item, "_request", None)
+        info = getattr(item, "_fixtureinfo", None)
+        if not request or info is None:
+            return warnings
+        marker = item.get_closest_marker("isolate")
+        declared = list((marker.kwargs.get("fixtures_per_test") or ()) if marker else ())
+        for name in declared:
+            self.per_test.setdefault(str(name), "declared")
+        names = self.zygote_fixtures(info)
+        capman = item.config.pluginmanager.getplugin("capturemanager")
+        import contextlib
+
+        ctx = capman.item_capture("setup", item) if capman is not None else contextlib.nullcontext()
+        # the item is "active" while its fixtures are requested, as in its own set-up; it
+        # leaves the stack again before the fork (the worker pushes it)
+        ss.stack[item] = ([], None)
+        try:
+            with ctx:
+                self.prepare_fixtures(item, request, info, names, warnings)
+        finally:
+            ss.stack.pop(item, None)
+        return warnings
+
+    def prepare_fixtures(self, item: Any, request: Any, info: Any, names: List[str],
+                         warnings: List[str]) -> None:
+        import threading
+
+        from _pytest.outcomes import TEST_OUTCOME
+
+        defs = [d for n in info.names_closure for d in info.name2fixturedefs.get(n, ())]
+        for name in names:
+            if name in self.per_test:
+                continue
+            before = set(threading.enumerate())
+            idle = [d for d in defs if d.cached_result is None]
+            try:
+                request.getfixturevalue(name)
+            except TEST_OUTCOME:
+                continue  # cached: each test using it errors with this set-up's traceback
+            started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+            if started:
+                warnings.append(self.move_per_test(request, name, idle, started))
+
+    def zygote_fixtures(self, info: Any) -> List[str]:
+        """The item's higher-scoped fixtures that do not depend on a per-test one."""
+        defs = info.name2fixturedefs
+        memo: Dict[str, bool] = {}
+
+        def per_test(name: str, seen: Tuple[str, ...] = ()) -> bool:
+            if name in self.per_test:
+                return True
+            if name in memo or name in seen:
+                return memo.get(name, False)
+            memo[name] = any(per_test(arg, (*seen, name)) for d in defs.get(name, ())
+                             for arg in d.argnames)
+            return memo[name]
+
+        names = []
+        for name in info.names_closure:
+            fixdefs = defs.get(name)
+            if not fixdefs or fixdefs[-1].scope == "function" or per_test(name):
+                continue
+            names.append(name)
+        return names
+
+    def move_per_test(self, request: Any, name: str, idle: List[Any], threads: List[Any]) -> str:
+        """name's set-up left threads running: tear down what it set up, here and now, and
+        set it up in each test's worker instead."""
+        fresh = [d for d in idle if d.cached_result is not None]
+        for d in reversed(fresh):
+            try:
+                d.finish(request)
+            except BaseException as exc:  # reported, not fatal: the warning names it
+                sys.stderr.write("pytest-isolate zygote: tearing down %s: %r\n" % (d.argname, exc))
+        names = sorted(set([name] + [d.argname for d in fresh]))
+        for n in names:
+            self.per_test[n] = "threads"
+            request._fixture_defs.pop(n, None)  # set up afresh in the worker
+        where = ", ".join("%r (%s-scoped)" % (d.argname, d.scope) for d in fresh) or repr(name)
+        return ("pytest-isolate: setting up %s started threads (%s); threads do not survive "
+                "the fork into each test's worker, so %s now set up and torn down in every "
+                "test instead of once. Say so with @pytest.mark.isolate(..., "
+                "fixtures_per_test=%r) to silence this, or start the threads lazily."
+                % (where, ", ".join(t.name for t in threads[:5]),
+                   "it is" if len(names) == 1 else "they are", names))
+
+    def keep_scopes(self, item: Any) -> Any:
+        """In the test's worker: the nextitem to run item with, and a teardown that also
+        ends what the test set up at a higher scope itself (a per-test fixture,
+        request.getfixturevalue in the test) -- the zygote's own stay untouched."""
+        from _pytest.outcomes import TEST_OUTCOME
+
+        ss = item.session._setupstate
+        keep = _KeepScopes(item, item.listchain()[:-1])
+        counts = {node: len(entry[0]) for node, entry in ss.stack.items()}
+        original = ss.teardown_exact
+
+        def teardown_exact(nextitem: Any) -> None:
+            errors: List[BaseException] = []
+            try:
+                original(keep)
+            except TEST_OUTCOME as exc:
+                errors.append(exc)
+            for node in reversed(list(ss.stack)):
+                fins = ss.stack[node][0]
+                while len(fins) > counts.get(node, 0):
+                    fin = fins.pop()
+                    try:
+                        fin()
+                    except TEST_OUTCOME as exc:
+                        errors.append(exc)
+            if len(errors) == 1:
+                raise errors[0]
+            if errors:
+                import builtins
+
+                group: Any = getattr(builtins, "BaseExceptionGroup", None)
+                if group is None:
+                    raise errors[0]
+                raise group("errors during test teardown", errors[::-1])
+
+        ss.teardown_exact = teardown_exact
+        return keep
+
+    def op_advance(self, req: Dict[str, Any]) -> None:
+        """The host's next test here is req["next"] (None: none): tear down the scopes it
+        leaves, and report that as the teardown of req["prev"]."""
+        import contextlib
+
+        from _pytest.runner import CallInfo
+
+        items = self.agent.items
+        session = self.agent.session
+        prev = items.get(req.get("prev") or "")
+        nxt = items.get(req.get("next") or "")
+        ss = session._setupstate
+        needed = nxt.listchain() if nxt is not None else []
+        if ss.stack and list(ss.stack) != needed[: len(ss.stack)]:
+            if prev is None:
+                try:
+                    ss.teardown_exact(nxt)
+                except Exception:
+                    traceback.print_exc()
+            else:
+                capman = prev.config.pluginmanager.getplugin("capturemanager")
+                ctx = (capman.item_capture("teardown", prev) if capman is not None
+                       else contextlib.nullcontext())
+                with ctx:
+                    call = CallInfo.from_call(lambda: ss.teardown_exact(nxt), when="teardown")
+                rep = prev.ihook.pytest_runtest_makereport(item=prev, call=call)
+                prev._report_sections = []
+                config = session.config
+                data = config.hook.pytest_report_to_serializable(config=config, report=rep)
+                self.send({"op": "report", "data": data})
+        self.send({"op": "advanced"})
+
+    def teardown_all(self) -> None:
+        session = self.agent.session
+        if session is None or not session._setupstate.stack:
+            return
+        try:
+            session._setupstate.teardown_exact(None)
+        except BaseException:
+            traceback.print_exc()
+
+
+def _kill_session_leftovers() -> None:
+    """SIGKILL what is left in the caller's session (it is a session leader): processes
+    a fixture started and its teardown did not end."""
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == me:  # field 6 of stat: the session id
+                os.kill(int(name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
 
 
 def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
@@ -1101,6 +1761,7 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
 
     default_envs = list(req.get("default_envs") or [])
     ini_names = list(req.get("ini_names") or [])
+    host_markers = list(req.get("markers") or [])
 
     class AgentPlugin:
         def __init__(self) -> None:
@@ -1125,14 +1786,26 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
         def pytest_configure(self, config: Any) -> None:
             self.config = config
             config.addinivalue_line("markers", "isolate(*envs): run inside environments")
+            # markers the host's plugins register (flaky, timeout, ...) whether or not the
+            # plugin is loaded here, so --strict-markers judges them as on the host
+            for line in host_markers:
+                config.addinivalue_line("markers", line)
 
         @pytest.hookimpl(trylast=True)
         def pytest_generate_tests(self, metafunc: Any) -> None:
             parametrize_envs(metafunc, default_envs)
 
+        @pytest.hookimpl(wrapper=True)
+        def pytest_make_collect_report(self, collector: Any) -> Any:
+            # the same split as the host's (IsolateManager.pytest_make_collect_report)
+            rep = yield
+            if rep.passed and rep.result:
+                rep.result[:] = split_items(rep.result, default_envs)[0]
+            return rep
+
         @pytest.fixture
         def isolate_target(self, request: Any) -> Any:
-            return getattr(request, "param", None)
+            return getattr(request, "param", None) or item_target(request.node)
 
         def pytest_collectreport(self, report: Any) -> None:
             if report.failed:
@@ -1150,10 +1823,20 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
             self.config = session.config
             agent.session = session
             agent.items = {item.nodeid: item for item in session.items}
+            save_coverage(agent.coverage)  # each test worker measures its own test
+            agent.coverage = None
             agent.send(0, {"op": "collected", "nodeids": list(agent.items),
                            "errors": self.errors})
             agent.serve()
             return True
+
+        def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
+            if agent.settings.get("coverage"):  # in the test's worker
+                agent.coverage = start_coverage(agent.settings["coverage"])
+
+        def pytest_runtest_logfinish(self, nodeid: str, location: Any) -> None:
+            save_coverage(agent.coverage)
+            agent.coverage = None
 
     return AgentPlugin()
 

@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +22,8 @@ import pytest
 from _pytest.reports import TestReport
 
 from pytest_isolate import config as cfg
-from pytest_isolate.agent import isolate_targets, parametrize_envs
+from pytest_isolate import hostplugins, inside
+from pytest_isolate.agent import isolate_targets, item_target, parametrize_envs, split_items
 from pytest_isolate.backends.base import Backend, Instance, RunContext
 from pytest_isolate.backends.host import run_gone, run_owner
 from pytest_isolate.cache import Cache, _force_rmtree
@@ -49,6 +50,26 @@ HOST_GRACE = 30.0
 When = Literal["setup", "call", "teardown"]
 
 
+def base_nodeid(nodeid: str) -> str:
+    """nodeid without its parametrization: ``f.py::T::t[a-b]`` -> ``f.py::T::t``."""
+    head, sep, tail = nodeid.rpartition("::")
+    return head + sep + tail.partition("[")[0]
+
+
+def doctest_args(opt: Any) -> list[str]:
+    """The host's doctest options, for the pytest inside to collect the same doctest items
+    (``-o addopts=`` there drops what addopts gave the host)."""
+    args = ["--doctest-modules"] if getattr(opt, "doctestmodules", False) else []
+    for pattern in getattr(opt, "doctestglob", None) or []:
+        args.append(f"--doctest-glob={pattern}")
+    if getattr(opt, "doctestreport", "udiff") != "udiff":
+        args.append(f"--doctest-report={opt.doctestreport}")
+    for flag in ("doctest_ignore_import_errors", "doctest_continue_on_failure"):
+        if getattr(opt, flag, False):
+            args.append("--" + flag.replace("_", "-"))
+    return args
+
+
 class Worker:
     def __init__(self, ch: int, scope: str) -> None:
         self.ch = ch
@@ -65,11 +86,25 @@ class KeptWorker:
     nodeid: str
 
 
+def marker_overrides(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The marker's keywords that override spec keys: fixtures_per_test is checked here and
+    read by the zygote inside (agent.Zygote), not a spec key."""
+    names = kwargs.get("fixtures_per_test", [])
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(
+            isinstance(n, str) for n in names):
+        raise ConfigError(f"{where}: fixtures_per_test must be a list of fixture names, "
+                          f"got {names!r}")
+    return {k: v for k, v in kwargs.items() if k != "fixtures_per_test"}
+
+
 class IsolateManager:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.instances: dict[str, Instance] = {}
         self.workers: dict[str, Worker] = {}
+        #: per environment: the zygote that holds higher-scoped fixtures (reset = "test")
+        self.zygotes: dict[str, Worker] = {}
+        self._zygote_next: dict[str, str | None] | None = None
         self.backends: dict[str, Backend] = {}
         self.unavailable: dict[str, BackendUnavailable] = {}
         self.broken: dict[str, Exception] = {}
@@ -77,6 +112,12 @@ class IsolateManager:
         #: bad @pytest.mark.isolate markers, raised as one UsageError once collection is done
         #: (a UsageError raised while a module is collected becomes a collection error, exit 2)
         self.marker_errors: list[str] = []
+        #: environments whose missing plugins were reported already
+        self.plugins_warned: set[str] = set()
+        #: items with several environments that could not be split into one copy each
+        self.split_errors: list[str] = []
+        #: test functions whose marker pytest_generate_tests checked
+        self.checked: set[str] = set()
         self.keep_failed = bool(config.getoption("isolate_keep_failed"))
         self.kept: list[KeptWorker] = []
         #: releases of the shared locks on the cache entries this run uses
@@ -212,34 +253,69 @@ class IsolateManager:
     @pytest.hookimpl(trylast=True)
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         marker = metafunc.definition.get_closest_marker("isolate")
-        if marker is not None:
-            where = f"{metafunc.definition.nodeid}: @pytest.mark.isolate"
-            if not marker.args:
-                self.marker_errors.append(
-                    f"{where} needs one or more environment names, e.g. "
-                    f"@pytest.mark.isolate(\"chroot\"); known: {', '.join(sorted(self.specs))}")
-                return
-            try:
-                cfg.check_env_names(marker.args, where, self.specs)
-                cfg.with_overrides(self.specs[marker.args[0]], marker.kwargs, where)
-            except ConfigError as exc:
-                self.marker_errors.append(str(exc))
-                return
+        self.checked.add(metafunc.definition.nodeid)
+        if marker is not None and not self.check_marker(metafunc.definition.nodeid, marker):
+            return
         parametrize_envs(metafunc, self.default_envs)
 
+    def check_marker(self, nodeid: str, marker: pytest.Mark) -> bool:
+        """False (and the reason kept for a UsageError) when an isolate marker is bad."""
+        where = f"{nodeid}: @pytest.mark.isolate"
+        if not marker.args:
+            self.marker_errors.append(
+                f"{where} needs one or more environment names, e.g. "
+                f"@pytest.mark.isolate(\"chroot\"); known: {', '.join(sorted(self.specs))}")
+            return False
+        try:
+            cfg.check_env_names(marker.args, where, self.specs)
+            cfg.with_overrides(self.specs[marker.args[0]], marker_overrides(marker.kwargs, where),
+                               where)
+        except ConfigError as exc:
+            self.marker_errors.append(str(exc))
+            return False
+        return True
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_make_collect_report(self, collector: pytest.Collector
+                                   ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+        """One copy per environment of the items pytest_generate_tests never sees
+        (unittest TestCase methods, doctests, plugin items); agent.split_items does the
+        same inside.  Done here, not in pytest_collection_modifyitems, so that --lf's
+        filtering of a file's items (cacheprovider, an outer wrapper) sees the copies."""
+        rep = yield
+        if rep.passed and rep.result:
+            rep.result[:], problems = split_items(rep.result, self.default_envs)
+            self.split_errors.extend(problems)
+        return rep
+
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            # items that pytest_generate_tests did not check (not functions)
+            marker = item.get_closest_marker("isolate")
+            base = base_nodeid(item.nodeid)
+            if marker is not None and base not in self.checked:
+                self.checked.add(base)
+                self.check_marker(base, marker)
         if self.marker_errors:
             raise pytest.UsageError("\n".join(dict.fromkeys(self.marker_errors)))
+        if self.split_errors:
+            raise pytest.UsageError(
+                "these items have several environments but cannot be split into one item per "
+                "environment; they would run in one of them only, so nothing runs:\n  "
+                + "\n  ".join(self.split_errors)
+                + "\nname one environment for them (@pytest.mark.isolate(\"ENV\") or a run of "
+                "their own with --isolate-env ENV)")
         for item in items:
             marker = item.get_closest_marker("isolate")
             envs = self.envs_for(marker.args if marker else (), getattr(item, "fixturenames", ()))
             if not envs:
                 continue
-            callspec = getattr(item, "callspec", None)
-            env = callspec.params.get("isolate_target", envs[0]) if callspec else envs[0]
+            env = item_target(item) or envs[0]
             spec = self.specs[env]
-            overrides: dict[str, Any] = dict(marker.kwargs) if marker else {}
             where = f"{item.nodeid}: @pytest.mark.isolate"
+            # fixtures_per_test is read inside (checked in pytest_generate_tests)
+            overrides: dict[str, Any] = {k: v for k, v in (marker.kwargs if marker else {}).items()
+                                         if k != "fixtures_per_test"}
             # marker keyword > command-line flag > the env's table > ini > [tool.pytest-isolate]
             for key, flag, value in (("timeout", "isolate_timeout", self.timeout),
                                      ("reset", "isolate_reset", self.reset)):
@@ -259,6 +335,20 @@ class IsolateManager:
                 _ = self.cache  # an unwritable cache directory is a usage error, before any test
             except ConfigError as exc:
                 raise pytest.UsageError(str(exc)) from None
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Per environment, how many of the selected items are bound to it (the summary
+        table's and the JSON report's "bound": a partial matrix shows at a glance)."""
+        counts: dict[str, int] = {}
+        for item in session.items:
+            env = item.stash.get(ENV_KEY, None)
+            if env is not None:
+                counts[env] = counts.get(env, 0) + 1
+        for env, count in counts.items():
+            spec = self.specs[env]
+            stats = self.report.envs.setdefault(
+                env, EnvStats(env, spec.backend, spec.arch, spec.release))
+            stats.bound = count
 
     # ------------------------------------------------------------ instances
     def instance(self, name: str, timer: PhaseTimer) -> Instance:
@@ -283,12 +373,15 @@ class IsolateManager:
         stats.host = host.name if host is not None else "default"
         stats.endpoint = endpoint or ""
         if name in self.broken:
-            raise ProvisionError(f"environment {name!r} could not be built earlier in this run:\n"
-                                 f"{self.broken[name]}")
+            # the full error (with the build's output tail) went with the first test
+            first = str(self.broken[name]).splitlines()[0]
+            raise ProvisionError(f"environment {name!r} could not be built earlier in this run "
+                                 f"(the first test of it shows why): {first}")
         with timer.phase("provision"):
             started = time.perf_counter()
             try:
                 entry = backend.provision(spec)
+                spec = self.with_layer(name, spec, backend)
             except Exception as exc:
                 self.broken[name] = exc  # built once per run: later tests fail fast
                 raise
@@ -309,9 +402,47 @@ class IsolateManager:
         self.instances[name] = inst
         return inst
 
+    def with_layer(self, name: str, spec: EnvSpec, backend: Backend) -> EnvSpec:
+        """spec with its dependency layer (the project and its test dependencies in a
+        virtual environment inside), built when missing; only for environments that run
+        collected tests (a fixture drives its environment as provisioned)."""
+        if name not in self.bound:
+            return spec
+        from pytest_isolate.images.deps import make_plan, provision_layer
+        from pytest_isolate.images.rootfs import provision_rootfs
+
+        explicit = [k for k in cfg.DEPS_KEYS if spec.source(k) != "built-in default"]
+        if spec.image is not None or not backend.supports_layers:
+            if explicit:
+                why = (f"image {spec.image!r} is not a root filesystem pytest-isolate builds"
+                       if spec.image is not None else f"backend {spec.backend!r}")
+                raise ConfigError(
+                    f"{spec.source(explicit[0])}: installing the project and its dependencies "
+                    f"inside is not supported yet for {why}; remove the key or use another "
+                    "environment")
+            return spec
+        if make_plan(spec, self.config.rootpath) is None:
+            return spec
+        run = self.run_context()
+        rootfs = provision_rootfs(backend.rootfs_spec(spec), self.cache,
+                                  run.log_path(name, "provision.log"), run.rootdir,
+                                  self.progress)
+        layer = provision_layer(spec, rootfs, run.rootdir, self.cache,
+                                run.log_path(name, "deps.log"), self.progress)
+        if layer is None:
+            return spec
+        if f"deps:{name}" not in self.holds:
+            self.holds[f"deps:{name}"] = self.cache.hold(layer.entry)
+        if layer.venv_pytest and layer.venv_pytest != pytest.__version__:
+            self.progress(f"{name}: the project's dependencies install pytest "
+                          f"{layer.venv_pytest} inside; the host's pytest {pytest.__version__} "
+                          "is used there (both sides must run the same pytest)")
+        return dataclasses.replace(spec, layer=layer)
+
     def drop(self, name: str) -> None:
         inst = self.instances.pop(name, None)
         self.workers.pop(name, None)
+        self.zygotes.pop(name, None)
         if inst is not None:
             inst.stop()
 
@@ -322,7 +453,9 @@ class IsolateManager:
         files = sorted({nodeid.split("::", 1)[0] for nodeid in self.bound.get(name, ())})
         opt = self.config.option
         args = [str(rootdir / f) for f in files]
-        args += ["-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", str(rootdir),
+        addopts, _ = inside.filter_addopts(inside.addopts_of(self.config))
+        args += ["-p", "no:cacheprovider", "-o", "addopts=" + shlex.join(addopts),
+                 "--rootdir", str(rootdir),
                  f"--tb={opt.tbstyle}", f"--capture={opt.capture}",
                  f"--import-mode={opt.importmode}", "-W", "ignore::pytest.PytestConfigWarning"]
         if self.config.inipath is not None:
@@ -331,11 +464,19 @@ class IsolateManager:
         args += ["-v"] * verbose if verbose > 0 else ["-q"] * -verbose
         if opt.showlocals:
             args.append("-l")
+        args += doctest_args(opt)
+        args += inside.disabled_plugins(self.config.invocation_params.args)
+        args += self.plugins_inside(name, inst)
+        coverage = hostplugins.coverage_options(self.config)
+        if coverage is not None:  # pytest-cov: measured inside too (hostplugins.py)
+            inst.conn.call(0, {"op": "configure", "settings": {"coverage": coverage}},
+                           timeout=self.timeout)
         with timer.phase("sync"):
             reply, _ = inst.conn.call(
                 0,
                 {"op": "pytest", "args": args, "cwd": str(rootdir),
-                 "default_envs": self.default_envs, "ini_names": list(INI_NAMES)},
+                 "default_envs": self.default_envs, "ini_names": list(INI_NAMES),
+                 "markers": [str(m) for m in self.config.getini("markers")]},
                 timeout=self.timeout,
             )
         if reply["op"] != "collected":
@@ -344,6 +485,23 @@ class IsolateManager:
         inst.collected = set(reply["nodeids"])
         inst.collect_errors = list(reply["errors"])
 
+    def plugins_inside(self, name: str, inst: Instance) -> list[str]:
+        """-p NAME for each plugin the host loaded that the environment has; one line for
+        each that it lacks (once per environment)."""
+        wanted = inside.host_plugins(self.config.pluginmanager)
+        if not wanted:
+            return []
+        reply, _ = inst.conn.call(0, {"op": "plugins", "names": [n for n, _ in wanted]},
+                                  timeout=self.timeout)
+        present = set(reply.get("present", ()))
+        missing = [f"{dist} (plugin {ep!r})" for ep, dist in wanted if ep not in present]
+        if missing and name not in self.plugins_warned:
+            self.plugins_warned.add(name)
+            self.progress(f"{name}: pytest plugins loaded here but not installed inside: "
+                          f"{', '.join(missing)}; add them to 'deps' or 'dependency_groups' "
+                          f"in [{cfg.TABLE}] (or the environment's table) to load them there")
+        return [arg for ep, _ in wanted if ep in present for arg in ("-p", ep)]
+
     # ------------------------------------------------------------ running items
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
@@ -351,11 +509,26 @@ class IsolateManager:
             return None
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        ItemRun(self, item, nextitem).run()
+        reruns = hostplugins.reruns_of(item)
+        if reruns is None:
+            ItemRun(self, item, nextitem).run()
+        else:  # pytest-rerunfailures: each attempt in a fresh worker
+            hostplugins.run_with_reruns(item, *reruns, lambda log: ItemRun(
+                self, item, nextitem, log=log).run())
+        # what host tests before this one set up (a module, a class) and the next item does
+        # not share: torn down now, as pytest's own teardown phase would (else the next
+        # local item finds a stale setup stack: "previous item was not torn down properly")
+        call = pytest.CallInfo.from_call(
+            lambda: item.session._setupstate.teardown_exact(nextitem), when="teardown",
+            reraise=(pytest.exit.Exception, KeyboardInterrupt))
+        if call.excinfo is not None:
+            ihook.pytest_runtest_logreport(
+                report=ihook.pytest_runtest_makereport(item=item, call=call))
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
     def pytest_sessionfinish(self) -> None:
+        self.close_zygotes()
         if self.kept:
             self.enter_kept()
         for name in list(self.instances):
@@ -370,6 +543,50 @@ class IsolateManager:
         elif path:
             self.report.write(Path(path))
         self._prune_runs()
+
+    def next_in_zygote(self, item: pytest.Item, nextitem: pytest.Item | None) -> str | None:
+        """The next test the zygote of item's environment will fork a worker for (None:
+        none in this run, so it tears every scope down): pytest's nextitem under xdist
+        (whose scheduler decides), else the next item of the run bound to the same
+        environment with reset = "test", so tests of several environments interleaved
+        (test_a[docker], test_a[lxc], ...) keep each environment's scopes alive."""
+        session = item.session
+        if nextitem is None or session.shouldfail or session.shouldstop:
+            return None
+        env = item.stash[ENV_KEY]
+
+        def here(it: pytest.Item) -> bool:
+            return it.stash.get(ENV_KEY, None) == env and it.stash[SPEC_KEY].reset == "test"
+
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            return nextitem.nodeid if here(nextitem) else None
+        if self._zygote_next is None:
+            following: dict[str, str | None] = {}
+            last: dict[str, str] = {}
+            for it in reversed(session.items):
+                name = it.stash.get(ENV_KEY, None)
+                if name is None or it.stash[SPEC_KEY].reset != "test":
+                    continue
+                following[it.nodeid] = last.get(name)
+                last[name] = it.nodeid
+            self._zygote_next = following
+        return self._zygote_next.get(item.nodeid)
+
+    def close_zygotes(self) -> None:
+        """A run that stopped early (-x, an interrupt) leaves scopes set up in zygotes:
+        tear them down where they were set up (errors go to the environment's log)."""
+        for env, zygote in list(self.zygotes.items()):
+            inst = self.instances.get(env)
+            if inst is None or not inst.alive():
+                continue
+            try:
+                inst.conn.send(zygote.ch, {"op": "advance", "prev": None, "next": None})
+                while inst.conn.recv(zygote.ch, HOST_GRACE)[0]["op"] not in (
+                        "advanced", "exit", "error"):
+                    pass
+            except IsolateError as exc:
+                self.progress(f"tearing down the fixtures held for {env!r} failed: {exc}")
+        self.zygotes.clear()
 
     def enter_kept(self) -> None:
         """--isolate-keep-failed: a shell in each failed test's environment, as it left it."""
@@ -459,9 +676,13 @@ class IsolateManager:
 class ItemRun:
     """Runs one bound item through the agent and reports it like a local test."""
 
-    def __init__(self, manager: IsolateManager, item: pytest.Item, nextitem: pytest.Item | None):
+    def __init__(self, manager: IsolateManager, item: pytest.Item, nextitem: pytest.Item | None,
+                 log: hostplugins.Log | None = None):
         self.m = manager
         self.item = item
+        #: where this run's reports go: the host's reporting hooks, or a rerun loop
+        self.log: hostplugins.Log = log or (
+            lambda rep: item.ihook.pytest_runtest_logreport(report=rep))
         self.nextitem = nextitem
         self.env = item.stash[ENV_KEY]
         self.spec = item.stash[SPEC_KEY]
@@ -472,7 +693,8 @@ class ItemRun:
 
     @property
     def timeout(self) -> float:
-        return self.spec.timeout or self.m.timeout
+        # pytest-timeout's limit for this test, then the environment's
+        return hostplugins.timeout_of(self.item) or self.spec.timeout or self.m.timeout
 
     def scope_key(self, nodeid: str) -> str:
         if self.spec.reset == "session":
@@ -542,7 +764,13 @@ class ItemRun:
         if worker is not None and worker.scope != scope:
             self.close_worker(inst, worker)
             worker = None
-        if worker is None:
+        zygote = self.zygote(inst) if self.spec.reset == "test" else None
+        if zygote is not None:
+            # a worker per test, forked by the zygote that holds the higher scopes
+            worker = Worker(conn.new_channel(), scope)
+            conn.send(0, {"op": "worker", "ch": worker.ch, "kind": "test", "zygote": zygote.ch,
+                          "nodeid": self.item.nodeid})
+        elif worker is None:
             worker = Worker(conn.new_channel(), scope)
             conn.send(0, {"op": "worker", "ch": worker.ch, "kind": "test"})
             self.m.workers[self.env] = worker
@@ -558,6 +786,8 @@ class ItemRun:
                     self.emit(self.rebuild(reply["data"]))
                 elif op == "done":
                     break
+                elif op == "warning":
+                    self.item.warn(pytest.PytestWarning(reply["message"]))
                 elif op == "missing":
                     self.fail("setup", self.not_collected_message(inst))
                     break
@@ -577,6 +807,8 @@ class ItemRun:
             tail = log_tail(inst.logs.get("agent"))
             self.synthesize(f"test worker inside environment {self.env!r} ended: {exit_reason}"
                             f"\n--- environment log tail ---\n{tail}")
+            if zygote is not None:
+                self.check_zygote(inst, zygote)
         elif self.outcome == "failed" and self.m.keep_failed:
             # keep the worker (its root as the test left it) for a shell after the run
             self.m.workers.pop(self.env, None)
@@ -584,7 +816,76 @@ class ItemRun:
         elif nxt is None:
             with self.timer.phase("reset"):
                 self.close_worker(inst, worker)
+        if zygote is not None and exit_reason is None:
+            with self.timer.phase("reset"):
+                self.advance(inst, zygote)
         self.flush()
+
+    def zygote(self, inst: Instance) -> Worker:
+        zygote = self.m.zygotes.get(self.env)
+        if zygote is None:
+            zygote = Worker(inst.conn.new_channel(), "zygote")
+            inst.conn.send(0, {"op": "worker", "ch": zygote.ch, "kind": "zygote"})
+            self.m.zygotes[self.env] = zygote
+        return zygote
+
+    def check_zygote(self, inst: Instance, zygote: Worker) -> None:
+        """After a worker ended abnormally: forget the zygote if it ended too (its set-up
+        timed out, the environment ran out of memory); the next test starts a new one."""
+        inst.conn.send(zygote.ch, {"op": "ping"})
+        while True:
+            op = inst.conn.recv(zygote.ch, HOST_GRACE)[0]["op"]
+            if op == "pong":
+                return
+            if op in ("exit", "error"):
+                self.m.zygotes.pop(self.env, None)
+                return
+
+    def advance(self, inst: Instance, zygote: Worker) -> None:
+        """Tell the zygote which of its tests comes next: it tears down the scopes that
+        test leaves (a module's fixtures after its last test; all after the run's last
+        test here) and its report becomes part of this test's teardown, as on the host."""
+        nxt = self.m.next_in_zygote(self.item, self.nextitem)
+        inst.conn.send(zygote.ch, {"op": "advance", "prev": self.item.nodeid, "next": nxt})
+        while True:
+            reply, _ = inst.conn.recv(zygote.ch, self.timeout + HOST_GRACE)
+            op = reply["op"]
+            if op == "report":
+                self.merge_teardown(self.rebuild(reply["data"]))
+            elif op == "advanced":
+                return
+            elif op in ("exit", "error"):
+                self.m.zygotes.pop(self.env, None)
+                why = reply.get("reason") or reply.get("message") or "it ended"
+                self.merge_teardown(self.make_report(
+                    "teardown", "failed",
+                    f"pytest-isolate: the process holding the session/module fixtures of "
+                    f"{self.env!r} failed while tearing them down: {why}\n"
+                    f"{reply.get('traceback', '')}--- environment log tail ---\n"
+                    f"{log_tail(inst.logs.get('agent'))}"))
+                return
+
+    def merge_teardown(self, rep: TestReport) -> None:
+        """The zygote's teardown of higher scopes joins the worker's teardown report."""
+        pending = self.pending_teardown
+        if pending is None:
+            self.emit(rep)
+            return
+        if rep.failed and self.outcome != "failed":
+            self.attach_logs(rep)
+        if rep.failed or (rep.skipped and self.outcome == "passed"):
+            self.outcome = rep.outcome
+        if rep.failed and pending.passed:
+            rep.sections = list(pending.sections) + list(rep.sections)
+            rep.user_properties = list(pending.user_properties)
+            rep.duration = pending.duration + rep.duration
+            self.pending_teardown = rep
+        elif rep.failed:
+            pending.sections.append(("pytest-isolate: tearing down higher scopes",
+                                     rep.longreprtext))
+        else:
+            pending.sections.extend(rep.sections)
+            pending.duration += rep.duration
 
     def close_worker(self, inst: Instance, worker: Worker) -> None:
         self.m.workers.pop(self.env, None)
@@ -618,7 +919,7 @@ class ItemRun:
             return
         if self.pending_teardown is not None:
             self.flush()
-        self.item.ihook.pytest_runtest_logreport(report=rep)
+        self.log(rep)
 
     def flush(self) -> None:
         rep = self.pending_teardown
@@ -628,7 +929,7 @@ class ItemRun:
         props = [("isolate.env", self.env), *self.timer.properties()]
         rep.user_properties = [p for p in rep.user_properties if p[0] != "isolate.env"] + props
         self.item.user_properties.extend(self.timer.properties())
-        self.item.ihook.pytest_runtest_logreport(report=rep)
+        self.log(rep)
 
     def attach_logs(self, rep: TestReport) -> None:
         inst = self.m.instances.get(self.env)
@@ -646,7 +947,7 @@ class ItemRun:
         self.outcome = "failed"
         rep = self.make_report(when, "failed", message)
         self.attach_logs(rep)
-        self.item.ihook.pytest_runtest_logreport(report=rep)
+        self.log(rep)
         if when != "teardown":
             teardown = self.make_report("teardown", "passed", None)
             self.pending_teardown = teardown
@@ -655,8 +956,8 @@ class ItemRun:
     def skip(self, reason: str) -> None:
         self.outcome = "skipped"
         path, lineno = str(self.item.location[0]), (self.item.location[1] or 0) + 1
-        self.item.ihook.pytest_runtest_logreport(
-            report=self.make_report("setup", "skipped", (path, lineno, f"Skipped: {reason}")))
+        self.log(
+            self.make_report("setup", "skipped", (path, lineno, f"Skipped: {reason}")))
         self.pending_teardown = self.make_report("teardown", "passed", None)
         self.flush()
 
@@ -666,8 +967,8 @@ class ItemRun:
         if self.pending_teardown is not None:
             self.flush()
             self.outcome = "failed"
-            self.item.ihook.pytest_runtest_logreport(
-                report=self.make_report("teardown", "failed", message))
+            self.log(
+                self.make_report("teardown", "failed", message))
             return
         when: When
         if self.last_when is None:

@@ -81,16 +81,45 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(manager, MANAGER)
+    from pytest_isolate import hostplugins
+
+    config.pluginmanager.register(hostplugins, "isolate-hostplugins")
 
 
 def _manager(config: pytest.Config) -> Any:
     return config.pluginmanager.get_plugin(MANAGER)
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The cache directory, and the environments --isolate-env names with their cache state
+    (marked tests' environments are known after collection: see the summary table)."""
+    manager = _manager(config)
+    if manager is None:
+        return []
+    lines = [f"isolate: cache {manager.cache_root} ({manager.cache_where})"]
+    if manager.default_envs:
+        parts = []
+        for name in manager.default_envs:
+            spec = manager.specs[name]
+            state = ""
+            try:
+                cls = manager._backend_class(spec.backend)
+                key = (cls.rootfs_spec(spec) if cls is not None else spec).rootfs_key()
+                built = (manager.cache_root / "rootfs" / key / "manifest.json").is_file()
+                state = ", root filesystem cached" if built else ", root filesystem to build"
+            except Exception:
+                pass
+            parts.append(f"{name} ({spec.backend}, {spec.release}/{spec.arch}{state})")
+        lines.append("isolate: unmarked tests run in " + ", ".join(parts))
+    return lines
+
+
 @pytest.fixture
 def isolate_target(request: pytest.FixtureRequest) -> Any:
     """The environment this item runs in (parametrized when a test has several)."""
-    return getattr(request, "param", None)
+    from pytest_isolate.agent import item_target
+
+    return getattr(request, "param", None) or item_target(request.node)
 
 
 @pytest.fixture
