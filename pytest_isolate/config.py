@@ -67,6 +67,7 @@ ENV_KEYS: dict[str, str] = {
     "dependency_groups": _STRS,
     "deps": _STRS,
     "installer": _STR,
+    "privileged": _BOOL,
 }
 #: Keys that [tool.pytest-isolate] gives every environment (built-ins included) unless the
 #: environment's own table sets them: how the project and its test dependencies go inside.

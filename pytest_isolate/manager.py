@@ -671,6 +671,13 @@ class IsolateManager:
                        for k, p in s.logs.items() if k != "provision"})
         for logs in dirs:
             terminalreporter.write_line(f"logs: {logs}")
+        for name in sorted(self.report.envs):
+            spec = self.specs.get(name)
+            if spec is not None and spec.privileged:
+                terminalreporter.write_line(
+                    f"WARNING: environment {name!r} is privileged ({spec.source('privileged')}):"
+                    " its tests ran without the hardening (capabilities, no_new_privs, seccomp,"
+                    " read-only /proc/sys and /sys); see README 'Security model'", yellow=True)
 
 
 class ItemRun:

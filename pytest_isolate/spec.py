@@ -87,6 +87,9 @@ class EnvSpec:
     deps: tuple[str, ...] = ()
     #: auto | uv | pip: what installs them (auto: uv when usable, else pip)
     installer: str = "auto"
+    #: opt out of the worker hardening (issue 11: capabilities, no_new_privs, seccomp,
+    #: read-only /proc/sys and masked /proc paths); the summary warns about it
+    privileged: bool = False
     #: the dependency layer built for this spec (see images/deps.py), set by the manager
     #: before start(); not part of what the spec is
     layer: DepsLayer | None = dataclasses.field(default=None, compare=False, hash=False,

@@ -183,7 +183,10 @@ def agent_settings(run: RunContext, spec: EnvSpec, mounts: list[Mount],
     the mounts re-bound in each."""
     settings = {"isolation": "overlay", "lower": lower, "site": SITE,
                 "binds": [m.dst for m in mounts], "cwd": str(run.rootdir),
-                "disk": spec.limits().disk}
+                "disk": spec.limits().disk,
+                # the worker's hardening (agent.harden_process); None: privileged = true.
+                # No seccomp filter under qemu-user: it would judge the emulator's syscalls
+                "harden": None if spec.privileged else {"seccomp": not spec.foreign}}
     if spec.layer is not None and spec.layer.project is not None:
         from pytest_isolate.images.deps import PROJECT_LAYER
 

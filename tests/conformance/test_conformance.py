@@ -10,6 +10,7 @@ backend runs the same suite by naming its environment there:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import stat
 import textwrap
@@ -302,6 +303,54 @@ def test_marker_outcomes(pytester: pytest.Pytester, name: str, isolate_cache_dir
     result.stdout.fnmatch_lines(["*ERROR at setup of test_error*", "*fixture broke*"])
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_teardown_error*"])
     result.stdout.fnmatch_lines(["*SKIPPED*not today*"])
+
+
+# ---------------------------------------------------------------- hardening (issue 11)
+
+#: A container backend must refuse what hardening_probe probes (a VM is its own kernel).
+HARDENED_ENVS = [n for n in CONFORMANCE_ENVS if BUILTIN_ENVS.get(n, {}).get("backend") != "qemu"]
+
+HARDENED_MARKER_TESTS = """
+import pytest
+from hardening_probe import PROBE, refusals
+
+exec(PROBE)
+
+@pytest.fixture(scope="module")
+def in_zygote():
+    return probe(admin=True)
+
+def test_test_is_refused():
+    assert refusals(probe()) == []
+
+def test_module_fixture_is_refused(in_zygote):
+    assert refusals(in_zygote, admin=True) == []
+"""
+
+
+@pytest.mark.parametrize("name", HARDENED_ENVS)
+def test_commands_cannot_reach_the_host_kernel(
+        isolate_env: Callable[[str], Environment], name: str) -> None:
+    """Kernel settings, sysrq, masked /proc entries, /sys, capabilities, no_new_privs,
+    seccomp (see hardening_probe: nothing changes even where a refusal is missing)."""
+    from hardening_probe import PROBE, refusals
+
+    result = json.loads(isolate_env(name).run(["python3", "-c", PROBE], check=True).stdout)
+    assert refusals(result) == []
+
+
+@pytest.mark.parametrize("name", HARDENED_ENVS)
+def test_marker_tests_cannot_reach_the_host_kernel(pytester: pytest.Pytester, name: str,
+                                                   isolate_cache_dir: str) -> None:
+    import shutil
+
+    shutil.copy(Path(__file__).with_name("hardening_probe.py"), pytester.path)
+    pytester.makepyfile(test_hardened=HARDENED_MARKER_TESTS)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--isolate-env={name}", "--isolate-strict", "-rA",
+        f"--isolate-cache-dir={isolate_cache_dir}", timeout=900,
+    )
+    result.assert_outcomes(passed=2)
 
 
 @pytest.fixture(scope="session")
