@@ -30,7 +30,11 @@ the container also gets ``seccomp=unconfined``.  On an engine that confines
 containers with AppArmor, ``docker-default`` denies every mount whatever the
 capabilities, so there (only there) the container gets ``apparmor=unconfined``.
 Everything else (device cgroup, masked /proc paths, read-only /sys, the other
-capabilities) stays as docker sets it.
+capabilities) stays as docker sets it.  The grant is the agent's, not a test's: a test
+worker drops CAP_SYS_ADMIN (to docker's default set), sets no_new_privs, adds its own
+seccomp filter and masks its fresh /proc as docker masks the container's, after it has
+mounted its root (agent.harden_process; README "Security model").  The zygote keeps
+CAP_SYS_ADMIN to mount each worker's root.  ``privileged = true`` skips that drop.
 
 Host paths.  The project rootdir (read-only unless ``rootdir_writable``) and the
 shipped pytest packages (read-only, at /.isolate/site/...) are bind mounts on a
@@ -92,6 +96,7 @@ from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError, ProvisionError
+from pytest_isolate.images.tree import DEFAULT_EXCLUDES, EXCLUDE_OPTION, scan_tree
 from pytest_isolate.limits import cpu_list, host_cpus
 from pytest_isolate.spec import EnvSpec, content_hash
 
@@ -140,13 +145,18 @@ def prelude(readonly: list[str]) -> str:
     return PRELUDE.replace("READONLY", repr(readonly), 1)
 
 
-#: Not copied into a container of a remote engine (caches, version control, virtualenvs).
-COPY_EXCLUDE = {".git", ".hg", ".svn", ".venv", "venv", ".tox", ".nox", "__pycache__",
-                "node_modules", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
+#: Not copied into a container of a remote engine (caches, version control, virtualenvs):
+#: the same fixed list as a VM's project disk (images/tree.py).
+COPY_EXCLUDE = {p.rstrip("/") for p in DEFAULT_EXCLUDES}
 
 
-def write_copy_archive(out: Any, pairs: list[tuple[str, str]]) -> None:
-    """Write a tar archive of each host path at its path inside to out, and rewind it."""
+def write_copy_archive(out: Any, pairs: list[tuple[str, str]], project: str | None = None,
+                       exclude: tuple[str, ...] = ()) -> None:
+    """Write a tar archive of each host path at its path inside to out, and rewind it.
+
+    The project (rootdir) takes the files a VM's project disk takes (images/tree.py:
+    git's view of a checkout, the fixed list, the exclude option); other paths leave
+    out the fixed list's directories."""
     import tarfile
 
     def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
@@ -154,7 +164,14 @@ def write_copy_archive(out: Any, pairs: list[tuple[str, str]]) -> None:
 
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for src, dst in pairs:
-            tar.add(src, arcname=dst.lstrip("/"), filter=skip)
+            arc = dst.lstrip("/")
+            if src == project and os.path.isdir(src):
+                tar.add(src, arcname=arc, recursive=False)
+                for entry in scan_tree(Path(src), exclude).entries:
+                    tar.add(os.path.join(src, entry.rel), arcname=f"{arc}/{entry.rel}",
+                            recursive=False)
+            else:
+                tar.add(src, arcname=arc, filter=skip)
     out.seek(0)
 
 
@@ -432,6 +449,7 @@ class DockerBackend(Backend):
         "docker_transfer": Option("a string", "how the project and pytest reach the "
                                   "container (default: bind for a local engine, else copy)",
                                   choices=("bind", "copy")),
+        "exclude": EXCLUDE_OPTION,
     }
 
     @classmethod
@@ -725,7 +743,7 @@ class DockerBackend(Backend):
         try:
             container.start()
             if copy:
-                self._copy_in(container, [(rootdir, rootdir)])
+                self._copy_in(container, [(rootdir, rootdir)], spec)
             env = environment_variables(spec)
             with open(log, "ab") as f:
                 for index, command in enumerate(spec.setup):
@@ -784,11 +802,12 @@ class DockerBackend(Backend):
             return str(wanted)
         return "bind" if self.local_engine() else "copy"
 
-    def _copy_in(self, container: Any, pairs: list[tuple[str, str]]) -> None:
+    def _copy_in(self, container: Any, pairs: list[tuple[str, str]], spec: EnvSpec) -> None:
         import tempfile
 
+        exclude = tuple(str(p) for p in (spec.option("exclude", ()) or ()))
         with tempfile.TemporaryFile(prefix="pytest-isolate-copy-") as archive:
-            write_copy_archive(archive, pairs)
+            write_copy_archive(archive, pairs, str(self.run.rootdir), exclude)
             if not container.put_archive("/", archive):
                 raise ProvisionError(f"docker: copying {[src for src, _ in pairs]} into the "
                                      "container failed")
@@ -813,7 +832,7 @@ class DockerBackend(Backend):
             container.start()
             readonly: list[str] = []
             if copy:
-                self._copy_in(container, [(src, dst) for src, dst, _ in binds])
+                self._copy_in(container, [(src, dst) for src, dst, _ in binds], spec)
                 readonly = [dst for _, dst, ro in binds if ro]
             argv = agent_command(spec)
             argv[-1] = prelude(readonly) + argv[-1]

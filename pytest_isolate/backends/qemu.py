@@ -12,9 +12,15 @@ filesystem (so it is cached with it and matches its modules).  The root
 filesystem becomes a cached raw ext4 image attached read-only (the guest
 cannot write it; its writes go to a tmpfs, and per-test state is the agent's
 overlay business as in every backend).  The shipped pytest packages are a
-second cached ext4 image.  The project tree is sent over the agent's channel
-as a tar once the agent runs and unpacked into a read-only tmpfs at its host
-path; the same step sets the guest clock.  The host talks to the agent through
+second cached ext4 image.  The project tree (images/tree.py decides which
+files: git's view of the checkout, minus caches and the ``exclude`` option)
+becomes a cached read-only ext4 image keyed by its manifest, and the
+dependency layer's venv and project layer become cached ext4 images too; all
+are hot-plugged (QMP ``blockdev-add`` + ``device_add`` into PCIe root ports
+kept free for them) once the machine runs, and mounted read-only at their
+paths by the agent (the same step sets the guest clock).  Nothing of the
+project is held in guest memory, and an unchanged tree reuses its image.
+The host talks to the agent through
 a unix socket that QEMU connects to the virtio-serial port; QMP (another unix
 socket) is used to wait for the port to open, to stop the machine and to
 save/restore its state.
@@ -27,10 +33,18 @@ Saved states: the first boot of an environment saves the machine (QMP migrate
 to a file descriptor, into the cache as kind "vmstate") once the agent runs
 and before anything run-specific reached it; later starts restore it with
 ``-incoming`` and go straight to the handshake.  A state that does not restore
-or whose agent does not answer is dropped and the machine booted.  Options:
+or whose agent does not answer is dropped and the machine booted.  The
+project and layer disks are added after the restore, so one state serves
+every version of the project.  Options:
 ``vm_snapshot = false`` turns this off; ``vm_driver = "libvirt"`` starts a
-transient libvirt domain instead (no saved states); ``accel``, ``cpu``,
-``memory``, ``cpus``, ``boot_timeout``.
+transient libvirt domain instead (no saved states; the disks are in its
+definition); ``accel``, ``cpu``, ``memory``, ``cpus``, ``boot_timeout``,
+``exclude`` (gitignore-style patterns kept off the project disk),
+``project_max_mib``.
+
+A guest that dies names its cause when the console shows one (a kernel panic,
+out of memory, a failed /init) in the error, not only "the agent's stream
+ended".
 """
 
 from __future__ import annotations
@@ -38,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import re
@@ -46,7 +59,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -76,7 +88,8 @@ from pytest_isolate.errors import (
     ProvisionError,
 )
 from pytest_isolate.images import initramfs as ird
-from pytest_isolate.images.disk import PROJECT_EXCLUDES, ext4_from_paths, make_ext4
+from pytest_isolate.images.deps import VENV
+from pytest_isolate.images.disk import ext4_from_paths, make_ext4
 from pytest_isolate.images.kernel import (
     ARCHES,
     QEMU_PACKAGES,
@@ -86,6 +99,7 @@ from pytest_isolate.images.kernel import (
     probe_kvm,
 )
 from pytest_isolate.images.rootfs import provision_rootfs
+from pytest_isolate.images.tree import EXCLUDE_OPTION, ProjectTree, human, scan_tree, stage_tree
 from pytest_isolate.limits import cgroup_values
 from pytest_isolate.namespaces import check_foreign, check_namespaces, check_rootfs_builder
 from pytest_isolate.spec import EnvSpec, content_hash
@@ -106,6 +120,16 @@ MEMORY_MIB = 1024
 #: RAM a guest needs besides its memory limit: kernel, page cache of the root disk.
 GUEST_OVERHEAD_MIB = 256
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Bump when the project / layer disk images change layout.
+PROJECT_FORMAT = 1
+#: Serial numbers of the disks added once the machine runs (virtio-blk: 20 bytes at most).
+PROJECT_SERIAL = "isolate-project"
+VENV_SERIAL = "isolate-venv"
+LAYER_SERIAL = "isolate-player"
+#: PCIe root ports left free on the command line for them (hot-plug needs a port).
+HOTPLUG_PORTS = 3
+#: Largest project tree (after exclusions) put on a disk, unless project_max_mib says more.
+PROJECT_MAX_MIB = 32 << 10
 
 
 def vm_rootfs_spec(spec: EnvSpec) -> EnvSpec:
@@ -223,17 +247,78 @@ class Qmp:
             self.sock.close()
 
 
-class VmConnection(Connection):
-    """A Connection whose bootstrap is sent once: a restored machine's agent already runs."""
+def guest_failure(text: str, memory_mib: int | None = None) -> str:
+    """What a guest's console says killed it ("" when it says nothing): a kernel panic
+    (and its cause: out of memory, no root device, ...), the OOM killer, a failed /init."""
+    lines = text.splitlines()
+    panic = next((m.group(1).strip() for line in lines
+                  if (m := re.search(r"Kernel panic - not syncing: (.*)", line))), "")
+    oom = next((line.strip() for line in lines
+                if re.search(r"Out of memory|invoked oom-killer|oom-kill:", line)), "")
+    memory = (f" (the guest has {memory_mib} MiB: raise it with the environment's memory key "
+              "or options.memory)") if memory_mib else ""
+    if panic:
+        low = panic.lower()
+        if oom or "out of memory" in low or "deadlocked on memory" in low:
+            return f"the guest kernel panicked: out of memory{memory} [{panic}]"
+        if "unable to mount root" in low or "no working init" in low:
+            return f"the guest kernel panicked: no root device or init [{panic}]"
+        return f"the guest kernel panicked: {panic}"
+    init = next((m.group(1).strip() for line in lines
+                 if (m := re.search(r"pytest-isolate init: FAILED: (.*)", line))), "")
+    if init:
+        return f"the guest's /init failed: {init}"
+    if oom:
+        return f"the guest ran out of memory{memory}: {oom}"
+    return ""
 
-    def __init__(self, rfd: int, wfd: int, describe: str) -> None:
+
+class VmConnection(Connection):
+    """A Connection whose bootstrap is sent once: a restored machine's agent already runs.
+
+    When the stream ends, the error names what the console shows killed the guest
+    (only what this machine wrote: the console log is shared by a run's machines)."""
+
+    def __init__(self, rfd: int, wfd: int, describe: str, console: Path | None = None,
+                 memory_mib: int | None = None) -> None:
         super().__init__(rfd, wfd, describe)
         self.bootstrapped = False
+        self.console = console
+        self.memory_mib = memory_mib
+        try:
+            self.console_start = console.stat().st_size if console is not None else 0
+        except OSError:
+            self.console_start = 0
 
     def bootstrap(self) -> None:
         if not self.bootstrapped:
             super().bootstrap()
             self.bootstrapped = True
+
+    def guest_failure(self) -> str:
+        if self.console is None:
+            return ""
+        try:
+            with open(self.console, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(self.console_start, size - (256 << 10)))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return guest_failure(text, self.memory_mib)
+
+    def recv(self, ch: int, timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        try:
+            return super().recv(ch, timeout)
+        except AgentLost as exc:
+            cause = self.guest_failure()
+            if not cause:
+                # QEMU may still be writing the panic out: one short look again
+                time.sleep(0.3)
+                cause = self.guest_failure()
+            if cause and cause not in str(exc):
+                raise AgentLost(f"{exc}: {cause}") from None
+            raise
 
 
 class VmProcess:
@@ -243,13 +328,13 @@ class VmProcess:
     """
 
     def __init__(self, proc: subprocess.Popen[bytes], qmp: Qmp, sock: socket.socket,
-                 describe: str, log_path: Path) -> None:
+                 describe: str, log_path: Path, memory_mib: int | None = None) -> None:
         self.proc = proc
         self.qmp = qmp
         self.sock = sock
         self.log_path = log_path
         fd = sock.fileno()
-        self.vconn = VmConnection(fd, fd, describe)
+        self.vconn = VmConnection(fd, fd, describe, log_path, memory_mib)
         self.conn: Connection = self.vconn
 
     def alive(self) -> bool:
@@ -274,10 +359,12 @@ class LibvirtProcess:
     """The Transport of a libvirt domain."""
 
     def __init__(self, dom: Any, sock: socket.socket, describe: str, name: str,
-                 local: bool) -> None:
+                 local: bool, console: Path | None = None, memory_mib: int | None = None,
+                 ) -> None:
         self.dom = dom
         self.sock = sock
-        self.conn = Connection(sock.fileno(), sock.fileno(), describe)
+        self.conn: Connection = VmConnection(sock.fileno(), sock.fileno(), describe, console,
+                                             memory_mib)
         self.name = name
         self.local = local
 
@@ -407,31 +494,53 @@ def qemu_version(binary: str) -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
-def project_tar(rootdir: Path, excludes: frozenset[str] = PROJECT_EXCLUDES) -> bytes:
-    """The project tree as an uncompressed tar (members relative to rootdir)."""
-
-    def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        if os.path.basename(info.name) in excludes and info.isdir():
-            return None
-        if not (info.isfile() or info.isdir() or info.issym() or info.islnk()):
-            return None
-        return info
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(os.listdir(rootdir)):
-            with contextlib.suppress(OSError):
-                tar.add(rootdir / name, arcname=name, filter=skip)
-    return buf.getvalue()
+def boot_spec(spec: EnvSpec) -> EnvSpec:
+    """What the machine boots with: the dependency layer comes after a restore (so one
+    saved state serves every layer), and the agent takes on its venv then."""
+    return dataclasses.replace(spec, layer=None) if spec.layer is not None else spec
 
 
-#: Runs inside the guest (busybox from the root filesystem): the project becomes a
-#: read-only tmpfs at its host path, filled from the tar on stdin.
-SHIP_PROJECT = (
-    'set -e; date -u -s "@$2" >/dev/null; '
-    'mkdir -p "$1"; mount -t tmpfs -o mode=755 isolate-project "$1"; '
-    'tar -x -C "$1"; mount -o remount,ro "$1"'
-)
+@dataclasses.dataclass(frozen=True)
+class _Disk:
+    """A read-only disk image added once the machine runs, mounted at mountpoint."""
+
+    path: Path
+    serial: str
+    mountpoint: str
+
+
+#: Runs inside the guest (busybox from the root filesystem): set the clock, then mount
+#: each disk (found by its virtio serial number) read-only at its path.  Arguments:
+#: the time, then serial and mount point pairs.
+MOUNT_DISKS = r"""
+set -e
+read -r up _ </proc/uptime
+echo "started at uptime $up"
+busybox date -u -s "@$1" >/dev/null
+shift
+while [ $# -ge 2 ]; do
+    serial=$1 dir=$2 dev= n=0
+    shift 2
+    while :; do
+        for b in /sys/block/vd*; do
+            s=
+            [ -e "$b/serial" ] && read -r s <"$b/serial" || true
+            if [ "$s" = "$serial" ]; then dev=/dev/${b##*/}; fi
+        done
+        [ -n "$dev" ] && [ -b "$dev" ] && break
+        n=$((n + 1))
+        if [ $n -gt 400 ]; then
+            echo "the disk with serial $serial did not appear in the guest in 20s" >&2
+            exit 1
+        fi
+        busybox usleep 50000
+    done
+    busybox mkdir -p "$dir"
+    busybox mount -t ext4 -o ro,noload "$dev" "$dir"
+    read -r up _ </proc/uptime
+    echo "$serial after $n polls, mounted at uptime $up"
+done
+"""
 
 
 class QemuBackend(Backend):
@@ -455,12 +564,21 @@ class QemuBackend(Backend):
                        minimum=1),
         "boot_timeout": Option("a number", "seconds to wait for the agent's port",
                                minimum=1),
+        "exclude": EXCLUDE_OPTION,
+        "project_max_mib": Option("a whole number", "the largest project tree (after "
+                                  "exclusions, in MiB) put on the VM's project disk",
+                                  minimum=1),
     }
 
     def __init__(self, run: RunContext) -> None:
         super().__init__(run)
         self._lock = threading.Lock()
-        self._project: bytes | None = None
+        #: project disk images of this run, by exclude patterns (scanned once per run)
+        self._projects: dict[tuple[str, ...], Path] = {}
+        #: dependency layer disk images (layer directory -> image)
+        self._layer_disks: dict[str, Path] = {}
+        #: cache entries in use by this run's machines (held against `cache gc`)
+        self._held: list[Callable[[], None]] = []
         self._versions: dict[str, str] = {}
         #: how the last start() went: "boot (tcg)", "restore (tcg)", ... (for bench / logs)
         self.last_start = ""
@@ -556,12 +674,124 @@ class QemuBackend(Backend):
                                             self.run.log_dir / "vmsite.log")
         return entry.data / "site.img"
 
-    def _project_tar(self) -> bytes:
-        """The project rootdir as a tar, made once per run (shipped into every VM)."""
+    def _project_disk(self, spec: EnvSpec) -> Path:
+        """The project tree as a read-only ext4 image, cached by its manifest (made once per
+        run and set of exclusions; an unchanged tree reuses the image of an earlier run)."""
+        raw = spec.option("exclude", ()) or ()
+        patterns = tuple(str(p) for p in raw)
         with self._lock:
-            if self._project is None:
-                self._project = project_tar(self.run.rootdir)
-            return self._project
+            known = self._projects.get(patterns)
+            if known is not None:
+                return known
+            rootdir = self.run.rootdir
+            tree = scan_tree(rootdir, patterns)
+            self._check_project_size(spec, tree)
+            key = tree.key()
+            log = self.run.log_dir / "vmproject.log"
+
+            def build(data: Path, log_path: Path) -> dict[str, Any]:
+                started = time.monotonic()
+                data.mkdir(parents=True)
+                stage = data.parent / "stage"
+                try:
+                    stage_tree(tree, stage)
+                    make_ext4(stage, data / "project.img", label="isolate-proj")
+                finally:
+                    shutil.rmtree(stage, ignore_errors=True)
+                self.run.progress(
+                    f"made the VM project disk of {rootdir} ({tree.files()} files, "
+                    f"{human(tree.size)}, from {tree.source}) in "
+                    f"{time.monotonic() - started:.2f}s")
+                return {"rootdir": str(rootdir), "files": tree.files(), "bytes": tree.size,
+                        "source": tree.source, "exclude": list(patterns)}
+
+            entry = self.run.cache.get_or_build(
+                "vmproject", key, build,
+                {"format": PROJECT_FORMAT, "rootdir": str(rootdir)}, log)
+            self._held.append(self.run.cache.hold(entry))
+            if not entry.hit:
+                self._prune_projects(str(rootdir), key)
+            image = entry.data / "project.img"
+            self._projects[patterns] = image
+            return image
+
+    def _check_project_size(self, spec: EnvSpec, tree: ProjectTree) -> None:
+        """Refuse a tree over project_max_mib or over the cache's free space, saying how
+        big it is, the limit, and which keys change it."""
+        limit_mib = int(spec.option("project_max_mib", PROJECT_MAX_MIB))
+        what = (f"the project tree {tree.root} holds {human(tree.size)} in {tree.files()} "
+                f"files after exclusions ({'.gitignore, ' if tree.source == 'git' else ''}"
+                f"caches and VCS data, options.exclude = {list(tree.patterns)})")
+        if tree.size > limit_mib << 20:
+            raise ProvisionError(
+                f"environment {spec.name!r}: {what}: more than the VM project disk's limit "
+                f"of {human(limit_mib << 20)}; leave files out with options.exclude "
+                f"(gitignore-style patterns) or raise options.project_max_mib")
+        free = shutil.disk_usage(self.run.cache.root).free
+        if tree.allocated + (64 << 20) > free:
+            raise ProvisionError(
+                f"environment {spec.name!r}: {what}: its disk image does not fit the "
+                f"{human(free)} free in the cache {self.run.cache.root}; leave files out with "
+                "options.exclude or free space (python -m pytest_isolate cache gc)")
+
+    def _prune_projects(self, rootdir: str, keep: str) -> None:
+        """Remove the project images no run holds of this rootdir (older versions of the
+        tree) and of rootdirs that no longer exist (throw-away projects)."""
+        import fcntl
+
+        for entry in list(self.run.cache.entries()):
+            if entry.kind != "vmproject" or entry.key == keep:
+                continue
+            owner = str(entry.manifest.get("rootdir", ""))
+            if owner != rootdir and (not owner or os.path.exists(owner)):
+                continue
+            try:
+                fd = os.open(entry.path / "manifest.json", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # in use by another run
+            os.close(fd)
+            with contextlib.suppress(OSError, IsolateError):
+                self.run.cache.remove(entry)
+
+    def _layer_disk(self, src: Path) -> Path:
+        """A dependency layer directory (an immutable cache entry) as an ext4 image."""
+        with self._lock:
+            known = self._layer_disks.get(str(src))
+            if known is not None:
+                return known
+            st = os.stat(src)
+            key = content_hash({"format": PROJECT_FORMAT, "path": str(src),
+                                "mtime": st.st_mtime_ns})
+
+            def build(data: Path, log_path: Path) -> dict[str, Any]:
+                data.mkdir(parents=True)
+                make_ext4(src, data / "layer.img", label="isolate-layer")
+                return {"source": str(src)}
+
+            entry = self.run.cache.get_or_build("vmlayer", key, build,
+                                                {"format": PROJECT_FORMAT, "source": str(src)},
+                                                self.run.log_dir / "vmlayer.log")
+            self._held.append(self.run.cache.hold(entry))
+            image = entry.data / "layer.img"
+            self._layer_disks[str(src)] = image
+            return image
+
+    def disks(self, spec: EnvSpec) -> list[_Disk]:
+        """The disks added once the machine runs: the project, then the dependency layer."""
+        from pytest_isolate.images.deps import PROJECT_LAYER
+
+        out = [_Disk(self._project_disk(spec), PROJECT_SERIAL, str(self.run.rootdir))]
+        layer = spec.layer
+        if layer is not None:
+            out.append(_Disk(self._layer_disk(layer.venv), VENV_SERIAL, VENV))
+            if layer.project is not None:
+                out.append(_Disk(self._layer_disk(layer.project), LAYER_SERIAL, PROJECT_LAYER))
+        return out
 
     def files(self, image_data: Path) -> _Files:
         return _Files(image_data / "vmlinuz", image_data / "initramfs.img",
@@ -585,7 +815,7 @@ class QemuBackend(Backend):
 
     def write_initrd(self, base: Path, dest: Path, spec: EnvSpec, agent_argv: list[str]) -> None:
         env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
-        env.update(environment_variables(spec))
+        env.update(environment_variables(boot_spec(spec)))
         if not agent_argv[0].startswith("/"):  # switch_root does no PATH lookup; env(1) does
             agent_argv = ["/usr/bin/env", *agent_argv]
         extra = ird.instance_archive(f"isolate-{spec.name}"[:63], agent_argv, env, spec.network)
@@ -621,7 +851,25 @@ class QemuBackend(Backend):
                             f"name={ird.PORT_NAME}",
                  "-qmp", f"unix:{tmp / 'qmp.sock'},server=on,wait=off"]
         argv += ["-nic", "user,model=virtio-net-pci"] if spec.network else ["-nic", "none"]
+        # free ports for the project and layer disks, hot-plugged after boot or restore
+        for i in range(HOTPLUG_PORTS):
+            argv += ["-device", f"pcie-root-port,id=isolate-hp{i},chassis={i + 1}"]
         return argv
+
+    def hotplug(self, vm: _Vm, disks: list[_Disk]) -> None:
+        """Add the disks to the running machine (read-only), one root port each."""
+        if len(disks) > HOTPLUG_PORTS:
+            raise IsolateError(f"{len(disks)} disks to add, only {HOTPLUG_PORTS} free ports")
+        for i, disk in enumerate(disks):
+            node = f"isolate-disk{i}"
+            blockdev: dict[str, Any] = {
+                "driver": "raw", "node-name": node, "read-only": True,
+                "file": {"driver": "file", "filename": str(disk.path), "read-only": True}}
+            device: dict[str, Any] = {
+                "driver": "virtio-blk-pci", "id": f"isolate-dev{i}", "drive": node,
+                "bus": f"isolate-hp{i}", "serial": disk.serial}
+            vm.qmp.command("blockdev-add", **blockdev)
+            vm.qmp.command("device_add", **device)
 
     def _version(self, binary: str) -> str:
         with self._lock:
@@ -674,11 +922,13 @@ class QemuBackend(Backend):
             shutil.rmtree(tmp, ignore_errors=True)
 
         vm: _Vm | None = None
+        memory = vm_memory_mib(spec)
         try:
+            disks = self.disks(spec)
             files = self.files(image.data)
             accel, why = self.accel(spec, files, tmp)
             initrd = tmp / "initrd.img"
-            self.write_initrd(files.initramfs, initrd, spec, agent_command(spec))
+            self.write_initrd(files.initramfs, initrd, spec, agent_command(boot_spec(spec)))
             argv = self.qemu_argv(spec, files, accel, initrd, tmp, console_log=console_log)
             snapshots = bool(spec.option("vm_snapshot", True))
             key, fields = self._state_key(image, files, argv, initrd, tmp, console_log)
@@ -687,7 +937,7 @@ class QemuBackend(Backend):
             if state is not None:
                 try:
                     vm = self._restore(argv, tmp, qemu_log, state, accel)
-                    process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log)
+                    process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log, memory)
                     # the saved machine's agent is already running: check that it answers
                     process.vconn.bootstrapped = True
                     process.conn.call(0, {"op": "hello"}, timeout=RESTORE_HELLO_TIMEOUT)
@@ -704,7 +954,7 @@ class QemuBackend(Backend):
             if vm is None or process is None:
                 vm = self._launch(argv, tmp, qemu_log, f"boot, accelerator {accel}: {why}")
                 self._wait_port(spec, vm, console_log, qemu_log)
-                process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log)
+                process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log, memory)
                 self.last_start = f"boot ({accel})"
                 mark("booted")
                 if snapshots:
@@ -715,6 +965,9 @@ class QemuBackend(Backend):
                     mark("agent started")
                     self._save_state(spec, vm, key, fields, qemu_log)
                     mark("state saved")
+            # run-specific from here on: the guest finds the disks while the agent starts
+            self.hotplug(vm, disks)
+            mark("disks added")
         except BaseException as exc:
             if vm is not None:
                 vm.kill()
@@ -730,14 +983,15 @@ class QemuBackend(Backend):
         # where the kernel, /init and the agent's stderr all write.
         instance = Instance(spec, process, {"agent": console_log, "console": console_log,
                                             "qemu": qemu_log, "provision": image.log}, cleanup)
-        self._ready(spec, instance, console_log, mark, HANDSHAKE_TIMEOUT)
+        self._ready(spec, instance, console_log, mark, HANDSHAKE_TIMEOUT, disks)
         with contextlib.suppress(OSError), open(qemu_log, "a") as log:
             log.write(f"# {self.last_start}: {', '.join(marks)}\n")
         return instance
 
     def _ready(self, spec: EnvSpec, instance: Instance, console_log: Path,
-               mark: Callable[[str], None], timeout: float) -> None:
-        """Handshake, then ship the project and set the clock; stops the instance on failure."""
+               mark: Callable[[str], None], timeout: float, disks: list[_Disk]) -> None:
+        """Handshake, then mount the project (and layer) disks and set the clock; stops the
+        instance on failure."""
         describe = f"environment {spec.name!r}"
         rootdir = str(self.run.rootdir)
         shipped = shipped_paths()
@@ -745,20 +999,24 @@ class QemuBackend(Backend):
             instance.handshake(
                 {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
                  "binds": [rootdir] + [dst for _, dst in shipped]
-                 + (["/etc/resolv.conf"] if spec.network else []), "cwd": rootdir,
+                 + (["/etc/resolv.conf"] if spec.network else [])
+                 + ([VENV] if spec.layer is not None else []), "cwd": rootdir,
                  "disk": spec.limits().disk, "guest_limits": guest_limits(spec)},
                 timeout=timeout,
             )
             mark("agent ready")
+            pairs = [w for d in disks for w in (d.serial, d.mountpoint)]
             reply, out = instance.conn.call(
-                0, {"op": "exec", "argv": ["busybox", "sh", "-c", SHIP_PROJECT, "sh", rootdir,
-                                          str(int(time.time()))],
-                    "timeout": HANDSHAKE_TIMEOUT}, self._project_tar(),
-                timeout=HANDSHAKE_TIMEOUT + 5)
+                0, {"op": "exec", "argv": ["busybox", "sh", "-c", MOUNT_DISKS, "sh",
+                                          str(int(time.time())), *pairs],
+                    "timeout": HANDSHAKE_TIMEOUT}, timeout=HANDSHAKE_TIMEOUT + 5)
             if reply.get("returncode") != 0:
-                raise IsolateError(f"{describe}: cannot copy the project into the VM: "
+                raise IsolateError(f"{describe}: cannot mount the project disk in the VM: "
                                    f"{out.decode(errors='replace').strip()}")
-            mark("project copied")
+            mark("project mounted (" + "; ".join(
+                out.decode(errors="replace").strip().splitlines()) + ")")
+            if spec.layer is not None:
+                self._configure_layer(spec, instance)
         except BaseException as exc:
             tail = log_tail(console_log)
             instance.stop()
@@ -768,6 +1026,20 @@ class QemuBackend(Backend):
                 raise AgentLost(f"{describe}: starting the agent failed: {exc}"
                                 f"\n--- console tail ---\n{tail}") from None
             raise
+
+    def _configure_layer(self, spec: EnvSpec, instance: Instance) -> None:
+        """The agent takes on the dependency layer (images/deps.py), mounted from its disks:
+        its virtual environment, and the project layer over the rootdir (the saved machine
+        booted without them)."""
+        from pytest_isolate.images.deps import PROJECT_LAYER
+
+        layer = spec.layer
+        assert layer is not None
+        settings: dict[str, Any] = {"venv": VENV}
+        if layer.project is not None:
+            settings["project_layer"] = [PROJECT_LAYER, str(self.run.rootdir)]
+        instance.conn.call(0, {"op": "configure", "settings": settings},
+                           timeout=HANDSHAKE_TIMEOUT)
 
     def _wait_port(self, spec: EnvSpec, vm: _Vm, console: Path, qemu_log: Path) -> None:
         """Wait until the guest opens the agent's port; fail fast if QEMU or the guest dies."""
@@ -877,11 +1149,12 @@ class QemuBackend(Backend):
             shutil.rmtree(tmp, ignore_errors=True)
 
         try:
+            disks = self.disks(spec)
             conn = self._libvirt_connect(libvirt, uri)
             files = self.files(image.data)
             initrd = tmp / "initrd.img"
-            self.write_initrd(files.initramfs, initrd, spec, agent_command(spec))
-            xml = self.domain_xml(spec, files, initrd, tmp, console_log, name)
+            self.write_initrd(files.initramfs, initrd, spec, agent_command(boot_spec(spec)))
+            xml = self.domain_xml(spec, files, initrd, tmp, console_log, name, disks)
             with open(qemu_log, "a") as log:
                 log.write(f"# libvirt {uri}: domain {name}\n{xml}\n")
             try:
@@ -905,20 +1178,21 @@ class QemuBackend(Backend):
                 sock.close()
             cleanup()
             raise
-        process = LibvirtProcess(dom, sock, describe, name, local)
+        process = LibvirtProcess(dom, sock, describe, name, local, console_log,
+                                 vm_memory_mib(spec))
         instance = Instance(spec, process, {"agent": console_log, "console": console_log,
                                             "qemu": qemu_log, "provision": image.log}, cleanup)
         # the agent's source waits in the socket until the guest opens its port: the
         # handshake's timeout covers the boot
         self._ready(spec, instance, console_log, mark,
-                    float(spec.option("boot_timeout", BOOT_TIMEOUT)))
+                    float(spec.option("boot_timeout", BOOT_TIMEOUT)), disks)
         self.last_start = "boot (libvirt)"
         with contextlib.suppress(OSError), open(qemu_log, "a") as log:
             log.write(f"# {self.last_start}: {', '.join(marks)}\n")
         return instance
 
     def domain_xml(self, spec: EnvSpec, files: _Files, initrd: Path, tmp: Path,
-                   console_log: Path, name: str) -> str:
+                   console_log: Path, name: str, extra: list[_Disk] | None = None) -> str:
         from xml.sax.saxutils import escape, quoteattr
 
         _, binary, machine, console = ARCHES[spec.arch]
@@ -926,8 +1200,11 @@ class QemuBackend(Backend):
         cpu = ("<cpu mode='custom' match='exact'><model fallback='allow'>cortex-a57</model></cpu>"
                if spec.arch == "arm64" else "")
         disks = ""
+        # the project and layer disks are there from the start (libvirt boots every time)
         for path, serial, dev in ((files.root, ird.ROOT_SERIAL, "vda"),
-                                  (files.site, ird.SITE_SERIAL, "vdb")):
+                                  (files.site, ird.SITE_SERIAL, "vdb"),
+                                  *((d.path, d.serial, f"vd{'cdef'[i]}")
+                                    for i, d in enumerate(extra or []))):
             disks += (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
                       f"<source file={quoteattr(str(path))}/><target dev='{dev}' bus='virtio'/>"
                       f"<readonly/><serial>{serial}</serial></disk>")

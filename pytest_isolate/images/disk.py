@@ -15,12 +15,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pytest_isolate.errors import ProvisionError
+from pytest_isolate.images.tree import DEFAULT_EXCLUDES
 
-#: Directories never copied into a project disk (caches, VCS data, host virtualenvs).
-PROJECT_EXCLUDES = frozenset({
-    ".git", ".hg", ".svn", ".tox", ".nox", ".venv", "venv", "__pycache__", ".mypy_cache",
-    ".ruff_cache", ".pytest_cache", "node_modules", ".eggs",
-})
+#: Directories never copied into a project disk (caches, VCS data, host virtualenvs):
+#: the fixed list of images/tree.py, which decides what a project disk holds.
+PROJECT_EXCLUDES = frozenset(p.rstrip("/") for p in DEFAULT_EXCLUDES)
 
 
 def tree_size(path: Path) -> tuple[int, int]:

@@ -392,7 +392,8 @@ def test_copy_transfer_for_remote_engines(
     backend: DockerBackend, spec: EnvSpec, client: Any, pytestconfig: pytest.Config,
 ) -> None:
     """What a remote engine gets (no host paths to bind): copies, made read-only inside."""
-    copy = dataclasses.replace(spec, options=(("docker_transfer", "copy"),))
+    copy = dataclasses.replace(spec, options=(("docker_transfer", "copy"),
+                                              ("exclude", ("examples/",))))
     instance = backend.start(copy, backend.provision(spec))
     try:
         (container,) = containers_of(client, backend.run.run_id)
@@ -401,6 +402,11 @@ def test_copy_transfer_for_remote_engines(
         this = Path(__file__).relative_to(rootdir)
         assert run_in(instance, ["cat", str(rootdir / this)]) == (0, Path(__file__).read_text())
         assert run_in(instance, ["test", "-e", str(rootdir / ".git")])[0] == 1  # not copied
+        # the same rule as a VM's project disk: .gitignore'd and options.exclude'd paths stay out
+        if (rootdir / ".git").exists() and (rootdir / "build").exists():
+            assert run_in(instance, ["test", "-e", str(rootdir / "build")])[0] == 1
+        assert run_in(instance, ["test", "-e", str(rootdir / "examples")])[0] == 1
+        assert run_in(instance, ["test", "-e", str(rootdir / "pytest_isolate")])[0] == 0
         code, out = run_in(instance, ["sh", "-c", f"touch {rootdir}/probe 2>&1"])
         assert code != 0 and "Read-only file system" in out
         env = Environment(instance)
