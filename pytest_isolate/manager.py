@@ -114,6 +114,8 @@ class IsolateManager:
         self.marker_errors: list[str] = []
         #: environments whose missing plugins were reported already
         self.plugins_warned: set[str] = set()
+        #: dependency plans per environment (None: nothing to install), see layer_plan
+        self.plans: dict[str, Any] = {}
         #: items with several environments that could not be split into one copy each
         self.split_errors: list[str] = []
         #: test functions whose marker pytest_generate_tests checked
@@ -333,6 +335,8 @@ class IsolateManager:
         if self.bound:
             try:
                 _ = self.cache  # an unwritable cache directory is a usage error, before any test
+                for env in sorted(self.bound):  # so are bad dependency keys
+                    self.layer_plan(env)
             except ConfigError as exc:
                 raise pytest.UsageError(str(exc)) from None
 
@@ -402,17 +406,18 @@ class IsolateManager:
         self.instances[name] = inst
         return inst
 
-    def with_layer(self, name: str, spec: EnvSpec, backend: Backend) -> EnvSpec:
-        """spec with its dependency layer (the project and its test dependencies in a
-        virtual environment inside), built when missing; only for environments that run
-        collected tests (a fixture drives its environment as provisioned)."""
-        if name not in self.bound:
-            return spec
-        from pytest_isolate.images.deps import make_plan, provision_layer
-        from pytest_isolate.images.rootfs import provision_rootfs
+    def layer_plan(self, name: str) -> Any:
+        """The dependency plan of environment name (images/deps.py; None: nothing to
+        install), made once per run; bad keys raise ConfigError."""
+        if name in self.plans:
+            return self.plans[name]
+        from pytest_isolate.images.deps import choose_installer, make_plan
 
+        spec = self.specs[name]
+        plan = None
         explicit = [k for k in cfg.DEPS_KEYS if spec.source(k) != "built-in default"]
-        if spec.image is not None or not backend.supports_layers:
+        backend_class = self._backend_class(spec.backend)
+        if spec.image is not None or not getattr(backend_class, "supports_layers", True):
             if explicit:
                 why = (f"image {spec.image!r} is not a root filesystem pytest-isolate builds"
                        if spec.image is not None else f"backend {spec.backend!r}")
@@ -420,15 +425,31 @@ class IsolateManager:
                     f"{spec.source(explicit[0])}: installing the project and its dependencies "
                     f"inside is not supported yet for {why}; remove the key or use another "
                     "environment")
+        else:
+            plan = make_plan(spec, self.config.rootpath)
+            if plan is not None:
+                choose_installer(spec)  # installer = "uv" without a uv: said now
+        self.plans[name] = plan
+        return plan
+
+    def with_layer(self, name: str, spec: EnvSpec, backend: Backend) -> EnvSpec:
+        """spec with its dependency layer (the project and its test dependencies in a
+        virtual environment inside), built when missing; only for environments that run
+        collected tests (a fixture drives its environment as provisioned)."""
+        if name not in self.bound:
             return spec
-        if make_plan(spec, self.config.rootpath) is None:
+        plan = self.layer_plan(name)
+        if plan is None:
             return spec
+        from pytest_isolate.images.deps import provision_layer
+        from pytest_isolate.images.rootfs import provision_rootfs
+
         run = self.run_context()
         rootfs = provision_rootfs(backend.rootfs_spec(spec), self.cache,
                                   run.log_path(name, "provision.log"), run.rootdir,
                                   self.progress)
         layer = provision_layer(spec, rootfs, run.rootdir, self.cache,
-                                run.log_path(name, "deps.log"), self.progress)
+                                run.log_path(name, "deps.log"), self.progress, plan)
         if layer is None:
             return spec
         if f"deps:{name}" not in self.holds:

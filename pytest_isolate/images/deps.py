@@ -558,9 +558,11 @@ def describe(plan: DepsPlan) -> str:
 
 
 def provision_layer(spec: EnvSpec, rootfs_entry: Any, rootdir: Path, cache: Any,
-                    log_path: Path, progress: Callable[[str], None]) -> DepsLayer | None:
-    """The layer for spec on rootfs_entry, built when missing; None when nothing to install."""
-    plan = make_plan(spec, rootdir)
+                    log_path: Path, progress: Callable[[str], None],
+                    plan: DepsPlan | None = None) -> DepsLayer | None:
+    """The layer for spec on rootfs_entry, built when missing; None when nothing to install
+    (plan: make_plan's answer, when the caller has it already)."""
+    plan = plan or make_plan(spec, rootdir)
     if plan is None:
         return None
     index = host_index_config()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from unit_support import Project
 
 from pytest_isolate.config import load_pyproject, resolve_envs
 from pytest_isolate.errors import ConfigError
@@ -105,3 +106,25 @@ def test_nothing_to_install_is_no_layer(tmp_path: Path) -> None:
     got = specs(tmp_path, '[tool.pytest-isolate]\nextras = ["x"]\n')
     with pytest.raises(ConfigError, match="extras need the project installed"):
         make_plan(got["chroot"], tmp_path)
+
+
+# ---------------------------------------------------------------- at collection, with the fake backend
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('[tool.pytest-isolate]\nextras = ["tests"]\n', "extras need the project installed"),
+    ('[tool.pytest-isolate]\ndeps = ["-r requirements-missing.txt"]\n',
+     "'-r requirements-missing.txt': no file"),
+])
+def test_bad_dependency_keys_stop_the_run_before_any_test(project: Project, extra: str,
+                                                          message: str) -> None:
+    """The fake backend (registered through the real hook) is never started: the keys are
+    checked once collection has bound items to environments."""
+    project.pyproject(extra)
+    project.tests('import pytest\n\n@pytest.mark.isolate("fakeenv")\ndef test_a():\n    pass\n\n'
+                  '@pytest.mark.isolate("fakeenv")\ndef test_b():\n    pass\n')
+    result = project.run_inprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    text = result.stderr.str() + result.stdout.str()
+    assert text.count(message) == 1, text
+    assert "[tool.pytest-isolate] key" in text, text
+    assert "test_a" not in result.stdout.str(), text  # nothing ran
