@@ -128,6 +128,15 @@ class FrameDecoder:
         return (ch, obj, blob)
 
 
+def drain(fd: int) -> None:
+    """Read a non-blocking wake-up pipe empty (signal.set_wakeup_fd's)."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -1181,11 +1190,7 @@ class Agent:
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             ready, _, _ = select.select(rlist, [], [], timeout)
             if self.sigr in ready:
-                try:
-                    while os.read(self.sigr, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+                drain(self.sigr)
             self.reap()
             if self.rfd in ready:
                 data = os.read(self.rfd, 1 << 20)
@@ -1862,11 +1867,7 @@ class Zygote:
             sock = self.sock.fileno()
             ready = select.select([sock, self.sigr], [], [])[0]
             if self.sigr in ready:
-                try:
-                    while os.read(self.sigr, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+                drain(self.sigr)
                 self.reap()
             if sock not in ready:
                 continue
