@@ -20,12 +20,11 @@ that is the point (the host's index configuration is carried in).
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from integration_support import output, run_pytest
 
 pytestmark = pytest.mark.integration
 
@@ -95,26 +94,9 @@ extras = ["tests"]
 '''
 
 
-def run(root: Path, cache: str, *args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))}
+def run(root: Path, cache: str, *args: str) -> subprocess.CompletedProcess[str]:
     # the project is importable on the host as a user's own venv would have it
-    environ["PYTHONPATH"] = str(root / "src")
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "--isolate-strict",
-            f"--isolate-cache-dir={cache}", *args]
-    return subprocess.run(argv, cwd=root, env=environ, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def out(result: subprocess.CompletedProcess[str]) -> str:
-    return result.stdout[-6000:] + result.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def cache(pytestconfig: pytest.Config) -> str:
-    manager = pytestconfig.pluginmanager.get_plugin("isolate-manager")
-    assert manager is not None
-    return str(manager.cache.root)
+    return run_pytest(root, cache, "-v", *args, extra_env={"PYTHONPATH": str(root / "src")})
 
 
 def tree(root: Path) -> dict[str, int]:
@@ -122,7 +104,7 @@ def tree(root: Path) -> dict[str, int]:
             if "__pycache__" not in p.parts and p.suffix not in (".xml", ".json")}
 
 
-def test_dependencies_plugins_and_editable_inside(tmp_path: Path, cache: str) -> None:
+def test_dependencies_plugins_and_editable_inside(tmp_path: Path, session_cache: str) -> None:
     root = tmp_path / "proj"
     (root / "src" / "lib").mkdir(parents=True)
     (root / "tests").mkdir()
@@ -132,33 +114,33 @@ def test_dependencies_plugins_and_editable_inside(tmp_path: Path, cache: str) ->
     (root / "tests" / "expected").write_text("1")
     before = tree(root)
 
-    first = run(root, cache, "--isolate-env", "chroot,docker")
-    assert first.returncode == 0, out(first)
+    first = run(root, session_cache, "--isolate-env", "chroot,docker")
+    assert first.returncode == 0, output(first)
     text = first.stdout
-    assert "(editable); uv)" in text, out(first)  # uv is in this venv: the installer
+    assert "(editable); uv)" in text, output(first)  # uv is in this venv: the installer
     for env in ("chroot", "docker"):
         for name in ("test_deps_inside", "test_value", "test_strict_marker_declared"):
-            assert f"tests/test_lib.py::{name}[{env}] PASSED" in text, out(first)
-    assert "6 passed" in text, out(first)
+            assert f"tests/test_lib.py::{name}[{env}] PASSED" in text, output(first)
+    assert "6 passed" in text, output(first)
     # addopts apply inside: -rA's summary lines come from the host (the same -rA)
-    assert "PASSED tests/test_lib.py::test_value[chroot]" in text, out(first)
+    assert "PASSED tests/test_lib.py::test_value[chroot]" in text, output(first)
     assert tree(root) == before, "the build wrote into the project tree"
 
     # edit a .py on the host: the next run sees it, with no new install
     (root / "src" / "lib" / "__init__.py").write_text(LIB.replace("VALUE = 1", "VALUE = 2"))
     (root / "tests" / "expected").write_text("2")
-    second = run(root, cache, "--isolate-env", "chroot")
-    assert second.returncode == 0, out(second)
-    assert "installing the dependencies" not in second.stdout, out(second)
-    assert "test_value PASSED" in second.stdout, out(second)
+    second = run(root, session_cache, "--isolate-env", "chroot")
+    assert second.returncode == 0, output(second)
+    assert "installing the dependencies" not in second.stdout, output(second)
+    assert "test_value PASSED" in second.stdout, output(second)
 
     # a new requirement rebuilds the layer (not the root filesystem)
     (root / "pyproject.toml").write_text(PYPROJECT.replace(
         'extras = ["tests"]', 'extras = ["tests"]\ndeps = ["iniconfig"]'))
-    third = run(root, cache, "--isolate-env", "chroot")
-    assert third.returncode == 0, out(third)
-    assert "installing the dependencies of 'chroot'" in third.stdout, out(third)
-    assert "building trixie" not in third.stdout, out(third)
+    third = run(root, session_cache, "--isolate-env", "chroot")
+    assert third.returncode == 0, output(third)
+    assert "installing the dependencies of 'chroot'" in third.stdout, output(third)
+    assert "building trixie" not in third.stdout, output(third)
 
 
 CEXT_PYPROJECT = '''\
@@ -208,7 +190,7 @@ def test_compiled_inside():
 '''
 
 
-def test_c_extension_is_compiled_inside(tmp_path: Path, cache: str) -> None:
+def test_c_extension_is_compiled_inside(tmp_path: Path, session_cache: str) -> None:
     root = tmp_path / "cext"
     (root / "src" / "cext").mkdir(parents=True)
     (root / "tests").mkdir()
@@ -217,19 +199,19 @@ def test_c_extension_is_compiled_inside(tmp_path: Path, cache: str) -> None:
     (root / "src" / "cext" / "speed.c").write_text(CEXT_C.replace("ADDEND", "0"))
     (root / "tests" / "test_c.py").write_text(CEXT_TEST.format(addend=0, root=str(root)))
     before = tree(root)
-    first = run(root, cache)
-    assert first.returncode == 0, out(first)
-    assert "test_compiled_inside PASSED" in first.stdout, out(first)
+    first = run(root, session_cache)
+    assert first.returncode == 0, output(first)
+    assert "test_compiled_inside PASSED" in first.stdout, output(first)
     assert tree(root) == before, "the compiled extension landed in the host's tree"
     # a changed extension source is compiled again
     (root / "src" / "cext" / "speed.c").write_text(CEXT_C.replace("ADDEND", "10"))
     (root / "tests" / "test_c.py").write_text(CEXT_TEST.format(addend=10, root=str(root)))
-    second = run(root, cache)
-    assert second.returncode == 0, out(second)
-    assert "installing the dependencies of 'cbuild'" in second.stdout, out(second)
+    second = run(root, session_cache)
+    assert second.returncode == 0, output(second)
+    assert "installing the dependencies of 'cbuild'" in second.stdout, output(second)
 
 
-def test_failed_install_is_reported_once(tmp_path: Path, cache: str) -> None:
+def test_failed_install_is_reported_once(tmp_path: Path, session_cache: str) -> None:
     root = tmp_path / "broken"
     (root / "tests").mkdir(parents=True)
     (root / "pyproject.toml").write_text(
@@ -237,27 +219,27 @@ def test_failed_install_is_reported_once(tmp_path: Path, cache: str) -> None:
         'deps = ["pytest-isolate-no-such-distribution==0.0.1"]\n')
     (root / "tests" / "test_a.py").write_text("def test_one():\n    pass\n\n"
                                               "def test_two():\n    pass\n")
-    result = run(root, cache, "--isolate-env", "chroot")
-    assert result.returncode == 1, out(result)
+    result = run(root, session_cache, "--isolate-env", "chroot")
+    assert result.returncode == 1, output(result)
     text = result.stdout
-    assert "2 errors" in text, out(result)
-    assert "; pip)" in text, out(result)  # installer = "pip" even though uv is here
+    assert "2 errors" in text, output(result)
+    assert "; pip)" in text, output(result)  # installer = "pip" even though uv is here
     # the first error has the installer's tail and the key with its file; the second is a line
-    assert text.count("pytest-isolate-no-such-distribution") >= 2, out(result)
-    assert f"deps from {root / 'pyproject.toml'}: [tool.pytest-isolate] key 'deps'" in text, out(result)
-    assert "could not be built earlier in this run" in text, out(result)
-    assert text.count("--- log tail ---") == 1, out(result)
+    assert text.count("pytest-isolate-no-such-distribution") >= 2, output(result)
+    assert f"deps from {root / 'pyproject.toml'}: [tool.pytest-isolate] key 'deps'" in text, output(result)
+    assert "could not be built earlier in this run" in text, output(result)
+    assert text.count("--- log tail ---") == 1, output(result)
 
 
-def test_plugin_missing_inside_is_one_line(tmp_path: Path, cache: str) -> None:
+def test_plugin_missing_inside_is_one_line(tmp_path: Path, session_cache: str) -> None:
     root = tmp_path / "noplugin"
     (root / "tests").mkdir(parents=True)
     (root / "pyproject.toml").write_text('[tool.pytest-isolate]\ndeps = ["iniconfig"]\n')
     (root / "tests" / "test_a.py").write_text(
         "def test_one():\n    pass\n\ndef test_two():\n    pass\n")
-    result = run(root, cache, "--isolate-env", "chroot")
-    assert result.returncode == 0, out(result)
+    result = run(root, session_cache, "--isolate-env", "chroot")
+    assert result.returncode == 0, output(result)
     lines = [ln for ln in result.stdout.splitlines() if "not installed inside" in ln]
-    assert len(lines) == 1, out(result)
+    assert len(lines) == 1, output(result)
     assert "pytest-mock (plugin 'pytest_mock')" in lines[0], lines
     assert "'deps'" in lines[0], lines

@@ -14,13 +14,11 @@ extra); a pytest subprocess runs a generated project with each:
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from integration_support import output, run_pytest
 
 pytestmark = pytest.mark.integration
 
@@ -81,26 +79,6 @@ def test_quick():
 '''
 
 
-def run(root: Path, cache: str, *args: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT", "COV_"))}
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--isolate-strict",
-            f"--isolate-cache-dir={cache}", *args]
-    return subprocess.run(argv, cwd=root, env=environ, capture_output=True, text=True,
-                          timeout=1500)
-
-
-def out(result: subprocess.CompletedProcess[str]) -> str:
-    return result.stdout[-6000:] + result.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def cache(pytestconfig: pytest.Config) -> str:
-    manager = pytestconfig.pluginmanager.get_plugin("isolate-manager")
-    assert manager is not None
-    return str(manager.cache.root)
-
-
 def project(root: Path, pyproject: str = "") -> Path:
     (root / "tests").mkdir(parents=True)
     (root / "pyproject.toml").write_text(
@@ -110,57 +88,57 @@ def project(root: Path, pyproject: str = "") -> Path:
 
 
 @pytest.mark.parametrize("env", ["chroot", "docker", "qemu_vm"])
-def test_coverage_measured_inside(tmp_path: Path, cache: str, env: str) -> None:
+def test_coverage_measured_inside(tmp_path: Path, session_cache: str, env: str) -> None:
     root = project(tmp_path / "cov")
     (root / "tests" / "test_cov.py").write_text(COVERED)
-    result = run(root, cache, "--isolate-env", env, "--cov=code_under_test",
+    result = run_pytest(root, session_cache, "--isolate-env", env, "--cov=code_under_test",
                  "--cov-report=term-missing")
-    assert result.returncode == 0, out(result)
+    assert result.returncode == 0, output(result)
     # lines 2-3 run only inside the environment; the host only imported the module
     row = re.search(r"^code_under_test\.py\s+(\d+)\s+(\d+)\s+(\d+)%", result.stdout, re.M)
-    assert row is not None, out(result)
-    assert row.groups() == ("3", "0", "100"), out(result)
-    host_only = run(root, cache, "--cov=code_under_test", "--cov-report=term-missing",
+    assert row is not None, output(result)
+    assert row.groups() == ("3", "0", "100"), output(result)
+    host_only = run_pytest(root, session_cache, "--cov=code_under_test", "--cov-report=term-missing",
                     "--collect-only", "-q")
     assert re.search(r"^code_under_test\.py\s+3\s+2\s+33%\s+2-3$", host_only.stdout, re.M), \
-        out(host_only)
+        output(host_only)
 
 
-def test_reruns_each_on_a_clean_state(tmp_path: Path, cache: str) -> None:
+def test_reruns_each_on_a_clean_state(tmp_path: Path, session_cache: str) -> None:
     root = project(tmp_path / "flaky")
     (root / "tests" / "test_flaky.py").write_text(FLAKY)
-    result = run(root, cache, "--isolate-env", "chroot", "-v")
-    assert result.returncode == 1, out(result)
+    result = run_pytest(root, session_cache, "--isolate-env", "chroot", "-v")
+    assert result.returncode == 1, output(result)
     text = result.stdout
-    assert text.count("test_flaky_on_a_clean_state RERUN") == 2, out(result)
-    assert "1 failed, 1 passed, 2 rerun" in text, out(result)
+    assert text.count("test_flaky_on_a_clean_state RERUN") == 2, output(result)
+    assert "1 failed, 1 passed, 2 rerun" in text, output(result)
     # the final failure is the assertion of the third attempt, not a leftover file
-    assert "AssertionError: fails on every attempt" in text, out(result)
-    assert "assert not True" not in text, out(result)
+    assert "AssertionError: fails on every attempt" in text, output(result)
+    assert "assert not True" not in text, output(result)
 
-    result = run(root, cache, "--isolate-env", "chroot", "--reruns", "1",
+    result = run_pytest(root, session_cache, "--isolate-env", "chroot", "--reruns", "1",
                  "tests/test_flaky.py::test_passes")
-    assert result.returncode == 0 and "1 passed" in result.stdout, out(result)
-    assert "rerun" not in result.stdout.splitlines()[-1], out(result)
+    assert result.returncode == 0 and "1 passed" in result.stdout, output(result)
+    assert "rerun" not in result.stdout.splitlines()[-1], output(result)
 
 
-def test_timeouts_apply_inside_and_not_to_provisioning(tmp_path: Path, cache: str) -> None:
+def test_timeouts_apply_inside_and_not_to_provisioning(tmp_path: Path, session_cache: str) -> None:
     # a dependency layer that this rootdir alone uses: built during the first test, for
     # several seconds, while --timeout is 2
     root = project(tmp_path / "slow", '[tool.pytest-isolate]\ndeps = ["iniconfig"]\n')
     (root / "tests" / "test_slow.py").write_text(SLOW)
-    result = run(root, cache, "--isolate-env", "chroot", "--timeout=2", "-v", "--durations=3",
+    result = run_pytest(root, session_cache, "--isolate-env", "chroot", "--timeout=2", "-v", "--durations=3",
                  "-p", "no:randomly")
-    assert "installing the dependencies of 'chroot'" in result.stdout, out(result)
+    assert "installing the dependencies of 'chroot'" in result.stdout, output(result)
     text = result.stdout
-    assert "test_quick PASSED" in text, out(result)
-    assert "the test ran longer than 1.0s" in text, out(result)  # the marker's limit
-    assert "the test ran longer than 2.0s" in text, out(result)  # --timeout
-    assert "2 failed, 1 passed" in text, out(result)
+    assert "test_quick PASSED" in text, output(result)
+    assert "the test ran longer than 1.0s" in text, output(result)  # the marker's limit
+    assert "the test ran longer than 2.0s" in text, output(result)  # --timeout
+    assert "2 failed, 1 passed" in text, output(result)
     # --durations shows the inside durations of the slowest phases
-    assert "slowest 3 durations" in text, out(result)
+    assert "slowest 3 durations" in text, output(result)
 
-    result = run(root, cache, "--isolate-env", "chroot", "--timeout=2", "--maxfail=1")
+    result = run_pytest(root, session_cache, "--isolate-env", "chroot", "--timeout=2", "--maxfail=1")
     assert "1 failed" in result.stdout and "passed" not in result.stdout.splitlines()[-1], \
-        out(result)
-    assert "stopping after 1 failures" in result.stdout, out(result)
+        output(result)
+    assert "stopping after 1 failures" in result.stdout, output(result)

@@ -1,0 +1,32 @@
+"""Helpers of the integration tests that run a generated project in a pytest subprocess.
+
+A module of its own (imported by name: pytest's prepend import mode puts this directory on
+sys.path), beside conftest.py's fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+#: Variables of this run that must not leak into the inner one.
+PRIVATE_PREFIXES = ("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT", "COV_")
+
+
+def run_pytest(root: Path, cache: str, *args: str, extra_env: Mapping[str, str] | None = None,
+               timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    """`python -m pytest` of this venv in root, strict, on the given cache directory."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_PREFIXES)}
+    environ.update(extra_env or {})
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--isolate-strict",
+            f"--isolate-cache-dir={cache}", *args]
+    return subprocess.run(argv, cwd=root, env=environ, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    """The ends of a run's output, for assertion messages."""
+    return result.stdout[-6000:] + result.stderr[-2000:]
