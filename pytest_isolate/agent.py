@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -1159,6 +1160,8 @@ class Agent:
         self.running = True
         #: the coverage.Coverage measuring now (collection here, a test in a worker)
         self.coverage: Any = None
+        #: the --pdb session of the test running in this worker, if the host asked for one
+        self.debugger: Optional[Debugger] = None
         self.sigr, self.sigw = os.pipe()
         os.set_blocking(self.sigw, False)
         os.set_blocking(self.sigr, False)
@@ -1747,10 +1750,105 @@ class WorkerServer:
         if self.zygote is not None:
             # the zygote holds the higher scopes: tear down only what this test set up
             nextitem = self.zygote.keep_scopes(item)
-        item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        debug = Debugger(self, req) if req.get("debug") else None
+        self.agent.debugger = debug
+        previous_hook = sys.breakpointhook
+        if debug is not None:
+            sys.breakpointhook = debug.breakpoint
+        try:
+            item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        finally:
+            sys.breakpointhook = previous_hook
+            self.agent.debugger = None
+            if debug is not None:
+                debug.close()
         sys.stdout.flush()
         sys.stderr.flush()
         self.send({"op": "done", "nodeid": req["nodeid"]})
+
+
+class Debugger:
+    """--pdb for a test inside: pdb on a pseudo-terminal relayed to the host's terminal.
+
+    Opened at the test's first breakpoint() or failure (pty-started; the host relays keys
+    and output as for a shell), closed when the test's protocol ends (pty-exit).  pdb runs
+    in the worker itself, on the test's frames; a thread moves the bytes meanwhile.
+    """
+
+    def __init__(self, server: "WorkerServer", req: Dict[str, Any]) -> None:
+        self.server = server
+        self.req = req
+        self.master = -1
+        self.slave = -1
+        self.stop = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+    def open(self) -> Tuple[Any, Any]:
+        if self.master < 0:
+            self.master, self.slave = os.openpty()
+            _set_winsize(self.master, self.req)
+            self.server.send({"op": "pty-started"})
+            self.thread = threading.Thread(target=self._relay, daemon=True)
+            self.thread.start()
+        stdin = os.fdopen(os.dup(self.slave), "r", buffering=1)
+        stdout = os.fdopen(os.dup(self.slave), "w", buffering=1)
+        return stdin, stdout
+
+    def _pdb(self) -> Any:
+        import pdb
+
+        stdin, stdout = self.open()
+        debugger = pdb.Pdb(stdin=stdin, stdout=stdout)
+        debugger.use_rawinput = False
+        return debugger
+
+    def breakpoint(self, *args: Any, **kwargs: Any) -> None:
+        self._pdb().set_trace(sys._getframe(1))
+
+    def post_mortem(self, tb: Any) -> None:
+        debugger = self._pdb()
+        debugger.reset()
+        debugger.interaction(None, tb)
+
+    def _relay(self) -> None:
+        server = self.server
+        sock = server.sock.fileno()
+        while not self.stop.is_set():
+            ready = select.select([self.master, sock], [], [], 0.1)[0]
+            if self.master in ready:
+                try:
+                    out = os.read(self.master, 65536)
+                except OSError:
+                    out = b""
+                if out:
+                    server.send({"op": "pty-out"}, out)
+            if sock in ready:
+                if not server.read_frames():
+                    return
+                while server.pending and server.pending[0][1]["op"] in ("pty-in", "pty-resize"):
+                    _, obj, data = server.pending.popleft()
+                    if obj["op"] == "pty-in":
+                        write_all(self.master, data)
+                    else:
+                        _set_winsize(self.master, obj)
+
+    def close(self) -> None:
+        if self.thread is None:
+            return
+        self.stop.set()
+        self.thread.join()
+        os.set_blocking(self.master, False)
+        try:
+            while True:
+                out = os.read(self.master, 65536)
+                if not out:
+                    break
+                self.server.send({"op": "pty-out"}, out)
+        except OSError:
+            pass
+        os.close(self.slave)
+        os.close(self.master)
+        self.server.send({"op": "pty-exit", "code": 0})
 
 
 class _KeepScopes:
@@ -2200,6 +2298,11 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
         def pytest_runtest_logreport(self, report: Any) -> None:
             data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
             agent.current_sender({"op": "report", "data": data})
+
+        def pytest_exception_interact(self, node: Any, call: Any, report: Any) -> None:
+            # --pdb on the host: a post-mortem on the failing test's traceback
+            if agent.debugger is not None and call.excinfo is not None:
+                agent.debugger.post_mortem(call.excinfo.tb)
 
         @pytest.hookimpl(tryfirst=True)
         def pytest_runtestloop(self, session: Any) -> bool:

@@ -14,6 +14,8 @@ keys keep their meaning; nothing is imported unless the plugin is loaded.
   agent, each test in its worker, with the host's coverage package shipped in), brought
   back at the end of the test loop and combined by pytest-cov with the host's data: the
   project sits at the same path inside, so the report shows the host's paths.
+- --pdb: on a terminal (and without xdist), a test's breakpoint() and the post-mortem of its
+  failure open pdb inside its worker, relayed to this terminal (agent.Debugger).
 """
 
 from __future__ import annotations
@@ -173,17 +175,54 @@ def pytest_runtestloop(session: pytest.Session) -> Any:
 
 # ---------------------------------------------------------------- --pdb
 
+def debug_inside(config: pytest.Config) -> bool:
+    """--pdb reaches into environments: on a terminal, without xdist."""
+    return bool(config.getoption("usepdb", False)) and _has_terminal() and (
+        os.environ.get("PYTEST_XDIST_WORKER") is None)
+
+
+def _has_terminal() -> bool:
+    """A controlling terminal (stdin itself is /dev/null while pytest captures)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def relay_debugger(config: pytest.Config, conn: Any, ch: int,
+                   other: Callable[[dict[str, Any], bytes], bool]) -> None:
+    """The debugger a test opened inside, on this terminal, until the test ends; the
+    test's other frames (its reports) go to other meanwhile."""
+    from pytest_isolate.interactive import relay
+
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_sep(">", "pdb inside the environment (continue or quit to go on)")
+    if capture is not None:  # the terminal's input too, as pytest's own --pdb does
+        capture.suspend_global_capture(in_=True)
+    try:
+        relay(conn, ch, other=other)
+    finally:
+        if capture is not None:
+            capture.resume_global_capture()
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """--pdb cannot reach inside yet: say so once, before anything runs (never a hang:
-    inside, a debugger reads an empty stdin and the test ends with BdbQuit)."""
+    """--pdb without a terminal (or under xdist) cannot reach inside: say so once, before
+    anything runs (never a hang: inside, a debugger reads an empty stdin and the test ends
+    with BdbQuit)."""
     config = session.config
-    if not config.getoption("usepdb", False):
+    if not config.getoption("usepdb", False) or debug_inside(config):
         return
     from pytest_isolate.plugin import MANAGER
 
     manager = config.pluginmanager.get_plugin(MANAGER)
     if manager is not None and manager.bound:
         manager.progress(
-            "--pdb debugs host tests only: an isolated test that fails (or calls "
-            "breakpoint(), which ends it with BdbQuit) is not debugged inside its environment "
-            "yet; --isolate-keep-failed opens a shell in its environment as it left it")
+            "--pdb needs a terminal and no xdist to debug an isolated test inside its "
+            "environment: here an isolated test that fails is not debugged (a breakpoint() "
+            "inside ends it with BdbQuit); --isolate-keep-failed keeps its environment")

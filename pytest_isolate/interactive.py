@@ -13,7 +13,7 @@ import select
 import shutil
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pytest_isolate.channel import Connection
@@ -48,6 +48,16 @@ def interact(conn: Connection, ch: int, argv: list[str] | None = None, cwd: str 
     reply, _ = conn.recv(ch, 60.0)
     if reply["op"] == "error":
         raise RemoteError(reply.get("type", "Error"), reply.get("message", ""))
+    return relay(conn, ch, stdin, stdout)
+
+
+def relay(conn: Connection, ch: int, stdin: int = 0, stdout: int = 1,
+          other: Callable[[dict[str, Any], bytes], bool] | None = None) -> int:
+    """Move a started pseudo-terminal's bytes between the local terminal (raw mode) and
+    channel ch until the program inside ends (pty-exit); its status.
+
+    other(frame, blob) takes the channel's other frames (a debugged test's reports) and
+    says whether relaying goes on; a frame it refuses is put back for the caller, -1."""
     resized = [False]
 
     def on_winch(signum: int, frame: Any) -> None:
@@ -62,7 +72,7 @@ def interact(conn: Connection, ch: int, argv: list[str] | None = None, cwd: str 
                     resized[0] = False
                     cols, rows = shutil.get_terminal_size()
                     conn.send(ch, {"op": "pty-resize", "rows": rows, "cols": cols})
-                code = _drain(conn, ch, stdout)
+                code = _drain(conn, ch, stdout, other)
                 if code is not None:
                     return code
                 fds = [conn.rfd] + ([stdin] if stdin_open else [])
@@ -78,30 +88,38 @@ def interact(conn: Connection, ch: int, argv: list[str] | None = None, cwd: str 
                         reply, out = conn.recv(ch, 0.0)
                     except AgentTimeout:
                         continue
-                    code = _handle(reply, out, stdout)
+                    code = _handle(reply, out, stdout, other)
                     if code is not None:
+                        if code == -1:
+                            conn.queues[ch].appendleft((reply, out))
                         return code
     finally:
         if previous is not None:
             signal.signal(signal.SIGWINCH, previous)
 
 
-def _drain(conn: Connection, ch: int, stdout: int) -> int | None:
+def _drain(conn: Connection, ch: int, stdout: int,
+           other: Callable[[dict[str, Any], bytes], bool] | None = None) -> int | None:
     while conn.queues[ch]:
         reply, out = conn.queues[ch].popleft()
-        code = _handle(reply, out, stdout)
+        code = _handle(reply, out, stdout, other)
         if code is not None:
+            if code == -1:
+                conn.queues[ch].appendleft((reply, out))
             return code
     return None
 
 
-def _handle(reply: dict[str, Any], out: bytes, stdout: int) -> int | None:
+def _handle(reply: dict[str, Any], out: bytes, stdout: int,
+            other: Callable[[dict[str, Any], bytes], bool] | None = None) -> int | None:
     op = reply["op"]
     if op == "pty-out":
         os.write(stdout, out)
         return None
     if op == "pty-exit":
         return int(reply["code"])
+    if other is not None:
+        return None if other(reply, out) else -1
     if op == "error":
         raise RemoteError(reply.get("type", "Error"), reply.get("message", ""))
     if op == "exit":

@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Generator, Mapping
@@ -47,6 +48,8 @@ INI_NAMES = ("isolate_cache_dir", "isolate_timeout", "isolate_reset", "isolate_s
 DEFAULT_TIMEOUT = 300.0
 #: Extra time the host waits beyond a test's timeout before it gives up on the agent.
 HOST_GRACE = 30.0
+#: How long the host waits for a test that is being debugged (--pdb): a working day.
+DEBUG_WAIT = 8 * 3600.0
 When = Literal["setup", "call", "teardown"]
 
 
@@ -804,13 +807,19 @@ class ItemRun:
             self.m.workers[self.env] = worker
         nxt = self.next_in_worker()
         with self.timer.phase("run"):
+            debug = hostplugins.debug_inside(self.m.config)
+            cols, rows = shutil.get_terminal_size()
+            # a debugging session has no time limit, as pytest-timeout stops for one
             conn.send(worker.ch, {"op": "runtest", "nodeid": self.item.nodeid, "next": nxt,
-                                  "timeout": self.timeout})
+                                  "timeout": None if debug else self.timeout, "debug": debug,
+                                  "rows": rows, "cols": cols})
             exit_reason = None
             while True:
-                reply, _ = conn.recv(worker.ch, self.timeout + HOST_GRACE)
+                reply, _ = conn.recv(worker.ch, DEBUG_WAIT if debug else self.timeout + HOST_GRACE)
                 op = reply["op"]
-                if op == "report":
+                if op == "pty-started":  # --pdb: the test's debugger, on this terminal
+                    hostplugins.relay_debugger(self.m.config, conn, worker.ch, self.on_report)
+                elif op == "report":
                     self.emit(self.rebuild(reply["data"]))
                 elif op == "done":
                     break
@@ -914,6 +923,14 @@ class ItemRun:
         else:
             pending.sections.extend(rep.sections)
             pending.duration += rep.duration
+
+    def on_report(self, reply: dict[str, Any], blob: bytes) -> bool:
+        """A debugged test's reports while its debugger is relayed; False for the frames
+        that end its run (the loop in run_in takes those)."""
+        if reply["op"] != "report":
+            return False
+        self.emit(self.rebuild(reply["data"]))
+        return True
 
     def close_worker(self, inst: Instance, worker: Worker) -> None:
         self.m.workers.pop(self.env, None)
