@@ -18,32 +18,7 @@ pytestmark = pytest.mark.integration
 def on_terminal(argv: list[str], cwd: Path, wait_for: bytes, keys: bytes,
                 timeout: float = 300) -> tuple[int, bytes]:
     """Run argv on a new terminal; type keys once wait_for appears; its status and output."""
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.chdir(cwd)
-        os.execvp(argv[0], argv)
-    out = b""
-    typed = False
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if fd in select.select([fd], [], [], 0.5)[0]:
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:  # EIO: the program ended
-                    break
-                if not data:
-                    break
-                out += data
-                if not typed and wait_for in out:
-                    os.write(fd, keys)
-                    typed = True
-        else:
-            os.kill(pid, 9)
-    finally:
-        os.close(fd)
-        _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), out
+    return converse(argv, cwd, [(wait_for, keys)], timeout)
 
 
 def test_keep_failed_opens_a_shell_where_the_test_failed(pytester: pytest.Pytester) -> None:
