@@ -808,11 +808,12 @@ class ItemRun:
         nxt = self.next_in_worker()
         with self.timer.phase("run"):
             debug = hostplugins.debug_inside(self.m.config)
-            cols, rows = shutil.get_terminal_size()
-            # a debugging session has no time limit, as pytest-timeout stops for one
-            conn.send(worker.ch, {"op": "runtest", "nodeid": self.item.nodeid, "next": nxt,
-                                  "timeout": None if debug else self.timeout, "debug": debug,
-                                  "rows": rows, "cols": cols})
+            request: dict[str, Any] = {"op": "runtest", "nodeid": self.item.nodeid, "next": nxt,
+                                       "timeout": self.timeout}
+            if debug:  # a debugging session has no time limit, as pytest-timeout stops for one
+                cols, rows = shutil.get_terminal_size()
+                request.update(timeout=None, debug=True, rows=rows, cols=cols)
+            conn.send(worker.ch, request)
             exit_reason = None
             while True:
                 reply, _ = conn.recv(worker.ch, DEBUG_WAIT if debug else self.timeout + HOST_GRACE)
