@@ -37,6 +37,7 @@ from pytest_isolate.errors import (
     ConfigError,
     IsolateError,
     ProvisionError,
+    RemoteError,
 )
 from pytest_isolate.limits import format_size
 from pytest_isolate.spec import EnvSpec
@@ -495,14 +496,22 @@ class IsolateManager:
         if coverage is not None:  # pytest-cov: measured inside too (hostplugins.py)
             inst.conn.call(0, {"op": "configure", "settings": {"coverage": coverage}},
                            timeout=self.timeout)
+        request = {"op": "pytest", "args": args, "cwd": str(rootdir),
+                   "default_envs": self.default_envs, "ini_names": list(INI_NAMES),
+                   "markers": [str(m) for m in self.config.getini("markers")]}
         with timer.phase("sync"):
-            reply, _ = inst.conn.call(
-                0,
-                {"op": "pytest", "args": args, "cwd": str(rootdir),
-                 "default_envs": self.default_envs, "ini_names": list(INI_NAMES),
-                 "markers": [str(m) for m in self.config.getini("markers")]},
-                timeout=self.timeout,
-            )
+            try:
+                reply, _ = inst.conn.call(0, request, timeout=self.timeout)
+            except RemoteError as exc:
+                if exc.type_name != "PytestStartError" or not addopts:
+                    raise
+                # an option of the project's addopts that the pytest inside does not know
+                # (its plugin is not installed there): said once, then run without them
+                self.progress(f"{name}: pytest inside refused the project's addopts "
+                              f"{shlex.join(addopts)!r} (its log: {inst.logs.get('agent')}); "
+                              "running there without them")
+                request["args"] = ["addopts=" if a.startswith("addopts=") else a for a in args]
+                reply, _ = inst.conn.call(0, request, timeout=self.timeout)
         if reply["op"] != "collected":
             raise AgentError(f"unexpected answer from the agent: {reply}")
         inst.pytest_started = True

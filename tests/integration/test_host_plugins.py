@@ -142,3 +142,18 @@ def test_timeouts_apply_inside_and_not_to_provisioning(tmp_path: Path, session_c
     assert "1 failed" in result.stdout and "passed" not in result.stdout.splitlines()[-1], \
         output(result)
     assert "stopping after 1 failures" in result.stdout, output(result)
+
+
+def test_addopts_the_inside_does_not_know_are_said_and_dropped(tmp_path: Path,
+                                                                 session_cache: str) -> None:
+    # --maxschedchunk belongs to xdist: loaded here, never inside
+    root = project(tmp_path / "opts")
+    (root / "pyproject.toml").write_text(
+        '[tool.pytest.ini_options]\npythonpath = ["."]\n'
+        'addopts = "--strict-markers --maxschedchunk=2"\n')
+    (root / "tests" / "test_a.py").write_text("def test_a():\n    pass\n")
+    result = run_pytest(root, session_cache, "--isolate-env", "chroot")
+    assert result.returncode == 0, output(result)
+    lines = [ln for ln in result.stdout.splitlines() if "refused the project's addopts" in ln]
+    assert len(lines) == 1 and "--maxschedchunk=2" in lines[0], output(result)
+    assert "1 passed" in result.stdout, output(result)
