@@ -46,11 +46,15 @@ import os
 import socket
 import sys
 
-import attrs
-import lib
+import pytest
 
 
+# the project and its dependency are imported inside the tests: the host collects this
+# module without them (only the environments have the dependency layer)
 def test_deps_inside(mocker):
+    import attrs
+    import lib
+
     fake = mocker.Mock(return_value=4)
     assert lib.Point(fake(), 2).x == 4
     assert attrs.__file__.startswith("/.isolate/venv/"), attrs.__file__
@@ -62,13 +66,15 @@ def test_deps_inside(mocker):
 
 
 def test_value():
+    import lib
+
     assert lib.VALUE == int(open(os.path.join(os.path.dirname(__file__), "expected")).read())
 
 
 @pytest.mark.slow
 def test_strict_marker_declared():
     pass
-'''.replace("import attrs\nimport lib", "import attrs\nimport lib\nimport pytest")
+'''
 
 PYPROJECT = '''\
 [build-system]
