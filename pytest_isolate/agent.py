@@ -612,6 +612,18 @@ def seccomp_program(machine: str, admin: bool = False) -> List[BpfInsn]:
     return prog
 
 
+_PROGRAMS: Dict[Tuple[str, bool], List[BpfInsn]] = {}
+
+
+def cached_seccomp_program(machine: str, admin: bool = False) -> List[BpfInsn]:
+    """seccomp_program, built once per process: a zygote builds the test workers' program
+    before it forks them, so each worker only loads it."""
+    key = (machine, admin)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = seccomp_program(machine, admin)
+    return _PROGRAMS[key]
+
+
 class _SockFilter(ctypes.Structure):
     _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
                 ("k", ctypes.c_uint32)]
@@ -699,7 +711,7 @@ def harden_process(opts: Dict[str, Any], admin: bool = False) -> List[str]:
     elif machine not in SYSCALL_NUMBERS:
         notes.append("no seccomp filter: no syscall table for %s" % machine)
     else:
-        install_seccomp(seccomp_program(machine, admin))
+        install_seccomp(cached_seccomp_program(machine, admin))
     return notes
 
 
@@ -1888,7 +1900,9 @@ class Zygote:
     Threads do not survive fork: a fixture whose set-up leaves new threads running is
     torn down again in the zygote and set up per test from then on (with a warning that
     names it); ``@pytest.mark.isolate(..., fixtures_per_test=[...])`` asks for that
-    up front.  A later change (issue 13) can fork the next worker ahead of time here.
+    up front.  The host asks for the next test's worker while the current test runs
+    (when the next test keeps the current scopes), so its fork and root are ready when
+    its turn comes.
     """
 
     WS = "/.isolate/ws"
@@ -1959,6 +1973,8 @@ class Zygote:
             # allows) goes; each test worker builds its root, then drops that too
             for note in harden_process(opts, admin=True):
                 sys.stderr.write("pytest-isolate zygote: %s\n" % note)
+            if platform.machine() in SYSCALL_NUMBERS:
+                cached_seccomp_program(platform.machine())  # the workers' filter, once
 
     def serve(self) -> None:
         while self.running:

@@ -35,10 +35,18 @@ class Connection:
         )
         self.closed = False
         self._next_ch = 0
+        #: channels whose late frames nobody will read (a worker closed without waiting)
+        self.forgotten: set[int] = set()
 
     def new_channel(self) -> int:
         self._next_ch += 1
         return self._next_ch
+
+    def forget(self, ch: int) -> None:
+        """Drop what ch has sent or will send: its worker was told to close and nobody
+        waits for its exit (a test's worker, whose reports are all in)."""
+        self.forgotten.add(ch)
+        self.queues.pop(ch, None)
 
     def bootstrap(self) -> None:
         """Send the agent's source; the environment runs BOOTSTRAP on its stdin."""
@@ -76,7 +84,8 @@ class Connection:
                 self.closed = True
                 raise AgentLost(f"{self.describe}: unreadable stream from the agent: {exc}") from None
             for fch, obj, blob in frames:
-                self.queues[fch].append((obj, blob))
+                if fch not in self.forgotten:
+                    self.queues[fch].append((obj, blob))
         return queue.popleft()
 
     def call(self, ch: int, obj: dict[str, Any], blob: bytes = b"",

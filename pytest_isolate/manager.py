@@ -90,6 +90,35 @@ class KeptWorker:
     nodeid: str
 
 
+def keeps_scopes(item: pytest.Item, nxt: pytest.Item) -> bool:
+    """True when nxt needs every collector item needs (its session, package, module and
+    class): a zygote going from item to nxt tears nothing down."""
+    mine = [node.nodeid for node in item.listchain()[:-1]]
+    return [node.nodeid for node in nxt.listchain()[: len(mine)]] == mine
+
+
+def shares_fixtures(item: pytest.Item, nxt: pytest.Item) -> bool:
+    """True when going from item to nxt, a zygote sets up and tears down nothing: the same
+    scopes, and nxt's higher-scoped fixtures are among item's, with the same parameters.
+    (Then nxt's worker can be forked while item runs, without a fixture changing under it.)"""
+    if not keeps_scopes(item, nxt):
+        return False
+    mine, theirs = higher_scoped(item), higher_scoped(nxt)
+    if mine is None or theirs is None or not theirs <= mine:
+        return False
+    params = [getattr(getattr(it, "callspec", None), "indices", {}) for it in (item, nxt)]
+    return all(params[0].get(name) == params[1].get(name) for name in theirs)
+
+
+def higher_scoped(item: pytest.Item) -> set[str] | None:
+    """The names of item's fixtures above function scope (None: not a fixture user)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    return {name for name in info.names_closure
+            if (defs := info.name2fixturedefs.get(name)) and defs[-1].scope != "function"}
+
+
 def marker_overrides(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The marker's keywords that override spec keys: fixtures_per_test is checked here and
     read by the zygote inside (agent.Zygote), not a spec key."""
@@ -108,7 +137,11 @@ class IsolateManager:
         self.workers: dict[str, Worker] = {}
         #: per environment: the zygote that holds higher-scoped fixtures (reset = "test")
         self.zygotes: dict[str, Worker] = {}
-        self._zygote_next: dict[str, str | None] | None = None
+        #: per environment: the worker forked ahead for its next test (nodeid, worker)
+        self.prepared: dict[str, tuple[str, Worker]] = {}
+        #: per environment: the test that ran last
+        self.last_run: dict[str, str] = {}
+        self._zygote_next: dict[str, pytest.Item | None] | None = None
         self.backends: dict[str, Backend] = {}
         self.unavailable: dict[str, BackendUnavailable] = {}
         self.broken: dict[str, Exception] = {}
@@ -468,6 +501,7 @@ class IsolateManager:
         inst = self.instances.pop(name, None)
         self.workers.pop(name, None)
         self.zygotes.pop(name, None)
+        self.prepared.pop(name, None)
         if inst is not None:
             inst.stop()
 
@@ -577,7 +611,8 @@ class IsolateManager:
             self.report.write(Path(path))
         self._prune_runs()
 
-    def next_in_zygote(self, item: pytest.Item, nextitem: pytest.Item | None) -> str | None:
+    def next_in_zygote(self, item: pytest.Item,
+                       nextitem: pytest.Item | None) -> pytest.Item | None:
         """The next test the zygote of item's environment will fork a worker for (None:
         none in this run, so it tears every scope down): pytest's nextitem under xdist
         (whose scheduler decides), else the next item of the run bound to the same
@@ -592,23 +627,37 @@ class IsolateManager:
             return it.stash.get(ENV_KEY, None) == env and it.stash[SPEC_KEY].reset == "test"
 
         if os.environ.get("PYTEST_XDIST_WORKER"):
-            return nextitem.nodeid if here(nextitem) else None
+            return nextitem if here(nextitem) else None
         if self._zygote_next is None:
-            following: dict[str, str | None] = {}
-            last: dict[str, str] = {}
+            following: dict[str, pytest.Item | None] = {}
+            last: dict[str, pytest.Item] = {}
             for it in reversed(session.items):
                 name = it.stash.get(ENV_KEY, None)
                 if name is None or it.stash[SPEC_KEY].reset != "test":
                     continue
                 following[it.nodeid] = last.get(name)
-                last[name] = it.nodeid
+                last[name] = it
             self._zygote_next = following
         return self._zygote_next.get(item.nodeid)
+
+    def discard_prepared(self, env: str) -> None:
+        """Close the worker forked ahead for env's next test (the run stopped early, the
+        zygote it came from ended): nobody waits for its exit."""
+        entry = self.prepared.pop(env, None)
+        inst = self.instances.get(env)
+        if entry is None or inst is None or not inst.alive():
+            return
+        try:
+            inst.conn.send(entry[1].ch, {"op": "close"})
+        except IsolateError:
+            return
+        inst.conn.forget(entry[1].ch)
 
     def close_zygotes(self) -> None:
         """A run that stopped early (-x, an interrupt) leaves scopes set up in zygotes:
         tear them down where they were set up (errors go to the environment's log)."""
         for env, zygote in list(self.zygotes.items()):
+            self.discard_prepared(env)
             inst = self.instances.get(env)
             if inst is None or not inst.alive():
                 continue
@@ -806,10 +855,18 @@ class ItemRun:
             worker = None
         zygote = self.zygote(inst) if self.spec.reset == "test" else None
         if zygote is not None:
-            # a worker per test, forked by the zygote that holds the higher scopes
-            worker = Worker(conn.new_channel(), scope)
-            conn.send(0, {"op": "worker", "ch": worker.ch, "kind": "test", "zygote": zygote.ch,
-                          "nodeid": self.item.nodeid})
+            # a worker per test, forked by the zygote that holds the higher scopes (ahead
+            # of time, while the previous test ran, when that one left the scopes alone)
+            prepared = self.m.prepared.get(self.env)
+            if prepared is not None and prepared[0] == self.item.nodeid:
+                worker = self.m.prepared.pop(self.env)[1]
+            else:
+                if self.m.last_run.get(self.env) != self.item.nodeid:
+                    # not a rerun of the test before (which keeps what was prepared for
+                    # the next): the test prepared for is not coming next after all
+                    self.m.discard_prepared(self.env)
+                worker = self.fork_worker(inst, zygote, self.item.nodeid, scope)
+            self.m.last_run[self.env] = self.item.nodeid
         elif worker is None:
             worker = Worker(conn.new_channel(), scope)
             conn.send(0, {"op": "worker", "ch": worker.ch, "kind": "test"})
@@ -823,6 +880,8 @@ class ItemRun:
                 cols, rows = shutil.get_terminal_size()
                 request.update(timeout=None, debug=True, rows=rows, cols=cols)
             conn.send(worker.ch, request)
+            if zygote is not None and not debug:
+                self.prepare_next(inst, zygote, scope)
             exit_reason = None
             while True:
                 reply, _ = conn.recv(worker.ch, DEBUG_WAIT if debug else self.timeout + HOST_GRACE)
@@ -860,6 +919,10 @@ class ItemRun:
             # keep the worker (its root as the test left it) for a shell after the run
             self.m.workers.pop(self.env, None)
             self.m.kept.append(KeptWorker(self.env, inst, worker.ch, self.item.nodeid))
+        elif zygote is not None:
+            # its reports are all in and its root goes with it: no need to wait for its exit
+            conn.send(worker.ch, {"op": "close"})
+            conn.forget(worker.ch)
         elif nxt is None:
             with self.timer.phase("reset"):
                 self.close_worker(inst, worker)
@@ -867,6 +930,22 @@ class ItemRun:
             with self.timer.phase("reset"):
                 self.advance(inst, zygote)
         self.flush()
+
+    def fork_worker(self, inst: Instance, zygote: Worker, nodeid: str, scope: str) -> Worker:
+        worker = Worker(inst.conn.new_channel(), scope)
+        inst.conn.send(0, {"op": "worker", "ch": worker.ch, "kind": "test", "zygote": zygote.ch,
+                           "nodeid": nodeid})
+        return worker
+
+    def prepare_next(self, inst: Instance, zygote: Worker, scope: str) -> None:
+        """While this test runs, have the zygote fork the next one's worker (its root
+        mounted, hardened, waiting for its runtest) -- when the zygote needs to set up or
+        tear down nothing for it (shares_fixtures), so no fixture changes under this test
+        and the order of set-ups and teardowns stays the host's."""
+        nxt = self.m.next_in_zygote(self.item, self.nextitem)
+        if nxt is None or self.env in self.m.prepared or not shares_fixtures(self.item, nxt):
+            return
+        self.m.prepared[self.env] = (nxt.nodeid, self.fork_worker(inst, zygote, nxt.nodeid, scope))
 
     def zygote(self, inst: Instance) -> Worker:
         zygote = self.m.zygotes.get(self.env)
@@ -886,6 +965,7 @@ class ItemRun:
                 return
             if op in ("exit", "error"):
                 self.m.zygotes.pop(self.env, None)
+                self.m.discard_prepared(self.env)
                 return
 
     def advance(self, inst: Instance, zygote: Worker) -> None:
@@ -893,7 +973,10 @@ class ItemRun:
         test leaves (a module's fixtures after its last test; all after the run's last
         test here) and its report becomes part of this test's teardown, as on the host."""
         nxt = self.m.next_in_zygote(self.item, self.nextitem)
-        inst.conn.send(zygote.ch, {"op": "advance", "prev": self.item.nodeid, "next": nxt})
+        if nxt is not None and keeps_scopes(self.item, nxt):
+            return  # nothing to tear down (the zygote would answer "advanced" alone)
+        inst.conn.send(zygote.ch, {"op": "advance", "prev": self.item.nodeid,
+                                   "next": nxt.nodeid if nxt is not None else None})
         while True:
             reply, _ = inst.conn.recv(zygote.ch, self.timeout + HOST_GRACE)
             op = reply["op"]
@@ -903,6 +986,7 @@ class ItemRun:
                 return
             elif op in ("exit", "error"):
                 self.m.zygotes.pop(self.env, None)
+                self.m.discard_prepared(self.env)
                 why = reply.get("reason") or reply.get("message") or "it ended"
                 self.merge_teardown(self.make_report(
                     "teardown", "failed",
