@@ -333,16 +333,6 @@ def envs_by_key(specs: dict[str, EnvSpec]) -> dict[str, list[str]]:
     return found
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def mountinfo(pid: int | str) -> list[tuple[str, str, str]]:
     """(root, mount point, source and super options) of each mount in pid's namespace."""
     mounts = []
@@ -530,18 +520,19 @@ def cmd_cache_ls(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
-def run_dirs(root: Path) -> Iterator[tuple[Path, int | None, float]]:
-    """(run directory, pid of its pytest process or None, newest mtime inside)."""
+def run_dirs(root: Path) -> Iterator[tuple[Path, float]]:
+    """(directory, newest mtime inside) of every finished run: no live process runs it
+    (the manager's pruner decides the same way)."""
+    from pytest_isolate.ownership import run_dir_finished
+
     runs = root / "runs"
     if not runs.is_dir():
         return
     for path in sorted(runs.iterdir()):
-        if not path.is_dir():
+        if not path.is_dir() or not run_dir_finished(path):
             continue
-        parts = path.name.split("-")
-        pid = int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else None
         newest = max((st.st_mtime for st in walk_same_fs(path)), default=0.0)
-        yield path, pid, newest
+        yield path, newest
 
 
 def clean_tmp(root: Path, dry: bool) -> int:
@@ -600,9 +591,7 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
     # 2. log/work directories of finished runs
     runs_max_age = (args.max_age if args.max_age is not None else RUNS_MAX_AGE_DAYS) * 86400
     removed_runs = 0
-    for path, pid, newest in run_dirs(root):
-        if pid is not None and pid_alive(pid):
-            continue
+    for path, newest in run_dirs(root):
         if now - newest >= runs_max_age:
             # a killed run can leave host mounts there (schroot sessions bind the rootfs rw)
             inner = mounted_under([path_pattern(path)]).get(path_pattern(path))
@@ -649,6 +638,17 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
         out(f"still above --max-size {format_size(args.max_size)}: "
             "the remaining entries are in use or were used recently")
     return 0
+
+
+def shell_run(cache: Cache) -> tuple[str, Path]:
+    """The id and directory of a shell's run, its owner recorded (what `cache gc` and the
+    leftover reapers judge it by)."""
+    from pytest_isolate.ownership import RunId, record_run
+
+    run_id = str(RunId.create("shell"))
+    base = cache.root / "runs" / run_id
+    record_run(base)
+    return run_id, base
 
 
 def reap_leftovers(cache: Cache) -> list[str]:
@@ -1162,8 +1162,7 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
 
     root, where = cache_location(args, project)
     cache = open_cache(root, where)
-    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-shell"
-    base = cache.root / "runs" / run_id
+    run_id, base = shell_run(cache)
 
     def progress(message: str) -> None:
         try:
@@ -1235,8 +1234,7 @@ def shell_through_agent(args: argparse.Namespace, project: Project, spec: Any) -
     backend_class = getattr(importlib.import_module(module), attr)
     root, where = cache_location(args, project)
     cache = open_cache(root, where)
-    run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-shell"
-    base = cache.root / "runs" / run_id
+    run_id, base = shell_run(cache)
 
     def progress(message: str) -> None:
         try:

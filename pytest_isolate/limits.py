@@ -36,8 +36,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.backends.host import owner_alive, owner_label
 from pytest_isolate.errors import ConfigError, IsolateError
+from pytest_isolate.ownership import Owner
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: Name prefix of every cgroup pytest-isolate creates (followed by owner pid and start).
@@ -198,8 +198,7 @@ class HostCgroup:
         if not limits.needs_cgroup:
             return None
         v2 = cgroup_v2()
-        label = owner_label()
-        name = f"{PREFIX}{label['pid']}-{label['start']}-{uuid.uuid4().hex[:8]}"
+        name = f"{PREFIX}{Owner.me().name}-{uuid.uuid4().hex[:8]}"
         cpus = host_cpus(limits.cpu_count() or 1) if limits.cpus else None
         values = cgroup_values(limits, v2, cpus)
         group = cls([], v2)
@@ -323,10 +322,8 @@ def leftover_groups() -> list[Path]:
     for parent in dict.fromkeys(parents):
         with contextlib.suppress(OSError):
             for path in parent.glob(PREFIX + "*"):
-                parts = path.name[len(PREFIX):].split("-")
-                if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
-                    continue
-                if not owner_alive({"pid": int(parts[0]), "start": int(parts[1])}):
+                owner = Owner.from_name(path.name[len(PREFIX):])
+                if owner is not None and not owner.alive():
                     found.append(path)
     return found
 

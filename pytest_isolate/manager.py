@@ -26,7 +26,6 @@ from pytest_isolate import config as cfg
 from pytest_isolate import hostplugins, inside
 from pytest_isolate.agent import isolate_targets, item_target, parametrize_envs, split_items
 from pytest_isolate.backends.base import Backend, Instance, RunContext
-from pytest_isolate.backends.host import run_gone, run_owner
 from pytest_isolate.cache import Cache, _force_rmtree
 from pytest_isolate.channel import log_tail
 from pytest_isolate.errors import (
@@ -40,6 +39,7 @@ from pytest_isolate.errors import (
     RemoteError,
 )
 from pytest_isolate.limits import format_size
+from pytest_isolate.ownership import RunId, record_run, run_dir_finished
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
 
@@ -162,7 +162,7 @@ class IsolateManager:
         #: releases of the shared locks on the cache entries this run uses
         self.holds: dict[str, Callable[[], None]] = {}
         worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-        self.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}" + (f"-{worker}" if worker else "")
+        self.run_id = str(RunId.create(worker))
         self.report = RunReport(self.run_id)
         self._load()
 
@@ -243,6 +243,7 @@ class IsolateManager:
 
     def run_context(self) -> RunContext:
         base = self.cache.root / "runs" / self.run_id
+        record_run(base)  # what tells a later run or `cache gc` whether this one still runs
         return RunContext(
             run_id=self.run_id, rootdir=self.config.rootpath, cache=self.cache,
             log_dir=base / "logs", work_dir=base / "work", progress=self.progress,
@@ -723,12 +724,9 @@ class IsolateManager:
         runs = self.cache.root / "runs"
         if not runs.is_dir():
             return
-        def finished(run: Path) -> bool:
-            return run_owner(run.name) is None or run_gone(run.name)
-
         ordered = sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)
         for old in ordered[:-keep]:
-            if not finished(old):
+            if not run_dir_finished(old):
                 continue
             try:
                 _force_rmtree(old)
@@ -736,7 +734,7 @@ class IsolateManager:
                 pass  # `python -m pytest_isolate cache gc` reports what it cannot remove
         for old in ordered[-keep:]:
             # a killed run's work directory (launcher mount points, lxcpath): its logs stay
-            if old.name != self.run_id and finished(old) and (old / "work").exists():
+            if old.name != self.run_id and run_dir_finished(old) and (old / "work").exists():
                 try:
                     _force_rmtree(old / "work")
                 except (OSError, IsolateError):

@@ -61,6 +61,12 @@ class RunContext:
     progress: Progress
     strict: bool = False
 
+    @property
+    def runs_dir(self) -> Path:
+        """Where every run's directory is (``<cache>/runs/<run id>``): what reapers read to
+        learn which process ran a run (see ownership.run_owner)."""
+        return self.cache.root / "runs"
+
     def log_path(self, env: str, name: str) -> Path:
         path = self.log_dir / env / name
         path.parent.mkdir(parents=True, exist_ok=True)

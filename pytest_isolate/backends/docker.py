@@ -91,13 +91,13 @@ from pytest_isolate.backends.base import (
     handshake_or_stop,
     standard_mounts,
 )
-from pytest_isolate.backends.host import process_start_time
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError, ProvisionError
 from pytest_isolate.images.tree import DEFAULT_EXCLUDES, EXCLUDE_OPTION, scan_tree
 from pytest_isolate.limits import cpu_list, host_cpus
+from pytest_isolate.ownership import Owner
 from pytest_isolate.spec import EnvSpec, content_hash
 
 START_TIMEOUT = 60.0
@@ -224,22 +224,21 @@ def repository(env: str) -> str:
     return f"pytest-isolate/{name}"
 
 
-def process_start(pid: int) -> str:
-    """The start time of pid (clock ticks since boot), or '' when it is gone."""
-    start = process_start_time(pid)
-    return "" if start is None else str(start)
+def owner_labels() -> dict[str, str]:
+    """This process as the owner of a container: its pid and start time, and the host they
+    are valid on."""
+    owner = Owner.me()
+    start = "" if owner.start is None else str(owner.start)
+    return {f"{LABEL}.pid": str(owner.pid), f"{LABEL}.pidstart": start,
+            f"{LABEL}.host": socket.gethostname()}
 
 
 def owner_gone(labels: dict[str, str]) -> bool:
     """Is the host process that made a container (same host) no longer running?"""
     if labels.get(f"{LABEL}.host") != socket.gethostname():
-        return False
-    try:
-        pid = int(labels.get(f"{LABEL}.pid", ""))
-    except ValueError:
-        return False
-    start = process_start(pid)
-    return not start or start != labels.get(f"{LABEL}.pidstart", start)
+        return False  # another host's process: its pid means nothing here
+    owner = Owner.from_fields(labels.get(f"{LABEL}.pid"), labels.get(f"{LABEL}.pidstart"))
+    return owner is not None and not owner.alive()
 
 
 def engine_endpoint() -> str:
@@ -518,10 +517,8 @@ class DockerBackend(Backend):
         return removed
 
     def labels(self, spec: EnvSpec) -> dict[str, str]:
-        pid = os.getpid()
         return {LABEL: "1", f"{LABEL}.run": self.run.run_id, f"{LABEL}.env": spec.name,
-                f"{LABEL}.pid": str(pid), f"{LABEL}.pidstart": process_start(pid),
-                f"{LABEL}.host": socket.gethostname()}
+                **owner_labels()}
 
     def security_opt(self) -> list[str]:
         options = " ".join(str(o) for o in self._info.get("SecurityOptions") or [])

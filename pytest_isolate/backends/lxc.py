@@ -80,20 +80,14 @@ from pytest_isolate.backends.base import (
     need_tool,
     standard_mounts,
 )
-from pytest_isolate.backends.host import (
-    command_lines,
-    fstab_path,
-    owner_alive,
-    owner_label,
-    run_gone,
-    safe_name,
-)
-from pytest_isolate.backends.host import run_quiet as _run
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
 from pytest_isolate.limits import Limits, cgroup_v2, cgroup_values, host_cpus
+from pytest_isolate.ownership import Owner, run_gone
 from pytest_isolate.spec import EnvSpec
+from pytest_isolate.system import command_lines, fstab_path, safe_name
+from pytest_isolate.system import run_quiet as _run
 
 START_TIMEOUT = 60.0
 PREFIX = "pytest-isolate-"
@@ -155,7 +149,7 @@ def reap(runs_dir: Path) -> list[str]:
             _kill_tree(pid)  # its directory is gone: nothing else can stop it
             reaped.append(name)
             continue
-        if not owner_alive(label):
+        if owner_gone(label):
             destroy_container(name, Path(lxcpath))
             reaped.append(name)
     for label_path in runs_dir.glob(f"*/work/lxc/{PREFIX}*/{LABEL}"):
@@ -163,17 +157,24 @@ def reap(runs_dir: Path) -> list[str]:
             label = json.loads(label_path.read_text())
         except (OSError, ValueError):
             continue
-        if not owner_alive(label):
+        if owner_gone(label):
             destroy_container(label_path.parent.name, label_path.parent.parent)
             reaped.append(label_path.parent.name)
-    reaped += leftover_cgroups()
+    reaped += leftover_cgroups(runs_dir)
     return sorted(set(reaped))
 
 
-def leftover_cgroups() -> list[str]:
+def owner_gone(label: object) -> bool:
+    """A container's label names an owner that no longer runs (a label that names none is
+    not ours to judge)."""
+    owner = Owner.from_label(label)
+    return owner is not None and not owner.alive()
+
+
+def leftover_cgroups(runs_dir: Path) -> list[str]:
     """LXC's cgroups of our containers whose monitor was killed (LXC removes them when a
     container stops; a SIGKILLed monitor cannot): removed once no monitor of that name
-    runs and the run's process (its pid is in the name) is gone."""
+    runs and the run (its id starts the name) is gone."""
     from pytest_isolate.limits import CGROUP_ROOT, remove_dirs
 
     live = {name for _, _, name in monitors()}
@@ -183,7 +184,7 @@ def leftover_cgroups() -> list[str]:
             for path in hierarchy.glob(f"lxc.*.{PREFIX}*"):
                 kind, _, name = path.name[len("lxc."):].partition(".")
                 if (kind in ("monitor", "payload", "pivot") and name not in live
-                        and run_gone(name[len(PREFIX):])):
+                        and run_gone(name[len(PREFIX):], runs_dir)):
                     found.append(path)
     return sorted({p.name.split(".", 2)[2] for p in remove_dirs(found, timeout=1.0)})
 
@@ -227,7 +228,7 @@ class LxcBackend(RootfsBackend):
 
     def reap(self) -> list[str]:
         """Destroy what killed runs left behind (once per backend instance)."""
-        names = reap(self.run.work_dir.parent.parent) + super().reap()
+        names = reap(self.run.runs_dir) + super().reap()
         for name in names:
             self.run.progress(f"lxc: removed container {name} left by an interrupted run")
         return names
@@ -298,7 +299,7 @@ class LxcBackend(RootfsBackend):
         with _LIVE_LOCK:
             _LIVE[name] = lxcpath
         (cdir / LABEL).write_text(json.dumps(
-            {**owner_label(), "run_id": self.run.run_id, "env": spec.name}))
+            {**Owner.me().label(), "run_id": self.run.run_id, "env": spec.name}))
         (cdir / "delta").mkdir()
 
         def cleanup() -> None:

@@ -76,7 +76,6 @@ from pytest_isolate.backends.base import (
     need_tool,
     shipped_paths,
 )
-from pytest_isolate.backends.host import command_lines, run_gone
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AGENT_SOURCE, Connection, log_tail
 from pytest_isolate.config import Option
@@ -102,7 +101,9 @@ from pytest_isolate.images.rootfs import provision_rootfs
 from pytest_isolate.images.tree import EXCLUDE_OPTION, ProjectTree, human, scan_tree, stage_tree
 from pytest_isolate.limits import cgroup_values
 from pytest_isolate.namespaces import check_foreign, check_namespaces, check_rootfs_builder
+from pytest_isolate.ownership import RUN_STEM, Owner, run_gone
 from pytest_isolate.spec import EnvSpec, content_hash
+from pytest_isolate.system import command_lines
 
 #: Bump when the disk / kernel / initramfs layout in the "vmdisk" cache entries changes.
 VMDISK_FORMAT = 1
@@ -398,7 +399,8 @@ def destroy_domain(dom: Any, name: str, local: bool) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-_RUN_NAME = re.compile(rb"(?:^|\0)-name\0(?:guest=)?pytest-isolate[:-](\d{8}-\d{6}-\d+)")
+_RUN_NAME = re.compile(rb"(?:^|\0)-name\0(?:guest=)?pytest-isolate[:-](" + RUN_STEM.encode()
+                       + rb")")
 
 
 def qemu_processes_of_runs() -> list[tuple[int, str]]:
@@ -469,20 +471,25 @@ def vm_cpus(spec: EnvSpec) -> int:
 
 
 def reap_temp_dirs() -> None:
-    """Remove socket directories left by runs that were killed (their pid file names a dead pid)."""
+    """Remove socket directories left by runs that were killed (their pid file names an
+    owner that no longer runs: ``PID-START``, or a bare ``PID`` from older versions)."""
     base = Path(tempfile.gettempdir())
     for path in base.glob(TMP_PREFIX + "*"):
         try:
-            pid = int((path / "pid").read_text())
-        except (OSError, ValueError):
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # still running
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
+            owner = Owner.from_name((path / "pid").read_text())
         except OSError:
             continue
+        if owner is not None and not owner.alive():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def socket_dir() -> Path:
+    """A new short temp directory for a machine's unix sockets (their paths are limited to
+    ~100 bytes), named by its owner so that reap_temp_dirs removes it once that is gone."""
+    reap_temp_dirs()
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+    (tmp / "pid").write_text(Owner.me().name)
+    return tmp
 
 
 def qemu_version(binary: str) -> str:
@@ -595,7 +602,7 @@ class QemuBackend(Backend):
         this covers one that cannot (hung) and QEMU kept by libvirt's -no-shutdown."""
         reaped = []
         for pid, run_id in qemu_processes_of_runs():
-            if run_gone(run_id):
+            if run_gone(run_id, self.run.runs_dir):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                     reaped.append(f"qemu {pid} of run {run_id}")
@@ -905,10 +912,7 @@ class QemuBackend(Backend):
         if self.driver(spec) == "libvirt":
             return self._start_libvirt(spec, image)
         describe = f"environment {spec.name!r}"
-        # unix socket paths are limited to ~100 bytes: keep the sockets in a short temp dir
-        reap_temp_dirs()
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
-        (tmp / "pid").write_text(str(os.getpid()))
+        tmp = socket_dir()
         started = time.monotonic()
         marks: list[str] = []
 
@@ -1121,9 +1125,7 @@ class QemuBackend(Backend):
         describe = f"environment {spec.name!r}"
         uri = str(spec.option("libvirt_uri", self.endpoint or os.environ.get(
             "LIBVIRT_DEFAULT_URI", "qemu:///system")))
-        reap_temp_dirs()
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
-        (tmp / "pid").write_text(str(os.getpid()))
+        tmp = socket_dir()
         os.chmod(tmp, 0o755)
         console_log = self.run.log_path(spec.name, "console.log")
         qemu_log = self.run.log_path(spec.name, "qemu.log")

@@ -82,17 +82,13 @@ from pytest_isolate.backends.base import (
     shipped_paths,
     standard_mounts,
 )
-from pytest_isolate.backends.host import (
-    fstab_path,
-    owner_alive,
-    process_start_time,
-    safe_name,
-)
-from pytest_isolate.backends.host import run_quiet as _run
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.ownership import Owner
 from pytest_isolate.spec import EnvSpec
+from pytest_isolate.system import fstab_path, safe_name
+from pytest_isolate.system import run_quiet as _run
 
 START_TIMEOUT = 60.0
 PREFIX = "pytest-isolate-"
@@ -193,7 +189,8 @@ def reap() -> list[str]:
     dead: dict[str, dict[str, Any]] = {}
     for definition in sorted(CHROOT_D.glob(PREFIX + "*")):
         label = read_owner(definition)
-        if label is not None and not owner_alive(label):
+        owner = Owner.from_label(label)
+        if label is not None and owner is not None and not owner.alive():
             dead[definition.name] = label
     sessions = list_sessions()
     for session in sessions:
@@ -303,8 +300,8 @@ class SchrootBackend(RootfsBackend):
         (profile / "fstab").write_text("\n".join(fstab) + "\n")
         (profile / "copyfiles").write_text("/etc/resolv.conf\n" if spec.network else "")
         (profile / "nssdatabases").write_text("")
-        label = {"pid": os.getpid(), "start": process_start_time(os.getpid()),
-                 "run_id": self.run.run_id, "env": spec.name, "workdir": str(workdir)}
+        label = {**Owner.me().label(), "run_id": self.run.run_id, "env": spec.name,
+                 "workdir": str(workdir)}
         definition = [
             OWNER_TAG + json.dumps(label),
             f"[{name}]",

@@ -9,10 +9,8 @@ share the outer run's cache, so the root filesystem is built at most once.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,17 +252,3 @@ def test_non_root_is_told_why(backend: type[Backend], tmp_path: Path) -> None:
     assert re.search(rf"backend '{backend.name}' is unavailable: .*needs root", message), message
     # and as root it is available on this machine
     backend(run).check(spec)
-
-
-def test_label_owner_liveness() -> None:
-    from pytest_isolate.backends import host
-
-    start = host.process_start_time(os.getpid())
-    assert start is not None
-    me = {"pid": os.getpid(), "start": start}
-    assert host.owner_alive(me)
-    assert not host.owner_alive({**me, "start": start + 1})  # a reused pid
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    assert not host.owner_alive({"pid": dead.pid, "start": 0})
-    assert json.loads(json.dumps(me)) == me
