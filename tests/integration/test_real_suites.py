@@ -21,7 +21,7 @@ skipped, xfailed, xpassed, errors) must be equal: no difference between these pl
 been seen (docs/real-suites.md has the table and the commands).
 
 The CI set is the three projects in chroot and docker and four of asgiref's modules in an
-arm64 chroot (qemu-user). ``ISOLATE_REAL_SUITES=all`` runs the three whole suites in the
+arm64 chroot (qemu-user) and in qemu_vm. ``ISOLATE_REAL_SUITES=all`` runs the three whole suites in the
 arm64 chroot instead (tens of minutes: the suites, and pip for the other two, run emulated).
 Select parts with ``-k chroot`` etc.
 """
@@ -101,6 +101,8 @@ if os.environ.get("ISOLATE_REAL_SUITES") == "all":
     CASES += [("iso8601", "arm64", ()), ("markupsafe", "arm64", ()), ("asgiref", "arm64", ())]
 else:
     CASES.append(("asgiref", "arm64", ASGIREF_PART))
+# a machine (TCG here): the layer and the project as hot-plugged disks
+CASES.append(("asgiref", "qemu_vm", ASGIREF_PART))
 
 OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "errors")
 SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|xfailed|xpassed|errors?|warnings?|deselected)")
