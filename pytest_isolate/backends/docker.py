@@ -41,7 +41,9 @@ shipped pytest packages (read-only, at /.isolate/site/...) are bind mounts on a
 local engine.  A remote engine cannot see the host's files, so they are copied
 into the container instead (``put_archive``; .git, virtualenvs and caches are
 left out) and made read-only inside by a bind mount onto themselves; the option
-``docker_transfer = "bind" | "copy"`` overrides the choice.
+``docker_transfer = "bind" | "copy"`` overrides the choice.  An engine over ssh
+(``ssh://``: DOCKER_HOST, a context, a pool host) is remote in this sense even on
+loopback; how it is reached and what its errors say is in docker_ssh.py.
 
 Clean state.  The agent's pristine lower layer is the container's own root
 (``lower = "/"``): an overlay whose lower directory is ``/`` sees the container's
