@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from integration_support import output, run_pytest
+from integration_support import output, run_pytest, stop
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = [
@@ -124,12 +124,7 @@ def sshd() -> Iterator[Sshd]:
         yield Sshd(port, base / "home", base / "sshd.log", base)
     finally:
         sessions = children(proc.pid)  # they outlive the listener while a client is connected
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)
         for pid in sessions:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
