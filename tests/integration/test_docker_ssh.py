@@ -51,6 +51,10 @@ class Sshd:
     def url(self) -> str:
         return f"ssh://root@127.0.0.1:{self.port}"
 
+    def logins(self) -> int:
+        """How many ssh logins the sshd has accepted so far."""
+        return self.log.read_text().count("Accepted publickey for root")
+
     def env(self, **extra: str) -> dict[str, str]:
         return {"HOME": str(self.home), "DOCKER_HOST": self.url, **extra}
 
@@ -165,11 +169,12 @@ def report_endpoint(report: Path) -> str:
 def test_docker_host_ssh_runs_tests_on_the_remote_engine(
         sshd: Sshd, tmp_path: Path, session_cache: str) -> None:
     project(tmp_path)
+    before = sshd.logins()
     result = run_pytest(tmp_path, session_cache, "-q", "-rA",
                         extra_env=sshd.env(), timeout=900)
     assert "1 failed, 2 passed" in result.stdout, output(result)
     assert "assert (1 + 1) == 3" in result.stdout
-    assert "Accepted publickey for root" in sshd.log.read_text()
+    assert sshd.logins() > before
 
 
 def test_a_bind_mount_of_the_host_project_is_detected(
@@ -192,11 +197,13 @@ def test_docker_context_with_an_ssh_endpoint(
                        capture_output=True)
     try:
         project(tmp_path)
+        before = sshd.logins()
         report = tmp_path / "report.json"
         result = run_pytest(tmp_path, session_cache, "-q", f"--isolate-report={report}",
                             "-k", "copy", extra_env={**env, "DOCKER_HOST": ""}, timeout=900)
         assert "1 passed" in result.stdout, output(result)
-        assert "Accepted publickey for root" in sshd.log.read_text()
+        assert sshd.logins() > before, "the context's ssh endpoint was not used"
+        assert report_endpoint(report) == ""  # the default engine: the context's
     finally:
         shutil.rmtree(sshd.home / ".docker", ignore_errors=True)
 
@@ -220,11 +227,13 @@ def test_conformance_suite_over_ssh(sshd: Sshd, pytestconfig: pytest.Config,
                                     session_cache: str) -> None:
     repo = pytestconfig.rootpath
     deselect = " and ".join(f"not {name}" for name in PYTESTER_CONFORMANCE)
+    before = sshd.logins()
     result = run_pytest(repo, session_cache, "tests/conformance", "-q", "-ra", "-k", deselect,
                         extra_env=sshd.env(ISOLATE_CONFORMANCE_ENVS="docker"), timeout=900)
     assert result.returncode == 0, output(result)
     summary = result.stdout.splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, output(result)
+    assert sshd.logins() > before
 
 
 def test_a_refused_key_is_one_clear_error(sshd: Sshd, tmp_path: Path,
