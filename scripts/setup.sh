@@ -11,9 +11,12 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-echo "==> python3, venv, and what building the [all] extra (libvirt-python) needs"
+echo "==> python3, venv, what building the [all] extra (libvirt-python) needs, and sshd"
+# openssh-server: the remote-engine tests (tests/integration/test_docker_ssh.py) start
+# an sshd of their own on 127.0.0.1 (its own config and keys, never the system service)
 need=""
-for pkg in python3 python3-venv python3-dev ca-certificates procps gcc pkg-config libvirt-dev; do
+for pkg in python3 python3-venv python3-dev ca-certificates procps gcc pkg-config libvirt-dev \
+           openssh-server openssh-client; do
   dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null | grep -q '^ii' || need="$need $pkg"
 done
 if [ -n "$need" ]; then

@@ -41,7 +41,9 @@ shipped pytest packages (read-only, at /.isolate/site/...) are bind mounts on a
 local engine.  A remote engine cannot see the host's files, so they are copied
 into the container instead (``put_archive``; .git, virtualenvs and caches are
 left out) and made read-only inside by a bind mount onto themselves; the option
-``docker_transfer = "bind" | "copy"`` overrides the choice.
+``docker_transfer = "bind" | "copy"`` overrides the choice.  An engine over ssh
+(``ssh://``: DOCKER_HOST, a context, a pool host) is remote in this sense even on
+loopback; how it is reached and what its errors say is in docker_ssh.py.
 
 Clean state.  The agent's pristine lower layer is the container's own root
 (``lower = "/"``): an overlay whose lower directory is ``/`` sees the container's
@@ -82,6 +84,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pytest_isolate.backends import docker_ssh
 from pytest_isolate.backends.base import (
     Backend,
     Instance,
@@ -200,21 +203,35 @@ def remove_images(key: str, endpoint: str | None) -> str | None:
     return None
 
 
+def engine_target(endpoint: str | None = None) -> tuple[str, str, Any]:
+    """The engine's address, where it came from (for messages), and the TLS settings of a
+    context: endpoint (a pool host), else what the docker CLI would use: DOCKER_HOST, else
+    the current context, else the default socket."""
+    if endpoint:
+        return endpoint, "a [tool.pytest-isolate.hosts] entry of pyproject.toml", None
+    if os.environ.get("DOCKER_HOST"):
+        return os.environ["DOCKER_HOST"], "the DOCKER_HOST environment variable", None
+    try:
+        from docker.context import ContextAPI
+
+        ctx = ContextAPI.get_current_context()
+    except Exception:
+        ctx = None
+    if ctx is not None and ctx.name != "default" and getattr(ctx, "Host", None):
+        return str(ctx.Host), f"the current docker context {ctx.name!r}", ctx.TLSConfig or False
+    return "unix:///var/run/docker.sock", "the default socket", None
+
+
 def make_client(endpoint: str | None = None) -> Any:
-    """A client for endpoint (a pool host), else for the engine the docker CLI would use:
-    DOCKER_HOST, else the current context."""
+    """A client for endpoint (a pool host), else for the engine the docker CLI would use."""
     docker = _sdk()
+    url, origin, tls = engine_target(endpoint)
+    if docker_ssh.is_ssh(url):
+        return docker_ssh.connect(docker, url, origin)
     if endpoint:
         return docker.DockerClient(base_url=endpoint)
-    if not os.environ.get("DOCKER_HOST"):
-        try:
-            from docker.context import ContextAPI
-
-            ctx = ContextAPI.get_current_context()
-        except Exception:
-            ctx = None
-        if ctx is not None and ctx.name != "default" and getattr(ctx, "Host", None):
-            return docker.DockerClient(base_url=ctx.Host, tls=ctx.TLSConfig or False)
+    if tls is not None:
+        return docker.DockerClient(base_url=url, tls=tls)
     return docker.from_env()
 
 
@@ -241,23 +258,17 @@ def owner_gone(labels: dict[str, str]) -> bool:
     return owner is not None and not owner.alive()
 
 
-def engine_endpoint() -> str:
-    """Where the client looks for the engine (DOCKER_HOST, else the CLI's current context)."""
-    if os.environ.get("DOCKER_HOST"):
-        return os.environ["DOCKER_HOST"]
-    try:
-        from docker.context import ContextAPI
-
-        ctx = ContextAPI.get_current_context()
-        host = getattr(ctx, "Host", None) if ctx is not None else None
-    except Exception:
-        host = None
-    return str(host or "unix:///var/run/docker.sock")
+def engine_endpoint(endpoint: str | None = None) -> str:
+    """Where the client looks for the engine."""
+    return engine_target(endpoint)[0]
 
 
-def engine_error(exc: BaseException) -> BackendUnavailable:
-    return BackendUnavailable("docker", f"the docker engine does not answer at {engine_endpoint()} "
-                              f"({exc})", START_ENGINE)
+def engine_error(exc: BaseException, endpoint: str | None = None) -> BackendUnavailable:
+    url, origin, _ = engine_target(endpoint)
+    if docker_ssh.is_ssh(url):
+        return docker_ssh.diagnose(url, origin, exc)
+    return BackendUnavailable("docker", f"the docker engine does not answer at {url} (from "
+                              f"{origin}) ({exc})", START_ENGINE)
 
 
 class ExecAgent:
@@ -470,7 +481,7 @@ class DockerBackend(Backend):
             except BackendUnavailable:
                 raise
             except Exception as exc:
-                raise engine_error(exc) from None
+                raise engine_error(exc, self.endpoint) from None
         return self._client
 
     def check(self, spec: EnvSpec) -> None:
@@ -480,7 +491,7 @@ class DockerBackend(Backend):
             if not self._info:
                 self._info = client.info()
         except Exception as exc:
-            raise engine_error(exc) from None
+            raise engine_error(exc, self.endpoint) from None
         if self._info.get("OSType", "linux") != "linux":
             raise BackendUnavailable(self.name, f"the docker engine runs {self._info.get('OSType')} "
                                      "containers", "switch the engine to Linux containers")

@@ -30,3 +30,13 @@ def run_pytest(root: Path, cache: str, *args: str, extra_env: Mapping[str, str] 
 def output(result: subprocess.CompletedProcess[str]) -> str:
     """The ends of a run's output, for assertion messages."""
     return result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Terminate a daemon a test started; kill it when it outlives grace seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

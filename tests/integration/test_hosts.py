@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from integration_support import stop
 
 from pytest_isolate.cache import mounts_under
 
@@ -60,12 +61,7 @@ def second_engine() -> Iterator[str]:
                 c.remove(force=True)
         except Exception:
             pass
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 30)
         log.close()
         for point in sorted(mounts_under(base), key=len, reverse=True):
             subprocess.run(["umount", "-l", point], check=False)
