@@ -144,6 +144,8 @@ class IsolateManager:
         self._zygote_next: dict[str, pytest.Item | None] | None = None
         self.backends: dict[str, Backend] = {}
         self.unavailable: dict[str, BackendUnavailable] = {}
+        #: per environment: the test whose failure showed its backend's whole message
+        self.unavailable_shown: dict[str, str] = {}
         self.broken: dict[str, Exception] = {}
         self.bound: dict[str, set[str]] = {}
         #: bad @pytest.mark.isolate markers, raised as one UsageError once collection is done
@@ -807,10 +809,15 @@ class ItemRun:
                 return
             self.run_in(inst)
         except BackendUnavailable as exc:
-            if self.m.strict:
+            if not self.m.strict:
+                self.skip(str(exc))  # identical reasons: the summary shows it once
+                return
+            first = self.m.unavailable_shown.setdefault(self.env, self.item.nodeid)
+            if first == self.item.nodeid:
                 self.fail("setup", f"{exc} (--isolate-strict turns this skip into a failure)")
             else:
-                self.skip(str(exc))
+                self.fail("setup", f"backend {exc.backend!r} of environment {self.env!r} is "
+                                   f"unavailable (--isolate-strict); {first} shows why")
         except (AgentLost, AgentTimeout) as exc:
             lost = self.m.instances.get(self.env)
             # an environment that died while starting never was in instances: its log is

@@ -374,15 +374,25 @@ def test_unavailable_backend_fails_under_strict(project: Project) -> None:
         @pytest.mark.isolate("missing")
         def test_needs_missing():
             pass
+
+        @pytest.mark.isolate("missing")
+        def test_needs_missing_too():
+            pass
     """))
     result = project.run("--isolate-strict")
     # DESIGN: --isolate-strict turns the skip into an error (a failed setup)
-    result.assert_outcomes(errors=1)
+    result.assert_outcomes(errors=2)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([
-        "*ERROR at setup of test_needs_missing*",
+        "*ERROR at setup of test_needs_missing *",
         "*the fake engine is not installed*--isolate-strict turns this skip into a failure*",
+        "*ERROR at setup of test_needs_missing_too*",
+        "*backend 'fake-missing' of environment 'missing' is unavailable (--isolate-strict); "
+        "*test_needs_missing shows why",
     ])
+    # the whole message (reason and fix) once, not once per test
+    errors = result.stdout.str().split("short test summary info")[0]
+    assert errors.count("the fake engine is not installed") == 1
 
 
 def test_backend_hook_without_optionalhook(project: Project) -> None:
