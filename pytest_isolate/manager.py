@@ -40,6 +40,7 @@ from pytest_isolate.errors import (
 )
 from pytest_isolate.limits import format_size
 from pytest_isolate.ownership import RunId, record_run, run_dir_finished
+from pytest_isolate.progress import Heartbeat
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
 
@@ -146,6 +147,8 @@ class IsolateManager:
         self.unavailable: dict[str, BackendUnavailable] = {}
         #: per environment: the test whose failure showed its backend's whole message
         self.unavailable_shown: dict[str, str] = {}
+        #: the last progress line is a heartbeat, rewritten in place on a terminal
+        self._heartbeat = False
         self.broken: dict[str, Exception] = {}
         self.bound: dict[str, set[str]] = {}
         #: bad @pytest.mark.isolate markers, raised as one UsageError once collection is done
@@ -253,9 +256,21 @@ class IsolateManager:
         )
 
     def progress(self, message: str) -> None:
+        """A line for the user; a Heartbeat rewrites one line on a terminal (outside CI)."""
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"isolate: {message}")
+        if reporter is None:
+            return
+        line = f"isolate: {message}"
+        if isinstance(message, Heartbeat) and reporter.isatty() and not os.environ.get("CI"):
+            reporter.ensure_newline()
+            reporter.rewrite(line[: reporter._tw.fullwidth - 1], erase=True)
+            self._heartbeat = True
+            return
+        if self._heartbeat:  # the next line takes the heartbeat's place
+            reporter.rewrite("", erase=True)
+            reporter.write("\r")
+            self._heartbeat = False
+        reporter.write_line(line)
 
     def _backend_class(self, name: str) -> Any:
         """The registered class of backend name; None when it cannot be loaded (using it

@@ -19,6 +19,7 @@ from typing import Any
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import log_tail
 from pytest_isolate.errors import ProvisionError
+from pytest_isolate.progress import Heartbeat
 from pytest_isolate.spec import EnvSpec
 
 
@@ -83,8 +84,8 @@ def _pump(proc: subprocess.Popen[bytes], sel: selectors.BaseSelector, log: Any,
         now = time.monotonic()
         if now - last_report >= 3.0:
             last_report = now
-            progress(f"{label}: {now - started:.0f}s: "
-                     f"{last_line.decode(errors='replace').strip()[:100]}")
+            progress(Heartbeat(f"{label}: {now - started:.0f}s: "
+                               f"{last_line.decode(errors='replace').strip()[:100]}"))
 
 
 def extract_rootfs(tar_path: Path, dest: Path) -> None:
