@@ -46,6 +46,9 @@ from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
 
 ENV_KEY = pytest.StashKey[str]()
 SPEC_KEY = pytest.StashKey[EnvSpec]()
+#: what the typed ini options take, for the error when pytest cannot convert a value
+INI_EXPECTED = {"isolate_strict": "true or false",
+                "isolate_timeout": "a positive number of seconds"}
 INI_NAMES = ("isolate_cache_dir", "isolate_timeout", "isolate_reset", "isolate_strict")
 DEFAULT_TIMEOUT = 300.0
 #: Extra time the host waits beyond a test's timeout before it gives up on the agent.
@@ -176,7 +179,13 @@ class IsolateManager:
         value = self.config.getoption(flag)
         if value is not None:
             return value, f"--{flag.replace('_', '-')}"
-        ini_value = self.config.getini(ini)
+        try:
+            ini_value = self.config.getini(ini)
+        except (ValueError, TypeError, pytest.UsageError) as exc:
+            # a typed ini option pytest could not convert (it does not name the key)
+            expected = INI_EXPECTED.get(ini, "another value")
+            raise ConfigError(f"ini key {ini!r} in {self.config.inipath}: {exc}; "
+                              f"set it to {expected}") from None
         if ini_value not in (None, "", []):
             return ini_value, f"ini key {ini!r} in {self.config.inipath}"
         if top in self.table:

@@ -18,6 +18,8 @@ from pytest_isolate.config import BUILTIN_ENVS
 from pytest_isolate.errors import BackendUnavailable, ConfigError
 
 MANAGER = "isolate-manager"
+#: pytest's "float" ini type (8.4 and later)
+FLOAT_INI = tuple(int(p) for p in pytest.__version__.split(".")[:2] if p.isdigit()) >= (8, 4)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -44,10 +46,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "run, open a shell in it as the test left it (needs a terminal)")
     group.addoption("--isolate-report", metavar="PATH", default=None,
                     help="write a JSON report of environments, cache hits and phase timings")
+    # typed where every supported pytest has the type (float: pytest >= 8.4); a value
+    # pytest cannot convert is reported by the manager with the key and the file
     parser.addini("isolate_cache_dir", "cache directory of pytest-isolate", default=None)
-    parser.addini("isolate_timeout", "per-test time limit inside environments", default=None)
+    timeout_type: Any = "float" if FLOAT_INI else None
+    parser.addini("isolate_timeout", "per-test time limit inside environments, in seconds",
+                  type=timeout_type, default=None)
     parser.addini("isolate_reset", "test | module | session", default=None)
-    parser.addini("isolate_strict", "unavailable backends fail instead of skip", default=None)
+    parser.addini("isolate_strict", "unavailable backends fail instead of skip", type="bool",
+                  default=None)
 
 
 def _check_name_clash() -> None:

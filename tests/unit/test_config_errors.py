@@ -272,3 +272,29 @@ def test_cgroup_values_v1_and_v2() -> None:
         "pids.max": "64", "cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "150000",
         "cpuset.cpus": "1"}
     assert cgroup_values(Limits(), v2=True, cpus=None) == {}
+
+
+# ---------------------------------------------------------------- typed ini options
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("isolate_strict = maybe", "ini key 'isolate_strict' in *pytest.ini: invalid truth value "
+                               "'maybe'; set it to true or false"),
+    ("isolate_timeout = soon", "ini key 'isolate_timeout' in *pytest.ini: *'soon'; "
+                               "set it to a positive number of seconds"),
+])
+def test_typed_ini_option_that_does_not_convert(project: Project, line: str,
+                                                expected: str) -> None:
+    project.pytester.makefile(".ini", pytest=f"[pytest]\n{line}\n")
+    project.tests(MARKED)
+    result = project.run_inprocess()
+    assert result.ret == USAGE
+    assert "Traceback" not in errors(result)
+    result.stderr.fnmatch_lines([f"*{expected}*"])
+
+
+def test_typed_ini_options_take_their_values(project: Project) -> None:
+    project.pytester.makefile(".ini", pytest="[pytest]\nisolate_strict = yes\n"
+                              "isolate_timeout = 2.5\n")
+    config = project.pytester.parseconfig()
+    assert config.getini("isolate_strict") is True
+    assert config.getini("isolate_timeout") == 2.5
