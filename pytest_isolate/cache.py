@@ -33,6 +33,7 @@ from typing import Any
 from filelock import FileLock
 
 from pytest_isolate.errors import ConfigError, IsolateError
+from pytest_isolate.sizes import dir_size
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -134,17 +135,6 @@ def seal(data: Path) -> str:
                 digest.update(f"F {child.name} {cst.st_mode:o} {cst.st_size} "
                               f"{cst.st_mtime_ns}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
-
-
-def dir_size(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 class Cache:

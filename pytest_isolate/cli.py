@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -21,6 +20,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+from pytest_isolate.sizes import dir_size, format_size, parse_size, walk_same_fs
 
 if TYPE_CHECKING:
     from pytest_isolate.backends.base import Backend
@@ -56,25 +57,13 @@ class Parser(argparse.ArgumentParser):
 # Formatting helpers
 
 
-def format_size(n: float) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'10G', '500M', '1.5GiB', '4096' -> bytes (powers of 1024)."""
-    m = _SIZE_RE.match(text)
-    if not m:
+def size_arg(text: str) -> int:
+    """--max-size's value: '10G', '500M', '1.5GiB', '4096' -> bytes (powers of 1024)."""
+    size = parse_size(text)
+    if size is None:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r}: use a number with an optional unit K, M, G or T (e.g. 10G)")
-    power = " KMGT".index((m.group(2) or " ").upper())
-    return int(float(m.group(1)) * 1024 ** power)
+    return size
 
 
 def parse_days(text: str) -> float:
@@ -93,46 +82,6 @@ def format_age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
     return f"{seconds:.0f}s"
-
-
-def walk_same_fs(path: Path) -> Iterator[os.stat_result]:
-    """lstat of everything under path, not crossing into other filesystems (like du -x)."""
-    try:
-        top = os.lstat(path)
-    except OSError:
-        return
-    yield top
-    stack = [str(path)]
-    while stack:
-        current = stack.pop()
-        try:
-            it = os.scandir(current)
-        except OSError:
-            continue
-        with it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if st.st_dev != top.st_dev:
-                    continue  # a mount point (e.g. /proc of a build in progress)
-                yield st
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-
-
-def dir_size(path: Path) -> int:
-    """Bytes under path, hard links counted once, other filesystems skipped."""
-    seen: set[int] = set()
-    total = 0
-    for st in walk_same_fs(path):
-        if st.st_nlink > 1:
-            if st.st_ino in seen:
-                continue
-            seen.add(st.st_ino)
-        total += st.st_size
-    return total
 
 
 def table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -1329,7 +1278,7 @@ def build_parser() -> Parser:
                                     "being built are never removed.")
     c.add_argument("--max-age", type=parse_days, metavar="DAYS",
                    help="remove entries not used for this many days")
-    c.add_argument("--max-size", type=parse_size, metavar="SIZE",
+    c.add_argument("--max-size", type=size_arg, metavar="SIZE",
                    help="remove least recently used entries until the total is at most SIZE "
                         "(e.g. 10G, 500M)")
     c.add_argument("--dry-run", action="store_true", help="only say what would be removed")

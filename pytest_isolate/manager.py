@@ -39,7 +39,7 @@ from pytest_isolate.errors import (
     ProvisionError,
     RemoteError,
 )
-from pytest_isolate.limits import format_size
+from pytest_isolate.sizes import format_size
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
 
