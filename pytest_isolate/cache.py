@@ -75,7 +75,7 @@ def mounts_under(path: Path) -> list[str]:
     return found
 
 
-def _force_rmtree(path: Path) -> None:
+def force_rmtree(path: Path) -> None:
     """rmtree that also removes read-only directories a non-root build may leave.
 
     It never deletes through a mount point: a bind mount left under path could
@@ -188,12 +188,12 @@ class Cache:
             # holding the key's lock, any build directory of the key is a killed run's
             for stale in (self.root / "tmp").glob(f"{kind}-{key}.*"):
                 try:
-                    _force_rmtree(stale)
+                    force_rmtree(stale)
                 except (OSError, IsolateError):
                     pass  # something is mounted below it: `cache gc` reports it
             final = self.entry_path(kind, key)
             if final.exists():  # a corrupt or foreign directory: never used, replaced
-                _force_rmtree(final)
+                force_rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{kind}-{key}.", dir=self.root / "tmp"))
             started = time.monotonic()
@@ -217,7 +217,7 @@ class Cache:
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
                 os.rename(tmp, final)
             except BaseException:
-                _force_rmtree(tmp)
+                force_rmtree(tmp)
                 raise
             return Entry(kind, key, final, manifest, hit=False, build_seconds=seconds)
 
@@ -254,7 +254,7 @@ class Cache:
 
     def remove(self, entry: Entry) -> None:
         with FileLock(str(self.root / "locks" / f"{entry.kind}-{entry.key}.lock")):
-            _force_rmtree(entry.path)
+            force_rmtree(entry.path)
 
     def clean_tmp(self, older_than: float = 0.0) -> int:
         """Remove build directories nobody holds a lock for (left by killed runs)."""
@@ -268,7 +268,7 @@ class Cache:
             try:
                 with lock:
                     if now - path.stat().st_mtime >= older_than:
-                        _force_rmtree(path)
+                        force_rmtree(path)
                         removed += 1
             except Exception:
                 continue

@@ -417,7 +417,7 @@ class EntryLock:
 
 def remove_item(cache_root: Path, item: CacheItem, busy_mounts: dict[str, int]) -> str | None:
     """Remove one entry unless it is in use; None when removed, else the reason it was kept."""
-    from pytest_isolate.cache import _force_rmtree
+    from pytest_isolate.cache import force_rmtree
 
     lock = EntryLock(cache_root, item)
     reason = lock.acquire()
@@ -439,7 +439,7 @@ def remove_item(cache_root: Path, item: CacheItem, busy_mounts: dict[str, int]) 
             kept = cls.remove_external(item.key, item.manifest)
             if kept is not None:
                 return kept
-        _force_rmtree(item.path)
+        force_rmtree(item.path)
     finally:
         lock.release()
     return None
@@ -498,7 +498,7 @@ def clean_tmp(root: Path, dry: bool) -> int:
     (a killed root-mode mmdebstrap can leave /proc, /sys and /dev mounted in its target)."""
     from filelock import FileLock, Timeout
 
-    from pytest_isolate.cache import _force_rmtree
+    from pytest_isolate.cache import force_rmtree
 
     dirs = [p for p in (root / "tmp").iterdir() if p.is_dir()]
     mounted = mounted_under([path_pattern(p) for p in dirs])
@@ -514,7 +514,7 @@ def clean_tmp(root: Path, dry: bool) -> int:
         try:
             with lock:
                 if not dry:
-                    _force_rmtree(path)
+                    force_rmtree(path)
                 removed += 1
         except Timeout:
             continue  # being built right now
@@ -522,7 +522,7 @@ def clean_tmp(root: Path, dry: bool) -> int:
 
 
 def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
-    from pytest_isolate.cache import _force_rmtree
+    from pytest_isolate.cache import force_rmtree
 
     root, where = cache_location(args, project)
     out(f"cache: {root} ({where})")
@@ -559,7 +559,7 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
                 out(f"kept {path}: something is still mounted under it ({inner}): unmount it first")
                 continue
             if not dry:
-                _force_rmtree(path)
+                force_rmtree(path)
             removed_runs += 1
     out(f"{verb} {removed_runs} finished run directories older than "
         f"{runs_max_age / 86400:g} days")

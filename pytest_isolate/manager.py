@@ -27,7 +27,7 @@ from pytest_isolate import hostplugins, inside
 from pytest_isolate.agent import isolate_targets, item_target, parametrize_envs, split_items
 from pytest_isolate.backends.base import Backend, Instance, RunContext
 from pytest_isolate.backends.host import run_gone, run_owner
-from pytest_isolate.cache import Cache, _force_rmtree
+from pytest_isolate.cache import Cache, force_rmtree
 from pytest_isolate.channel import log_tail
 from pytest_isolate.errors import (
     AgentError,
@@ -682,14 +682,14 @@ class IsolateManager:
             if not finished(old):
                 continue
             try:
-                _force_rmtree(old)
+                force_rmtree(old)
             except (OSError, IsolateError):
                 pass  # `python -m pytest_isolate cache gc` reports what it cannot remove
         for old in ordered[-keep:]:
             # a killed run's work directory (launcher mount points, lxcpath): its logs stay
             if old.name != self.run_id and finished(old) and (old / "work").exists():
                 try:
-                    _force_rmtree(old / "work")
+                    force_rmtree(old / "work")
                 except (OSError, IsolateError):
                     pass
 
