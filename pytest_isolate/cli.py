@@ -1094,12 +1094,8 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
     import shutil
 
     from pytest_isolate import config
-    from pytest_isolate.backends.base import (
-        SITE,
-        RunContext,
-        environment_variables,
-        standard_mounts,
-    )
+    from pytest_isolate.backends.base import SITE, RunContext, standard_mounts
+    from pytest_isolate.images.envvars import environment_variables
     from pytest_isolate.namespaces import launcher_argv
 
     specs = resolve_specs(project)

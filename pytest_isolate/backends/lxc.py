@@ -75,7 +75,6 @@ from pytest_isolate.backends.base import (
     RootfsBackend,
     agent_command,
     agent_settings,
-    environment_variables,
     handshake_or_stop,
     need_tool,
     standard_mounts,
@@ -92,6 +91,7 @@ from pytest_isolate.backends.host import run_quiet as _run
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.images.envvars import environment_variables
 from pytest_isolate.limits import Limits, cgroup_v2, cgroup_values, host_cpus
 from pytest_isolate.spec import EnvSpec
 

@@ -72,7 +72,6 @@ from pytest_isolate.backends.base import (
     Instance,
     RunContext,
     agent_command,
-    environment_variables,
     need_tool,
     shipped_paths,
 )
@@ -90,6 +89,7 @@ from pytest_isolate.errors import (
 from pytest_isolate.images import initramfs as ird
 from pytest_isolate.images.deps import VENV
 from pytest_isolate.images.disk import ext4_from_paths, make_ext4
+from pytest_isolate.images.envvars import environment_variables
 from pytest_isolate.images.kernel import (
     ARCHES,
     QEMU_PACKAGES,

@@ -68,13 +68,11 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.backends.base import (
-    PYCACHE,
     SITE,
     Instance,
     RootfsBackend,
     agent_command,
     agent_settings,
-    environment_variables,
     handshake_or_stop,
     layer_mounts,
     need_tool,
@@ -92,6 +90,7 @@ from pytest_isolate.backends.host import run_quiet as _run
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.images.envvars import PYCACHE, environment_variables
 from pytest_isolate.spec import EnvSpec
 
 START_TIMEOUT = 60.0

@@ -20,14 +20,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest_isolate
 from pytest_isolate.agent import BOOTSTRAP
-from pytest_isolate.backends.base import Backend, Instance, environment_variables
+from pytest_isolate.backends.base import Backend, Instance
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable
+from pytest_isolate.images.envvars import environment_variables
 from pytest_isolate.spec import EnvSpec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: Where the host's pytest_isolate comes from: a checkout on PYTHONPATH may shadow the
+#: installed one, and the agent's conftest must import the same code as the host.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytest_isolate.__file__)))
 START_TIMEOUT = 60.0
 #: Host variables the agent keeps (everything else is dropped, as inside a real environment).
 KEEP_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
@@ -61,7 +66,7 @@ class FakeBackend(Backend):
         env = {k: os.environ[k] for k in KEEP_ENV if k in os.environ}
         env.update(environment_variables(spec))
         # fake_backend itself must be importable by the project's conftest inside the agent
-        env["PYTHONPATH"] = HERE
+        env["PYTHONPATH"] = os.pathsep.join([HERE, PACKAGE_ROOT])
         log = self.run.log_path(spec.name, "agent.log")
         process = AgentProcess([sys.executable, "-u", "-c", BOOTSTRAP], log,
                                f"environment {spec.name!r}", env=env)
