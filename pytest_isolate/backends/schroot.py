@@ -63,7 +63,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -387,13 +386,3 @@ class SchrootBackend(RootfsBackend):
                                             "provision": image.log}, cleanup)
         mounts = standard_mounts(self.run, spec, image)  # what the fstab above binds
         return handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
-
-
-def wait_no_session(prefix: str, timeout: float = 10.0) -> bool:
-    """True once no session whose name starts with prefix is open (for tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(s.startswith(prefix) for s in list_sessions()):
-            return True
-        time.sleep(0.1)
-    return False
