@@ -1,6 +1,7 @@
 """A fake backend for the unit tests: the real agent as a host subprocess, NO isolation.
 
-FakeBackend is a real :class:`~pytest_isolate.backends.base.Backend` subclass,
+FakeBackend is a real :class:`~pytest_isolate.backend.Backend` subclass, built only
+from the public surface for backend authors (``pytest_isolate.backend``) and
 registered through the real ``pytest_isolate_backends`` hook from a conftest.py.
 It starts the real agent (``python -u -c agent.BOOTSTRAP``) with the host's
 interpreter and configures it with ``"isolation": "none"``: tests and commands
@@ -21,13 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest_isolate
-from pytest_isolate.agent import BOOTSTRAP
-from pytest_isolate.backends.base import Backend, Instance
-from pytest_isolate.cache import Entry
-from pytest_isolate.channel import AgentProcess
-from pytest_isolate.errors import BackendUnavailable
-from pytest_isolate.images.envvars import environment_variables
-from pytest_isolate.spec import EnvSpec
+from pytest_isolate.backend import (
+    BOOTSTRAP,
+    AgentProcess,
+    Backend,
+    BackendUnavailable,
+    Entry,
+    EnvSpec,
+    Instance,
+    environment_variables,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Where the host's pytest_isolate comes from: a checkout on PYTHONPATH may shadow the
