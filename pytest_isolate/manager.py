@@ -39,11 +39,11 @@ from pytest_isolate.errors import (
     ProvisionError,
     RemoteError,
 )
+from pytest_isolate.keys import ENV_KEY
 from pytest_isolate.sizes import format_size
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
 
-ENV_KEY = pytest.StashKey[str]()
 SPEC_KEY = pytest.StashKey[EnvSpec]()
 INI_NAMES = ("isolate_cache_dir", "isolate_timeout", "isolate_reset", "isolate_strict")
 DEFAULT_TIMEOUT = 300.0

@@ -16,8 +16,7 @@ import pytest
 from pytest_isolate.backends import BUILTIN_BACKENDS
 from pytest_isolate.config import BUILTIN_ENVS
 from pytest_isolate.errors import BackendUnavailable, ConfigError
-
-MANAGER = "isolate-manager"
+from pytest_isolate.keys import MANAGER
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
