@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -109,50 +109,33 @@ def dump_json(obj: Any) -> None:
 
 @dataclasses.dataclass
 class Project:
+    """The project as the plugin sees it when pytest runs in the current directory."""
+
+    #: the pyproject.toml with the [tool.pytest-isolate] table, None when there is none
     pyproject: Path | None
     table: dict[str, Any]
-    ini: dict[str, Any]
-
-    @property
-    def rootdir(self) -> Path:
-        return self.pyproject.parent if self.pyproject is not None else Path.cwd()
-
-
-def find_pyproject(start: Path) -> Path | None:
-    for directory in (start, *start.parents):
-        candidate = directory / "pyproject.toml"
-        if candidate.is_file():
-            return candidate
-    return None
+    #: pytest's ini values (isolate_* keys) from its inifile, whichever file that is
+    ini: Mapping[str, Any]
+    rootdir: Path
+    inipath: Path | None
 
 
 def load_project(option: str | None) -> Project:
+    """pytest's own rootdir and inifile rules (pytest.ini, tox.ini, setup.cfg,
+    pyproject.toml), so a command looks at what `pytest` in this directory would use;
+    --pyproject FILE stands for `pytest -c FILE`."""
     from pytest_isolate import config
 
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised on 3.10 only
-        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-
-    path: Path | None
+    inifile = None
     if option is not None:
         path = Path(option).expanduser().absolute()
         if not path.is_file():
             raise UsageError(f"--pyproject: {str(path)!r} is not a file")
-    else:
-        path = find_pyproject(Path.cwd())
-    table = config.load_pyproject(path)
-    ini: dict[str, Any] = {}
-    if path is not None:  # [tool.pytest.ini_options] isolate_* keys, as pytest would see them
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-            ini_options = data.get("tool", {}).get("pytest", {}).get("ini_options", {})
-            if isinstance(ini_options, dict):
-                ini = ini_options
-        except (OSError, tomllib.TOMLDecodeError):
-            pass  # load_pyproject above already reported a broken file
-    return Project(path, table, ini)
+        inifile = str(path)
+    setup = config.pytest_setup(Path.cwd(), inifile)
+    pyproject = setup.pyproject if setup.pyproject.is_file() else None
+    return Project(pyproject, config.load_pyproject(pyproject), setup.ini, setup.rootdir,
+                   setup.inipath)
 
 
 def resolve_specs(project: Project) -> dict[str, EnvSpec]:
@@ -174,7 +157,7 @@ def cache_location(args: argparse.Namespace, project: Project) -> tuple[Path, st
     where = ""
     if project.ini.get("isolate_cache_dir"):
         value = project.ini["isolate_cache_dir"]
-        where = f"{project.pyproject}: [tool.pytest.ini_options] key 'isolate_cache_dir'"
+        where = f"ini key 'isolate_cache_dir' in {project.inipath}"
     elif "cache_dir" in project.table:
         value = project.table["cache_dir"]
         where = f"{project.pyproject}: [{config.TABLE}] key 'cache_dir'"
@@ -1218,11 +1201,14 @@ Handler = Callable[[argparse.Namespace, Project], int]
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--cache-dir", metavar="DIR",
-                        help="cache directory (default: [tool.pytest-isolate] cache_dir, else "
+                        help="cache directory (default: the isolate_cache_dir ini key, else "
+                             "[tool.pytest-isolate] cache_dir, else "
                              "$PYTEST_ISOLATE_CACHE_DIR, else ~/.cache/pytest-isolate)")
     common.add_argument("--pyproject", metavar="FILE",
-                        help="the project's pyproject.toml (default: the nearest one from the "
-                             "current directory upward)")
+                        help="the project's pyproject.toml, as pytest -c FILE (default: "
+                             "what pytest finds from the current directory: pytest.ini, "
+                             "pyproject.toml, tox.ini or setup.cfg, and the rootdir's "
+                             "pyproject.toml)")
     parser = Parser(
         prog=PROG,
         description="Inspect and maintain pytest-isolate: which backends work on this host, "
