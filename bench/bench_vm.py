@@ -41,11 +41,23 @@ from pytest_isolate.cache import Cache
 from pytest_isolate.spec import EnvSpec
 
 
+def baseline_argv(backend: QemuBackend, spec: EnvSpec, image_data: Path, tmp: Path,
+                  command: list[str]) -> tuple[list[str], Path]:
+    """QEMU argv booting image_data's kernel and disks with command in place of the agent.
+
+    command's stdout goes to the agent's port: (argv, unix socket path to read it).
+    """
+    files = backend.files(image_data)
+    initrd = tmp / "baseline-initrd.img"
+    backend.write_initrd(files.initramfs, initrd, spec, command)
+    return backend.qemu_argv(spec, files, "tcg", initrd, tmp), tmp / "agent.sock"
+
+
 def baseline(backend: QemuBackend, spec: EnvSpec, image_data: Path, tmp: Path) -> float:
     """Seconds from starting QEMU to python3's output: the same boot without the agent."""
     marker = b"pytest-isolate-baseline"
-    argv, sock_path = backend.baseline_argv(spec, image_data, tmp,
-                                            ["python3", "-c", f"print('{marker.decode()}')"])
+    argv, sock_path = baseline_argv(backend, spec, image_data, tmp,
+                                    ["python3", "-c", f"print('{marker.decode()}')"])
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

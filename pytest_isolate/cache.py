@@ -26,13 +26,14 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from pytest_isolate.errors import ConfigError, IsolateError
+from pytest_isolate.sizes import dir_size
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -74,7 +75,7 @@ def mounts_under(path: Path) -> list[str]:
     return found
 
 
-def _force_rmtree(path: Path) -> None:
+def force_rmtree(path: Path) -> None:
     """rmtree that also removes read-only directories a non-root build may leave.
 
     It never deletes through a mount point: a bind mount left under path could
@@ -136,22 +137,190 @@ def seal(data: Path) -> str:
     return digest.hexdigest()
 
 
-def dir_size(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
+# --------------------------------------------------------------------------
+# Listing, removal and garbage collection (`pytest-isolate cache ls|gc|rm`).
+# What a running session uses is never removed: its shared flock on the manifest, a
+# build's key lock, or a mount of the entry in any mount namespace keeps an entry.
+
+#: Sub-directories of the cache root that hold no entries.
+NOT_KINDS = ("tmp", "locks", "runs")
+#: gc keeps entries used this recently: a session may be between lookup and mount.
+GC_GRACE_SECONDS = 60.0
+#: remove_external(backend name, entry): remove what the entry stands for outside the
+#: cache directory (a Docker image); None when done, else why the entry must stay.
+RemoveExternal = Callable[[str, "CacheItem"], "str | None"]
+
+
+@dataclasses.dataclass
+class CacheItem:
+    """An entry as `cache ls`, `gc` and `rm` see it, read without touching it."""
+
+    kind: str
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    size: int
+    last_use: float
+
+    @property
+    def created(self) -> float:
+        value = self.manifest.get("created")
+        return float(value) if isinstance(value, (int, float)) else self.last_use
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of the entry at path; None when it is not an entry (yet)."""
+    try:
+        data = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("key") == path.name else None
+
+
+def mountinfo(pid: int | str) -> list[tuple[str, str, str]]:
+    """(root, mount point, source and super options) of each mount in pid's namespace."""
+    mounts = []
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if "-" not in fields[6:]:
+                continue
+            sep = fields.index("-", 6)
+            mounts.append((fields[3], fields[4], " ".join(fields[sep + 2:])))
+    return mounts
+
+
+def under(path: str, pattern: str) -> bool:
+    return path.startswith(pattern) or path + "/" == pattern
+
+
+def mount_users(patterns: Sequence[str]) -> dict[str, int]:
+    """pattern (a directory, ending in '/') -> a pid whose mount namespace mounts something *from*
+    it (a bind mount of it, an overlay layer on it): an environment that uses it.
+
+    Mount points *under* it do not count: other namespaces keep stale copies of what a build
+    had mounted in its target (/proc, /sys) when they were created during the build.
+    """
+    found: dict[str, int] = {}
+    seen_ns: set[str] = set()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+            if ns in seen_ns:
+                continue
+            seen_ns.add(ns)
+            mounts = mountinfo(pid)
+        except (OSError, ValueError):
+            continue
+        for pattern in patterns:
+            if pattern in found:
+                continue
+            if any(under(root, pattern) or pattern in opts for root, _mnt, opts in mounts):
+                found[pattern] = pid
+    return found
+
+
+def mounted_under(patterns: Sequence[str]) -> dict[str, str]:
+    """pattern -> a mount point under it in our own mount namespace (rmtree would enter it)."""
+    found: dict[str, str] = {}
+    try:
+        mounts = mountinfo("self")
+    except (OSError, ValueError):
+        return found
+    for pattern in patterns:
+        for _root, mnt, _opts in mounts:
+            if under(mnt, pattern):
+                found[pattern] = mnt.replace("\\040", " ")
+                break
+    return found
+
+
+def path_pattern(path: Path) -> str:
+    """How a directory shows in /proc/PID/mountinfo (octal escapes as the kernel writes them)."""
+    text = os.path.realpath(path) + "/"
+    for char in ("\\", " ", "\t", "\n"):
+        text = text.replace(char, f"\\{ord(char):03o}")
+    return text
+
+
+def describe_pid(pid: int) -> str:
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return f"process {pid}"
+    return f"process {pid} {name}"
+
+
+def mount_pattern(item: CacheItem) -> str:
+    """How the entry's directory shows in mountinfo (see path_pattern)."""
+    return path_pattern(item.path)
+
+
+class EntryLock:
+    """Exclusive hold on an entry: its build lock and its manifest, both non-blocking.
+
+    A session that uses an entry may hold a shared flock on its manifest.json;
+    while it does, gc and rm leave the entry alone.
+    """
+
+    def __init__(self, cache_root: Path, item: CacheItem) -> None:
+        self.lock = FileLock(str(cache_root / "locks" / f"{item.kind}-{item.key}.lock"), timeout=0)
+        self.manifest = item.path / "manifest.json"
+        self.fd = -1
+
+    def acquire(self) -> str | None:
+        """None when held, else why the entry is busy."""
+        try:
+            self.lock.acquire()
+        except Timeout:
+            return "being built by another process"
+        try:
+            self.fd = os.open(self.manifest, os.O_RDONLY)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            return "in use by a running session"
+        except OSError:
+            pass  # gone meanwhile: nothing left to protect
+        return None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.lock.release()
+
+
+@dataclasses.dataclass
+class Swept:
+    """What clean_tmp removed (or would) and what it kept, with the reason."""
+
+    removed: list[Path] = dataclasses.field(default_factory=list)
+    kept: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Collected:
+    """What collect removed (or would), what it kept and why, and what remains."""
+
+    removed: list[CacheItem]
+    kept: list[tuple[CacheItem, str]]
+    remaining: int
+    remaining_size: int
 
 
 class Cache:
-    def __init__(self, root: Path, where: str = "isolate_cache_dir") -> None:
+    def __init__(self, root: Path, where: str = "isolate_cache_dir", create: bool = True) -> None:
+        """create=False: only look (`cache ls` creates no directory and needs no write access)."""
         self.root = root
         #: entries whose seal this process checked (kind, key, seal)
         self._sealed: set[tuple[str, str, str]] = set()
+        if not create:
+            return
         try:
             for sub in ("tmp", "locks"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
@@ -198,12 +367,12 @@ class Cache:
             # holding the key's lock, any build directory of the key is a killed run's
             for stale in (self.root / "tmp").glob(f"{kind}-{key}.*"):
                 try:
-                    _force_rmtree(stale)
+                    force_rmtree(stale)
                 except (OSError, IsolateError):
                     pass  # something is mounted below it: `cache gc` reports it
             final = self.entry_path(kind, key)
             if final.exists():  # a corrupt or foreign directory: never used, replaced
-                _force_rmtree(final)
+                force_rmtree(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{kind}-{key}.", dir=self.root / "tmp"))
             started = time.monotonic()
@@ -227,7 +396,7 @@ class Cache:
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
                 os.rename(tmp, final)
             except BaseException:
-                _force_rmtree(tmp)
+                force_rmtree(tmp)
                 raise
             return Entry(kind, key, final, manifest, hit=False, build_seconds=seconds)
 
@@ -264,22 +433,119 @@ class Cache:
 
     def remove(self, entry: Entry) -> None:
         with FileLock(str(self.root / "locks" / f"{entry.kind}-{entry.key}.lock")):
-            _force_rmtree(entry.path)
+            force_rmtree(entry.path)
 
-    def clean_tmp(self, older_than: float = 0.0) -> int:
-        """Remove build directories nobody holds a lock for (left by killed runs)."""
-        removed = 0
+    def listing(self, with_size: bool = True) -> list[CacheItem]:
+        """Every entry, read without touching it (a listing must not count as a use);
+        with_size: measured on disk, else as its manifest recorded at build time."""
+        items: list[CacheItem] = []
+        if not self.root.is_dir():
+            return items
+        for kind_dir in sorted(self.root.iterdir()):
+            if kind_dir.name in NOT_KINDS or not kind_dir.is_dir():
+                continue
+            for path in sorted(kind_dir.iterdir()):
+                manifest = read_manifest(path)
+                if manifest is None:
+                    continue
+                try:
+                    last_use = (path / MANIFEST).stat().st_mtime
+                except OSError:
+                    continue
+                size = dir_size(path) if with_size else int(manifest.get("size") or 0)
+                # what the entry stands for outside the cache (a Docker image) counts too
+                size += int(manifest.get("external_size") or 0)
+                items.append(CacheItem(kind_dir.name, path.name, path, manifest, size, last_use))
+        return items
+
+    def remove_unused(self, item: CacheItem, busy: Mapping[str, int] | None = None,
+                      remove_external: RemoveExternal | None = None) -> str | None:
+        """Remove one entry unless it is in use; None when removed, else why it was kept.
+
+        busy: mount_users() of many entries, from one walk of /proc (an entry it does not
+        name is looked up again: it may have been mounted since)."""
+        lock = EntryLock(self.root, item)
+        reason = lock.acquire()
+        if reason is not None:
+            return reason
+        try:
+            pattern = mount_pattern(item)
+            pid = busy[pattern] if busy and pattern in busy else mount_users([pattern]).get(pattern)
+            if pid is not None:
+                return f"mounted by a running environment ({describe_pid(pid)})"
+            inner = mounted_under([pattern]).get(pattern)
+            if inner is not None:
+                return f"something is mounted under it ({inner}): unmount it first"
+            external = item.manifest.get("external_backend")
+            if isinstance(external, str):
+                if remove_external is None:
+                    return f"backend {external!r}, which made it, cannot be asked to remove it"
+                kept = remove_external(external, item)
+                if kept is not None:
+                    return kept
+            force_rmtree(item.path)
+        finally:
+            lock.release()
+        return None
+
+    def collect(self, max_age: float | None = None, max_size: int | None = None,
+                dry: bool = False, remove_external: RemoveExternal | None = None) -> Collected:
+        """Remove the entries unused for max_age seconds, then the least recently used
+        until the rest fit in max_size bytes.  An entry in use, or used in the last
+        GC_GRACE_SECONDS, is kept with the reason.  dry: remove nothing, say what would go."""
         now = time.time()
-        for path in (self.root / "tmp").iterdir():
-            if not path.is_dir():
+        items = sorted(self.listing(), key=lambda i: i.last_use)
+        total = sum(i.size for i in items)
+        busy = mount_users([mount_pattern(i) for i in items])
+        removed: list[CacheItem] = []
+        kept: list[tuple[CacheItem, str]] = []
+        for item in items:
+            too_old = max_age is not None and now - item.last_use >= max_age
+            too_big = max_size is not None and total > max_size
+            if not (too_old or too_big):
+                continue
+            if now - item.last_use < GC_GRACE_SECONDS:
+                kept.append((item, f"used in the last {GC_GRACE_SECONDS:.0f}s"))
+                continue
+            reason = None if dry else self.remove_unused(item, busy, remove_external)
+            if dry and mount_pattern(item) in busy:
+                reason = f"mounted by a running environment ({describe_pid(busy[mount_pattern(item)])})"
+            if reason is not None:
+                kept.append((item, reason))
+                continue
+            total -= item.size
+            removed.append(item)
+        return Collected(removed, kept, len(items) - len(removed), total)
+
+    def clean_tmp(self, older_than: float = 0.0, dry: bool = False) -> Swept:
+        """Remove build directories nobody holds a lock for (left by killed runs), never
+        descending into one something is mounted under (a killed root-mode mmdebstrap can
+        leave /proc, /sys and /dev mounted in its target)."""
+        swept = Swept()
+        now = time.time()
+        try:
+            dirs = [p for p in (self.root / "tmp").iterdir() if p.is_dir()]
+        except OSError:
+            return swept
+        mounted = mounted_under([path_pattern(p) for p in dirs])
+        for path in dirs:
+            inner = mounted.get(path_pattern(path))
+            if inner is not None:
+                swept.kept.append((path, f"something is still mounted under it ({inner}; a "
+                                         "killed build leaves /proc, /sys, /dev/* mounted): "
+                                         "unmount it first"))
                 continue
             kind_key = path.name.rsplit(".", 1)[0]
             lock = FileLock(str(self.root / "locks" / f"{kind_key}.lock"), timeout=0)
             try:
                 with lock:
-                    if now - path.stat().st_mtime >= older_than:
-                        _force_rmtree(path)
-                        removed += 1
-            except Exception:
-                continue
-        return removed
+                    if now - path.stat().st_mtime < older_than:
+                        continue
+                    if not dry:
+                        force_rmtree(path)
+                    swept.removed.append(path)
+            except Timeout:
+                continue  # being built right now
+            except (OSError, IsolateError) as exc:
+                swept.kept.append((path, str(exc)))
+        return swept

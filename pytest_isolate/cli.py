@@ -11,20 +11,21 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from pytest_isolate.sizes import dir_size, format_size, parse_size, walk_same_fs
+
 if TYPE_CHECKING:
     from pytest_isolate.backends.base import Backend
-    from pytest_isolate.cache import Cache
+    from pytest_isolate.cache import Cache, CacheItem
     from pytest_isolate.spec import EnvSpec
 
 PROG = "pytest-isolate"
@@ -32,10 +33,6 @@ PROG = "pytest-isolate"
 DOCTOR_BACKENDS = ("chroot", "docker", "lxc", "schroot", "qemu")
 #: Where a backend module would live when BUILTIN_BACKENDS does not name it yet.
 FALLBACK_REFS = {"qemu": "pytest_isolate.backends.qemu:QemuBackend"}
-#: Cache sub-directories that hold no entries.
-NOT_KINDS = ("tmp", "locks", "runs")
-#: gc keeps entries used this recently: a session may be between lookup and mount.
-GC_GRACE_SECONDS = 60.0
 #: gc removes finished runs' log directories older than this unless --max-age says otherwise.
 RUNS_MAX_AGE_DAYS = 7.0
 DOCKERD = "dockerd --bridge=none --iptables=false --ip-masq=false &"
@@ -56,25 +53,13 @@ class Parser(argparse.ArgumentParser):
 # Formatting helpers
 
 
-def format_size(n: float) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'10G', '500M', '1.5GiB', '4096' -> bytes (powers of 1024)."""
-    m = _SIZE_RE.match(text)
-    if not m:
+def size_arg(text: str) -> int:
+    """--max-size's value: '10G', '500M', '1.5GiB', '4096' -> bytes (powers of 1024)."""
+    size = parse_size(text)
+    if size is None:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r}: use a number with an optional unit K, M, G or T (e.g. 10G)")
-    power = " KMGT".index((m.group(2) or " ").upper())
-    return int(float(m.group(1)) * 1024 ** power)
+    return size
 
 
 def parse_days(text: str) -> float:
@@ -93,46 +78,6 @@ def format_age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
     return f"{seconds:.0f}s"
-
-
-def walk_same_fs(path: Path) -> Iterator[os.stat_result]:
-    """lstat of everything under path, not crossing into other filesystems (like du -x)."""
-    try:
-        top = os.lstat(path)
-    except OSError:
-        return
-    yield top
-    stack = [str(path)]
-    while stack:
-        current = stack.pop()
-        try:
-            it = os.scandir(current)
-        except OSError:
-            continue
-        with it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if st.st_dev != top.st_dev:
-                    continue  # a mount point (e.g. /proc of a build in progress)
-                yield st
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-
-
-def dir_size(path: Path) -> int:
-    """Bytes under path, hard links counted once, other filesystems skipped."""
-    seen: set[int] = set()
-    total = 0
-    for st in walk_same_fs(path):
-        if st.st_nlink > 1:
-            if st.st_ino in seen:
-                continue
-            seen.add(st.st_ino)
-        total += st.st_size
-    return total
 
 
 def table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -160,50 +105,33 @@ def dump_json(obj: Any) -> None:
 
 @dataclasses.dataclass
 class Project:
+    """The project as the plugin sees it when pytest runs in the current directory."""
+
+    #: the pyproject.toml with the [tool.pytest-isolate] table, None when there is none
     pyproject: Path | None
     table: dict[str, Any]
-    ini: dict[str, Any]
-
-    @property
-    def rootdir(self) -> Path:
-        return self.pyproject.parent if self.pyproject is not None else Path.cwd()
-
-
-def find_pyproject(start: Path) -> Path | None:
-    for directory in (start, *start.parents):
-        candidate = directory / "pyproject.toml"
-        if candidate.is_file():
-            return candidate
-    return None
+    #: pytest's ini values (isolate_* keys) from its inifile, whichever file that is
+    ini: Mapping[str, Any]
+    rootdir: Path
+    inipath: Path | None
 
 
 def load_project(option: str | None) -> Project:
+    """pytest's own rootdir and inifile rules (pytest.ini, tox.ini, setup.cfg,
+    pyproject.toml), so a command looks at what `pytest` in this directory would use;
+    --pyproject FILE stands for `pytest -c FILE`."""
     from pytest_isolate import config
 
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised on 3.10 only
-        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
-
-    path: Path | None
+    inifile = None
     if option is not None:
         path = Path(option).expanduser().absolute()
         if not path.is_file():
             raise UsageError(f"--pyproject: {str(path)!r} is not a file")
-    else:
-        path = find_pyproject(Path.cwd())
-    table = config.load_pyproject(path)
-    ini: dict[str, Any] = {}
-    if path is not None:  # [tool.pytest.ini_options] isolate_* keys, as pytest would see them
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-            ini_options = data.get("tool", {}).get("pytest", {}).get("ini_options", {})
-            if isinstance(ini_options, dict):
-                ini = ini_options
-        except (OSError, tomllib.TOMLDecodeError):
-            pass  # load_pyproject above already reported a broken file
-    return Project(path, table, ini)
+        inifile = str(path)
+    setup = config.pytest_setup(Path.cwd(), inifile)
+    pyproject = setup.pyproject if setup.pyproject.is_file() else None
+    return Project(pyproject, config.load_pyproject(pyproject), setup.ini, setup.rootdir,
+                   setup.inipath)
 
 
 def resolve_specs(project: Project) -> dict[str, EnvSpec]:
@@ -225,7 +153,7 @@ def cache_location(args: argparse.Namespace, project: Project) -> tuple[Path, st
     where = ""
     if project.ini.get("isolate_cache_dir"):
         value = project.ini["isolate_cache_dir"]
-        where = f"{project.pyproject}: [tool.pytest.ini_options] key 'isolate_cache_dir'"
+        where = f"ini key 'isolate_cache_dir' in {project.inipath}"
     elif "cache_dir" in project.table:
         value = project.table["cache_dir"]
         where = f"{project.pyproject}: [{config.TABLE}] key 'cache_dir'"
@@ -240,59 +168,14 @@ def cache_location(args: argparse.Namespace, project: Project) -> tuple[Path, st
     return config.default_cache_dir(), "default cache directory"
 
 
-def open_cache(root: Path, where: str) -> Cache:
+def open_cache(root: Path, where: str, create: bool = True) -> Cache:
     from pytest_isolate.cache import Cache
 
-    return Cache(root, where=where)
+    return Cache(root, where=where, create=create)
 
 
 # --------------------------------------------------------------------------
-# Cache entries, read without touching them (ls must not change "last use")
-
-
-@dataclasses.dataclass
-class CacheItem:
-    kind: str
-    key: str
-    path: Path
-    manifest: dict[str, Any]
-    size: int
-    last_use: float
-
-    @property
-    def created(self) -> float:
-        value = self.manifest.get("created")
-        return float(value) if isinstance(value, (int, float)) else self.last_use
-
-
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("key") == path.name else None
-
-
-def list_items(root: Path, with_size: bool = True) -> list[CacheItem]:
-    items: list[CacheItem] = []
-    if not root.is_dir():
-        return items
-    for kind_dir in sorted(root.iterdir()):
-        if kind_dir.name in NOT_KINDS or not kind_dir.is_dir():
-            continue
-        for path in sorted(kind_dir.iterdir()):
-            manifest = read_manifest(path)
-            if manifest is None:
-                continue
-            try:
-                last_use = (path / "manifest.json").stat().st_mtime
-            except OSError:
-                continue
-            size = dir_size(path) if with_size else int(manifest.get("size") or 0)
-            # what the entry stands for outside the cache (a Docker image) counts too
-            size += int(manifest.get("external_size") or 0)
-            items.append(CacheItem(kind_dir.name, path.name, path, manifest, size, last_use))
-    return items
+# What cache entries stand for
 
 
 def summarize(manifest: dict[str, Any]) -> str:
@@ -333,157 +216,6 @@ def envs_by_key(specs: dict[str, EnvSpec]) -> dict[str, list[str]]:
     return found
 
 
-def mountinfo(pid: int | str) -> list[tuple[str, str, str]]:
-    """(root, mount point, source and super options) of each mount in pid's namespace."""
-    mounts = []
-    with open(f"/proc/{pid}/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            if "-" not in fields[6:]:
-                continue
-            sep = fields.index("-", 6)
-            mounts.append((fields[3], fields[4], " ".join(fields[sep + 2:])))
-    return mounts
-
-
-def under(path: str, pattern: str) -> bool:
-    return path.startswith(pattern) or path + "/" == pattern
-
-
-def mount_users(patterns: Sequence[str]) -> dict[str, int]:
-    """pattern (a directory, ending in '/') -> a pid whose mount namespace mounts something *from*
-    it (a bind mount of it, an overlay layer on it): an environment that uses it.
-
-    Mount points *under* it do not count: other namespaces keep stale copies of what a build
-    had mounted in its target (/proc, /sys) when they were created during the build.
-    """
-    found: dict[str, int] = {}
-    seen_ns: set[str] = set()
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        try:
-            ns = os.readlink(f"/proc/{pid}/ns/mnt")
-            if ns in seen_ns:
-                continue
-            seen_ns.add(ns)
-            mounts = mountinfo(pid)
-        except (OSError, ValueError):
-            continue
-        for pattern in patterns:
-            if pattern in found:
-                continue
-            if any(under(root, pattern) or pattern in opts for root, _mnt, opts in mounts):
-                found[pattern] = pid
-    return found
-
-
-def mounted_under(patterns: Sequence[str]) -> dict[str, str]:
-    """pattern -> a mount point under it in our own mount namespace (rmtree would enter it)."""
-    found: dict[str, str] = {}
-    try:
-        mounts = mountinfo("self")
-    except (OSError, ValueError):
-        return found
-    for pattern in patterns:
-        for _root, mnt, _opts in mounts:
-            if under(mnt, pattern):
-                found[pattern] = mnt.replace("\\040", " ")
-                break
-    return found
-
-
-def path_pattern(path: Path) -> str:
-    """How a directory shows in /proc/PID/mountinfo (octal escapes as the kernel writes them)."""
-    text = os.path.realpath(path) + "/"
-    for char in ("\\", " ", "\t", "\n"):
-        text = text.replace(char, f"\\{ord(char):03o}")
-    return text
-
-
-def describe_pid(pid: int) -> str:
-    try:
-        name = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return f"process {pid}"
-    return f"process {pid} {name}"
-
-
-def mount_pattern(item: CacheItem) -> str:
-    return path_pattern(item.path)
-
-
-class EntryLock:
-    """Exclusive hold on an entry: its build lock and its manifest, both non-blocking.
-
-    A session that uses an entry may hold a shared flock on its manifest.json;
-    while it does, gc and rm leave the entry alone.
-    """
-
-    def __init__(self, cache_root: Path, item: CacheItem) -> None:
-        from filelock import FileLock
-
-        self.lock = FileLock(str(cache_root / "locks" / f"{item.kind}-{item.key}.lock"), timeout=0)
-        self.manifest = item.path / "manifest.json"
-        self.fd = -1
-
-    def acquire(self) -> str | None:
-        """None when held, else why the entry is busy."""
-        import fcntl
-
-        from filelock import Timeout
-
-        try:
-            self.lock.acquire()
-        except Timeout:
-            return "being built by another process"
-        try:
-            self.fd = os.open(self.manifest, os.O_RDONLY)
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.release()
-            return "in use by a running session"
-        except OSError:
-            pass  # gone meanwhile: nothing left to protect
-        return None
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.lock.release()
-
-
-def remove_item(cache_root: Path, item: CacheItem, busy_mounts: dict[str, int]) -> str | None:
-    """Remove one entry unless it is in use; None when removed, else the reason it was kept."""
-    from pytest_isolate.cache import _force_rmtree
-
-    lock = EntryLock(cache_root, item)
-    reason = lock.acquire()
-    if reason is not None:
-        return reason
-    try:
-        pattern = mount_pattern(item)
-        pid = busy_mounts[pattern] if pattern in busy_mounts else mount_users([pattern]).get(pattern)
-        if pid is not None:
-            return f"mounted by a running environment ({describe_pid(pid)})"
-        inner = mounted_under([pattern]).get(pattern)
-        if inner is not None:
-            return f"something is mounted under it ({inner}): unmount it first"
-        external = item.manifest.get("external_backend")
-        if isinstance(external, str):
-            cls, missing = load_backend(external)
-            if cls is None:
-                return f"backend {external!r}, which made it, {missing}"
-            kept = cls.remove_external(item.key, item.manifest)
-            if kept is not None:
-                return kept
-        _force_rmtree(item.path)
-    finally:
-        lock.release()
-    return None
 
 
 # --------------------------------------------------------------------------
@@ -493,7 +225,7 @@ def remove_item(cache_root: Path, item: CacheItem, busy_mounts: dict[str, int]) 
 def cmd_cache_ls(args: argparse.Namespace, project: Project) -> int:
     root, where = cache_location(args, project)
     by_key = envs_by_key(resolve_specs(project))
-    items = list_items(root)
+    items = open_cache(root, where, create=False).listing()
     now = time.time()
     if args.json:
         dump_json({
@@ -535,36 +267,8 @@ def run_dirs(root: Path) -> Iterator[tuple[Path, float]]:
         yield path, newest
 
 
-def clean_tmp(root: Path, dry: bool) -> int:
-    """Cache.clean_tmp, but never descending into a directory something is mounted under
-    (a killed root-mode mmdebstrap can leave /proc, /sys and /dev mounted in its target)."""
-    from filelock import FileLock, Timeout
-
-    from pytest_isolate.cache import _force_rmtree
-
-    dirs = [p for p in (root / "tmp").iterdir() if p.is_dir()]
-    mounted = mounted_under([path_pattern(p) for p in dirs])
-    removed = 0
-    for path in dirs:
-        inner = mounted.get(path_pattern(path))
-        if inner is not None:
-            out(f"kept {path}: something is still mounted under it ({inner}; a killed build "
-                "leaves /proc, /sys, /dev/* mounted): unmount it first")
-            continue
-        kind_key = path.name.rsplit(".", 1)[0]
-        lock = FileLock(str(root / "locks" / f"{kind_key}.lock"), timeout=0)
-        try:
-            with lock:
-                if not dry:
-                    _force_rmtree(path)
-                removed += 1
-        except Timeout:
-            continue  # being built right now
-    return removed
-
-
 def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
-    from pytest_isolate.cache import _force_rmtree
+    from pytest_isolate.cache import force_rmtree, mounted_under, path_pattern
 
     root, where = cache_location(args, project)
     out(f"cache: {root} ({where})")
@@ -586,7 +290,10 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
             + (f": {', '.join(removed)}" if removed else ""))
 
     # 1. build directories left by killed runs (their build lock is free)
-    out(f"{verb} {clean_tmp(cache.root, dry)} stale build directories")
+    swept = cache.clean_tmp(dry=dry)
+    for path, why in swept.kept:
+        out(f"kept {path}: {why}")
+    out(f"{verb} {len(swept.removed)} stale build directories")
 
     # 2. log/work directories of finished runs
     runs_max_age = (args.max_age if args.max_age is not None else RUNS_MAX_AGE_DAYS) * 86400
@@ -599,42 +306,22 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
                 out(f"kept {path}: something is still mounted under it ({inner}): unmount it first")
                 continue
             if not dry:
-                _force_rmtree(path)
+                force_rmtree(path)
             removed_runs += 1
     out(f"{verb} {removed_runs} finished run directories older than "
         f"{runs_max_age / 86400:g} days")
 
     # 3. entries: too old first, then oldest-by-last-use until under --max-size
-    items = sorted(list_items(root), key=lambda i: i.last_use)
-    total = sum(i.size for i in items)
-    busy = mount_users([mount_pattern(i) for i in items])
-    kept: list[tuple[CacheItem, str]] = []
-    freed = 0
-    count = 0
-    for item in items:
-        too_old = args.max_age is not None and now - item.last_use >= args.max_age * 86400
-        too_big = args.max_size is not None and total > args.max_size
-        if not (too_old or too_big):
-            continue
-        if now - item.last_use < GC_GRACE_SECONDS:
-            kept.append((item, f"used in the last {GC_GRACE_SECONDS:.0f}s"))
-            continue
-        reason = None if dry else remove_item(root, item, busy)
-        if dry and mount_pattern(item) in busy:
-            reason = f"mounted by a running environment ({describe_pid(busy[mount_pattern(item)])})"
-        if reason is not None:
-            kept.append((item, reason))
-            continue
+    max_age = args.max_age * 86400 if args.max_age is not None else None
+    done = cache.collect(max_age, args.max_size, dry, remove_external)
+    for item in done.removed:
         out(f"{verb} {item.kind}/{item.key} ({summarize(item.manifest)}, {format_size(item.size)}, "
             f"last used {format_age(now - item.last_use)} ago)")
-        total -= item.size
-        freed += item.size
-        count += 1
-    for item, reason in kept:
+    for item, reason in done.kept:
         out(f"kept {item.kind}/{item.key}: {reason}")
-    out(f"{verb} {count} entries, {format_size(freed)}; {len(items) - count} entries remain, "
-        f"{format_size(total)}")
-    if args.max_size is not None and total > args.max_size:
+    out(f"{verb} {len(done.removed)} entries, {format_size(sum(i.size for i in done.removed))}; "
+        f"{done.remaining} entries remain, {format_size(done.remaining_size)}")
+    if args.max_size is not None and done.remaining_size > args.max_size:
         out(f"still above --max-size {format_size(args.max_size)}: "
             "the remaining entries are in use or were used recently")
     return 0
@@ -649,6 +336,15 @@ def shell_run(cache: Cache) -> tuple[str, Path]:
     base = cache.root / "runs" / run_id
     record_run(base)
     return run_id, base
+
+
+def remove_external(backend: str, item: CacheItem) -> str | None:
+    """What a backend's cache entry stands for outside the cache (a Docker image), removed
+    by the backend that made it (Cache.remove_unused asks before removing the entry)."""
+    cls, missing = load_backend(backend)
+    if cls is None:
+        return f"backend {backend!r}, which made it, {missing}"
+    return cls.remove_external(item.key, item.manifest)
 
 
 def reap_leftovers(cache: Cache) -> list[str]:
@@ -673,7 +369,7 @@ def reap_leftovers(cache: Cache) -> list[str]:
 
 def cmd_cache_rm(args: argparse.Namespace, project: Project) -> int:
     root, where = cache_location(args, project)
-    items = list_items(root, with_size=False)
+    items = open_cache(root, where, create=False).listing(with_size=False)
     if args.all:
         chosen = items
     else:
@@ -692,11 +388,13 @@ def cmd_cache_rm(args: argparse.Namespace, project: Project) -> int:
     if not chosen:
         out(f"cache: {root}: no entries")
         return 0
-    open_cache(root, where)
+    from pytest_isolate.cache import mount_pattern, mount_users
+
+    cache = open_cache(root, where)
     busy = mount_users([mount_pattern(i) for i in chosen])
     status = 0
     for item in chosen:
-        reason = remove_item(root, item, busy)
+        reason = cache.remove_unused(item, busy, remove_external)
         if reason is None:
             out(f"removed {item.kind}/{item.key} ({summarize(item.manifest)})")
         else:
@@ -711,6 +409,7 @@ def cmd_cache_rm(args: argparse.Namespace, project: Project) -> int:
 
 def cmd_envs(args: argparse.Namespace, project: Project) -> int:
     from pytest_isolate import config
+    from pytest_isolate.cache import read_manifest
     from pytest_isolate.spec import EnvSpec
 
     specs = resolve_specs(project)
@@ -990,7 +689,7 @@ def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
             usable, reason, fix = checker.check(spec)
             envs[name] = {"backend": spec.backend, "arch": spec.arch, "usable": usable,
                           "reason": reason, "fix": fix, "setup": setup_invocation("--envs", name)}
-    items = list_items(root, with_size=False)
+    items = open_cache(root, where, create=False).listing(with_size=False)
     report = {
         "root": os.geteuid() == 0,
         "userns_allowed": userns_allowed(),
@@ -1145,12 +844,8 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
     import shutil
 
     from pytest_isolate import config
-    from pytest_isolate.backends.base import (
-        SITE,
-        RunContext,
-        environment_variables,
-        standard_mounts,
-    )
+    from pytest_isolate.backends.base import SITE, RunContext, standard_mounts
+    from pytest_isolate.images.envvars import environment_variables
     from pytest_isolate.namespaces import launcher_argv
 
     specs = resolve_specs(project)
@@ -1271,11 +966,14 @@ Handler = Callable[[argparse.Namespace, Project], int]
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--cache-dir", metavar="DIR",
-                        help="cache directory (default: [tool.pytest-isolate] cache_dir, else "
+                        help="cache directory (default: the isolate_cache_dir ini key, else "
+                             "[tool.pytest-isolate] cache_dir, else "
                              "$PYTEST_ISOLATE_CACHE_DIR, else ~/.cache/pytest-isolate)")
     common.add_argument("--pyproject", metavar="FILE",
-                        help="the project's pyproject.toml (default: the nearest one from the "
-                             "current directory upward)")
+                        help="the project's pyproject.toml, as pytest -c FILE (default: "
+                             "what pytest finds from the current directory: pytest.ini, "
+                             "pyproject.toml, tox.ini or setup.cfg, and the rootdir's "
+                             "pyproject.toml)")
     parser = Parser(
         prog=PROG,
         description="Inspect and maintain pytest-isolate: which backends work on this host, "
@@ -1327,7 +1025,7 @@ def build_parser() -> Parser:
                                     "being built are never removed.")
     c.add_argument("--max-age", type=parse_days, metavar="DAYS",
                    help="remove entries not used for this many days")
-    c.add_argument("--max-size", type=parse_size, metavar="SIZE",
+    c.add_argument("--max-size", type=size_arg, metavar="SIZE",
                    help="remove least recently used entries until the total is at most SIZE "
                         "(e.g. 10G, 500M)")
     c.add_argument("--dry-run", action="store_true", help="only say what would be removed")

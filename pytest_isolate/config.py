@@ -159,6 +159,55 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+@dataclasses.dataclass(frozen=True)
+class PytestSetup:
+    """What pytest decides for a run started in a directory: rootdir, inifile, ini values."""
+
+    rootdir: Path
+    inipath: Path | None
+    #: the inifile's raw values (strings, or lists of strings from a TOML file)
+    ini: Mapping[str, Any]
+
+    @property
+    def pyproject(self) -> Path:
+        """The pyproject.toml whose [tool.pytest-isolate] table the plugin reads."""
+        if self.inipath is not None and self.inipath.name == "pyproject.toml":
+            return self.inipath
+        return self.rootdir / "pyproject.toml"
+
+    def where(self, key: str) -> str:
+        """Where ini key `key` came from, worded as the plugin words it."""
+        return f"ini key {key!r} in {self.inipath}"
+
+
+def pytest_setup(invocation_dir: Path, inifile: str | None = None) -> PytestSetup:
+    """The rootdir, inifile and ini values pytest itself finds (pytest.ini, .pytest.ini,
+    pyproject.toml, tox.ini, setup.cfg, by its own rules) for `pytest` run in
+    invocation_dir without arguments, or with ``-c inifile``: what the plugin then reads
+    through config.rootpath, config.inipath and config.getini, for a command line that
+    runs outside pytest."""
+    import inspect
+
+    import pytest
+    from _pytest.config.findpaths import determine_setup
+
+    # pytest 8 and 9 differ in the keywords (9 adds override_ini) and the result's length
+    wanted: dict[str, Any] = {"inifile": inifile, "override_ini": None, "args": [],
+                              "rootdir_cmd_arg": None, "invocation_dir": invocation_dir}
+    accepted = inspect.signature(determine_setup).parameters
+    try:
+        rootdir, inipath, inicfg, *_ = determine_setup(
+            **{k: v for k, v in wanted.items() if k in accepted})
+    except pytest.UsageError as exc:  # pytest says "PATH: what is wrong"
+        path, sep, reason = str(exc).partition(": ")
+        if sep and path.endswith(".toml"):
+            raise ConfigError(f"{path}: malformed TOML: {reason}; fix the file's syntax") from None
+        raise ConfigError(f"{exc} (pytest cannot read its configuration either); fix it") from None
+    # pytest 9 wraps each value in a ConfigValue (its origin), pytest 8 does not
+    ini = {key: getattr(value, "value", value) for key, value in inicfg.items()}
+    return PytestSetup(Path(rootdir), Path(inipath) if inipath else None, ini)
+
+
 def load_pyproject(path: Path | None) -> dict[str, Any]:
     """The [tool.pytest-isolate] table of path, or {} when there is none."""
     if path is None or not path.is_file():

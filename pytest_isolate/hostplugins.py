@@ -32,12 +32,12 @@ from typing import Any
 import pytest
 from _pytest.reports import TestReport
 
+from pytest_isolate.keys import ENV_KEY, MANAGER
+
 Log = Callable[[TestReport], None]
 
 
 def _isolated(item: pytest.Item) -> bool:
-    from pytest_isolate.manager import ENV_KEY
-
     return ENV_KEY in item.stash
 
 
@@ -158,8 +158,6 @@ def pytest_runtestloop(session: pytest.Session) -> Any:
     dest = coverage_data_dir(config)
     if dest is None:
         return result
-    from pytest_isolate.plugin import MANAGER
-
     manager = config.pluginmanager.get_plugin(MANAGER)
     if manager is None:
         return result
@@ -218,8 +216,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     config = session.config
     if not config.getoption("usepdb", False) or debug_inside(config):
         return
-    from pytest_isolate.plugin import MANAGER
-
     manager = config.pluginmanager.get_plugin(MANAGER)
     if manager is not None and manager.bound:
         manager.progress(

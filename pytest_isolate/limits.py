@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import signal
 import time
 import uuid
@@ -38,6 +37,7 @@ from typing import Any
 
 from pytest_isolate.errors import ConfigError, IsolateError
 from pytest_isolate.ownership import Owner
+from pytest_isolate.sizes import format_size, parse_size
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: Name prefix of every cgroup pytest-isolate creates (followed by owner pid and start).
@@ -48,38 +48,12 @@ MIN_MEMORY = 64 << 20
 MIN_DISK = 1 << 20
 MIN_PIDS = 16
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(value: Any) -> int | None:
-    """Bytes of "512M", "1.5G", "64MiB", "100k" or an int; None when not a size."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    if not isinstance(value, str):
-        return None
-    m = _SIZE_RE.match(value)
-    if m is None:
-        return None
-    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    return size if size > 0 else None
-
-
-def format_size(size: int) -> str:
-    for unit, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return f"{size}B" if size < 1 << 20 else f"{size / (1 << 20):.1f}M"
-
-
 def check_limit(key: str, value: Any, where: str) -> int | float:
     """A spec value of memory/disk (bytes), pids (count) or cpus (number), validated."""
     if key in ("memory", "disk"):
         size = parse_size(value)
         minimum = MIN_MEMORY if key == "memory" else MIN_DISK
-        if size is None:
+        if not size:  # None, or zero: no environment runs in no memory
             raise ConfigError(f"{where}: key {key!r} must be a size such as \"512M\" or "
                               f"\"2G\" (or a number of bytes), got {value!r}")
         if size < minimum:

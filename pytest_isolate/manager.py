@@ -26,7 +26,7 @@ from pytest_isolate import config as cfg
 from pytest_isolate import hostplugins, inside
 from pytest_isolate.agent import isolate_targets, item_target, parametrize_envs, split_items
 from pytest_isolate.backends.base import Backend, Instance, RunContext
-from pytest_isolate.cache import Cache, _force_rmtree
+from pytest_isolate.cache import Cache, force_rmtree
 from pytest_isolate.channel import log_tail
 from pytest_isolate.errors import (
     AgentError,
@@ -38,13 +38,13 @@ from pytest_isolate.errors import (
     ProvisionError,
     RemoteError,
 )
-from pytest_isolate.limits import format_size
+from pytest_isolate.keys import ENV_KEY
 from pytest_isolate.ownership import RunId, record_run, run_dir_finished
 from pytest_isolate.progress import Heartbeat
+from pytest_isolate.sizes import format_size
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
 
-ENV_KEY = pytest.StashKey[str]()
 SPEC_KEY = pytest.StashKey[EnvSpec]()
 #: what the typed ini options take, for the error when pytest cannot convert a value
 INI_EXPECTED = {"isolate_strict": "true or false",
@@ -755,14 +755,14 @@ class IsolateManager:
             if not run_dir_finished(old):
                 continue
             try:
-                _force_rmtree(old)
+                force_rmtree(old)
             except (OSError, IsolateError):
                 pass  # `python -m pytest_isolate cache gc` reports what it cannot remove
         for old in ordered[-keep:]:
             # a killed run's work directory (launcher mount points, lxcpath): its logs stay
             if old.name != self.run_id and run_dir_finished(old) and (old / "work").exists():
                 try:
-                    _force_rmtree(old / "work")
+                    force_rmtree(old / "work")
                 except (OSError, IsolateError):
                     pass
 

@@ -16,8 +16,8 @@ import pytest
 from pytest_isolate.backends import BUILTIN_BACKENDS
 from pytest_isolate.config import BUILTIN_ENVS
 from pytest_isolate.errors import BackendUnavailable, ConfigError
+from pytest_isolate.keys import MANAGER
 
-MANAGER = "isolate-manager"
 #: pytest's "float" ini type (8.4 and later)
 FLOAT_INI = tuple(int(p) for p in pytest.__version__.split(".")[:2] if p.isdigit()) >= (8, 4)
 

@@ -27,6 +27,7 @@ from pytest_isolate.cache import Cache, Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.images.envvars import PYCACHE
 from pytest_isolate.spec import EnvSpec
 
 if TYPE_CHECKING:
@@ -39,13 +40,6 @@ SITE = "/.isolate/site"
 #: inside, its pure-Python one elsewhere).
 SHIPPED = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py",
            "exceptiongroup", "tomli", "pygments", "coverage")
-#: Default environment variables inside (no host variables leak in).
-BASE_ENV = {
-    "PYTHONDONTWRITEBYTECODE": "1",
-    "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
-    "PYTHONUNBUFFERED": "1",
-}
-
 Progress = Callable[[str], None]
 
 
@@ -110,13 +104,6 @@ def required_python() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (3, 9)
 
 
-#: Host variables pytest itself reads (they decide whether assertion diffs are truncated):
-#: passed in so that a report reads the same inside as outside.
-FIDELITY_ENV = ("CI", "BUILD_NUMBER")
-#: Where a backend that can share a host directory keeps the environment's bytecode.
-PYCACHE = "/.isolate/pycache"
-
-
 def pycache_dir(run: RunContext, image: Entry) -> Path:
     """A persistent bytecode cache for one image's Python (PYTHONPYCACHEPREFIX inside).
 
@@ -126,27 +113,6 @@ def pycache_dir(run: RunContext, image: Entry) -> Path:
     path = run.cache.root / "pycache" / image.key
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def environment_variables(spec: EnvSpec, pycache: bool = False) -> dict[str, str]:
-    """The environment inside: no host variables but those the spec passes."""
-    env = dict(BASE_ENV)
-    for name in FIDELITY_ENV:
-        if name in os.environ:
-            env[name] = os.environ[name]
-    if pycache:
-        del env["PYTHONDONTWRITEBYTECODE"]
-        env["PYTHONPYCACHEPREFIX"] = PYCACHE
-    for name in spec.pass_env:
-        if name in os.environ:
-            env[name] = os.environ[name]
-    if spec.layer is not None:  # the project's virtual environment: its tools come first
-        from pytest_isolate.agent import DEFAULT_PATH
-        from pytest_isolate.images.deps import VENV
-
-        env["VIRTUAL_ENV"] = VENV
-        env["PATH"] = f"{VENV}/bin:{DEFAULT_PATH}"
-    return env
 
 
 @dataclasses.dataclass(frozen=True)

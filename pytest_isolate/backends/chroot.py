@@ -17,12 +17,12 @@ from pytest_isolate.backends.base import (
     RootfsBackend,
     agent_command,
     agent_settings,
-    environment_variables,
     handshake_or_stop,
     standard_mounts,
 )
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
+from pytest_isolate.images.envvars import environment_variables
 from pytest_isolate.namespaces import (
     check_namespaces,
     launcher_argv,

@@ -90,7 +90,6 @@ from pytest_isolate.backends.base import (
     Instance,
     agent_command,
     agent_settings,
-    environment_variables,
     handshake_or_stop,
     standard_mounts,
 )
@@ -98,6 +97,7 @@ from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError, ProvisionError
+from pytest_isolate.images.envvars import environment_variables
 from pytest_isolate.images.tree import DEFAULT_EXCLUDES, EXCLUDE_OPTION, scan_tree
 from pytest_isolate.limits import cpu_list, host_cpus
 from pytest_isolate.ownership import Owner

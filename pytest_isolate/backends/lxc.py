@@ -65,7 +65,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,6 @@ from pytest_isolate.backends.base import (
     RootfsBackend,
     agent_command,
     agent_settings,
-    environment_variables,
     handshake_or_stop,
     need_tool,
     standard_mounts,
@@ -83,6 +81,7 @@ from pytest_isolate.backends.base import (
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.images.envvars import environment_variables
 from pytest_isolate.limits import Limits, cgroup_v2, cgroup_values, host_cpus
 from pytest_isolate.ownership import Owner, run_gone
 from pytest_isolate.spec import EnvSpec
@@ -338,13 +337,3 @@ def limit_lines(limits: Limits) -> list[str]:
     cpus = host_cpus(limits.cpu_count() or 1) if limits.cpus else None
     prefix = "lxc.cgroup2." if v2 else "lxc.cgroup."
     return [f"{prefix}{key} = {value}" for key, value in cgroup_values(limits, v2, cpus).items()]
-
-
-def wait_gone(name: str, lxcpath: Path, timeout: float = 5.0) -> bool:
-    """True once no monitor of the container runs (for tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(n == name and p == str(lxcpath) for _, p, n in monitors()):
-            return True
-        time.sleep(0.05)
-    return False

@@ -72,7 +72,6 @@ from pytest_isolate.backends.base import (
     Instance,
     RunContext,
     agent_command,
-    environment_variables,
     need_tool,
     shipped_paths,
 )
@@ -89,6 +88,7 @@ from pytest_isolate.errors import (
 from pytest_isolate.images import initramfs as ird
 from pytest_isolate.images.deps import VENV
 from pytest_isolate.images.disk import ext4_from_paths, make_ext4
+from pytest_isolate.images.envvars import environment_variables
 from pytest_isolate.images.kernel import (
     ARCHES,
     QEMU_PACKAGES,
@@ -957,7 +957,7 @@ class QemuBackend(Backend):
                         self.run.cache.remove(state)
             if vm is None or process is None:
                 vm = self._launch(argv, tmp, qemu_log, f"boot, accelerator {accel}: {why}")
-                self._wait_port(spec, vm, console_log, qemu_log)
+                self._wait_port(spec, vm, qemu_log)
                 process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log, memory)
                 self.last_start = f"boot ({accel})"
                 mark("booted")
@@ -1045,7 +1045,7 @@ class QemuBackend(Backend):
         instance.conn.call(0, {"op": "configure", "settings": settings},
                            timeout=HANDSHAKE_TIMEOUT)
 
-    def _wait_port(self, spec: EnvSpec, vm: _Vm, console: Path, qemu_log: Path) -> None:
+    def _wait_port(self, spec: EnvSpec, vm: _Vm, qemu_log: Path) -> None:
         """Wait until the guest opens the agent's port; fail fast if QEMU or the guest dies."""
         timeout = float(spec.option("boot_timeout", BOOT_TIMEOUT))
         deadline = time.monotonic() + timeout
@@ -1320,15 +1320,3 @@ class QemuBackend(Backend):
         except BaseException:
             vm.kill()
             raise
-
-    # ------------------------------------------------------------------ bench
-    def baseline_argv(self, spec: EnvSpec, image_data: Path, tmp: Path,
-                      command: list[str]) -> tuple[list[str], Path]:
-        """QEMU argv booting image_data's kernel and disks with command in place of the agent.
-
-        command's stdout goes to the agent's port: (argv, unix socket path to read it).
-        """
-        files = self.files(image_data)
-        initrd = tmp / "baseline-initrd.img"
-        self.write_initrd(files.initramfs, initrd, spec, command)
-        return self.qemu_argv(spec, files, "tcg", initrd, tmp), tmp / "agent.sock"

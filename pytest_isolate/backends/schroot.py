@@ -63,18 +63,15 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from pytest_isolate.backends.base import (
-    PYCACHE,
     SITE,
     Instance,
     RootfsBackend,
     agent_command,
     agent_settings,
-    environment_variables,
     handshake_or_stop,
     layer_mounts,
     need_tool,
@@ -85,6 +82,7 @@ from pytest_isolate.backends.base import (
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.images.envvars import PYCACHE, environment_variables
 from pytest_isolate.ownership import Owner
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import fstab_path, safe_name
@@ -385,13 +383,3 @@ class SchrootBackend(RootfsBackend):
                                             "provision": image.log}, cleanup)
         mounts = standard_mounts(self.run, spec, image)  # what the fstab above binds
         return handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
-
-
-def wait_no_session(prefix: str, timeout: float = 10.0) -> bool:
-    """True once no session whose name starts with prefix is open (for tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(s.startswith(prefix) for s in list_sessions()):
-            return True
-        time.sleep(0.1)
-    return False

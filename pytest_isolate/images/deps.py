@@ -461,7 +461,7 @@ def build_layer(spec: EnvSpec, rootfs: Path, plan: DepsPlan, index: IndexConfig,
                 progress: Callable[[str], None],
                 installer: tuple[str, str | None] = ("pip", None)) -> dict[str, Any]:
     """Build the layer into data (a fresh cache entry directory)."""
-    from pytest_isolate.backends.base import environment_variables
+    from pytest_isolate.images.envvars import environment_variables
     from pytest_isolate.images.rootfs import run_logged
     from pytest_isolate.namespaces import launcher_argv
 

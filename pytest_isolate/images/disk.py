@@ -15,11 +15,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pytest_isolate.errors import ProvisionError
-from pytest_isolate.images.tree import DEFAULT_EXCLUDES
-
-#: Directories never copied into a project disk (caches, VCS data, host virtualenvs):
-#: the fixed list of images/tree.py, which decides what a project disk holds.
-PROJECT_EXCLUDES = frozenset(p.rstrip("/") for p in DEFAULT_EXCLUDES)
 
 
 def tree_size(path: Path) -> tuple[int, int]:
@@ -66,18 +61,6 @@ def make_ext4(source: Path, image: Path, label: str = "isolate", slack: float = 
         image.unlink(missing_ok=True)
         raise ProvisionError(f"mkfs.ext4 -d {source} failed (exit status {proc.returncode})",
                              proc.stdout.decode(errors="replace")[-4000:])
-
-
-def qcow2_overlay(base: Path, overlay: Path, base_format: str = "raw") -> None:
-    """A qcow2 file whose reads fall through to base; writes stay in the overlay."""
-    qemu_img = shutil.which("qemu-img") or "qemu-img"
-    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format,
-            str(overlay)]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          stdin=subprocess.DEVNULL, timeout=60, check=False)
-    if proc.returncode != 0:
-        raise ProvisionError(f"qemu-img create of {overlay} failed",
-                             proc.stdout.decode(errors="replace"))
 
 
 def _copy_tree(src: Path, dst: Path, excludes: frozenset[str]) -> None:

@@ -138,7 +138,7 @@ def build_rootfs(spec: EnvSpec, dest: Path, log_path: Path, rootdir: Path,
 def run_setup(spec: EnvSpec, rootfs: Path, command: str, index: int, log_path: Path,
               rootdir: Path, progress: Any) -> None:
     """One setup command inside the new root filesystem, written straight into it."""
-    from pytest_isolate.backends.base import environment_variables
+    from pytest_isolate.images.envvars import environment_variables
     from pytest_isolate.namespaces import launcher_argv
 
     work = rootfs.parent / f"setup-{index}"

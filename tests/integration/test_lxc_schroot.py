@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,16 @@ LXC_INSIDE = textwrap.dedent(
 )
 
 
+def wait_no_monitor(name: str, lxcpath: Path, timeout: float = 5.0) -> bool:
+    """True once no monitor of the container runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(n == name and p == str(lxcpath) for _, p, n in lxc_backend.monitors()):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_lxc_container_is_labelled_and_removed(pytester: pytest.Pytester, cache_dir: str) -> None:
     pytester.makepyfile(test_inside=LXC_INSIDE)
     result = run_inner(pytester, cache_dir)
@@ -86,7 +97,7 @@ def test_lxc_container_is_labelled_and_removed(pytester: pytest.Pytester, cache_
     [where] = printed(result, "CONTAINER")
     lxcpath, name = where.rsplit(" ", 1)
     assert name.startswith(lxc_backend.PREFIX)
-    assert lxc_backend.wait_gone(name, Path(lxcpath))
+    assert wait_no_monitor(name, Path(lxcpath))
     assert not Path(lxcpath, name).exists()
     logs = list(Path(cache_dir, "runs").glob("*/logs/lxc/lxc.log"))
     assert any(name in p.read_text(errors="replace") for p in logs)

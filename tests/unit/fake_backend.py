@@ -1,6 +1,7 @@
 """A fake backend for the unit tests: the real agent as a host subprocess, NO isolation.
 
-FakeBackend is a real :class:`~pytest_isolate.backends.base.Backend` subclass,
+FakeBackend is a real :class:`~pytest_isolate.backend.Backend` subclass, built only
+from the public surface for backend authors (``pytest_isolate.backend``) and
 registered through the real ``pytest_isolate_backends`` hook from a conftest.py.
 It starts the real agent (``python -u -c agent.BOOTSTRAP``) with the host's
 interpreter and configures it with ``"isolation": "none"``: tests and commands
@@ -20,14 +21,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.agent import BOOTSTRAP
-from pytest_isolate.backends.base import Backend, Instance, environment_variables
-from pytest_isolate.cache import Entry
-from pytest_isolate.channel import AgentProcess
-from pytest_isolate.errors import BackendUnavailable
-from pytest_isolate.spec import EnvSpec
+import pytest_isolate
+from pytest_isolate.backend import (
+    BOOTSTRAP,
+    AgentProcess,
+    Backend,
+    BackendUnavailable,
+    Entry,
+    EnvSpec,
+    Instance,
+    environment_variables,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: Where the host's pytest_isolate comes from: a checkout on PYTHONPATH may shadow the
+#: installed one, and the agent's conftest must import the same code as the host.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytest_isolate.__file__)))
 START_TIMEOUT = 60.0
 #: Host variables the agent keeps (everything else is dropped, as inside a real environment).
 KEEP_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
@@ -61,7 +70,7 @@ class FakeBackend(Backend):
         env = {k: os.environ[k] for k in KEEP_ENV if k in os.environ}
         env.update(environment_variables(spec))
         # fake_backend itself must be importable by the project's conftest inside the agent
-        env["PYTHONPATH"] = HERE
+        env["PYTHONPATH"] = os.pathsep.join([HERE, PACKAGE_ROOT])
         log = self.run.log_path(spec.name, "agent.log")
         process = AgentProcess([sys.executable, "-u", "-c", BOOTSTRAP], log,
                                f"environment {spec.name!r}", env=env)

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
-from pytest_isolate.cache import MANIFEST, Cache, Entry
+from pytest_isolate.cache import MANIFEST, Cache, CacheItem, Entry
 from pytest_isolate.errors import ConfigError
 
 
@@ -156,8 +157,82 @@ def test_clean_tmp_removes_leftovers(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "c")
     left = tmp_path / "c" / "tmp" / "k-key.abcd"
     (left / "data").mkdir(parents=True)
-    assert cache.clean_tmp() == 1
-    assert list((tmp_path / "c" / "tmp").iterdir()) == []
+    building = tmp_path / "c" / "tmp" / "k-busy.efgh"
+    building.mkdir()
+    with FileLock(str(tmp_path / "c" / "locks" / "k-busy.lock")):  # a build in progress
+        swept = cache.clean_tmp()
+    assert swept.removed == [left] and swept.kept == []
+    assert list((tmp_path / "c" / "tmp").iterdir()) == [building]
+    assert cache.clean_tmp(older_than=3600).removed == []  # too recent
+    assert cache.clean_tmp(dry=True).removed == [building] and building.is_dir()
+
+
+def aged_entry(cache: Cache, key: str, size: int, days_ago: float) -> Entry:
+    def build(data: Path, log: Path) -> dict[str, Any]:
+        data.mkdir()
+        (data / "blob").write_bytes(b"x" * size)
+        return {}
+
+    entry = cache.get_or_build("rootfs", key, build, {"name": key}, cache.root / f"{key}.log")
+    stamp = time.time() - days_ago * 86400
+    os.utime(entry.path / MANIFEST, (stamp, stamp))
+    return entry
+
+
+def test_listing_creates_and_touches_nothing(tmp_path: Path) -> None:
+    assert Cache(tmp_path / "none", create=False).listing() == []
+    assert not (tmp_path / "none").exists()
+    cache = Cache(tmp_path / "c")
+    entry = aged_entry(cache, "old", 1000, days_ago=3)
+    before = (entry.path / MANIFEST).stat().st_mtime
+    [item] = Cache(tmp_path / "c", create=False).listing()
+    assert (item.kind, item.key, item.path, item.last_use) == ("rootfs", "old", entry.path, before)
+    assert item.size >= 1000 and (entry.path / MANIFEST).stat().st_mtime == before
+    [recorded] = cache.listing(with_size=False)
+    assert recorded.size == 1000  # the manifest's size: the data alone
+
+
+def test_collect_removes_least_recently_used_and_keeps_what_is_in_use(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+    oldest = aged_entry(cache, "oldest", 1000, days_ago=9)
+    held = aged_entry(cache, "held", 1000, days_ago=8)
+    aged_entry(cache, "newer", 1000, days_ago=1)
+    sizes = {i.key: i.size for i in cache.listing()}
+    release = cache.hold(held)
+    try:
+        done = cache.collect(max_size=sizes["held"])
+    finally:
+        release()
+    # least recently used first; the held one is skipped, so the newer one goes too
+    assert [i.key for i in done.removed] == ["oldest", "newer"]
+    assert [(i.key, why) for i, why in done.kept] == [("held", "in use by a running session")]
+    assert done.remaining == 1 and done.remaining_size == sizes["held"]
+    assert not oldest.path.exists() and [i.key for i in cache.listing()] == ["held"]
+    assert [i.key for i in cache.collect(max_age=2 * 86400, dry=True).removed] == ["held"]
+    assert [i.key for i in cache.collect(max_age=2 * 86400).removed] == ["held"]
+    assert cache.listing() == []
+
+
+def test_remove_unused_asks_the_backend_for_what_is_outside(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "c")
+
+    def build(data: Path, log: Path) -> dict[str, Any]:
+        data.mkdir()
+        return {"external_backend": "fake"}
+
+    cache.get_or_build("image", "img", build, {}, tmp_path / "log")
+    [item] = cache.listing()
+    assert cache.remove_unused(item) is not None and item.path.exists()  # nobody to ask
+    asked: list[tuple[str, str]] = []
+
+    def refuse(backend: str, it: CacheItem) -> str:
+        asked.append((backend, it.key))
+        return "still used by a container"
+
+    assert cache.remove_unused(item, remove_external=refuse) == "still used by a container"
+    assert item.path.exists()
+    assert cache.remove_unused(item, remove_external=lambda b, i: None) is None
+    assert asked == [("fake", "img")] and not item.path.exists()
 
 
 def test_unwritable_root_is_a_config_error(tmp_path: Path) -> None:

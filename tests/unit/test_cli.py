@@ -320,6 +320,7 @@ def test_cache_dir_precedence(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ envs
 
+
 PYPROJECT = """
 [tool.pytest-isolate.envs.trixie-arm]
 backend = "chroot"
@@ -330,6 +331,56 @@ setup = ["true"]
 [tool.pytest-isolate.envs.docker]
 release = "bookworm"
 """
+
+
+INI_FILES = {
+    "pytest.ini": "[pytest]\nisolate_cache_dir = {value}\n",
+    "tox.ini": "[tox]\nenvlist = py3\n\n[pytest]\nisolate_cache_dir = {value}\n",
+    "setup.cfg": "[metadata]\nname = demo\n\n[tool:pytest]\nisolate_cache_dir = {value}\n",
+    "pyproject.toml": '[tool.pytest.ini_options]\nisolate_cache_dir = "{value}"\n',
+}
+
+
+def pytest_cache_line(cwd: Path) -> str:
+    """The cache the plugin reports when pytest itself runs in cwd."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTEST_ISOLATE_CACHE_DIR"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "--co", "-p", "no:cacheprovider"],
+                            cwd=cwd, env=environ, capture_output=True, text=True, timeout=120)
+    [line] = [ln for ln in result.stdout.splitlines() if ln.startswith("isolate: cache ")]
+    return line.removeprefix("isolate: ")
+
+
+@pytest.mark.parametrize("inifile", sorted(INI_FILES))
+def test_cache_dir_from_pytests_own_inifile(tmp_path: Path, inifile: str) -> None:
+    """isolate_cache_dir in whichever file pytest takes its configuration from (found by
+    pytest's rules from a sub-directory, relative to the rootdir) is the cache `cache ls`
+    looks at, the one `pytest` run in the same place uses."""
+    proj = tmp_path / "p"
+    (proj / "sub").mkdir(parents=True)
+    (proj / inifile).write_text(INI_FILES[inifile].format(value="ini-cache"))
+    if inifile != "pyproject.toml":  # a pyproject.toml of the project's own, no pytest table
+        (proj / "pyproject.toml").write_text("[project]\nname = 'demo'\nversion = '0'\n")
+    result = cli("cache", "ls", "--json", cwd=proj / "sub")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["cache_dir"] == str(proj / "ini-cache")
+    assert data["cache_dir_source"] == f"ini key 'isolate_cache_dir' in {proj / inifile}"
+    assert pytest_cache_line(proj / "sub") == f"cache {data['cache_dir']} ({data['cache_dir_source']})"
+
+
+def test_pytest_ini_wins_over_pyproject_as_in_pytest(tmp_path: Path) -> None:
+    """pytest reads pytest.ini before pyproject.toml in the same directory: so does the CLI,
+    while the [tool.pytest-isolate] table still comes from the rootdir's pyproject.toml."""
+    proj = tmp_path / "p"
+    proj.mkdir()
+    (proj / "pytest.ini").write_text(INI_FILES["pytest.ini"].format(value="from-ini"))
+    (proj / "pyproject.toml").write_text(INI_FILES["pyproject.toml"].format(value="from-toml")
+                                         + PYPROJECT)
+    data = json.loads(cli("cache", "ls", "--json", cwd=proj).stdout)
+    assert data["cache_dir"] == str(proj / "from-ini")
+    assert pytest_cache_line(proj) == f"cache {proj / 'from-ini'} ({data['cache_dir_source']})"
+    envs = json.loads(cli("envs", "--json", cwd=proj).stdout)
+    assert envs["pyproject"] == str(proj / "pyproject.toml") and "trixie-arm" in envs["envs"]
 
 
 def test_envs_shows_values_with_their_source(project: Path, cache_dir: Path) -> None:

@@ -1,0 +1,82 @@
+"""What a third-party backend imports: the one public surface for backend authors.
+
+A backend is a :class:`Backend` subclass returned by a ``pytest_isolate_backends``
+hook implementation (see ``hookspecs.py``; the built-in backends register the same
+way, and a plugin that answers with a built-in name replaces it)::
+
+    from pytest_isolate.backend import Backend, Entry, EnvSpec, Instance, hookimpl
+
+    class PodBackend(Backend):
+        name = "pod"
+
+        def check(self, spec: EnvSpec) -> None: ...
+        def provision(self, spec: EnvSpec) -> Entry: ...
+        def start(self, spec: EnvSpec, image: Entry) -> Instance: ...
+
+    @hookimpl
+    def pytest_isolate_backends():
+        return {"pod": PodBackend}   # or "my_plugin.pod:PodBackend", imported when used
+
+Everything here keeps its name and meaning across releases; the modules it comes from
+(``backends/base.py``, ``channel.py``, ...) are internal and may move.  Then run the
+conformance suite (``tests/conformance``) against an environment of the new backend.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from pytest_isolate.agent import BOOTSTRAP
+from pytest_isolate.backends.base import (
+    SITE,
+    Backend,
+    Instance,
+    Mount,
+    RootfsBackend,
+    RunContext,
+    Transport,
+    agent_command,
+    agent_settings,
+    handshake_or_stop,
+    need_tool,
+    standard_mounts,
+)
+from pytest_isolate.cache import Cache, Entry
+from pytest_isolate.channel import AgentProcess, Connection
+from pytest_isolate.config import Option
+from pytest_isolate.errors import AgentLost, BackendUnavailable, IsolateError, ProvisionError
+from pytest_isolate.hookspecs import BackendRef
+from pytest_isolate.images.envvars import environment_variables
+from pytest_isolate.spec import EnvSpec
+
+#: Marks a hook implementation (``pytest_isolate_backends``); the same as ``pytest.hookimpl``.
+hookimpl = pluggy.HookimplMarker("pytest")
+
+__all__ = [
+    "BOOTSTRAP",
+    "SITE",
+    "AgentLost",
+    "AgentProcess",
+    "Backend",
+    "BackendRef",
+    "BackendUnavailable",
+    "Cache",
+    "Connection",
+    "Entry",
+    "EnvSpec",
+    "Instance",
+    "IsolateError",
+    "Mount",
+    "Option",
+    "ProvisionError",
+    "RootfsBackend",
+    "RunContext",
+    "Transport",
+    "agent_command",
+    "agent_settings",
+    "environment_variables",
+    "handshake_or_stop",
+    "hookimpl",
+    "need_tool",
+    "standard_mounts",
+]
