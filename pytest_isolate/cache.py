@@ -303,6 +303,24 @@ class Swept:
     kept: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
 
 
+#: The group of entries an entry belongs to, of which gc keeps only the newest (None: none).
+Supersede = Callable[[CacheItem], "str | None"]
+
+
+def superseded(items: list[CacheItem], group: Supersede) -> set[Path]:
+    """The entries of items that a newer entry of the same group replaces."""
+    newest: dict[str, CacheItem] = {}
+    older: set[Path] = set()
+    for item in sorted(items, key=lambda i: i.created):
+        name = group(item)
+        if name is None:
+            continue
+        if name in newest:
+            older.add(newest[name].path)
+        newest[name] = item
+    return older
+
+
 @dataclasses.dataclass
 class Collected:
     """What collect removed (or would), what it kept and why, and what remains."""
@@ -489,20 +507,24 @@ class Cache:
         return None
 
     def collect(self, max_age: float | None = None, max_size: int | None = None,
-                dry: bool = False, remove_external: RemoveExternal | None = None) -> Collected:
-        """Remove the entries unused for max_age seconds, then the least recently used
-        until the rest fit in max_size bytes.  An entry in use, or used in the last
-        GC_GRACE_SECONDS, is kept with the reason.  dry: remove nothing, say what would go."""
+                dry: bool = False, remove_external: RemoveExternal | None = None,
+                supersede: Supersede | None = None) -> Collected:
+        """Remove the entries unused for max_age seconds, the ones a newer entry of their
+        group supersedes (supersede(item): the group, None for none), then the least
+        recently used until the rest fit in max_size bytes.  An entry in use, or used in
+        the last GC_GRACE_SECONDS, is kept with the reason.  dry: remove nothing, say what
+        would go."""
         now = time.time()
         items = sorted(self.listing(), key=lambda i: i.last_use)
         total = sum(i.size for i in items)
         busy = mount_users([mount_pattern(i) for i in items])
+        newer = superseded(items, supersede) if supersede is not None else set()
         removed: list[CacheItem] = []
         kept: list[tuple[CacheItem, str]] = []
         for item in items:
             too_old = max_age is not None and now - item.last_use >= max_age
             too_big = max_size is not None and total > max_size
-            if not (too_old or too_big):
+            if not (too_old or too_big or item.path in newer):
                 continue
             if now - item.last_use < GC_GRACE_SECONDS:
                 kept.append((item, f"used in the last {GC_GRACE_SECONDS:.0f}s"))

@@ -313,7 +313,11 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
 
     # 3. entries: too old first, then oldest-by-last-use until under --max-size
     max_age = args.max_age * 86400 if args.max_age is not None else None
-    done = cache.collect(max_age, args.max_size, dry, remove_external)
+    from pytest_isolate.backends.qemu import saved_state_group
+
+    supersede = None if args.keep_states else (
+        lambda item: saved_state_group(item.kind, item.manifest))
+    done = cache.collect(max_age, args.max_size, dry, remove_external, supersede)
     for item in done.removed:
         out(f"{verb} {item.kind}/{item.key} ({summarize(item.manifest)}, {format_size(item.size)}, "
             f"last used {format_age(now - item.last_use)} ago)")
@@ -1020,7 +1024,8 @@ def build_parser() -> Parser:
                                     "stale build directories of killed runs, log "
                                     "directories of finished runs (older than --max-age, default "
                                     f"{RUNS_MAX_AGE_DAYS:g} days), entries not used for --max-age "
-                                    "days, then the least recently used entries until the cache "
+                                    "days, saved VM states a newer state of the same machine "
+                                    "replaces, then the least recently used entries until the cache "
                                     "fits --max-size. Entries in use by a running session or "
                                     "being built are never removed.")
     c.add_argument("--max-age", type=parse_days, metavar="DAYS",
@@ -1028,6 +1033,8 @@ def build_parser() -> Parser:
     c.add_argument("--max-size", type=size_arg, metavar="SIZE",
                    help="remove least recently used entries until the total is at most SIZE "
                         "(e.g. 10G, 500M)")
+    c.add_argument("--keep-states", action="store_true",
+                   help="keep every saved VM state, not only the newest per machine")
     c.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     c.set_defaults(handler=cmd_cache_gc)
     c = csub.add_parser("rm", parents=[common], help="remove entries by key",

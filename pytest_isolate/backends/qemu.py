@@ -501,6 +501,20 @@ def qemu_version(binary: str) -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
+def saved_state_group(kind: str, manifest: dict[str, Any]) -> str | None:
+    """The machine a saved state (cache kind "vmstate") is of: the environment's name and
+    QEMU's binary.  A newer state of the same machine -- after a new agent, another
+    initramfs or site image, other variables baked in at boot -- replaces an older one,
+    so `cache gc` keeps only the newest; None for anything else."""
+    spec = manifest.get("spec")
+    if kind != "vmstate" or not isinstance(spec, dict):
+        return None
+    argv = spec.get("argv")
+    if not isinstance(argv, list) or "-name" not in argv or argv.index("-name") + 1 >= len(argv):
+        return None
+    return f"{argv[0]} {argv[argv.index('-name') + 1]}"
+
+
 def boot_spec(spec: EnvSpec) -> EnvSpec:
     """What the machine boots with: the dependency layer comes after a restore (so one
     saved state serves every layer), and the agent takes on its venv then."""

@@ -288,3 +288,43 @@ def test_hold_of_something_outside_the_cache_is_a_no_op(tmp_path: Path) -> None:
     release = cache.hold(outside)
     release()
     assert not (tmp_path / "not-an-entry").exists()
+
+
+def test_collect_keeps_only_the_newest_saved_state_of_each_machine(tmp_path: Path) -> None:
+    """gc's default for saved VM states (issue 13): a newer state of the same machine (the
+    environment's name and QEMU's binary, read by the qemu backend's saved_state_group)
+    replaces the older ones, whatever made them differ."""
+    from pytest_isolate.backends.qemu import saved_state_group
+
+    cache = Cache(tmp_path / "c")
+
+    def state(key: str, env: str, binary: str = "qemu-system-x86_64") -> None:
+        def build(data: Path, log: Path) -> dict[str, Any]:
+            data.mkdir()
+            (data / "state").write_bytes(b"s" * 100)
+            return {}
+
+        argv = [binary, "-m", "1024", "-name", f"pytest-isolate:@RUN@:{env}", "-nodefaults"]
+        entry = cache.get_or_build("vmstate", key, build, {"argv": argv, "agent": key},
+                                   cache.root / f"{key}.log")
+        stamp = time.time() - 3600  # out of gc's grace period
+        os.utime(entry.path / MANIFEST, (stamp, stamp))
+
+    state("vm-old", "qemu_vm")
+    state("arm-only", "arm64_vm", "qemu-system-aarch64")
+    state("vm-older-agent", "qemu_vm")
+    state("other-env", "netvm")
+    state("vm-new", "qemu_vm")
+    aged_entry(cache, "rootfs-alone", 10, days_ago=0.1)  # not a state: never superseded
+
+    def group(item: CacheItem) -> str | None:
+        return saved_state_group(item.kind, item.manifest)
+
+    dry = cache.collect(dry=True, supersede=group)
+    assert sorted(i.key for i in dry.removed) == ["vm-old", "vm-older-agent"]
+    assert len(cache.listing()) == 6
+    assert cache.collect().removed == []  # without the rule: nothing is too old or too big
+    done = cache.collect(supersede=group)
+    assert sorted(i.key for i in done.removed) == ["vm-old", "vm-older-agent"]
+    assert sorted(i.key for i in cache.listing()) == [
+        "arm-only", "other-env", "rootfs-alone", "vm-new"]
