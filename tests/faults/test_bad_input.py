@@ -38,9 +38,11 @@ def project(inner: Inner, toml: str, env: str) -> None:
 
 
 @pytest.mark.parametrize(("line", "needles"), [
-    ('isolate_timeout = "abc"', ["ini key 'isolate_timeout'", "timeout must be a positive number "
-                                 "of seconds, got 'abc'"]),
-    ('isolate_timeout = "-5"', ["ini key 'isolate_timeout'", "got '-5'"]),
+    # a float ini option: pytest converts it, the message still names the key and the fix
+    ('isolate_timeout = "abc"', ["ini key 'isolate_timeout'", "'abc'",
+                                 "set it to a positive number of seconds"]),
+    ('isolate_timeout = "-5"', ["ini key 'isolate_timeout'", "timeout must be a positive number "
+                                "of seconds, got -5"]),
     ('isolate_reset = "never"', ["ini key 'isolate_reset'", "unsupported reset 'never'; "
                                  "supported: test, module, session"]),
 ], ids=["timeout-text", "timeout-negative", "reset"])
