@@ -5,6 +5,7 @@ A second Docker engine on its own unix socket stands in for a remote one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -114,3 +115,36 @@ def test_unknown_host_key_is_a_usage_error(pytester: pytest.Pytester) -> None:
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*[[]tool.pytest-isolate.hosts.box[]]: unknown key 'dokcer'"
                                  " (did you mean 'docker'?)*"])
+
+
+def test_dead_endpoint_moves_its_environments_to_the_live_one(
+        pytester: pytest.Pytester, tmp_path: Path) -> None:
+    dead = f"unix://{tmp_path}/nothing.sock"
+    pytester.makefile(".toml", pyproject=textwrap.dedent(f"""
+        [tool.pytest-isolate.hosts.gone]
+        docker = "{dead}"
+
+        [tool.pytest-isolate.hosts.main]
+        docker = "{MAIN}"
+    """))
+    pytester.makepyfile(test_pool="""
+        import os, pytest
+
+        @pytest.mark.isolate("docker")
+        @pytest.mark.parametrize("n", range(3))
+        def test_inside(n):
+            assert os.path.exists("/.dockerenv")
+    """)
+    since = time.time() - 1
+    # without xdist the one worker's slot is the first host's: the dead one
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "--isolate-strict",
+                                           "-p", "no:cacheprovider",
+                                           "--isolate-report", "report.json", timeout=900)
+    result.assert_outcomes(passed=3)
+    assert started_containers(MAIN, since) >= 1
+    report = json.loads((pytester.path / "report.json").read_text())
+    [move] = report["moves"]
+    assert (move["env"], move["from_host"], move["to_host"]) == ("docker", "gone", "main")
+    assert move["reason"].startswith(f"the docker engine does not answer at {dead}"), move
+    env = report["environments"]["docker"]
+    assert (env["host"], env["endpoint"]) == ("main", MAIN)
