@@ -65,7 +65,9 @@ class FakeBackend(Backend):
         env = {k: os.environ[k] for k in KEEP_ENV if k in os.environ}
         env.update(environment_variables(spec))
         # fake_backend itself must be importable by the project's conftest inside the agent
-        env["PYTHONPATH"] = HERE
+        # (and the agent's pytest_isolate the host's: a worktree's, not the editable install's)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [HERE, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
         env["FAKE_ENDPOINT"] = self.endpoint or ""  # which pool host the tests run on
         log = self.run.log_path(spec.name, "agent.log")
         process = AgentProcess([sys.executable, "-u", "-c", BOOTSTRAP], log,

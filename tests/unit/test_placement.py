@@ -16,6 +16,7 @@ from unit_support import Project
 from pytest_isolate import config as cfg
 from pytest_isolate.errors import ConfigError, NoHostLeft
 from pytest_isolate.spec import EnvSpec
+from pytest_isolate.timing import Move, RunReport
 
 DOCKER = EnvSpec("docker", "docker", arch="amd64")
 ARM = EnvSpec("arm", "docker", arch="arm64")
@@ -98,6 +99,15 @@ def test_misspelt_slots_suggested() -> None:
     table = {"hosts": {"a": {"docker": "unix:///a.sock", "slot": 2}}}
     with pytest.raises(ConfigError, match=r"unknown key 'slot' \(did you mean 'slots'\?\)"):
         cfg.resolve_hosts(table, Path("/p/pyproject.toml"), ["docker"])
+
+
+def test_workers_moves_merged_into_the_controllers_report() -> None:
+    controller, worker = RunReport("run"), RunReport("run-gw1")
+    worker.moves.append(Move("docker", "a", "b", "the engine does not answer"))
+    controller.merge(json.loads(json.dumps(worker.to_json())))
+    assert controller.to_json()["moves"] == [{"env": "docker", "from_host": "a",
+                                             "to_host": "b",
+                                             "reason": "the engine does not answer"}]
 
 
 # ---------------------------------------------------------------- runs over the fake pool
