@@ -5,13 +5,18 @@ cgroup names only, so the main engine is never touched."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from faults_support import find_processes, kill_all, wait_for
+import pytest
+from faults_support import find_processes, inner_options, kill_all, wait_for
 
 
 class PrivateEngine:
@@ -78,3 +83,34 @@ class PrivateEngine:
                 start_new_session=True)
         wait_for("the private docker engine", self.answers, 60, proc, interval=0.5)
         return proc
+
+    @contextlib.contextmanager
+    def killed_mid_run(self, project: Path, cache_dir: str, tag: str, args: list[str],
+                       env: dict[str, str]) -> Iterator[float]:
+        """Start this engine and pytest on project; SIGKILL the engine once ``sleep tag``
+        runs (in one of its containers); yield the seconds from the kill to the end of
+        the run, whose output is project/inner.out.  Everything is gone afterwards."""
+        if shutil.which("dockerd") is None:
+            pytest.fail("dockerd is not installed (apt-get install docker.io)")
+        self.remove()  # what an interrupted earlier session left
+        engine = proc = None
+        try:
+            engine = self.start(project / "dockerd.log")
+            with open(project / "inner.out", "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pytest", *inner_options(cache_dir), *args],
+                    cwd=project, stdout=out, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env=env)
+            wait_for(f"sleep {tag} in a container of the private engine",
+                     lambda: find_processes(f"sleep {tag}"), 240, proc)
+            killed_at = time.monotonic()
+            engine.send_signal(signal.SIGKILL)
+            engine.wait()
+            proc.wait(300)
+            yield time.monotonic() - killed_at
+        finally:
+            for p in (proc, engine):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait()
+            self.remove()

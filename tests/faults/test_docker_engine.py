@@ -10,15 +10,10 @@ removed by this module, found by those private paths and cgroup names only.
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
-from faults_support import find_processes, inner_options, sleep_tag, wait_for
+from faults_support import sleep_tag
 from private_engine import PrivateEngine
 
 pytestmark = pytest.mark.integration
@@ -52,37 +47,16 @@ def test_c_other_backends_go_on():
 
 @pytest.fixture(scope="module")
 def engine_killed(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Iterator[EngineScenario]:
-    if shutil.which("dockerd") is None:
-        pytest.fail("dockerd is not installed (apt-get install docker.io)")
     project = tmp_path_factory.mktemp("engine-killed")
     tag = sleep_tag()
     (project / "test_engine.py").write_text(ENGINE_RUN.format(tag=tag))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
     env["DOCKER_HOST"] = HOST
     sc = EngineScenario()
-    ENGINE.remove()  # what an interrupted earlier session left
-    engine = proc = None
-    try:
-        engine = ENGINE.start(project / "dockerd.log")
-        with open(project / "inner.out", "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "pytest", *inner_options(cache_dir)],
-                                    cwd=project, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env)
-        wait_for(f"sleep {tag} in a container of the private engine",
-                 lambda: find_processes(f"sleep {tag}"), 240, proc)
-        killed_at = time.monotonic()
-        engine.send_signal(signal.SIGKILL)
-        engine.wait()
-        proc.wait(120)
-        sc.elapsed = time.monotonic() - killed_at
+    with ENGINE.killed_mid_run(project, cache_dir, tag, [], env) as elapsed:
+        sc.elapsed = elapsed
         sc.output = (project / "inner.out").read_text(errors="replace")
         yield sc
-    finally:
-        for p in (proc, engine):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
-        ENGINE.remove()
 
 
 def test_the_running_test_fails_with_the_reason(engine_killed: EngineScenario) -> None:

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faults_support import find_processes, inner_options, sleep_tag, wait_for
+from faults_support import sleep_tag
 from private_engine import PrivateEngine
 
 pytestmark = pytest.mark.integration
@@ -58,41 +53,19 @@ class Scenario:
 
 @pytest.fixture(scope="module")
 def host_killed(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Iterator[Scenario]:
-    if shutil.which("dockerd") is None:
-        pytest.fail("dockerd is not installed (apt-get install docker.io)")
     project = tmp_path_factory.mktemp("pool-host-killed")
     tag = sleep_tag()
     (project / "pyproject.toml").write_text(POOL)
     (project / "test_pool.py").write_text(RUN.format(tag=tag))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
     sc = Scenario()
-    ENGINE.remove()  # what an interrupted earlier session left
-    engine = proc = None
-    try:
-        engine = ENGINE.start(project / "dockerd.log")
-        with open(project / "inner.out", "wb") as out:
-            # without xdist the one worker's slot is the first host's: the private engine
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest", *inner_options(cache_dir), "-p", "no:xdist",
-                 "--isolate-report", "report.json"],
-                cwd=project, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env)
-        wait_for(f"sleep {tag} in a container of the private engine",
-                 lambda: find_processes(f"sleep {tag}"), 240, proc)
-        killed_at = time.monotonic()
-        engine.send_signal(signal.SIGKILL)
-        engine.wait()
-        proc.wait(600)
-        sc.elapsed = time.monotonic() - killed_at
+    # without xdist the one worker's slot is the first host's: the private engine
+    args = ["-p", "no:xdist", "--isolate-report", "report.json"]
+    with ENGINE.killed_mid_run(project, cache_dir, tag, args, env) as elapsed:
+        sc.elapsed = elapsed
         sc.output = (project / "inner.out").read_text(errors="replace")
         sc.report = json.loads((project / "report.json").read_text())
         yield sc
-    finally:
-        for p in (proc, engine):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
-        ENGINE.remove()
 
 
 def test_the_running_test_fails_as_a_lost_environment(host_killed: Scenario) -> None:

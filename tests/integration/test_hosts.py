@@ -77,6 +77,18 @@ def started_containers(url: str, since: float) -> int:
     return sum(1 for _ in events)
 
 
+def docker_tests(pytester: pytest.Pytester, count: int) -> None:
+    """count tests in the built-in docker environment, each checking it runs in a container."""
+    pytester.makepyfile(test_pool=f"""
+        import os, pytest
+
+        @pytest.mark.isolate("docker")
+        @pytest.mark.parametrize("n", range({count}))
+        def test_inside(n):
+            assert os.path.exists("/.dockerenv")
+    """)
+
+
 def test_environments_spread_over_two_engines(pytester: pytest.Pytester, second_engine: str) -> None:
     pytester.makefile(".toml", pyproject=textwrap.dedent(f"""
         [tool.pytest-isolate.hosts.main]
@@ -87,14 +99,7 @@ def test_environments_spread_over_two_engines(pytester: pytest.Pytester, second_
         docker = "{second_engine}"
         arches = ["amd64"]
     """))
-    pytester.makepyfile(test_pool="""
-        import os, pytest
-
-        @pytest.mark.isolate("docker")
-        @pytest.mark.parametrize("n", range(6))
-        def test_inside(n):
-            assert os.path.exists("/.dockerenv")
-    """)
+    docker_tests(pytester, 6)
     since = time.time() - 1
     result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--isolate-strict",
                                            "-p", "no:cacheprovider", timeout=900)
@@ -127,14 +132,7 @@ def test_dead_endpoint_moves_its_environments_to_the_live_one(
         [tool.pytest-isolate.hosts.main]
         docker = "{MAIN}"
     """))
-    pytester.makepyfile(test_pool="""
-        import os, pytest
-
-        @pytest.mark.isolate("docker")
-        @pytest.mark.parametrize("n", range(3))
-        def test_inside(n):
-            assert os.path.exists("/.dockerenv")
-    """)
+    docker_tests(pytester, 3)
     since = time.time() - 1
     # without xdist the one worker's slot is the first host's: the dead one
     result = pytester.runpytest_subprocess("-p", "no:xdist", "--isolate-strict",

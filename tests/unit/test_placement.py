@@ -141,63 +141,42 @@ def test_dead_host_at_start_moves_the_environment(project: Project) -> None:
     assert report["environments"]["fakeenv"]["starts"] == 1
 
 
-def test_host_dying_mid_run_moves_the_next_test(project: Project) -> None:
+@pytest.mark.parametrize("host_dies", [True, False], ids=["host-dies", "host-lives"])
+def test_lost_agent_moves_only_off_a_dead_host(project: Project, host_dies: bool) -> None:
     engines = pool(project, "first", "second")
     for path in engines.values():
         path.touch()
+    after = "second" if host_dies else "first"
     project.tests(f"""
         import os, signal, time, pytest
 
         @pytest.mark.isolate("fakeenv")
-        def test_host_dies():
+        def test_environment_lost():
             assert os.environ["FAKE_ENDPOINT"] == {str(engines["first"])!r}
             time.sleep(0.5)  # let the agent relay the setup report first
-            os.unlink(os.environ["FAKE_ENDPOINT"])  # the engine is gone...
-            # ...and the environment with it: the worker's parent is the zygote, whose
-            # parent is the agent
+            if {host_dies}:
+                os.unlink(os.environ["FAKE_ENDPOINT"])  # the engine is gone...
+            # ...and the environment: the worker's parent is the zygote, whose parent
+            # is the agent
             with open("/proc/%d/stat" % os.getppid()) as f:
                 agent = int(f.read().rsplit(")", 1)[1].split()[1])
             os.kill(agent, signal.SIGKILL)
             time.sleep(10)
 
         @pytest.mark.isolate("fakeenv")
-        def test_after_the_move():
-            assert os.environ["FAKE_ENDPOINT"] == {str(engines["second"])!r}
+        def test_next():
+            assert os.environ["FAKE_ENDPOINT"] == {str(engines[after])!r}
     """)
     result = project.run("-v", "--isolate-strict", "--isolate-report", "report.json")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*::test_host_dies FAILED*", "*::test_after_the_move PASSED*"])
+    result.stdout.fnmatch_lines(["*::test_environment_lost FAILED*", "*::test_next PASSED*"])
     result.stdout.fnmatch_lines(["environment 'fakeenv': the agent's stream ended*"])
     report = json.loads((project.path / "report.json").read_text())
-    assert report["moves"] == [{
+    assert report["environments"]["fakeenv"]["starts"] == 2
+    assert report["moves"] == ([{
         "env": "fakeenv", "from_host": "first", "to_host": "second",
         "reason": f"the fake engine does not answer at {engines['first']}"}]
-
-
-def test_agent_lost_on_a_live_host_stays_there(project: Project) -> None:
-    engines = pool(project, "first", "second")
-    for path in engines.values():
-        path.touch()
-    project.tests(f"""
-        import os, signal, time, pytest
-
-        @pytest.mark.isolate("fakeenv")
-        def test_crash():
-            time.sleep(0.5)
-            with open("/proc/%d/stat" % os.getppid()) as f:
-                agent = int(f.read().rsplit(")", 1)[1].split()[1])
-            os.kill(agent, signal.SIGKILL)
-            time.sleep(10)
-
-        @pytest.mark.isolate("fakeenv")
-        def test_same_host():
-            assert os.environ["FAKE_ENDPOINT"] == {str(engines["first"])!r}
-    """)
-    result = project.run("--isolate-report", "report.json")
-    result.assert_outcomes(passed=1, failed=1)
-    report = json.loads((project.path / "report.json").read_text())
-    assert report["moves"] == []
-    assert report["environments"]["fakeenv"]["starts"] == 2
+        if host_dies else [])
 
 
 def test_no_host_left_fails_with_every_host(project: Project) -> None:
