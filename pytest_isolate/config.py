@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.errors import ConfigError
+from pytest_isolate.errors import ConfigError, NoHostLeft
 from pytest_isolate.limits import check_limit
 from pytest_isolate.spec import ARCH_MACHINES, RELEASES, RESETS, VARIANTS, EnvSpec
 
@@ -26,6 +26,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 TABLE = "tool.pytest-isolate"
+#: keys of a pool host besides its backends' endpoints
+HOST_KEYS = ("arches", "slots")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 #: The built-in environments: each a fixture of the same name and a marker argument.
@@ -393,6 +395,8 @@ class Host:
     name: str
     endpoints: Mapping[str, str]  # backend name -> endpoint (Docker URL, libvirt URI, ...)
     arches: tuple[str, ...]
+    #: declared capacity: this host's share of the xdist workers is slots / all slots
+    slots: int = 1
 
 
 def resolve_hosts(table: Mapping[str, Any], pyproject: Path | None,
@@ -401,7 +405,8 @@ def resolve_hosts(table: Mapping[str, Any], pyproject: Path | None,
 
     ``[tool.pytest-isolate.hosts.NAME]`` maps backend names to endpoints, e.g.
     ``docker = "ssh://ci@arm-box"`` or ``qemu = "qemu+ssh://host/system"``, and
-    ``arches`` lists the architectures it serves (all when absent).
+    ``arches`` lists the architectures it serves (all when absent), ``slots`` its
+    capacity (how many xdist workers' environments it takes for one of a 1-slot host).
     """
     known = sorted(set(backends))
     raw = table.get("hosts", {})
@@ -412,8 +417,11 @@ def resolve_hosts(table: Mapping[str, Any], pyproject: Path | None,
             raise ConfigError(f"{where} must be a table, got {values!r}")
         endpoints: dict[str, str] = {}
         arches: tuple[str, ...] = ()
+        slots = 1
         for key, value in values.items():
-            if key == "arches":
+            if key == "slots":
+                slots = check_slots(value, where)
+            elif key == "arches":
                 arches = check_value(key, value, _STRS, where)
                 for arch in arches:
                     if arch not in ARCH_MACHINES:
@@ -423,23 +431,54 @@ def resolve_hosts(table: Mapping[str, Any], pyproject: Path | None,
                 endpoints[key] = check_value(key, value, _STR, where)
             else:
                 raise ConfigError(
-                    f"{where}: unknown key {key!r}{did_you_mean(key, [*known, 'arches'])}; "
-                    f"use a backend name ({', '.join(known)}) with its endpoint, or 'arches'")
+                    f"{where}: unknown key {key!r}{did_you_mean(key, [*known, *HOST_KEYS])}; "
+                    f"use a backend name ({', '.join(known)}) with its endpoint, "
+                    f"or {' or '.join(repr(k) for k in HOST_KEYS)}")
         if not endpoints:
             raise ConfigError(f"{where}: name at least one backend endpoint, "
                               f"e.g. docker = \"unix:///run/docker.sock\"")
-        hosts.append(Host(name, endpoints, arches))
+        hosts.append(Host(name, endpoints, arches, slots))
     return hosts
 
 
-def place(spec: EnvSpec, hosts: list[Host], worker: str) -> Host | None:
-    """The pool host an environment runs on: round-robin over xdist workers (gw0, gw1...)."""
-    candidates = [h for h in hosts
-                  if spec.backend in h.endpoints and (not h.arches or spec.arch in h.arches)]
-    if not candidates:
+def check_slots(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: key 'slots' must be a positive integer, got {value!r}; "
+                          "write how many environments the host runs at once, e.g. slots = 4 "
+                          "(or leave the key out for 1)")
+    return value
+
+
+def candidates(spec: EnvSpec, hosts: Iterable[Host]) -> list[Host]:
+    """The pool hosts that serve spec's backend and architecture, in declared order."""
+    return [h for h in hosts
+            if spec.backend in h.endpoints and (not h.arches or spec.arch in h.arches)]
+
+
+def place(spec: EnvSpec, hosts: Iterable[Host], worker: str,
+          dead: Mapping[tuple[str, str], str] | None = None) -> Host | None:
+    """The pool host an environment runs on, for xdist worker ``worker`` (gw0, gw1...).
+
+    The candidates' slots are numbered in declared order (a host with ``slots = 2``
+    owns two consecutive ones); worker k takes the host owning slot k mod the total.
+    When that host is dead (``dead`` maps (host, backend) to why), the next slot's
+    host is taken: the workers of live hosts keep their host when another dies.
+    None: no pool host serves the backend and architecture (the default engine does).
+    Raises NoHostLeft when every candidate is dead.
+    """
+    dead = dead or {}
+    found = candidates(spec, hosts)
+    if not found:
         return None
+    ring = [h for h in found for _ in range(h.slots)]
     digits = "".join(c for c in worker if c.isdigit())
-    return candidates[int(digits or 0) % len(candidates)]
+    first = int(digits or 0) % len(ring)
+    for step in range(len(ring)):
+        host = ring[(first + step) % len(ring)]
+        if (host.name, spec.backend) not in dead:
+            return host
+    raise NoHostLeft(spec.name, spec.backend, spec.arch,
+                     {h.name: dead[h.name, spec.backend] for h in found})
 
 
 def default_cache_dir() -> Path:

@@ -27,6 +27,20 @@ class BackendUnavailable(IsolateError):
         super().__init__(f"backend {backend!r} is unavailable: {reason}" + (f"; {fix}" if fix else ""))
 
 
+class NoHostLeft(BackendUnavailable):
+    """Every pool host that serves an environment's backend and architecture failed its
+    health check or died in this run; ``dead`` maps each host's name to why."""
+
+    def __init__(self, env: str, backend: str, arch: str, dead: dict[str, str]) -> None:
+        self.env = env
+        self.dead = dead
+        hosts = "; ".join(f"host {name!r}: {why}" for name, why in dead.items())
+        super().__init__(backend, f"no host of the pool is left for environment {env!r} "
+                         f"({backend}, {arch}): {hosts}",
+                         "start those engines, or add a host serving it under "
+                         "[tool.pytest-isolate.hosts.NAME]")
+
+
 class ProvisionError(IsolateError):
     """Building an environment failed; carries the builder's log tail."""
 

@@ -43,7 +43,7 @@ from pytest_isolate.ownership import RunId, record_run, run_dir_finished
 from pytest_isolate.progress import Heartbeat
 from pytest_isolate.sizes import format_size
 from pytest_isolate.spec import EnvSpec
-from pytest_isolate.timing import EnvStats, PhaseTimer, RunReport, TestRecord
+from pytest_isolate.timing import EnvStats, Move, PhaseTimer, RunReport, TestRecord
 
 SPEC_KEY = pytest.StashKey[EnvSpec]()
 #: what the typed ini options take, for the error when pytest cannot convert a value
@@ -147,6 +147,10 @@ class IsolateManager:
         self.last_run: dict[str, str] = {}
         self._zygote_next: dict[str, pytest.Item | None] | None = None
         self.backends: dict[str, Backend] = {}
+        #: pool hosts that failed their health check in this run: (host, backend) -> why
+        self.dead_hosts: dict[tuple[str, str], str] = {}
+        #: per environment: the pool host its last instance was placed on
+        self.placed: dict[str, str] = {}
         self.unavailable: dict[str, BackendUnavailable] = {}
         #: per environment: the test whose failure showed its backend's whole message
         self.unavailable_shown: dict[str, str] = {}
@@ -419,6 +423,36 @@ class IsolateManager:
             stats.bound = count
 
     # ------------------------------------------------------------ instances
+    def placed_backend(self, name: str, spec: EnvSpec) -> tuple[cfg.Host | None, Backend]:
+        """The checked backend for environment name's next instance, and its pool host.
+
+        Called for every new instance, so a host that died since the last one is found
+        here: a host failing its health check is dead for the rest of this run (other
+        environments skip it without asking), the environment moves to the next candidate
+        (a Move in the report), and NoHostLeft names every host's reason when none is left.
+        """
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        origin = self.placed.get(name)
+        while True:
+            host = cfg.place(spec, self.hosts, worker, self.dead_hosts)
+            backend = self.backend(spec.backend, host.endpoints[spec.backend] if host else None)
+            if host is None:  # no pool host serves it: the default engine, as before
+                backend.check(spec)
+                return None, backend
+            try:
+                backend.check(spec)
+            except BackendUnavailable as exc:
+                self.dead_hosts[host.name, spec.backend] = exc.reason
+                origin = origin or host.name
+                continue
+            if origin is not None and origin != host.name:
+                self.report.moves.append(Move(name, origin, host.name,
+                                              self.dead_hosts[origin, spec.backend]))
+                self.progress(f"{name}: moved from host {origin!r} to {host.name!r} "
+                              f"({self.dead_hosts[origin, spec.backend]})")
+            self.placed[name] = host.name
+            return host, backend
+
     def instance(self, name: str, timer: PhaseTimer) -> Instance:
         inst = self.instances.get(name)
         if inst is not None and inst.alive():
@@ -428,14 +462,12 @@ class IsolateManager:
         spec = self.specs[name]
         if name in self.unavailable:
             raise self.unavailable[name]
-        host = cfg.place(spec, self.hosts, os.environ.get("PYTEST_XDIST_WORKER", ""))
-        endpoint = host.endpoints[spec.backend] if host is not None else None
         try:
-            backend = self.backend(spec.backend, endpoint)
-            backend.check(spec)
+            host, backend = self.placed_backend(name, spec)
         except BackendUnavailable as exc:
             self.unavailable[name] = exc
             raise
+        endpoint = backend.endpoint
         stats = self.report.envs.setdefault(
             name, EnvStats(name, spec.backend, spec.arch, spec.release))
         stats.host = host.name if host is not None else "default"

@@ -61,11 +61,23 @@ class TestRecord:
     phases: dict[str, float]
 
 
+@dataclasses.dataclass
+class Move:
+    """An environment placed on another pool host than its own (to_host) because its own
+    (from_host) failed its health check or died in this run."""
+
+    env: str
+    from_host: str
+    to_host: str
+    reason: str
+
+
 class RunReport:
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.envs: dict[str, EnvStats] = {}
         self.tests: list[TestRecord] = []
+        self.moves: list[Move] = []
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +85,7 @@ class RunReport:
             "run_id": self.run_id,
             "environments": {n: dataclasses.asdict(s) for n, s in self.envs.items()},
             "tests": [dataclasses.asdict(t) for t in self.tests],
+            "moves": [dataclasses.asdict(m) for m in self.moves],
         }
 
     def merge(self, data: dict[str, Any]) -> None:
@@ -94,6 +107,7 @@ class RunReport:
             for label, path in env.get("logs", {}).items():
                 mine.logs.setdefault(label, path)
         self.tests.extend(TestRecord(**t) for t in data.get("tests", []))
+        self.moves.extend(Move(**m) for m in data.get("moves", []))
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

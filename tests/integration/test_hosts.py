@@ -5,6 +5,7 @@ A second Docker engine on its own unix socket stands in for a remote one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -76,6 +77,18 @@ def started_containers(url: str, since: float) -> int:
     return sum(1 for _ in events)
 
 
+def docker_tests(pytester: pytest.Pytester, count: int) -> None:
+    """count tests in the built-in docker environment, each checking it runs in a container."""
+    pytester.makepyfile(test_pool=f"""
+        import os, pytest
+
+        @pytest.mark.isolate("docker")
+        @pytest.mark.parametrize("n", range({count}))
+        def test_inside(n):
+            assert os.path.exists("/.dockerenv")
+    """)
+
+
 def test_environments_spread_over_two_engines(pytester: pytest.Pytester, second_engine: str) -> None:
     pytester.makefile(".toml", pyproject=textwrap.dedent(f"""
         [tool.pytest-isolate.hosts.main]
@@ -86,14 +99,7 @@ def test_environments_spread_over_two_engines(pytester: pytest.Pytester, second_
         docker = "{second_engine}"
         arches = ["amd64"]
     """))
-    pytester.makepyfile(test_pool="""
-        import os, pytest
-
-        @pytest.mark.isolate("docker")
-        @pytest.mark.parametrize("n", range(6))
-        def test_inside(n):
-            assert os.path.exists("/.dockerenv")
-    """)
+    docker_tests(pytester, 6)
     since = time.time() - 1
     result = pytester.runpytest_subprocess("-n", "2", "--dist", "load", "--isolate-strict",
                                            "-p", "no:cacheprovider", timeout=900)
@@ -114,3 +120,29 @@ def test_unknown_host_key_is_a_usage_error(pytester: pytest.Pytester) -> None:
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*[[]tool.pytest-isolate.hosts.box[]]: unknown key 'dokcer'"
                                  " (did you mean 'docker'?)*"])
+
+
+def test_dead_endpoint_moves_its_environments_to_the_live_one(
+        pytester: pytest.Pytester, tmp_path: Path) -> None:
+    dead = f"unix://{tmp_path}/nothing.sock"
+    pytester.makefile(".toml", pyproject=textwrap.dedent(f"""
+        [tool.pytest-isolate.hosts.gone]
+        docker = "{dead}"
+
+        [tool.pytest-isolate.hosts.main]
+        docker = "{MAIN}"
+    """))
+    docker_tests(pytester, 3)
+    since = time.time() - 1
+    # without xdist the one worker's slot is the first host's: the dead one
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "--isolate-strict",
+                                           "-p", "no:cacheprovider",
+                                           "--isolate-report", "report.json", timeout=900)
+    result.assert_outcomes(passed=3)
+    assert started_containers(MAIN, since) >= 1
+    report = json.loads((pytester.path / "report.json").read_text())
+    [move] = report["moves"]
+    assert (move["env"], move["from_host"], move["to_host"]) == ("docker", "gone", "main")
+    assert move["reason"].startswith(f"the docker engine does not answer at {dead}"), move
+    env = report["environments"]["docker"]
+    assert (env["host"], env["endpoint"]) == ("main", MAIN)

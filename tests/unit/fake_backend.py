@@ -51,7 +51,11 @@ class FakeBackend(Backend):
     packages = ()
 
     def check(self, spec: EnvSpec) -> None:
-        """Always available."""
+        """Always available, except on a pool host: its endpoint is a file standing for
+        the engine, which answers while the file exists (tests kill a host by removing it)."""
+        if self.endpoint is not None and not os.path.exists(self.endpoint):
+            raise BackendUnavailable(self.name, f"the fake engine does not answer at "
+                                     f"{self.endpoint}", "create that file")
 
     def provision(self, spec: EnvSpec) -> Entry:
         def build(data: Path, log_path: Path) -> dict[str, Any]:
@@ -70,7 +74,9 @@ class FakeBackend(Backend):
         env = {k: os.environ[k] for k in KEEP_ENV if k in os.environ}
         env.update(environment_variables(spec))
         # fake_backend itself must be importable by the project's conftest inside the agent
+        # (and the agent's pytest_isolate the host's: a worktree's, not the editable install's)
         env["PYTHONPATH"] = os.pathsep.join([HERE, PACKAGE_ROOT])
+        env["FAKE_ENDPOINT"] = self.endpoint or ""  # which pool host the tests run on
         log = self.run.log_path(spec.name, "agent.log")
         process = AgentProcess([sys.executable, "-u", "-c", BOOTSTRAP], log,
                                f"environment {spec.name!r}", env=env)
