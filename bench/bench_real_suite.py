@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_real_suite.py [--backend chroot] [--repeats 1]
                                                [--select tests/test_recipes.py] [--no-layer]
+                                               [--deselect NODEID ...]
 
 The suite is more-itertools' own (pinned, several hundred tests, pure Python, unittest
 style with subtests), from its sdist, fetched once into --workdir. One run measures, with
@@ -116,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats (1)")
     parser.add_argument("--select", nargs="*", default=[],
                         help="paths/node ids of the suite to run (default: all of it)")
+    parser.add_argument("--deselect", action="append", default=[], metavar="NODEID",
+                        help="leave a test out of every run (repeatable), e.g. one whose time "
+                             "depends on the interpreter more than on isolation")
     parser.add_argument("--workdir", type=Path,
                         default=Path(tempfile.gettempdir()) / "pytest-isolate-bench-real-suite")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
@@ -130,10 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = args.backend
     report = args.workdir / "report.json"
     inside = ["--isolate-env", env, f"--isolate-cache-dir={args.cache_dir}"]
+    picked = [*args.select, *(f"--deselect={nodeid}" for nodeid in args.deselect)]
     subjects = {
-        "host": [*args.select],
-        "reset=test": [*inside, "--isolate-reset", "test", *args.select],
-        "reset=session": [*inside, "--isolate-reset", "session", *args.select],
+        "host": picked,
+        "reset=test": [*inside, "--isolate-reset", "test", *picked],
+        "reset=session": [*inside, "--isolate-reset", "session", *picked],
     }
 
     log(f"{PROJECT[0]} {PROJECT[1]} in {tree}; warm-up (builds the layer if missing)")
@@ -214,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
         "project": list(PROJECT), "backend": env, "repeats": args.repeats,
-        "select": args.select, "tests": n, "counts": host_counts, "samples": samples,
+        "select": args.select, "deselect": args.deselect, "tests": n, "counts": host_counts,
+        "samples": samples,
         "environments": phases, "layer": layer, "problems": problems,
         "host": {"cpus": os.cpu_count(), "loadavg_start": list(load_start),
                  "loadavg_end": list(load_end)},

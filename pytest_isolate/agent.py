@@ -1901,8 +1901,8 @@ class Zygote:
     torn down again in the zygote and set up per test from then on (with a warning that
     names it); ``@pytest.mark.isolate(..., fixtures_per_test=[...])`` asks for that
     up front.  The host asks for the next test's worker while the current test runs
-    (when the next test keeps the current scopes), so its fork and root are ready when
-    its turn comes.
+    (when the zygote sets up and tears down nothing between the two: manager's
+    shares_fixtures), so its fork and root are ready when its turn comes.
     """
 
     WS = "/.isolate/ws"

@@ -21,8 +21,9 @@ skipped, xfailed, xpassed, errors) must be equal: no difference between these pl
 been seen (docs/real-suites.md has the table and the commands).
 
 The CI set is the three projects in chroot and docker and four of asgiref's modules in an
-arm64 chroot (qemu-user) and in qemu_vm. ``ISOLATE_REAL_SUITES=all`` runs the three whole suites in the
-arm64 chroot instead (tens of minutes: the suites, and pip for the other two, run emulated).
+arm64 chroot (qemu-user) and in qemu_vm. ``ISOLATE_REAL_SUITES=all`` runs the three whole
+suites in the arm64 chroot and in qemu_vm instead (tens of minutes: the suites, and pip for
+the other two, run emulated).
 Select parts with ``-k chroot`` etc.
 """
 
@@ -80,7 +81,8 @@ MARKUPSAFE = Suite(
     "".join(f'\n[tool.pytest-isolate.envs.{env}]\nbackend = "{backend}"\n{arch}'
             'packages = ["gcc", "python3-dev"]\n'
             for env, backend, arch in (("chroot", "chroot", ""), ("docker", "docker", ""),
-                                       ("arm64", "chroot", 'arch = "arm64"\n'))))
+                                       ("arm64", "chroot", 'arch = "arm64"\n'),
+                                       ("qemu_vm", "qemu", ""))))
 ASGIREF = Suite(
     "asgiref", "3.13.0", ("pytest-asyncio==1.5.0", "packaging==26.4"),
     # setup.py/setup.cfg project: the default would be package = "skip"
@@ -98,11 +100,12 @@ ASGIREF_PART = ("tests/test_local.py", "tests/test_testing.py", "tests/test_wsgi
 CASES: list[tuple[str, str, tuple[str, ...]]] = [
     (s, env, ()) for s in ("iso8601", "markupsafe", "asgiref") for env in ("chroot", "docker")]
 if os.environ.get("ISOLATE_REAL_SUITES") == "all":
-    CASES += [("iso8601", "arm64", ()), ("markupsafe", "arm64", ()), ("asgiref", "arm64", ())]
+    CASES += [(s, env, ()) for s in ("iso8601", "markupsafe", "asgiref")
+              for env in ("arm64", "qemu_vm")]
 else:
     CASES.append(("asgiref", "arm64", ASGIREF_PART))
-# a machine (TCG here): the layer and the project as hot-plugged disks
-CASES.append(("asgiref", "qemu_vm", ASGIREF_PART))
+    # a machine (TCG here): the layer and the project as hot-plugged disks
+    CASES.append(("asgiref", "qemu_vm", ASGIREF_PART))
 
 OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "errors")
 SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|xfailed|xpassed|errors?|warnings?|deselected)")
