@@ -94,6 +94,12 @@ class KeptWorker:
     nodeid: str
 
 
+def release_worker(inst: Instance, ch: int) -> None:
+    """Close a test's worker without waiting for its exit; its late frames are dropped."""
+    inst.conn.send(ch, {"op": "close"})
+    inst.conn.forget(ch)
+
+
 def keeps_scopes(item: pytest.Item, nxt: pytest.Item) -> bool:
     """True when nxt needs every collector item needs (its session, package, module and
     class): a zygote going from item to nxt tears nothing down."""
@@ -707,10 +713,9 @@ class IsolateManager:
         if entry is None or inst is None or not inst.alive():
             return
         try:
-            inst.conn.send(entry[1].ch, {"op": "close"})
+            release_worker(inst, entry[1].ch)
         except IsolateError:
-            return
-        inst.conn.forget(entry[1].ch)
+            pass
 
     def close_zygotes(self) -> None:
         """A run that stopped early (-x, an interrupt) leaves scopes set up in zygotes:
@@ -982,8 +987,7 @@ class ItemRun:
             self.m.kept.append(KeptWorker(self.env, inst, worker.ch, self.item.nodeid))
         elif zygote is not None:
             # its reports are all in and its root goes with it: no need to wait for its exit
-            conn.send(worker.ch, {"op": "close"})
-            conn.forget(worker.ch)
+            release_worker(inst, worker.ch)
         elif nxt is None:
             with self.timer.phase("reset"):
                 self.close_worker(inst, worker)
