@@ -105,9 +105,15 @@ def test_two_thousand_tests_in_one_environment(inner: Inner) -> None:
     # a leak grows steadily; load from other processes on a 2-core machine only jitters
     assert last < 4 * first + 0.020, (first, last)
     assert worker_fds[f"test_{0:04d}"] == worker_fds[f"test_{N - 1:04d}"], worker_fds
-    assert len(agent_fds) >= 4, agent_fds
-    # the first sample can come before the agent has opened its channels: compare steady state
-    assert agent_fds[-1] <= agent_fds[1] + 2, agent_fds
+    assert len(agent_fds) >= 20, agent_fds
+    # The agent's fds settle once tests run (the first seconds are start-up; the last samples
+    # are shut-down), and a sample can fall while the next test's worker is forked ahead and
+    # the last one is still closing (a few more channels for a moment). So compare medians of
+    # the second and the last quarter: a leak moves the median, a worker in flight does not.
+    n = len(agent_fds)
+    second = statistics.median(agent_fds[n // 4:n // 2])
+    last_quarter = statistics.median(agent_fds[3 * n // 4:n - 2])
+    assert last_quarter <= second + 1, agent_fds
     assert elapsed < 180, elapsed
 
 
