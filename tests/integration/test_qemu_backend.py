@@ -8,11 +8,13 @@ JUnit XML report, the JSON timing report and the console log.  Runs with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -294,9 +296,10 @@ backend = "qemu"
 arch = "arm64"
 options = {vm_driver = "libvirt"}
 
+# qemu:///session is the connection GNOME Boxes shows (virt-manager shows qemu:///system)
 [tool.pytest-isolate.envs.virt_x86]
 backend = "qemu"
-options = {vm_driver = "libvirt"}
+options = {vm_driver = "libvirt", libvirt_uri = "qemu:///session"}
 """
 
 
@@ -314,16 +317,49 @@ def libvirt_reachable() -> str:
     return ""
 
 
+def domains(uri: str) -> set[str]:
+    listing = subprocess.run(["virsh", "-c", uri, "list", "--all", "--name"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    return {line for line in listing.split() if line.startswith("pytest-isolate-")}
+
+
 def test_libvirt_driver(tmp_path: Path) -> None:
+    """Transient domains on qemu:///system (arm64) and qemu:///session (x86_64): each listed
+    on its connection while its tests run, gone afterwards; the domain's type is what the
+    KVM probe decided."""
     why = libvirt_reachable()
     if why:
         pytest.skip(why)
-    proc, outcomes, data = run_project(tmp_path, LIBVIRT_TESTS, pyproject=LIBVIRT_ENVS)
+    seen: dict[str, set[str]] = {"qemu:///system": set(), "qemu:///session": set()}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for uri, names in seen.items():
+                with contextlib.suppress(subprocess.SubprocessError):
+                    names.update(domains(uri))
+            stop.wait(0.3)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc, outcomes, data = run_project(tmp_path, LIBVIRT_TESTS, pyproject=LIBVIRT_ENVS)
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
     assert outcomes == {"test_arm": "passed", "test_x86_a": "passed",
                         "test_x86_b": "passed"}, proc.stdout + proc.stderr
+    assert any("-virt_arm-" in name for name in seen["qemu:///system"]), seen
+    # (as root, libvirt serves both URIs from the one privileged daemon, so the session
+    # listing shows the arm64 domain as well; as a user they are separate daemons)
+    assert any("-virt_x86-" in name for name in seen["qemu:///session"]), seen
     qemu_log = Path(env_logs(data, "virt_x86")["qemu"]).read_text()
     assert "# boot (libvirt)" in qemu_log
+    header = next(line for line in qemu_log.splitlines() if line.startswith("# libvirt "))
+    assert header.startswith("# libvirt qemu:///session: domain pytest-isolate-"), header
+    virt = header.split(", type ", 1)[1].split()[0]
+    assert f"<domain type='{virt}'>" in qemu_log
+    assert ("<cpu mode='host-passthrough'/>" in qemu_log) == (virt == "kvm"), qemu_log
     # transient domains: nothing is left defined or running
-    listing = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                             capture_output=True, text=True, timeout=15, check=True).stdout
-    assert "pytest-isolate-" not in listing
+    assert domains("qemu:///system") == set()
+    assert domains("qemu:///session") == set()
