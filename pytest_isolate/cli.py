@@ -1,4 +1,5 @@
-"""The command line: ``pytest-isolate doctor | setup | envs | cache ls|gc|rm | shell ENV``.
+"""The command line: ``pytest-isolate doctor | setup | envs | cache ls|gc|rm | shell ENV |
+completion SHELL``.
 
 Cheap to import: only the standard library at module level; the engine's
 modules (config, cache, backends) are imported by the command that needs them.
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -35,6 +36,9 @@ DOCTOR_BACKENDS = ("chroot", "docker", "lxc", "schroot", "qemu")
 FALLBACK_REFS = {"qemu": "pytest_isolate.backends.qemu:QemuBackend"}
 #: gc removes finished runs' log directories older than this unless --max-age says otherwise.
 RUNS_MAX_AGE_DAYS = 7.0
+#: `completion SHELL` prints argcomplete's script for these shells.
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+COMPLETION_INSTALL = "pip install 'pytest-isolate-env[completion]'"
 DOCKERD = "dockerd --bridge=none --iptables=false --ip-masq=false &"
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 
@@ -962,9 +966,110 @@ def shell_through_agent(args: argparse.Namespace, project: Project, spec: Any) -
 
 
 # --------------------------------------------------------------------------
+# Shell completion: argcomplete (the optional `completion` extra)
+#
+# argcomplete rather than shtab: a TAB runs this program, which completes from the same
+# parser, so the project's environment names come from the same Python lookup as `envs`
+# for bash, zsh and fish alike, with no per-shell code of ours.  The price, starting
+# Python per TAB, stays small because the completers load no backend.
+
+#: argcomplete's completers: (prefix, parsed_args, ...) -> candidates (it filters by prefix)
+Completer = Callable[..., list[str]]
+
+
+def import_argcomplete() -> Any:
+    try:
+        import argcomplete
+    except ImportError:
+        raise UsageError("shell completion needs the argcomplete package, which is not "
+                         f"installed: {COMPLETION_INSTALL}") from None
+    return argcomplete
+
+
+def project_env_names(option: str | None) -> list[str]:
+    """The names `envs` lists: the built-in environments and the project's.  Resolved
+    without loading backends (no engine's SDK, no daemon), so a TAB stays fast; a project
+    whose configuration is broken completes the built-in names."""
+    from pytest_isolate import config
+    from pytest_isolate.backends import BUILTIN_BACKENDS
+    from pytest_isolate.errors import IsolateError
+
+    try:
+        project = load_project(option)
+        return list(config.resolve_envs(project.table, project.pyproject, BUILTIN_BACKENDS))
+    except (IsolateError, UsageError):
+        return list(config.BUILTIN_ENVS)
+
+
+def env_names(parsed_args: argparse.Namespace) -> list[str]:
+    """The project's environments; --pyproject given before the word counts."""
+    return project_env_names(getattr(parsed_args, "pyproject", None))
+
+
+def complete_envs(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    return env_names(parsed_args)
+
+
+def backend_names(parsed_args: argparse.Namespace) -> list[str]:
+    from pytest_isolate.backends import BUILTIN_BACKENDS
+
+    return [*sorted(BUILTIN_BACKENDS), "all"]
+
+
+def arch_names(parsed_args: argparse.Namespace) -> list[str]:
+    from pytest_isolate.spec import ARCH_MACHINES
+
+    return sorted(ARCH_MACHINES)
+
+
+def comma_list(names: Callable[[argparse.Namespace], Iterable[str]]) -> Completer:
+    """Completes a NAME[,NAME...] value: the names not given yet, after the ones given
+    (bash does not break words at commas, so the prefix is the whole list so far)."""
+
+    def complete(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+        head, comma, _last = prefix.rpartition(",")
+        given = set(head.split(",")) if comma else set()
+        return [head + comma + name for name in names(parsed_args) if name not in given]
+
+    return complete
+
+
+def with_completer(action: argparse.Action, completer: Completer) -> argparse.Action:
+    """argcomplete reads an action's `completer` attribute; argparse ignores it."""
+    action.completer = completer  # type: ignore[attr-defined]
+    return action
+
+
+def complete(parser: Parser) -> int:
+    """Answer a shell's TAB: argcomplete's protocol (the line in COMP_LINE, the candidates
+    written to file descriptor 8), then exit.  Without argcomplete there is nothing to say:
+    the shell script mutes stderr, so the message is for `_ARC_DEBUG` runs."""
+    try:
+        argcomplete = import_argcomplete()
+    except UsageError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 1
+    argcomplete.autocomplete(parser)  # exits when _ARGCOMPLETE is set
+    return 1
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    argcomplete = import_argcomplete()
+    sys.stdout.write(argcomplete.shellcode([PROG], shell=args.shell))
+    return 0
+
+
+# --------------------------------------------------------------------------
 # Parser and entry point
 
 Handler = Callable[[argparse.Namespace, Project], int]
+#: a command that needs no project (completion): it works in any directory
+Standalone = Callable[[argparse.Namespace], int]
+
+
+def with_project(handler: Handler) -> Standalone:
+    """A command that reads the project (pytest's rootdir and inifile rules) first."""
+    return lambda args: handler(args, load_project(args.pyproject))
 
 
 def build_parser() -> Parser:
@@ -1005,7 +1110,8 @@ def build_parser() -> Parser:
                        description="Show every environment (built-in and from pyproject.toml) "
                                    "with each value and where it came from, its root filesystem "
                                    "cache key and whether that is built.")
-    p.add_argument("names", nargs="*", metavar="ENV", help="only these environments")
+    with_completer(p.add_argument("names", nargs="*", metavar="ENV",
+                                  help="only these environments"), complete_envs)
     p.add_argument("--json", action="store_true", help="print a JSON document instead")
     p.set_defaults(handler=cmd_envs)
 
@@ -1054,12 +1160,17 @@ def build_parser() -> Parser:
                                    "built-in chroot), or what --envs / --backends name. What is "
                                    "in place is left alone: a second run does nothing. Needs "
                                    "root; runs the commands through sudo otherwise.")
-    p.add_argument("--backends", metavar="NAME[,NAME...]",
-                   help="these backends (chroot, docker, lxc, schroot, qemu, or all)")
-    p.add_argument("--envs", metavar="ENV[,ENV...]",
-                   help="what these environments need (their backends and architectures)")
-    p.add_argument("--arches", metavar="ARCH[,ARCH...]",
-                   help="also these foreign architectures (Debian names: arm64, armhf, ...)")
+    with_completer(p.add_argument("--backends", metavar="NAME[,NAME...]",
+                                  help="these backends (chroot, docker, lxc, schroot, qemu, or all)"),
+                   comma_list(backend_names))
+    with_completer(p.add_argument("--envs", metavar="ENV[,ENV...]",
+                                  help="what these environments need (their backends and "
+                                       "architectures)"),
+                   comma_list(env_names))
+    with_completer(p.add_argument("--arches", metavar="ARCH[,ARCH...]",
+                                  help="also these foreign architectures (Debian names: arm64, "
+                                       "armhf, ...)"),
+                   comma_list(arch_names))
     p.add_argument("--user", metavar="NAME",
                    help="an unprivileged user for rootless use: subordinate uid/gid ranges, uidmap")
     p.add_argument("--no-packages", action="store_true",
@@ -1076,16 +1187,32 @@ def build_parser() -> Parser:
                                    "host's pytest is importable. Writes are discarded on exit. "
                                    "The exit status is the shell's. Every backend: chroot "
                                    "runs the shell directly, the others through the agent.")
-    p.add_argument("env", metavar="ENV", help="environment name (see `pytest-isolate envs`)")
+    with_completer(p.add_argument("env", metavar="ENV",
+                                  help="environment name (see `pytest-isolate envs`)"),
+                   complete_envs)
     p.add_argument("argv", nargs="*", metavar="COMMAND",
                    help="run this command instead of a shell; put it after `--` when it has "
                         "options of its own: shell ENV -- sh -c 'echo hi'")
     p.set_defaults(handler=cmd_shell)
+
+    p = sub.add_parser("completion", help="print the shell completion script (bash, zsh, fish)",
+                       description="Print the script that makes TAB complete pytest-isolate's "
+                                   "commands, options and the project's environment names. "
+                                   "Load it from the shell's startup file: "
+                                   'eval "$(pytest-isolate completion bash)" in ~/.bashrc, '
+                                   'eval "$(pytest-isolate completion zsh)" in ~/.zshrc (after '
+                                   "compinit), pytest-isolate completion fish | source in "
+                                   "~/.config/fish/config.fish. Needs the completion extra: "
+                                   f"{COMPLETION_INSTALL}.")
+    p.add_argument("shell", choices=COMPLETION_SHELLS, help="the shell to print the script for")
+    p.set_defaults(standalone=cmd_completion)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None and "_ARGCOMPLETE" in os.environ:  # a shell's TAB, not a command
+        return complete(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:  # everything after `--` is the command of `shell`
@@ -1097,15 +1224,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unexpected arguments after '--': {' '.join(extra)}")
         args.argv = list(args.argv) + extra
     handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
+    command: Standalone | None = (with_project(handler) if handler is not None
+                                  else getattr(args, "standalone", None))
+    if command is None:
         target: argparse.ArgumentParser = getattr(args, "help_parser", parser)
         target.print_help(sys.stderr)
         return 2
     from pytest_isolate.errors import IsolateError
 
     try:
-        project = load_project(args.pyproject)
-        return handler(args, project)
+        return command(args)
     except (IsolateError, UsageError) as exc:
         first, _, rest = str(exc).partition("\n")
         sys.stderr.write(f"{PROG}: error: {first}\n")
