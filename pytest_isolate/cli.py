@@ -317,10 +317,7 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
 
     # 3. entries: too old first, then oldest-by-last-use until under --max-size
     max_age = args.max_age * 86400 if args.max_age is not None else None
-    from pytest_isolate.backends.qemu import saved_state_group
-
-    supersede = None if args.keep_states else (
-        lambda item: saved_state_group(item.kind, item.manifest))
+    supersede = None if args.keep_states else cache_group_of(loaded_backends())
     done = cache.collect(max_age, args.max_size, dry, remove_external, supersede)
     for item in done.removed:
         out(f"{verb} {item.kind}/{item.key} ({summarize(item.manifest)}, {format_size(item.size)}, "
@@ -344,6 +341,29 @@ def shell_run(cache: Cache) -> tuple[str, Path]:
     base = cache.root / "runs" / run_id
     record_run(base)
     return run_id, base
+
+
+def loaded_backends() -> list[type[Backend]]:
+    """The built-in backend classes that load here (one whose Python package is missing
+    made no cache entries to judge)."""
+    from pytest_isolate.backends import BUILTIN_BACKENDS
+
+    classes = (load_backend(name)[0] for name in sorted(BUILTIN_BACKENDS))
+    return [cls for cls in classes if cls is not None]
+
+
+def cache_group_of(backends: list[type[Backend]]) -> Callable[[CacheItem], str | None]:
+    """Cache.collect's supersede: the group a backend puts an entry in (a saved VM state
+    is replaced by a newer state of the same machine), None when no backend groups it."""
+
+    def group(item: CacheItem) -> str | None:
+        for cls in backends:
+            found = cls.cache_group(item.kind, item.manifest)
+            if found is not None:
+                return f"{cls.name}: {found}"
+        return None
+
+    return group
 
 
 def remove_external(backend: str, item: CacheItem) -> str | None:

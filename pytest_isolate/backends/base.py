@@ -254,6 +254,13 @@ class Backend(abc.ABC):
         return None
 
     @classmethod
+    def cache_group(cls, kind: str, manifest: dict[str, Any]) -> str | None:
+        """The group a cache entry of this backend belongs to when a newer entry of the same
+        group replaces it (`cache gc` keeps only the newest of each group unless told to
+        keep them all); None: not this backend's, or never replaced."""
+        return None
+
+    @classmethod
     def rootfs_spec(cls, spec: EnvSpec) -> EnvSpec:
         """The spec of the Debian root filesystem this backend builds for spec (a backend
         that adds packages says so here; `cache ls` and `envs` show the right key)."""

@@ -505,7 +505,8 @@ def saved_state_group(kind: str, manifest: dict[str, Any]) -> str | None:
     """The machine a saved state (cache kind "vmstate") is of: the environment's name and
     QEMU's binary.  A newer state of the same machine -- after a new agent, another
     initramfs or site image, other variables baked in at boot -- replaces an older one,
-    so `cache gc` keeps only the newest; None for anything else."""
+    so `cache gc` keeps only the newest (QemuBackend.cache_group); None for anything
+    else."""
     spec = manifest.get("spec")
     if kind != "vmstate" or not isinstance(spec, dict):
         return None
@@ -606,6 +607,10 @@ class QemuBackend(Backend):
         self._reaped = False
 
     # ------------------------------------------------------------------ check
+    @classmethod
+    def cache_group(cls, kind: str, manifest: dict[str, Any]) -> str | None:
+        return saved_state_group(kind, manifest)
+
     @classmethod
     def rootfs_spec(cls, spec: EnvSpec) -> EnvSpec:
         return vm_rootfs_spec(spec)

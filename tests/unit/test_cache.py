@@ -292,10 +292,14 @@ def test_hold_of_something_outside_the_cache_is_a_no_op(tmp_path: Path) -> None:
 
 def test_collect_keeps_only_the_newest_saved_state_of_each_machine(tmp_path: Path) -> None:
     """gc's default for saved VM states (issue 13): a newer state of the same machine (the
-    environment's name and QEMU's binary, read by the qemu backend's saved_state_group)
-    replaces the older ones, whatever made them differ."""
-    from pytest_isolate.backends.qemu import saved_state_group
+    environment's name and QEMU's binary, read by the qemu backend's cache_group, which
+    `cache gc` asks every backend that loads) replaces the older ones, whatever made them
+    differ."""
+    from pytest_isolate.cli import cache_group_of, loaded_backends
 
+    backends = loaded_backends()
+    assert "qemu" in {cls.name for cls in backends}
+    group = cache_group_of(backends)
     cache = Cache(tmp_path / "c")
 
     def state(key: str, env: str, binary: str = "qemu-system-x86_64") -> None:
@@ -316,9 +320,6 @@ def test_collect_keeps_only_the_newest_saved_state_of_each_machine(tmp_path: Pat
     state("other-env", "netvm")
     state("vm-new", "qemu_vm")
     aged_entry(cache, "rootfs-alone", 10, days_ago=0.1)  # not a state: never superseded
-
-    def group(item: CacheItem) -> str | None:
-        return saved_state_group(item.kind, item.manifest)
 
     dry = cache.collect(dry=True, supersede=group)
     assert sorted(i.key for i in dry.removed) == ["vm-old", "vm-older-agent"]
