@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 #: Debian packages per built-in backend, each with what it is for.
 BACKEND_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -70,6 +70,8 @@ NATIVE = {"amd64": {"amd64", "i386"}, "arm64": {"arm64"}}
 BINFMT_DIR = "/proc/sys/fs/binfmt_misc"
 DOCKERD = ("dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false")
 DOCKERD_LOG = "/var/log/pytest-isolate-dockerd.log"
+#: What libvirtd sees at /dev/kvm where KVM cannot run guests (see plan()).
+NO_KVM = PurePosixPath("/run/pytest-isolate/no-kvm")
 VIRSH_PROBE = ("timeout", "10", "virsh", "-c", "qemu:///system", "version")
 #: Subordinate id ranges given to a named user: the first free block from here.
 SUBID_START = 100000
@@ -327,9 +329,15 @@ def plan(request: Request, state: HostState) -> Plan:
                               wait=VIRSH_PROBE, wait_seconds=30))
         else:
             if masked:
+                # The mask is a device node of our own that libvirt's QEMU user cannot open
+                # (mode 000): libvirt then finds KVM unusable once and keeps its cached QEMU
+                # capabilities.  /dev/null as the mask looked usable and changed its ctime on
+                # every write, so libvirtd re-probed every QEMU binary (~20 s) for each
+                # domain it started.
                 argv: tuple[str, ...] = (
                     "unshare", "-m", "--propagation", "private", "sh", "-c",
-                    "mount --bind /dev/null /dev/kvm && exec libvirtd -d")
+                    f"mkdir -p {NO_KVM.parent} && rm -f {NO_KVM} && mknod -m 000 {NO_KVM} c 1 3 "
+                    f"&& mount --bind {NO_KVM} /dev/kvm && exec libvirtd -d")
                 why = ("start libvirtd with /dev/kvm masked: it exists but the CPU shows no "
                        "vmx/svm, and libvirtd's KVM probe would hang")
             else:

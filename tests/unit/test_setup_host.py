@@ -136,7 +136,9 @@ def test_libvirtd_gets_dev_kvm_masked_when_kvm_cannot_run_guests() -> None:
     steps = plan(Request(backends=("qemu",), packages=False), state).steps
     assert steps[0].argv == ("pkill", "-x", "libvirtd")  # runs, but hangs: restart it
     assert steps[1].argv[:4] == ("unshare", "-m", "--propagation", "private")
-    assert "mount --bind /dev/null /dev/kvm" in steps[1].argv[-1]
+    # a node libvirt's QEMU user cannot open, so libvirt keeps its cached capabilities
+    assert "mknod -m 000 /run/pytest-isolate/no-kvm c 1 3" in steps[1].argv[-1]
+    assert "mount --bind /run/pytest-isolate/no-kvm /dev/kvm" in steps[1].argv[-1]
     good = dataclasses.replace(state, kvm_usable=True, libvirtd_running=False)
     assert argvs(plan(Request(backends=("qemu",), packages=False), good).steps) == [
         ("systemctl", "start", "libvirtd")]
