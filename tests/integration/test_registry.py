@@ -12,27 +12,26 @@ counts the manifest requests, which is how "no pull when present" is checked.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_support import output, run_pytest, stop
+from integration_support import free_port, output, run_pytest, stop, wait_for_log
 
 from pytest_isolate.backends.base import RunContext
-from pytest_isolate.backends.docker import DockerBackend
+from pytest_isolate.backends.docker import LABEL, DockerBackend
 from pytest_isolate.errors import ProvisionError
 from pytest_isolate.spec import EnvSpec
 
@@ -40,12 +39,7 @@ REGISTRY = "/usr/bin/docker-registry"
 HTPASSWD = "/usr/bin/htpasswd"
 USER = "isolate"
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not (shutil.which(REGISTRY) and shutil.which(HTPASSWD)),
-                       reason="needs Debian's docker-registry and apache2-utils "
-                              "(scripts/setup.sh installs them)"),
-]
+pytestmark = pytest.mark.integration
 
 CONFIG = """\
 version: 0.1
@@ -98,14 +92,11 @@ class Registry:
         return {"username": USER, "password": self.password}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def registry() -> Iterator[Registry]:
+    for tool, package in ((REGISTRY, "docker-registry"), (HTPASSWD, "apache2-utils")):
+        if not shutil.which(tool):
+            pytest.fail(f"{tool} is missing: scripts/setup.sh installs {package}")
     base = Path(tempfile.mkdtemp(prefix="pytest-isolate-registry-", dir="/tmp"))
     password = uuid.uuid4().hex
     hashed = subprocess.run([HTPASSWD, "-nbB", USER, password], capture_output=True,
@@ -117,11 +108,7 @@ def registry() -> Iterator[Registry]:
         proc = subprocess.Popen([REGISTRY, "serve", str(base / "config.yml")], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while "listening on" not in (base / "registry.log").read_text():
-            assert proc.poll() is None, (base / "registry.log").read_text()
-            assert time.monotonic() < deadline, "the registry did not start listening"
-            time.sleep(0.1)
+        wait_for_log(proc, base / "registry.log", "listening on", "the registry")
         yield Registry(port, base, password)
     finally:
         stop(proc, 5)
@@ -170,7 +157,10 @@ def push_layer(client: Any, registry: Registry, base: str, repo: str, tag: str,
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
         container.put_archive("/", archive.getvalue())
-        container.commit(repository=f"{registry.host}/{repo}", tag=tag)
+        # not labelled as the docker backend's image (the base's labels are inherited):
+        # its key label would make the backend take it for its own
+        container.commit(repository=f"{registry.host}/{repo}", tag=tag,
+                         changes=[f'LABEL "{LABEL}.key"="" "{LABEL}.rootfs"=""'])
     finally:
         container.remove(force=True)
     return push(client, registry, repo, tag)
@@ -196,9 +186,18 @@ def remove_local(client: Any, ref: str) -> None:
         pass
 
 
+def remove_pulled(client: Any, registry: Registry) -> None:
+    """Remove every image of registry from the engine (what the tests pulled)."""
+    for image in client.images.list(all=True):
+        refs = [*(image.attrs.get("RepoTags") or []), *(image.attrs.get("RepoDigests") or [])]
+        if refs and all(ref.startswith(f"{registry.host}/") for ref in refs):
+            with contextlib.suppress(Exception):
+                client.images.remove(image.id, force=True)
+
+
 @pytest.fixture(scope="module")
 def seeded(registry: Registry, client: Any, pytestconfig: pytest.Config,
-           tmp_path_factory: pytest.TempPathFactory) -> Seeded:
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     """isolate/debian:1 (the default Debian image plus /etc/registry-token) and
     isolate/nopython:1 (one file, no python3) in the registry, neither on the engine."""
     manager: Any = pytestconfig.pluginmanager.get_plugin("isolate-manager")
@@ -215,7 +214,8 @@ def seeded(registry: Registry, client: Any, pytestconfig: pytest.Config,
     client.api.import_image_from_data(archive.getvalue(),
                                       repository=f"{registry.host}/isolate/nopython", tag="1")
     digests["isolate/nopython"] = push(client, registry, "isolate/nopython", "1")
-    return Seeded(registry, spec, base, digests)
+    yield Seeded(registry, spec, base, digests)
+    remove_pulled(client, registry)
 
 
 @pytest.fixture
@@ -326,6 +326,57 @@ def test_refused_and_missing_credentials_are_one_clear_error(
                                         f"{seeded.registry.host} refused the credentials"), text
         assert f"fix: log in with `docker login {seeded.registry.host}`" in text
         assert f"{config}/config.json" in text
+
+
+def test_unreachable_registry_is_one_clear_error(
+        logged_in: Seeded, pytestconfig: pytest.Config, tmp_path: Path) -> None:
+    ref = f"127.0.0.1:{free_port()}/isolate/debian:1"  # nothing listens there
+    spec = image_spec(logged_in, ref)
+    with pytest.raises(ProvisionError) as info:
+        make_backend(pytestconfig, tmp_path).provision(spec)
+    first, engine, fix = str(info.value).splitlines()
+    assert first == (f"docker: pulling image {ref!r} (from {spec.source('image')}) failed: "
+                     f"registry {ref.split('/')[0]} is unreachable")
+    assert "connection refused" in engine and "docker load" in fix
+
+
+def load_foreign_image(client: Any, tag: str, arch: str) -> None:
+    """docker load of a one-file image whose config says arch (nothing of it runs)."""
+    import hashlib
+
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("hello")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"hello\n"))
+    config = json.dumps({"architecture": arch, "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [
+                             "sha256:" + hashlib.sha256(layer.getvalue()).hexdigest()]}}).encode()
+    manifest = json.dumps([{"Config": "config.json", "RepoTags": [tag],
+                            "Layers": ["layer.tar"]}]).encode()
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name, data in (("layer.tar", layer.getvalue()), ("config.json", config),
+                           ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    client.images.load(archive.getvalue())
+
+
+def test_image_of_another_arch_names_the_arch_key(
+        logged_in: Seeded, client: Any, pytestconfig: pytest.Config, tmp_path: Path) -> None:
+    other = "arm64" if logged_in.base_spec.arch != "arm64" else "amd64"
+    ref = logged_in.ref("isolate/foreign")  # on the engine only: removed with the others
+    load_foreign_image(client, ref, other)
+    spec = image_spec(logged_in, ref)
+    with pytest.raises(ProvisionError) as info:
+        make_backend(pytestconfig, tmp_path).provision(spec)
+    assert str(info.value) == (
+        f"docker: image {ref!r} (from {spec.source('image')}) is for {other}, but environment "
+        f"{spec.name!r} wants arch {logged_in.base_spec.arch!r} ({spec.source('arch')}); set "
+        f"arch = {other!r} for it, or name an image made for {logged_in.base_spec.arch} (a "
+        "multi-platform image is pulled for the environment's arch)")
 
 
 def test_image_without_python3_is_a_clear_error(
