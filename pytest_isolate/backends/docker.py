@@ -453,6 +453,34 @@ def platform_of(spec: EnvSpec) -> str | None:
     return f"linux/{arch}" + (f"/{variant}" if variant else "")
 
 
+def image_of(client: Any, spec: EnvSpec, progress: Any, log: Path) -> tuple[Any, float | None]:
+    """The engine's image of spec.image, pulled when missing (or always, with the option
+    ``pull = "always"``), and the seconds a pull took (None: no pull); ProvisionError when
+    it is for another arch than spec's."""
+    docker = _sdk()
+    pulled = None
+    if spec.option("pull", "missing") == "always":
+        pulled = docker_pull.pull(client, spec, platform_of(spec), progress, log)
+    try:
+        image = client.images.get(spec.image)
+    except docker.errors.ImageNotFound:
+        if pulled is not None:
+            raise ProvisionError(f"docker: image {spec.image!r} is missing right after it was "
+                                 "pulled", log_path=str(log)) from None
+        pulled = docker_pull.pull(client, spec, platform_of(spec), progress, log)
+        image = client.images.get(spec.image)
+    want = docker_arch(spec.arch)[0]
+    have = image.attrs.get("Architecture")
+    if have and have != want:
+        debian = next((d for d, (a, _) in DOCKER_ARCH.items() if a == have), have)
+        raise ProvisionError(
+            f"docker: image {spec.image!r} (from {spec.source('image')}) is for {have}, but "
+            f"environment {spec.name!r} wants arch {want!r} ({spec.source('arch')}); set "
+            f"arch = {debian!r} for it, or name an image made for {want} (a multi-platform "
+            "image is pulled for the environment's arch)")
+    return image, pulled
+
+
 class DockerBackend(Backend):
     name = "docker"
     needs_root = False  # root, or membership of the engine's group
@@ -640,33 +668,7 @@ class DockerBackend(Backend):
             return None
 
     def _base_image(self, spec: EnvSpec, log: Path) -> tuple[Any, float | None]:
-        """The engine's image of spec.image, pulled when missing (or always, with
-        ``pull = "always"``), and the seconds a pull took (None: no pull)."""
-        docker = _sdk()
-        images = self.client().images
-        pulled = None
-        if spec.option("pull", "missing") == "always":
-            pulled = docker_pull.pull(self.client(), spec, platform_of(spec), self.run.progress,
-                                      log)
-        try:
-            image = images.get(spec.image)
-        except docker.errors.ImageNotFound:
-            if pulled is not None:
-                raise ProvisionError(f"docker: image {spec.image!r} is missing right after "
-                                     "it was pulled", log_path=str(log)) from None
-            pulled = docker_pull.pull(self.client(), spec, platform_of(spec), self.run.progress,
-                                      log)
-            image = images.get(spec.image)
-        want = docker_arch(spec.arch)[0]
-        have = image.attrs.get("Architecture")
-        if have and have != want:
-            debian = next((d for d, (a, _) in DOCKER_ARCH.items() if a == have), have)
-            raise ProvisionError(
-                f"docker: image {spec.image!r} (from {spec.source('image')}) is for {have}, but "
-                f"environment {spec.name!r} wants arch {want!r} ({spec.source('arch')}); set "
-                f"arch = {debian!r} for it, or name an image made for {want} (a multi-platform "
-                "image is pulled for the environment's arch)")
-        return image, pulled
+        return image_of(self.client(), spec, self.run.progress, log)
 
     def _pin(self, spec: EnvSpec, image: Any, digest: str, log: Path) -> Entry:
         """The cache's record of spec.image as this run uses it: its digest and id (a
