@@ -434,3 +434,33 @@ def test_missing_image_fails_its_tests_with_one_message(
                           text=True, timeout=60)
     assert envs.returncode == 0, envs.stderr
     assert f"image {good}: pinned at {logged_in.digests['isolate/debian']}" in envs.stdout
+
+
+def test_same_image_runs_under_chroot_and_docker(
+        logged_in: Seeded, client: Any, pytestconfig: pytest.Config, tmp_path: Path) -> None:
+    """The chroot backend runs the image's root filesystem, exported from the engine into
+    the cache by digest: the same files as in a container of it."""
+    from pytest_isolate.backends.chroot import ChrootBackend
+
+    ref = logged_in.ref("isolate/debian")
+    remove_local(client, ref)
+    docker_spec = image_spec(logged_in, ref)
+    chroot_spec = dataclasses.replace(docker_spec, name=f"{docker_spec.name}-chroot",
+                                      backend="chroot")
+    docker_backend = make_backend(pytestconfig, tmp_path / "docker")
+    manager: Any = pytestconfig.pluginmanager.get_plugin("isolate-manager")
+    chroot = ChrootBackend(make_backend(pytestconfig, tmp_path / "chroot").run)
+    chroot.check(chroot_spec)
+    rootfs = chroot.provision(chroot_spec)  # pulls it: the engine lacked it
+    assert rootfs.kind == "image-rootfs" and rootfs.path.parent.parent == manager.cache.root
+    assert rootfs.manifest["digest"] == logged_in.digests["isolate/debian"]
+    assert chroot.provision(chroot_spec).hit
+    seen = []
+    for backend, spec in ((chroot, chroot_spec), (docker_backend, docker_spec)):
+        instance = backend.start(spec, backend.provision(spec))
+        try:
+            seen.append((run_in(instance, ["cat", "/etc/registry-token", "/etc/os-release"]),
+                         run_in(instance, ["python3", "-c", "import sys; print(sys.version)"])))
+        finally:
+            instance.stop()
+    assert seen[0] == seen[1] and seen[0][0][1].startswith("debian-1\n"), seen
