@@ -488,8 +488,9 @@ def image_line(ref: str | None, pin: dict[str, Any] | None) -> str:
     if pin is None:
         return f"image {ref}: not pulled or checked yet (the first run that uses it does)"
     age = format_age(time.time() - float(pin["last_use"]))
-    return (f"image {ref}: pinned at {pin['digest']} (python {pin.get('python') or '?'}, "
-            f"last used {age} ago; `docker pull {ref}` picks up a moved tag)")
+    python = f"python {pin['python']}, " if pin.get("python") else ""
+    return (f"image {ref}: pinned at {pin['digest']} ({python}last used {age} ago; "
+            f"`docker pull {ref}` picks up a moved tag)")
 
 
 # --------------------------------------------------------------------------
