@@ -464,3 +464,12 @@ def test_same_image_runs_under_chroot_and_docker(
         finally:
             instance.stop()
     assert seen[0] == seen[1] and seen[0][0][1].startswith("debian-1\n"), seen
+
+    # an image without python3: said when it is exported, and nothing is cached
+    nopython = dataclasses.replace(image_spec(logged_in, logged_in.ref("isolate/nopython")),
+                                   backend="chroot")
+    with pytest.raises(ProvisionError) as info:
+        chroot.provision(nopython)
+    assert (f"chroot: image {nopython.image!r} (from {nopython.source('image')}) has no "
+            "python3") in str(info.value)
+    assert not [e for e in manager.cache.entries() if e.manifest.get("reference") == nopython.image]
