@@ -186,8 +186,12 @@ def remove_local(client: Any, ref: str) -> None:
         pass
 
 
-def remove_pulled(client: Any, registry: Registry) -> None:
-    """Remove every image of registry from the engine (what the tests pulled)."""
+def remove_pulled(client: Any, registry: Registry, cache: Any) -> None:
+    """Remove every image of registry from the engine (what the tests pulled), and the
+    cache entries of them (each session's images are new: their entries would pile up)."""
+    for entry in list(cache.entries()):
+        if str(entry.manifest.get("reference") or "").startswith(f"{registry.host}/"):
+            cache.remove(entry)
     for image in client.images.list(all=True):
         refs = [*(image.attrs.get("RepoTags") or []), *(image.attrs.get("RepoDigests") or [])]
         if refs and all(ref.startswith(f"{registry.host}/") for ref in refs):
@@ -215,7 +219,7 @@ def seeded(registry: Registry, client: Any, pytestconfig: pytest.Config,
                                       repository=f"{registry.host}/isolate/nopython", tag="1")
     digests["isolate/nopython"] = push(client, registry, "isolate/nopython", "1")
     yield Seeded(registry, spec, base, digests)
-    remove_pulled(client, registry)
+    remove_pulled(client, registry, manager.cache)
 
 
 @pytest.fixture
