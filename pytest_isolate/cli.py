@@ -213,6 +213,19 @@ def rootfs_key_of(spec: EnvSpec) -> str:
     return (cls.rootfs_spec(spec) if cls is not None else spec).rootfs_key()
 
 
+def image_pins(root: Path, where: str) -> dict[str, dict[str, Any]]:
+    """Per image reference, the newest cache record of what it resolved to (its digest,
+    as the docker backend pinned it when it last provisioned it)."""
+    pins: dict[str, tuple[float, dict[str, Any]]] = {}
+    for item in open_cache(root, where, create=False).listing(with_size=False):
+        ref, digest = item.manifest.get("reference"), item.manifest.get("digest")
+        newer = isinstance(ref, str) and (ref not in pins or pins[ref][0] < item.last_use)
+        if newer and isinstance(ref, str) and isinstance(digest, str):
+            pins[ref] = (item.last_use, {"digest": digest, "last_use": item.last_use,
+                                         "python": item.manifest.get("python")})
+    return {ref: pin for ref, (_, pin) in pins.items()}
+
+
 def envs_by_key(specs: dict[str, EnvSpec]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for name, spec in specs.items():
@@ -444,7 +457,8 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
     if args.names:
         config.check_env_names(args.names, "envs", specs)
     names = args.names or list(specs)
-    root, _where = cache_location(args, project)
+    root, where = cache_location(args, project)
+    pins = image_pins(root, where)
     fields = [f.name for f in dataclasses.fields(EnvSpec) if f.name not in ("name", "sources")]
     result: dict[str, Any] = {}
     for name in names:
@@ -464,6 +478,7 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
             "values": values,
             "rootfs_key": key,
             "rootfs_cached": read_manifest(root / "rootfs" / key) is not None,
+            "image_pin": pins.get(spec.image) if spec.image else None,
         }
     if args.json:
         dump_json({"pyproject": str(project.pyproject) if project.pyproject else None,
@@ -484,9 +499,22 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
             rows.append([f"  {key}", shown, v["source"]])
         for line in table(rows):
             out(line)
+        if specs[name].image:
+            out(f"  {image_line(specs[name].image, info['image_pin'])}")
+            continue
         state = "cached" if info["rootfs_cached"] else "not built yet"
         out(f"  rootfs cache key: {info['rootfs_key']} ({state})")
     return 0
+
+
+def image_line(ref: str | None, pin: dict[str, Any] | None) -> str:
+    """What an image reference is pinned to, for `envs`."""
+    if pin is None:
+        return f"image {ref}: not pulled or checked yet (the first run that uses it does)"
+    age = format_age(time.time() - float(pin["last_use"]))
+    python = f"python {pin['python']}, " if pin.get("python") else ""
+    return (f"image {ref}: pinned at {pin['digest']} ({python}last used {age} ago; "
+            f"`docker pull {ref}` picks up a moved tag)")
 
 
 # --------------------------------------------------------------------------

@@ -496,6 +496,9 @@ class IsolateManager:
         if name not in self.holds:
             self.holds[name] = self.cache.hold(entry)
         stats.key = entry.key
+        if entry.manifest.get("digest"):  # a user's image: what its reference resolved to
+            stats.image = str(entry.manifest.get("reference") or spec.image or "")
+            stats.digest = str(entry.manifest["digest"])
         stats.cache_hit = entry.hit if stats.cache_hit is None else stats.cache_hit
         if not entry.hit:
             self.progress(f"built {spec.describe()} in {entry.build_seconds:.1f}s")

@@ -51,6 +51,10 @@ class EnvStats:
     tests: int = 0
     run_total: float = 0.0
     logs: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: an environment made from an image reference (``image = REF``): the reference and
+    #: the digest it was pinned to in this run
+    image: str = ""
+    digest: str = ""
 
 
 @dataclasses.dataclass
@@ -104,6 +108,8 @@ class RunReport:
             if env.get("cache_hit") is False or mine.cache_hit is None:
                 mine.cache_hit = env.get("cache_hit")
             mine.key = mine.key or env.get("key", "")
+            mine.image = mine.image or env.get("image", "")
+            mine.digest = mine.digest or env.get("digest", "")
             for label, path in env.get("logs", {}).items():
                 mine.logs.setdefault(label, path)
         self.tests.extend(TestRecord(**t) for t in data.get("tests", []))
@@ -123,4 +129,6 @@ class RunReport:
             rows.append((s.name, s.backend, s.arch, str(s.bound), str(s.tests), prov,
                          f"{s.start:.2f}s" if s.starts else "-", per))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return lines + [f"image of {s.name}: {s.image} pinned at {s.digest}"
+                        for s in self.envs.values() if s.image and s.digest]

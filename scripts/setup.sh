@@ -13,16 +13,22 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 echo "==> python3, venv, what building the [all] extra (libvirt-python) needs, and sshd"
 # openssh-server: the remote-engine tests (tests/integration/test_docker_ssh.py) start
-# an sshd of their own on 127.0.0.1 (its own config and keys, never the system service)
+# an sshd of their own on 127.0.0.1 (its own config and keys, never the system service);
+# docker-registry, apache2-utils (htpasswd -B): the pull tests (tests/integration/
+# test_registry.py) start a registry of their own on 127.0.0.1 with htpasswd auth
 need=""
 for pkg in python3 python3-venv python3-dev ca-certificates procps gcc pkg-config libvirt-dev \
-           openssh-server openssh-client; do
+           openssh-server openssh-client docker-registry apache2-utils; do
   dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null | grep -q '^ii' || need="$need $pkg"
 done
 if [ -n "$need" ]; then
   $SUDO apt-get update -q
   # shellcheck disable=SC2086  # one word per package
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need
+fi
+# installing docker-registry starts its system service (port 5000); the tests never use it
+if command -v systemctl >/dev/null && systemctl is-active -q docker-registry 2>/dev/null; then
+  $SUDO systemctl disable --now docker-registry
 fi
 
 echo "==> virtualenv (.venv, from the system's python3)"

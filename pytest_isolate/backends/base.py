@@ -328,11 +328,14 @@ class RootfsBackend(Backend):
         return HostCgroup.create(spec.limits(), f"environment {spec.name!r}")
 
     def provision(self, spec: EnvSpec) -> Entry:
+        log = self.run.log_path(spec.name, "provision.log")
+        if spec.image is not None:  # an image's root filesystem, exported by the engine
+            from pytest_isolate.images.oci import provision_image_rootfs
+
+            return provision_image_rootfs(spec, self.run.cache, log, self.run.progress)
         from pytest_isolate.images.rootfs import provision_rootfs
 
-        return provision_rootfs(spec, self.run.cache,
-                                self.run.log_path(spec.name, "provision.log"),
-                                self.run.rootdir, self.run.progress)
+        return provision_rootfs(spec, self.run.cache, log, self.run.rootdir, self.run.progress)
 
 
 def need_tool(backend: str, tool: str, package: str) -> str:

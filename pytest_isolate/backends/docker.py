@@ -4,7 +4,7 @@ The engine is reached the way the docker CLI reaches it (``DOCKER_HOST``,
 ``DOCKER_TLS_VERIFY`` / ``DOCKER_CERT_PATH``, else the current docker context).
 The SDK is imported on first use only.
 
-Images.  No registry is needed or used.  The default image is the cached Debian
+Images.  No registry is needed for the default image: the cached Debian
 root filesystem (images/rootfs.py) streamed as a tar archive into the engine's
 image import, tagged ``pytest-isolate/<env>:<key>`` where the key hashes the root
 filesystem's key and this module's image format; it is made once and found
@@ -12,9 +12,12 @@ again by its tag (or, under another env's name, by its ``pytest-isolate.key``
 label).  A foreign architecture (``arch = "arm64"`` on amd64) is loaded instead
 (``docker load`` of a one-layer image whose config names the architecture, since
 older engines ignore the platform of an import) and runs through the host's
-binfmt qemu-user.  A spec that names an existing local image (``image = ...``)
-uses it as it is or, when it has setup commands, a derived image made by running
-them in a container of it and committing the result, tagged by the hash of the
+binfmt qemu-user.  A spec that names an image (``image = REF``) uses the engine's
+image of that reference, pulled when the engine lacks it (docker_pull.py: progress,
+credentials, one message per failure), pinned by its digest in a cache record
+(``docker-pin``) that also holds the python3 version a throwaway container found in it
+(none is a clear error, once per image); with setup commands, a derived image made by
+running them in a container of it and committing the result, tagged by the hash of the
 base image's id and the commands.
 
 Containers.  No network unless the spec asks for it (``network_mode="none"``;
@@ -84,7 +87,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.backends import docker_ssh
+from pytest_isolate.backends import docker_pull, docker_ssh
 from pytest_isolate.backends.base import (
     Backend,
     Instance,
@@ -109,6 +112,8 @@ IMAGE_FORMAT = 1
 LABEL = "pytest-isolate"
 #: The cache entries that stand for images on an engine (see DockerBackend._record_image).
 IMAGE_KIND = "docker-image"
+#: The cache entries that pin a user's image (``image = REF``): its digest, id and python3.
+PIN_KIND = "docker-pin"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INSTALL_SDK = "install the Docker SDK for Python: pip install 'pytest-isolate-env[docker]'"
 START_ENGINE = ("start it with `dockerd --bridge=none --iptables=false --ip-masq=false &` "
@@ -448,6 +453,34 @@ def platform_of(spec: EnvSpec) -> str | None:
     return f"linux/{arch}" + (f"/{variant}" if variant else "")
 
 
+def image_of(client: Any, spec: EnvSpec, progress: Any, log: Path) -> tuple[Any, float | None]:
+    """The engine's image of spec.image, pulled when missing (or always, with the option
+    ``pull = "always"``), and the seconds a pull took (None: no pull); ProvisionError when
+    it is for another arch than spec's."""
+    docker = _sdk()
+    pulled = None
+    if spec.option("pull", "missing") == "always":
+        pulled = docker_pull.pull(client, spec, platform_of(spec), progress, log)
+    try:
+        image = client.images.get(spec.image)
+    except docker.errors.ImageNotFound:
+        if pulled is not None:
+            raise ProvisionError(f"docker: image {spec.image!r} is missing right after it was "
+                                 "pulled", log_path=str(log)) from None
+        pulled = docker_pull.pull(client, spec, platform_of(spec), progress, log)
+        image = client.images.get(spec.image)
+    want = docker_arch(spec.arch)[0]
+    have = image.attrs.get("Architecture")
+    if have and have != want:
+        debian = next((d for d, (a, _) in DOCKER_ARCH.items() if a == have), have)
+        raise ProvisionError(
+            f"docker: image {spec.image!r} (from {spec.source('image')}) is for {have}, but "
+            f"environment {spec.name!r} wants arch {want!r} ({spec.source('arch')}); set "
+            f"arch = {debian!r} for it, or name an image made for {want} (a multi-platform "
+            "image is pulled for the environment's arch)")
+    return image, pulled
+
+
 class DockerBackend(Backend):
     name = "docker"
     needs_root = False  # root, or membership of the engine's group
@@ -460,6 +493,9 @@ class DockerBackend(Backend):
                                   "container (default: bind for a local engine, else copy)",
                                   choices=("bind", "copy")),
         "exclude": EXCLUDE_OPTION,
+        "pull": Option("a string", "when `image` is pulled from its registry: missing (only "
+                       "when the engine lacks it, the default) or always (once per run, so a "
+                       "moved tag is seen)", choices=("missing", "always")),
     }
 
     @classmethod
@@ -573,18 +609,25 @@ class DockerBackend(Backend):
             tag = f"{repository(spec.name)}:{key}"
             return self._image_entry(spec, key, tag, rootfs.path, log,
                                      lambda: self._import_rootfs(spec, rootfs, key, tag, log))
-        base = self._base_image(spec)
+        base, pulled = self._base_image(spec, log)
+        digest = docker_pull.pinned_digest(base, str(spec.image))
+        pin = self._pin(spec, base, digest, log)
+        pinned = {"reference": spec.image, "digest": digest}
         if not spec.setup:
-            return Entry("docker", base.id.split(":")[-1][:24], log.parent,
-                         {"image": base.id, "base": spec.image}, hit=True)
+            return Entry("docker", pin.key, pin.path,
+                         {"image": base.id, "base": spec.image, **pinned},
+                         hit=pin.hit and pulled is None,
+                         build_seconds=(pulled or 0.0) + pin.build_seconds)
         key = content_hash({"base": base.id, "setup": list(spec.setup), "network": spec.network,
                             "docker_image_format": IMAGE_FORMAT})
         tag = f"{repository(spec.name)}:{key}"
         return self._image_entry(spec, key, tag, log.parent, log,
-                                 lambda: self._commit_setup(spec, base, key, tag, log))
+                                 lambda: self._commit_setup(spec, base, key, tag, log), pinned)
 
     def _image_entry(self, spec: EnvSpec, key: str, tag: str, path: Path, log: Path,
-                     build: Any) -> Entry:
+                     build: Any, pinned: dict[str, Any] | None = None) -> Entry:
+        """The image tagged tag (or labelled with key), made by build() when missing;
+        pinned: the reference and digest of the user's image it derives from."""
         from filelock import FileLock
 
         image = self.find_image(tag, key)
@@ -603,7 +646,7 @@ class DockerBackend(Backend):
         record = self._record_image(spec, key, tag, image, log)
         # the session holds the record (Cache.hold): `cache gc` keeps the image meanwhile
         return Entry("docker", key, record.path if record is not None else path,
-                     {"image": tag, "id": image.id, "base": spec.image},
+                     {"image": tag, "id": image.id, "base": spec.image, **(pinned or {})},
                      hit=hit, build_seconds=0.0 if hit else time.monotonic() - started)
 
     def _record_image(self, spec: EnvSpec, key: str, tag: str, image: Any,
@@ -624,21 +667,61 @@ class DockerBackend(Backend):
         except (IsolateError, OSError):  # bookkeeping only
             return None
 
-    def _base_image(self, spec: EnvSpec) -> Any:
-        docker = _sdk()
+    def _base_image(self, spec: EnvSpec, log: Path) -> tuple[Any, float | None]:
+        return image_of(self.client(), spec, self.run.progress, log)
+
+    def _pin(self, spec: EnvSpec, image: Any, digest: str, log: Path) -> Entry:
+        """The cache's record of spec.image as this run uses it: its digest and id (a
+        moved tag is another record, so another environment) and the python3 inside,
+        checked once per image (ProvisionError when it has none)."""
+        python = spec.option("python", "python3")
+        key = content_hash({"reference": spec.image, "digest": digest, "id": image.id,
+                            "python": python, "docker_image_format": IMAGE_FORMAT})
+
+        def build(data: Path, log_path: Path) -> dict[str, Any]:
+            version = self._check_python(spec, image, python)
+            data.mkdir(parents=True)
+            pin = {"reference": spec.image, "digest": digest, "id": image.id, "python": version}
+            (data / "pin.json").write_text(json.dumps(pin))
+            return pin
+
+        return self.run.cache.get_or_build(PIN_KIND, key, build,
+                                           {"env": spec.name, "image": spec.image}, log)
+
+    def _check_python(self, spec: EnvSpec, image: Any, python: str) -> str:
+        """The version of python in image, from a throwaway container; ProvisionError
+        naming the image and the fix when it has none (or one too old for the agent)."""
+        from pytest_isolate.agent import MIN_PYTHON
+
+        fix = (f"name an image that has python{'.'.join(map(str, MIN_PYTHON))} or newer as "
+               f"{python!r} (e.g. python:3.12-slim, or a Debian or Alpine image built with it "
+               "installed), or leave `image` unset to use the Debian image pytest-isolate builds")
+        where = f"image {spec.image!r} (from {spec.source('image')})"
+        self.run.progress(f"docker: checking for {python} in {spec.image}")
+        probe = ["-c", "import sys;print('%d.%d.%d'%sys.version_info[:3])"]
+        container = self._create(spec, image.id, [], purpose="check", command=probe)
         try:
-            image = self.client().images.get(spec.image)
-        except docker.errors.ImageNotFound:
-            raise ProvisionError(
-                f"docker: image {spec.image!r} (from {spec.source('image')}) is not on the engine; "
-                "nothing is pulled: load or build it first (docker load / docker build), or leave "
-                "`image` unset to use the Debian image pytest-isolate builds") from None
-        want = docker_arch(spec.arch)[0]
-        have = image.attrs.get("Architecture")
-        if have and have != want:
-            raise ProvisionError(f"docker: image {spec.image!r} is for {have}, but environment "
-                                 f"{spec.name!r} wants arch {want!r}")
-        return image
+            try:
+                container.start()
+            except _sdk().errors.APIError as exc:
+                text = str(exc.explanation or exc)
+                if "not found" in text or "no such file" in text.lower():
+                    raise ProvisionError(f"docker: {where} has no {python} (the agent that runs "
+                                         f"tests inside needs one); {fix}") from None
+                raise ProvisionError(f"docker: cannot run {python} in {where}: {text}") from None
+            code = int(container.wait(timeout=START_TIMEOUT).get("StatusCode", -1))
+            out = container.logs(stdout=True, stderr=True).decode(errors="replace").strip()
+        finally:
+            with contextlib.suppress(Exception):
+                container.remove(force=True, v=True)
+        parts = out.splitlines()[-1].split(".") if code == 0 and out else []
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ProvisionError(f"docker: {python} in {where} does not run (exit status "
+                                 f"{code}): {out[-2000:]}; {fix}")
+        if tuple(int(p) for p in parts[:2]) < MIN_PYTHON:
+            raise ProvisionError(f"docker: {where} has Python {out.splitlines()[-1]} as "
+                                 f"{python!r}, too old for the agent; {fix}")
+        return ".".join(parts)
 
     def _import_rootfs(self, spec: EnvSpec, rootfs: Entry, key: str, tag: str, log: Path) -> None:
         """Make the image from the root filesystem: import (native) or load (foreign arch)."""
@@ -774,7 +857,10 @@ class DockerBackend(Backend):
                 container.remove(force=True, v=True)
 
     # ------------------------------------------------------------------ containers
-    def _create(self, spec: EnvSpec, image: str, binds: list[list[Any]], purpose: str) -> Any:
+    def _create(self, spec: EnvSpec, image: str, binds: list[list[Any]], purpose: str,
+                command: list[str] | None = None) -> Any:
+        """A container of image; its main process is python3 running command (default:
+        MAIN_PROCESS), as the entrypoint, so an image's own ENTRYPOINT does not wrap it."""
         docker = _sdk()
         mounts = [docker.types.Mount(target=dst, source=src, type="bind", read_only=bool(ro))
                   for src, dst, ro in binds]
@@ -793,7 +879,8 @@ class DockerBackend(Backend):
                     resources["cpuset_cpus"] = cpu_list(cpus)
         try:
             return self.client().containers.create(
-                image, command=[spec.option("python", "python3"), "-c", MAIN_PROCESS],
+                image, entrypoint=[spec.option("python", "python3")],
+                command=command or ["-c", MAIN_PROCESS],
                 name=re.sub(r"[^a-zA-Z0-9_.-]", "-", name), hostname=f"isolate-{spec.name}"[:63],
                 labels=self.labels(spec), network_mode=self.network_mode(spec),
                 cap_add=["SYS_ADMIN"], security_opt=self.security_opt() or None, mounts=mounts,

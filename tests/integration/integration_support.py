@@ -7,8 +7,10 @@ sys.path), beside conftest.py's fixtures.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,3 +42,20 @@ def stop(proc: subprocess.Popen[bytes], grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a daemon a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_log(proc: subprocess.Popen[bytes], log: Path, text: str, what: str,
+                 seconds: float = 20) -> None:
+    """Wait until a daemon a test started writes text to its log (it listens)."""
+    deadline = time.monotonic() + seconds
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"{what} did not start listening"
+        time.sleep(0.1)

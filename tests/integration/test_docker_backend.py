@@ -4,6 +4,7 @@ What every backend does is in tests/conformance; here: images made without a
 registry and found again by their hash, derived images for a user's image with
 setup commands, the container's grants and labels, its log, clean up, reaping a
 killed run's containers, and the messages when the SDK or the engine is missing.
+Images pulled from a registry: test_registry.py.
 """
 
 from __future__ import annotations
@@ -142,12 +143,6 @@ def test_user_image_without_setup_is_used_as_it_is(
     entry = backend.provision(plain)
     assert entry.manifest["image"] == base.manifest["id"]
     assert not client.images.list(name="pytest-isolate/plain")
-
-
-def test_missing_user_image_is_not_pulled(backend: DockerBackend, spec: EnvSpec) -> None:
-    missing = dataclasses.replace(spec, name="missing", image="pytest-isolate/no-such-image:1")
-    with pytest.raises(ProvisionError, match="is not on the engine; nothing is pulled"):
-        backend.provision(missing)
 
 
 def test_failing_setup_command_reports_its_output(

@@ -25,13 +25,12 @@ import socket
 import subprocess
 import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from integration_support import output, run_pytest, stop
+from integration_support import free_port, output, run_pytest, stop, wait_for_log
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = [
@@ -69,12 +68,6 @@ def children(pid: int) -> list[int]:
                 if int(stat.rpartition(")")[2].split()[1]) == pid:
                     found.append(int(entry.name))
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def keygen(path: Path) -> str:
@@ -120,11 +113,7 @@ def sshd() -> Iterator[Sshd]:
     port = free_port()
     proc = start_sshd(base, port)
     try:
-        deadline = time.monotonic() + 20
-        while "Server listening" not in (base / "sshd.log").read_text():
-            assert proc.poll() is None, (base / "sshd.log").read_text()
-            assert time.monotonic() < deadline, "sshd did not start listening"
-            time.sleep(0.1)
+        wait_for_log(proc, base / "sshd.log", "Server listening", "sshd")
         yield Sshd(port, base / "home", base / "sshd.log", base)
     finally:
         sessions = children(proc.pid)  # they outlive the listener while a client is connected
