@@ -330,7 +330,7 @@ class RootfsBackend(Backend):
     def provision(self, spec: EnvSpec) -> Entry:
         log = self.run.log_path(spec.name, "provision.log")
         if spec.image is not None:  # an image's root filesystem, exported by the engine
-            from pytest_isolate.images.oci import provision_image_rootfs
+            from pytest_isolate.backends.image_rootfs import provision_image_rootfs
 
             return provision_image_rootfs(spec, self.run.cache, log, self.run.progress)
         from pytest_isolate.images.rootfs import provision_rootfs
