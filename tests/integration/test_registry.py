@@ -440,11 +440,14 @@ def test_missing_image_fails_its_tests_with_one_message(
     assert f"image {good}: pinned at {logged_in.digests['isolate/debian']}" in envs.stdout
 
 
-def test_same_image_runs_under_chroot_and_docker(
+def test_same_image_runs_under_chroot_lxc_schroot_and_docker(
         logged_in: Seeded, client: Any, pytestconfig: pytest.Config, tmp_path: Path) -> None:
     """The chroot backend runs the image's root filesystem, exported from the engine into
-    the cache by digest: the same files as in a container of it."""
+    the cache by digest: the same files as in a container of it; lxc and schroot run the
+    same export (one cache entry for all three)."""
     from pytest_isolate.backends.chroot import ChrootBackend
+    from pytest_isolate.backends.lxc import LxcBackend
+    from pytest_isolate.backends.schroot import SchrootBackend
 
     ref = logged_in.ref("isolate/debian")
     remove_local(client, ref)
@@ -459,15 +462,23 @@ def test_same_image_runs_under_chroot_and_docker(
     assert rootfs.kind == "image-rootfs" and rootfs.path.parent.parent == manager.cache.root
     assert rootfs.manifest["digest"] == logged_in.digests["isolate/debian"]
     assert chroot.provision(chroot_spec).hit
+    others = [(cls(make_backend(pytestconfig, tmp_path / name).run),
+               dataclasses.replace(docker_spec, name=f"{docker_spec.name}-{name}", backend=name))
+              for name, cls in (("lxc", LxcBackend), ("schroot", SchrootBackend))]
     seen = []
-    for backend, spec in ((chroot, chroot_spec), (docker_backend, docker_spec)):
-        instance = backend.start(spec, backend.provision(spec))
+    for backend, spec in ((chroot, chroot_spec), (docker_backend, docker_spec), *others):
+        backend.check(spec)
+        entry = backend.provision(spec)
+        if backend is not docker_backend:
+            assert entry.path == rootfs.path, (spec.backend, entry.path)
+        instance = backend.start(spec, entry)
         try:
             seen.append((run_in(instance, ["cat", "/etc/registry-token", "/etc/os-release"]),
                          run_in(instance, ["python3", "-c", "import sys; print(sys.version)"])))
         finally:
             instance.stop()
-    assert seen[0] == seen[1] and seen[0][0][1].startswith("debian-1\n"), seen
+    assert seen[0] == seen[1] == seen[2] == seen[3], seen
+    assert seen[0][0][1].startswith("debian-1\n"), seen
 
     # an image without python3: said when it is exported, and nothing is cached
     nopython = dataclasses.replace(image_spec(logged_in, logged_in.ref("isolate/nopython")),
