@@ -474,7 +474,8 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
         key = rootfs_key_of(spec)
         result[name] = {
             "backend": spec.backend,
-            "builtin": name in config.BUILTIN_ENVS,
+            "builtin": name in config.BUILTIN_ENVS or name in config.PYTHON_ENVS,
+            "python": spec.python_version(),
             "values": values,
             "rootfs_key": key,
             "rootfs_cached": read_manifest(root / "rootfs" / key) is not None,
@@ -487,7 +488,8 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
     out(f"project: {project.pyproject or 'no pyproject.toml found (built-in environments only)'}")
     for name, info in result.items():
         origin = "built-in" if info["builtin"] else "pyproject.toml"
-        if info["builtin"] and any(s != "built-in default" for s in specs[name].sources.values()):
+        if info["builtin"] and any(not s.startswith("built-in default")
+                                   for s in specs[name].sources.values()):
             origin = "built-in, changed in pyproject.toml"
         out()
         out(f"{name}  ({origin})")
@@ -503,6 +505,8 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
             out(f"  {image_line(specs[name].image, info['image_pin'])}")
             continue
         state = "cached" if info["rootfs_cached"] else "not built yet"
+        if info["python"]:
+            out(f"  python {info['python']} (Debian {specs[name].release}'s python3)")
         out(f"  rootfs cache key: {info['rootfs_key']} ({state})")
     return 0
 
@@ -1046,7 +1050,7 @@ def project_env_names(option: str | None) -> list[str]:
         project = load_project(option)
         return list(config.resolve_envs(project.table, project.pyproject, BUILTIN_BACKENDS))
     except (IsolateError, UsageError):
-        return list(config.BUILTIN_ENVS)
+        return [*config.BUILTIN_ENVS, *config.PYTHON_ENVS]
 
 
 def env_names(parsed_args: argparse.Namespace) -> list[str]:

@@ -18,7 +18,15 @@ from typing import Any
 
 from pytest_isolate.errors import ConfigError, NoHostLeft
 from pytest_isolate.limits import check_limit
-from pytest_isolate.spec import ARCH_MACHINES, RELEASES, RESETS, VARIANTS, EnvSpec
+from pytest_isolate.spec import (
+    ARCH_MACHINES,
+    DEBIAN_PYTHONS,
+    PYTHON_RELEASES,
+    RELEASES,
+    RESETS,
+    VARIANTS,
+    EnvSpec,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,6 +47,13 @@ BUILTIN_ENVS: dict[str, dict[str, Any]] = {
     "qemu_vm": {"backend": "qemu"},
     "arm64_vm": {"backend": "qemu", "arch": "arm64"},
 }
+#: Environments named after the Python inside (`--isolate-env py3.11,py3.13`): chroots of
+#: the Debian release that ships it.  Known names like the built-in ones, but without
+#: fixtures of their own.
+PYTHON_ENVS: dict[str, dict[str, Any]] = {
+    f"py{version}": {"backend": "chroot", "python": version} for version in PYTHON_RELEASES
+}
+_PYTHON = "a Python version as a string, such as \"3.13\""
 
 _STR = "a string"
 _STRS = "a list of strings"
@@ -55,6 +70,7 @@ ENV_KEYS: dict[str, str] = {
     "network": _BOOL,
     "mirror": _STR,
     "image": _STR,
+    "python": _PYTHON,
     "reset": _STR,
     "timeout": _NUM,
     "pass_env": _STRS,
@@ -250,6 +266,11 @@ def check_value(key: str, value: Any, kind: str, where: str) -> Any:
         ok = isinstance(value, dict)
     elif kind == _LIMIT:
         return check_limit(key, value, where)
+    elif kind == _PYTHON:
+        ok = isinstance(value, str) and re.fullmatch(r"3\.[0-9]+", value) is not None
+        if isinstance(value, float):  # python = 3.10 in TOML is the number 3.1
+            raise ConfigError(f"{where}: key {key!r} must be {kind}, got the number {value!r}; "
+                              f"quote it: {key} = \"{value}\"")
     if not ok:
         raise ConfigError(f"{where}: key {key!r} must be {kind}, got {value!r}")
     return value
@@ -274,7 +295,7 @@ def resolve_envs(
             where = f"{pyproject}: [{TABLE}]"
             defaults[key] = check_value(key, table[key], ENV_KEYS[key], where)
             default_sources[key] = f"{where} key {key!r}"
-    for name, values in BUILTIN_ENVS.items():
+    for name, values in {**BUILTIN_ENVS, **PYTHON_ENVS}.items():
         raw[name] = ({**defaults, **values},
                      {**default_sources, **{k: "built-in default" for k in values}})
     for name, values in user_envs.items():
@@ -302,8 +323,9 @@ def resolve_envs(
         raw[name] = (merged, sources)
     specs = {}
     for name, (values, sources) in raw.items():
+        builtin = name in BUILTIN_ENVS or name in PYTHON_ENVS
         specs[name] = make_spec(name, values, sources, known_backends,
-                                strict_backend=name not in BUILTIN_ENVS or name in user_envs)
+                                strict_backend=not builtin or name in user_envs)
     return specs
 
 
@@ -339,6 +361,7 @@ def make_spec(name: str, values: Mapping[str, Any], sources: Mapping[str, str],
             f"{did_you_mean(values['installer'], INSTALLERS)}; supported: "
             f"{', '.join(INSTALLERS)} (auto: uv when the host has it and the environment is "
             "of the host's architecture, else pip)")
+    values, sources = python_release(values, sources)
     kwargs = {k: v for k, v in values.items() if k != "options"}
     if "options" in values:
         kwargs["options"] = tuple(sorted(values["options"].items()))
@@ -346,6 +369,32 @@ def make_spec(name: str, values: Mapping[str, Any], sources: Mapping[str, str],
         return EnvSpec(name=name, sources=dict(sources), **kwargs)
     except TypeError as exc:  # pragma: no cover - keys are validated above
         raise ConfigError(f"environment {name!r}: {exc}") from None
+
+
+def python_release(values: Mapping[str, Any], sources: Mapping[str, str]
+                   ) -> tuple[Mapping[str, Any], Mapping[str, str]]:
+    """python = "X.Y" without an image: the Debian release that ships that Python, which
+    must agree with a release the user set.  With an image the version is checked against
+    the image's python3 when it is provisioned."""
+    version = values.get("python")
+    if version is None or values.get("image") is not None:
+        return values, sources
+    where = sources.get("python", "built-in default")
+    release = PYTHON_RELEASES.get(version)
+    if release is None:
+        shipped = ", ".join(f"{v} ({r})" for v, r in PYTHON_RELEASES.items())
+        raise ConfigError(
+            f"{where}: no Debian release that pytest-isolate builds ships Python {version} "
+            f"(it can: {shipped}); use one of those, or an image that has it: "
+            f"image = \"python:{version}-slim\" (backend docker, chroot, lxc or schroot)")
+    given = values.get("release")
+    if given is not None and "release" in sources and DEBIAN_PYTHONS.get(given) != version:
+        raise ConfigError(
+            f"{where}: python {version!r} is Debian {release}'s, but {sources['release']} "
+            f"says release {given!r} (python {DEBIAN_PYTHONS.get(given, 'unknown')}); "
+            "set one of the two keys, not both")
+    return ({**values, "release": release},
+            {**sources, "release": f"{where} (python {version} is Debian {release}'s)"})
 
 
 def with_overrides(spec: EnvSpec, overrides: Mapping[str, Any], where: str) -> EnvSpec:

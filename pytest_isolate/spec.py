@@ -45,6 +45,11 @@ RELEASES = (
 VARIANTS = ("minbase", "buildd", "required", "important", "standard")
 RESETS = ("test", "module", "session")
 DEFAULT_RELEASE = "trixie"  # Debian stable as of this release of pytest-isolate
+#: The python3 each Debian release ships (what `envs` shows for a Debian root filesystem).
+DEBIAN_PYTHONS = {"buster": "3.7", "bullseye": "3.9", "bookworm": "3.11", "trixie": "3.13",
+                  "oldstable": "3.11", "stable": "3.13"}
+#: python = "X.Y" without an image selects the release that ships it (the ones tested here).
+PYTHON_RELEASES = {"3.11": "bookworm", "3.13": "trixie"}
 
 
 def host_arch() -> str:
@@ -70,6 +75,9 @@ class EnvSpec:
     network: bool = False
     mirror: str | None = None
     image: str | None = None
+    #: the Python version wanted inside ("3.13"): selects the Debian release that ships it,
+    #: or is checked against the image's python3
+    python: str | None = None
     reset: str = "test"
     timeout: float | None = None
     pass_env: tuple[str, ...] = ()
@@ -137,6 +145,14 @@ class EnvSpec:
 
     def rootfs_key(self) -> str:
         return content_hash(self.rootfs_fields())
+
+    def python_version(self) -> str | None:
+        """The Python version inside as far as the spec says: the python key, else for a
+        Debian root filesystem its release's python3; None when only running it tells (an
+        image, a moving release such as sid)."""
+        if self.python is not None:
+            return self.python
+        return None if self.image is not None else DEBIAN_PYTHONS.get(self.release)
 
     def describe(self) -> str:
         return f"{self.name} ({self.backend}, {self.release}/{self.arch})"

@@ -481,6 +481,18 @@ def image_of(client: Any, spec: EnvSpec, progress: Any, log: Path) -> tuple[Any,
     return image, pulled
 
 
+def check_python_version(spec: EnvSpec, found: str) -> None:
+    """ProvisionError when the environment's python key wants another Python than the
+    image's python3 (found: "3.13.5")."""
+    if spec.python is None or not found:
+        return
+    if ".".join(found.split(".")[:2]) != spec.python:
+        raise ProvisionError(
+            f"docker: image {spec.image!r} (from {spec.source('image')}) has Python {found}, "
+            f"but {spec.source('python')} asks for python {spec.python!r}; name an image with "
+            f"that Python (e.g. python:{spec.python}-slim) or change the python key")
+
+
 class DockerBackend(Backend):
     name = "docker"
     needs_root = False  # root, or membership of the engine's group
@@ -612,6 +624,7 @@ class DockerBackend(Backend):
         base, pulled = self._base_image(spec, log)
         digest = docker_pull.pinned_digest(base, str(spec.image))
         pin = self._pin(spec, base, digest, log)
+        check_python_version(spec, str(pin.manifest.get("python") or ""))
         pinned = {"reference": spec.image, "digest": digest}
         if not spec.setup:
             return Entry("docker", pin.key, pin.path,

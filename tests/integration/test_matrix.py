@@ -319,3 +319,30 @@ def test_unknown_environment_is_a_usage_error(project: Project) -> None:
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 4  # pytest's usage error
     assert "nosuch" in run.stderr and "chroot" in run.stderr
+
+
+PYTHON_VERSION = """
+import socket
+import sys
+
+
+def test_version():
+    env = socket.gethostname()[len("isolate-"):]
+    assert env in ("py3.11", "py3.13")
+    assert "py%d.%d" % sys.version_info[:2] == env
+"""
+
+
+def test_python_matrix_from_debian_releases(project: Project) -> None:
+    """`--isolate-env py3.11,py3.13`: the built-in Python environments are chroots of the
+    Debian release that ships that Python (bookworm, trixie)."""
+    (project.root / "pyver").mkdir(exist_ok=True)
+    (project.root / "pyver" / "test_pyver.py").write_text(PYTHON_VERSION)
+    run = project.pytest("pythons", "--isolate-env", "py3.11,py3.13", "pyver")
+    assert {name: case.result for name, case in run.cases.items()} == {
+        "test_pyver::test_version[py3.11]": "passed",
+        "test_pyver::test_version[py3.13]": "passed"}, run.out
+    assert run.report is not None
+    envs = run.report["environments"]
+    assert {name: envs[name]["tests"] for name in ("py3.11", "py3.13")} == {
+        "py3.11": 1, "py3.13": 1}, envs

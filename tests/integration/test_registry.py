@@ -281,9 +281,20 @@ def test_pull_by_digest(logged_in: Seeded, client: Any, pytestconfig: pytest.Con
     ref = f"{logged_in.registry.host}/isolate/debian@{digest}"
     remove_local(client, ref)
     remove_local(client, logged_in.ref("isolate/debian"))
-    entry = make_backend(pytestconfig, tmp_path).provision(image_spec(logged_in, ref))
+    backend = make_backend(pytestconfig, tmp_path)
+    entry = backend.provision(image_spec(logged_in, ref))
     assert not entry.hit and entry.manifest["digest"] == digest
     assert client.images.get(ref).id == entry.manifest["image"]
+    # the python key is checked against the image's python3 (trixie's 3.13 here)
+    assert backend.provision(image_spec(logged_in, ref, python="3.13")).hit
+    wrong = image_spec(logged_in, ref, python="3.11")
+    wrong = dataclasses.replace(wrong, sources={
+        **wrong.sources, "python": f"pyproject.toml: [tool.pytest-isolate.envs.{wrong.name}] "
+                                   "key 'python'"})
+    with pytest.raises(ProvisionError) as info:
+        backend.provision(wrong)
+    assert (f"image {ref!r} (from {wrong.source('image')}) has Python 3.13." in str(info.value)
+            and f"but {wrong.source('python')} asks for python '3.11'" in str(info.value)), info
 
 
 def test_moved_tag_is_seen_after_a_pull_and_makes_a_new_environment(

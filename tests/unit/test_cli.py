@@ -421,7 +421,7 @@ def test_envs_without_pyproject_lists_builtins(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["pyproject"] is None
-    assert set(data["envs"]) == set(config.BUILTIN_ENVS)
+    assert set(data["envs"]) == {*config.BUILTIN_ENVS, *config.PYTHON_ENVS}
 
 
 def test_envs_shows_the_root_filesystem_a_vm_boots(tmp_path: Path) -> None:

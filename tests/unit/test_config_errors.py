@@ -298,3 +298,39 @@ def test_typed_ini_options_take_their_values(project: Project) -> None:
     config = project.pytester.parseconfig()
     assert config.getini("isolate_strict") is True
     assert config.getini("isolate_timeout") == 2.5
+
+
+def test_python_version_selects_the_debian_release() -> None:
+    """python = "X.Y" without an image is the Debian release that ships it (issue 14's
+    Python matrix); the built-in pyX.Y environments are such chroots."""
+    table = {"envs": {"old": {"backend": "chroot", "python": "3.11"},
+                      "both": {"backend": "chroot", "python": "3.13", "release": "trixie"},
+                      "img": {"backend": "docker", "python": "3.12", "image": "python:3.12"}}}
+    specs = cfg.resolve_envs(table, Path("/p/pyproject.toml"), ["chroot", "docker"])
+    assert (specs["old"].release, specs["old"].python_version()) == ("bookworm", "3.11")
+    assert "key 'python'" in specs["old"].source("release")
+    assert specs["both"].release == "trixie"
+    # with an image the version is the image's to prove (checked when it is provisioned)
+    assert (specs["img"].release, specs["img"].python_version()) == ("trixie", "3.12")
+    assert {n: (s.backend, s.release) for n, s in specs.items() if n.startswith("py")} == {
+        "py3.11": ("chroot", "bookworm"), "py3.13": ("chroot", "trixie")}
+    assert specs["chroot"].python_version() == "3.13"  # the default release's
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({"python": "3.12"}, "no Debian release that pytest-isolate builds ships Python 3.12 "
+                         "(it can: 3.11 (bookworm), 3.13 (trixie)); use one of those, or an "
+                         "image that has it: image = \"python:3.12-slim\""),
+    ({"python": "3.11", "release": "trixie"},
+     "python '3.11' is Debian bookworm's, but /p/pyproject.toml: [tool.pytest-isolate.envs.e] "
+     "key 'release' says release 'trixie' (python 3.13); set one of the two keys, not both"),
+    ({"python": 3.1}, "key 'python' must be a Python version as a string, such as \"3.13\", "
+                      "got the number 3.1; quote it: python = \"3.1\""),
+    ({"python": "three"}, "key 'python' must be a Python version as a string"),
+])
+def test_bad_python_key(values: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        cfg.resolve_envs({"envs": {"e": {"backend": "chroot", **values}}},
+                         Path("/p/pyproject.toml"), ["chroot"])
+    assert expected in str(info.value)
+    assert str(info.value).startswith("/p/pyproject.toml: [tool.pytest-isolate.envs.e]")
