@@ -488,7 +488,7 @@ def check_python_version(spec: EnvSpec, found: str) -> None:
         return
     if ".".join(found.split(".")[:2]) != spec.python:
         raise ProvisionError(
-            f"docker: image {spec.image!r} (from {spec.source('image')}) has Python {found}, "
+            f"{spec.backend}: image {spec.image!r} (from {spec.source('image')}) has Python {found}, "
             f"but {spec.source('python')} asks for python {spec.python!r}; name an image with "
             f"that Python (e.g. python:{spec.python}-slim) or change the python key")
 

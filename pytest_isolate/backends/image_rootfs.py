@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -61,11 +62,32 @@ def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any) 
                 f"{spec.backend}: image {spec.image!r} (from {spec.source('image')}) has no "
                 f"python3 in /{', /'.join(PYTHON_DIRS)} (the agent that runs tests inside "
                 "needs one); name an image that has python3.9 or newer (e.g. python:3.12-slim)")
-        return {"reference": spec.image, "digest": digest, "id": image.id}
+        return {"reference": spec.image, "digest": digest, "id": image.id,
+                "python": python_version_in(data)}
 
     entry: Entry = cache.get_or_build(KIND, key, build, {"env": spec.name, "image": spec.image},
                                       log)
+    engine.check_python_version(spec, str(entry.manifest.get("python") or ""))
     return entry
+
+
+def python_version_in(root: Path) -> str | None:
+    """X.Y of the python3 in an unpacked root filesystem, from the name it links to
+    (python3 -> python3.13), else from the one python3.N beside it; None when neither
+    tells (nothing is run: the root may be of another architecture)."""
+    for d in PYTHON_DIRS:
+        python3 = root / d / "python3"
+        if not (python3.exists() or python3.is_symlink()):
+            continue
+        if python3.is_symlink():
+            found = re.fullmatch(r"(?:.*/)?python(3\.[0-9]+)", os.readlink(python3))
+            if found:
+                return found.group(1)
+        versions = {m.group(1) for p in (root / d).glob("python3.*")
+                    if (m := re.fullmatch(r"python(3\.[0-9]+)", p.name))}
+        if len(versions) == 1:
+            return versions.pop()
+    return None
 
 
 def export(client: Any, image_id: str, dest: Path, log: Path) -> None:

@@ -473,6 +473,9 @@ def test_same_image_runs_under_chroot_lxc_schroot_and_docker(
     assert rootfs.kind == "image-rootfs" and rootfs.path.parent.parent == manager.cache.root
     assert rootfs.manifest["digest"] == logged_in.digests["isolate/debian"]
     assert chroot.provision(chroot_spec).hit
+    assert rootfs.manifest["python"] == "3.13"  # trixie's, read from the python3 link
+    with pytest.raises(ProvisionError, match=r"has Python 3\.13, but .* asks for python '3\.11'"):
+        chroot.provision(dataclasses.replace(chroot_spec, python="3.11"))
     others = [(cls(make_backend(pytestconfig, tmp_path / name).run),
                dataclasses.replace(docker_spec, name=f"{docker_spec.name}-{name}", backend=name))
               for name, cls in (("lxc", LxcBackend), ("schroot", SchrootBackend))]
