@@ -26,6 +26,7 @@ from pytest_isolate.spec import (
     RESETS,
     VARIANTS,
     EnvSpec,
+    host_arch,
 )
 
 if sys.version_info >= (3, 11):
@@ -54,6 +55,7 @@ PYTHON_ENVS: dict[str, dict[str, Any]] = {
     f"py{version}": {"backend": "chroot", "python": version} for version in PYTHON_RELEASES
 }
 _PYTHON = "a Python version as a string, such as \"3.13\""
+_ARGS = "a table of strings"
 
 _STR = "a string"
 _STRS = "a list of strings"
@@ -71,6 +73,9 @@ ENV_KEYS: dict[str, str] = {
     "mirror": _STR,
     "image": _STR,
     "python": _PYTHON,
+    "dockerfile": _STR,
+    "context": _STR,
+    "build_args": _ARGS,
     "reset": _STR,
     "timeout": _NUM,
     "pass_env": _STRS,
@@ -266,6 +271,9 @@ def check_value(key: str, value: Any, kind: str, where: str) -> Any:
         ok = isinstance(value, dict)
     elif kind == _LIMIT:
         return check_limit(key, value, where)
+    elif kind == _ARGS:
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        value = tuple(sorted(value.items())) if ok else value
     elif kind == _PYTHON:
         ok = isinstance(value, str) and re.fullmatch(r"3\.[0-9]+", value) is not None
         if isinstance(value, float):  # python = 3.10 in TOML is the number 3.1
@@ -361,6 +369,7 @@ def make_spec(name: str, values: Mapping[str, Any], sources: Mapping[str, str],
             f"{did_you_mean(values['installer'], INSTALLERS)}; supported: "
             f"{', '.join(INSTALLERS)} (auto: uv when the host has it and the environment is "
             "of the host's architecture, else pip)")
+    check_dockerfile(values, where)
     values, sources = python_release(values, sources)
     kwargs = {k: v for k, v in values.items() if k != "options"}
     if "options" in values:
@@ -371,13 +380,32 @@ def make_spec(name: str, values: Mapping[str, Any], sources: Mapping[str, str],
         raise ConfigError(f"environment {name!r}: {exc}") from None
 
 
+def check_dockerfile(values: Mapping[str, Any], where: Callable[[str], str]) -> None:
+    """dockerfile excludes image; context and build_args need a dockerfile; the engine
+    builds for its own architecture."""
+    if values.get("dockerfile") is None:
+        for key in ("context", "build_args"):
+            if key in values:
+                raise ConfigError(f"{where(key)}: {key!r} is for building an image from a "
+                                  "Dockerfile: set 'dockerfile' too, or remove it")
+        return
+    if values.get("image") is not None:
+        raise ConfigError(f"{where('dockerfile')}: an environment has either 'dockerfile' or "
+                          f"'image' ({where('image')}), not both; keep one")
+    arch = values.get("arch")
+    if arch is not None and arch != host_arch():
+        raise ConfigError(f"{where('arch')}: arch {arch!r} with a 'dockerfile': the engine "
+                          f"builds for its own architecture ({host_arch()}); remove 'arch', or "
+                          "build the image for that platform yourself and name it with 'image'")
+
+
 def python_release(values: Mapping[str, Any], sources: Mapping[str, str]
                    ) -> tuple[Mapping[str, Any], Mapping[str, str]]:
     """python = "X.Y" without an image: the Debian release that ships that Python, which
     must agree with a release the user set.  With an image the version is checked against
     the image's python3 when it is provisioned."""
     version = values.get("python")
-    if version is None or values.get("image") is not None:
+    if version is None or values.get("image") is not None or values.get("dockerfile"):
         return values, sources
     where = sources.get("python", "built-in default")
     release = PYTHON_RELEASES.get(version)

@@ -522,10 +522,11 @@ class IsolateManager:
         plan = None
         explicit = [k for k in cfg.DEPS_KEYS if spec.source(k) != "built-in default"]
         backend_class = self._backend_class(spec.backend)
-        if spec.image is not None or not getattr(backend_class, "supports_layers", True):
+        if spec.from_image or not getattr(backend_class, "supports_layers", True):
             if explicit:
-                why = (f"image {spec.image!r} is not a root filesystem pytest-isolate builds"
-                       if spec.image is not None else f"backend {spec.backend!r}")
+                image = spec.image or f"built from {spec.dockerfile}"
+                why = (f"image {image!r} is not a root filesystem pytest-isolate builds"
+                       if spec.from_image else f"backend {spec.backend!r}")
                 raise ConfigError(
                     f"{spec.source(explicit[0])}: installing the project and its dependencies "
                     f"inside is not supported yet for {why}; remove the key or use another "

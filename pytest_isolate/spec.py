@@ -75,6 +75,11 @@ class EnvSpec:
     network: bool = False
     mirror: str | None = None
     image: str | None = None
+    #: an image built by the engine from this Dockerfile (relative to the rootdir), with
+    #: this context directory (default: the Dockerfile's) and build arguments
+    dockerfile: str | None = None
+    context: str | None = None
+    build_args: tuple[tuple[str, str], ...] = ()
     #: the Python version wanted inside ("3.13"): selects the Debian release that ships it,
     #: or is checked against the image's python3
     python: str | None = None
@@ -152,7 +157,13 @@ class EnvSpec:
         image, a moving release such as sid)."""
         if self.python is not None:
             return self.python
-        return None if self.image is not None else DEBIAN_PYTHONS.get(self.release)
+        return None if self.from_image else DEBIAN_PYTHONS.get(self.release)
+
+    @property
+    def from_image(self) -> bool:
+        """The root filesystem is an image's (a reference or a Dockerfile's), not the Debian
+        one pytest-isolate builds."""
+        return self.image is not None or self.dockerfile is not None
 
     def describe(self) -> str:
         return f"{self.name} ({self.backend}, {self.release}/{self.arch})"

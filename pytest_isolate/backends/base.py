@@ -329,10 +329,11 @@ class RootfsBackend(Backend):
 
     def provision(self, spec: EnvSpec) -> Entry:
         log = self.run.log_path(spec.name, "provision.log")
-        if spec.image is not None:  # an image's root filesystem, exported by the engine
+        if spec.from_image:  # an image's root filesystem, exported by the engine
             from pytest_isolate.backends.image_rootfs import provision_image_rootfs
 
-            return provision_image_rootfs(spec, self.run.cache, log, self.run.progress)
+            return provision_image_rootfs(spec, self.run.cache, log, self.run.progress,
+                                          self.run.rootdir)
         from pytest_isolate.images.rootfs import provision_rootfs
 
         return provision_rootfs(spec, self.run.cache, log, self.run.rootdir, self.run.progress)

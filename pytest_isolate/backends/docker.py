@@ -96,6 +96,7 @@ from pytest_isolate.backends.base import (
     handshake_or_stop,
     standard_mounts,
 )
+from pytest_isolate.backends.docker_build import with_built_image
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
@@ -546,7 +547,7 @@ class DockerBackend(Backend):
         if not self._reaped:
             self._reaped = True
             self.reap()
-        if spec.image is None:
+        if not spec.from_image:
             from pytest_isolate.namespaces import check_rootfs_builder
 
             check_rootfs_builder(self.name)
@@ -613,6 +614,8 @@ class DockerBackend(Backend):
 
     def provision(self, spec: EnvSpec) -> Entry:
         log = self.run.log_path(spec.name, "provision.log")
+        spec = with_built_image(self.client(), spec, self.run.rootdir, self.run.progress, log,
+                                self.network_mode(spec))
         if spec.image is None:
             from pytest_isolate.images.rootfs import provision_rootfs
 

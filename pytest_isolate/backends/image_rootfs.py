@@ -29,9 +29,11 @@ FORMAT = 1
 PYTHON_DIRS = ("usr/local/bin", "usr/bin", "bin")
 
 
-def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any) -> Entry:
+def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any,
+                           rootdir: Path) -> Entry:
     """The cache entry whose data directory is the root filesystem of spec.image."""
     from pytest_isolate.backends import docker as engine
+    from pytest_isolate.backends.docker_build import with_built_image
     from pytest_isolate.backends.docker_pull import pinned_digest
 
     if spec.setup:
@@ -49,6 +51,8 @@ def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any) 
         raise ProvisionError(f"{spec.backend}: image {spec.image!r} (from "
                              f"{spec.source('image')}) comes from the docker engine, which "
                              f"does not answer: {engine.engine_error(exc)}") from None
+    spec = with_built_image(client, spec, rootdir, progress, log,
+                            "bridge" if spec.network else "none")
     image, _ = engine.image_of(client, spec, progress, log)
     digest = pinned_digest(image, str(spec.image))
     key = content_hash({"digest": digest, "id": image.id, "format": FORMAT})
