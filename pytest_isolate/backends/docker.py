@@ -482,6 +482,21 @@ def image_of(client: Any, spec: EnvSpec, progress: Any, log: Path) -> tuple[Any,
     return image, pulled
 
 
+def network_mode_of(client: Any, spec: EnvSpec) -> str:
+    """The engine's network for spec's containers (and builds): none unless it asks."""
+    if not spec.network:
+        return "none"
+    wanted = spec.option("docker_network")
+    if wanted:
+        return str(wanted)
+    try:
+        names = {n.name for n in client.networks.list()}
+    except Exception:
+        names = set()
+    # an engine started with --bridge=none has no default bridge: share the host's network
+    return "bridge" if "bridge" in names else "host"
+
+
 def check_python_version(spec: EnvSpec, found: str) -> None:
     """ProvisionError when the environment's python key wants another Python than the
     image's python3 (found: "3.13.5")."""
@@ -585,17 +600,7 @@ class DockerBackend(Backend):
         return ["apparmor=unconfined"] if "apparmor" in options else []
 
     def network_mode(self, spec: EnvSpec) -> str:
-        if not spec.network:
-            return "none"
-        wanted = spec.option("docker_network")
-        if wanted:
-            return str(wanted)
-        try:
-            names = {n.name for n in self.client().networks.list()}
-        except Exception:
-            names = set()
-        # an engine started with --bridge=none has no default bridge: share the host's network
-        return "bridge" if "bridge" in names else "host"
+        return network_mode_of(self.client(), spec)
 
     # ------------------------------------------------------------------ images
     def find_image(self, tag: str, key: str) -> Any:

@@ -52,7 +52,7 @@ def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any,
                              f"{spec.source('image')}) comes from the docker engine, which "
                              f"does not answer: {engine.engine_error(exc)}") from None
     spec = with_built_image(client, spec, rootdir, progress, log,
-                            "bridge" if spec.network else "none")
+                            engine.network_mode_of(client, spec))
     image, _ = engine.image_of(client, spec, progress, log)
     digest = pinned_digest(image, str(spec.image))
     key = content_hash({"digest": digest, "id": image.id, "format": FORMAT})

@@ -334,3 +334,21 @@ def test_bad_python_key(values: dict[str, object], expected: str) -> None:
                          Path("/p/pyproject.toml"), ["chroot"])
     assert expected in str(info.value)
     assert str(info.value).startswith("/p/pyproject.toml: [tool.pytest-isolate.envs.e]")
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({"context": "."}, "key 'context': 'context' is for building an image from a Dockerfile: "
+                       "set 'dockerfile' too, or remove it"),
+    ({"build_args": {"A": "1"}}, "'build_args' is for building an image from a Dockerfile"),
+    ({"build_args": {"A": 1}, "dockerfile": "D"}, "key 'build_args' must be a table of strings"),
+    ({"dockerfile": "D", "image": "debian"}, "key 'dockerfile': an environment has either "
+                                             "'dockerfile' or 'image'"),
+    ({"dockerfile": "D", "arch": "s390x"}, "key 'arch': arch 's390x' with a 'dockerfile': "
+                                           "the engine builds for its own architecture"),
+])
+def test_bad_dockerfile_keys(values: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        cfg.resolve_envs({"envs": {"e": {"backend": "docker", **values}}},
+                         Path("/p/pyproject.toml"), ["docker"])
+    assert expected in str(info.value)
+    assert str(info.value).startswith("/p/pyproject.toml: [tool.pytest-isolate.envs.e]")
