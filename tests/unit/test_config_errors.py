@@ -327,16 +327,7 @@ def test_python_version_selects_the_debian_release() -> None:
     ({"python": 3.1}, "key 'python' must be a Python version as a string, such as \"3.13\", "
                       "got the number 3.1; quote it: python = \"3.1\""),
     ({"python": "three"}, "key 'python' must be a Python version as a string"),
-])
-def test_bad_python_key(values: dict[str, object], expected: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        cfg.resolve_envs({"envs": {"e": {"backend": "chroot", **values}}},
-                         Path("/p/pyproject.toml"), ["chroot"])
-    assert expected in str(info.value)
-    assert str(info.value).startswith("/p/pyproject.toml: [tool.pytest-isolate.envs.e]")
-
-
-@pytest.mark.parametrize(("values", "expected"), [
+    # dockerfile, context, build_args
     ({"context": "."}, "key 'context': 'context' is for building an image from a Dockerfile: "
                        "set 'dockerfile' too, or remove it"),
     ({"build_args": {"A": "1"}}, "'build_args' is for building an image from a Dockerfile"),
@@ -346,7 +337,7 @@ def test_bad_python_key(values: dict[str, object], expected: str) -> None:
     ({"dockerfile": "D", "arch": "s390x"}, "key 'arch': arch 's390x' with a 'dockerfile': "
                                            "the engine builds for its own architecture"),
 ])
-def test_bad_dockerfile_keys(values: dict[str, object], expected: str) -> None:
+def test_bad_python_and_dockerfile_keys(values: dict[str, object], expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         cfg.resolve_envs({"envs": {"e": {"backend": "docker", **values}}},
                          Path("/p/pyproject.toml"), ["docker"])
