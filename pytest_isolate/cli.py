@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 PROG = "pytest-isolate"
 #: Backends doctor reports on, in this order (a missing module: not implemented yet).
-DOCTOR_BACKENDS = ("chroot", "docker", "lxc", "schroot", "qemu")
+DOCTOR_BACKENDS = ("chroot", "docker", "podman", "lxc", "schroot", "qemu")
 #: Where a backend module would live when BUILTIN_BACKENDS does not name it yet.
 FALLBACK_REFS = {"qemu": "pytest_isolate.backends.qemu:QemuBackend"}
 #: gc removes finished runs' log directories older than this unless --max-age says otherwise.
@@ -541,6 +541,12 @@ PROBES: dict[str, Probe] = {
     "docker": Probe(
         tools=(("docker", "docker.io"), ("dockerd", "docker.io"), ("mmdebstrap", "mmdebstrap")),
         daemons=(("Docker engine", "/var/run/docker.sock", DOCKERD),),
+        python=(("docker", "pip install 'pytest-isolate-env[docker]'"),),
+    ),
+    "podman": Probe(
+        tools=(("podman", "podman"), ("mmdebstrap", "mmdebstrap")),
+        daemons=(("podman service", "/run/podman/podman.sock",
+                  "podman system service --time=0 unix:///run/podman/podman.sock &"),),
         python=(("docker", "pip install 'pytest-isolate-env[docker]'"),),
     ),
     "qemu": Probe(
@@ -1213,7 +1219,7 @@ def build_parser() -> Parser:
                                    "in place is left alone: a second run does nothing. Needs "
                                    "root; runs the commands through sudo otherwise.")
     with_completer(p.add_argument("--backends", metavar="NAME[,NAME...]",
-                                  help="these backends (chroot, docker, lxc, schroot, qemu, or all)"),
+                                  help="these backends (chroot, docker, podman, lxc, schroot, qemu, or all)"),
                    comma_list(backend_names))
     with_completer(p.add_argument("--envs", metavar="ENV[,ENV...]",
                                   help="what these environments need (their backends and "

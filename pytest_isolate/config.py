@@ -45,6 +45,7 @@ BUILTIN_ENVS: dict[str, dict[str, Any]] = {
     "schroot": {"backend": "schroot"},
     "lxc": {"backend": "lxc"},
     "docker": {"backend": "docker"},
+    "podman": {"backend": "podman"},
     "qemu_vm": {"backend": "qemu"},
     "arm64_vm": {"backend": "qemu", "arch": "arm64"},
 }

@@ -176,6 +176,8 @@ chroot = _env_fixture("chroot")
 schroot = _env_fixture("schroot")
 lxc = _env_fixture("lxc")
 docker = _env_fixture("docker")
+podman = _env_fixture("podman")
 qemu_vm = _env_fixture("qemu_vm")
 arm64_vm = _env_fixture("arm64_vm")
-assert set(BUILTIN_ENVS) == {"chroot", "schroot", "lxc", "docker", "qemu_vm", "arm64_vm"}
+assert set(BUILTIN_ENVS) == {"chroot", "schroot", "lxc", "docker", "podman", "qemu_vm",
+                             "arm64_vm"}

@@ -34,6 +34,8 @@ BACKEND_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
             ("mmdebstrap", "builds root filesystems")),
     "docker": (("docker.io", "the Docker engine"),
                ("mmdebstrap", "builds root filesystems (imported as images)")),
+    "podman": (("podman", "the podman engine (its Docker-compatible service)"),
+               ("mmdebstrap", "builds root filesystems (imported as images)")),
     "qemu": (("qemu-utils", "qemu-img"),
              ("e2fsprogs", "mkfs.ext4 for the VM disks"),
              ("busybox-static", "the VMs' initramfs"),
@@ -70,6 +72,13 @@ NATIVE = {"amd64": {"amd64", "i386"}, "arm64": {"arm64"}}
 BINFMT_DIR = "/proc/sys/fs/binfmt_misc"
 DOCKERD = ("dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false")
 DOCKERD_LOG = "/var/log/pytest-isolate-dockerd.log"
+PODMAN_SOCKET = "/run/podman/podman.sock"
+PODMAN_SERVICE = ("podman", "--cgroup-manager=cgroupfs", "--events-backend=file", "system",
+                  "service", "--time=0", f"unix://{PODMAN_SOCKET}")
+PODMAN_LOG = "/var/log/pytest-isolate-podman.log"
+PODMAN_CONF = "/run/podman/pytest-isolate-containers.conf"
+#: Answers when the service does (podman's own client through the same socket).
+PODMAN_PROBE = ("podman", "--url", f"unix://{PODMAN_SOCKET}", "info")
 #: What libvirtd sees at /dev/kvm where KVM cannot run guests (see plan()).
 NO_KVM = PurePosixPath("/run/pytest-isolate/no-kvm")
 VIRSH_PROBE = ("timeout", "10", "virsh", "-c", "qemu:///system", "version")
@@ -101,7 +110,7 @@ class Step:
     def shell(self, prefix: Sequence[str] = ()) -> str:
         """The step as one shell line (what --dry-run prints)."""
         env = [f"{k}={shlex.quote(v)}" for k, v in self.env]
-        if env and prefix:
+        if env and (prefix or self.background_log):  # after sudo or nohup: env(1) sets them
             env = ["env", *env]
         line = " ".join([*map(shlex.quote, prefix), *env, *map(shlex.quote, self.argv)])
         if self.background_log:
@@ -136,6 +145,7 @@ class HostState:
     binfmt_enabled: frozenset[str] = frozenset()
     docker_answers: bool = False
     docker_host: str = ""
+    podman_answers: bool = False
     libvirt_answers: bool = False
     libvirtd_running: bool = False
     virtlogd_running: bool = False
@@ -319,6 +329,22 @@ def plan(request: Request, state: HostState) -> Plan:
                               background_log=DOCKERD_LOG, wait=("docker", "info"),
                               wait_seconds=60))
 
+    if "podman" in request.backends and not state.podman_answers:
+        if state.systemd:
+            steps.append(Step(("systemctl", "start", "podman.socket"), "start podman's service",
+                              wait=PODMAN_PROBE, wait_seconds=30))
+        else:
+            steps.append(Step(("mkdir", "-p", str(PurePosixPath(PODMAN_SOCKET).parent)),
+                              "the directory of podman's socket"))
+            steps.append(Step(("sh", "-c", f"printf '[containers]\\ndefault_ulimits = []\\n' "
+                                           f"> {PODMAN_CONF}"),
+                              "podman's containers get the service's limits, as Docker's do "
+                              "(see backends/podman.py)"))
+            steps.append(Step(PODMAN_SERVICE, "start podman's Docker-compatible service (no "
+                              "systemd here: cgroupfs, events to a file)",
+                              env=(("CONTAINERS_CONF", PODMAN_CONF),),
+                              background_log=PODMAN_LOG, wait=PODMAN_PROBE, wait_seconds=30))
+
     if "qemu" in request.backends and not state.libvirt_answers:
         if state.libvirtd_running:
             steps.append(Step(("pkill", "-x", "libvirtd"), "libvirtd runs but does not answer: "
@@ -481,6 +507,7 @@ def gather_state(request: Request) -> HostState:
         binfmt_enabled=frozenset(enabled),
         docker_answers=docker and _run_ok(["docker", "info"], timeout=20),
         docker_host=os.environ.get("DOCKER_HOST", ""),
+        podman_answers="podman" in request.backends and _run_ok(list(PODMAN_PROBE), timeout=20),
         libvirt_answers=qemu and _run_ok(VIRSH_PROBE, timeout=15),
         libvirtd_running=qemu and _process_running("libvirtd"),
         virtlogd_running=qemu and _process_running("virtlogd"),

@@ -8,5 +8,6 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "docker": "pytest_isolate.backends.docker:DockerBackend",
     "lxc": "pytest_isolate.backends.lxc:LxcBackend",
     "schroot": "pytest_isolate.backends.schroot:SchrootBackend",
+    "podman": "pytest_isolate.backends.podman:PodmanBackend",
     "qemu": "pytest_isolate.backends.qemu:QemuBackend",
 }

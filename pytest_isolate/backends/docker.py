@@ -184,7 +184,7 @@ def write_copy_archive(out: Any, pairs: list[tuple[str, str]], project: str | No
     out.seek(0)
 
 
-def _sdk() -> Any:
+def sdk() -> Any:
     """The docker module, imported on first use (plugin import stays cheap)."""
     try:
         import docker
@@ -230,7 +230,7 @@ def engine_target(endpoint: str | None = None) -> tuple[str, str, Any]:
 
 def make_client(endpoint: str | None = None) -> Any:
     """A client for endpoint (a pool host), else for the engine the docker CLI would use."""
-    docker = _sdk()
+    docker = sdk()
     url, origin, tls = engine_target(endpoint)
     if docker_ssh.is_ssh(url):
         return docker_ssh.connect(docker, url, origin)
@@ -458,7 +458,7 @@ def image_of(client: Any, spec: EnvSpec, progress: Any, log: Path) -> tuple[Any,
     """The engine's image of spec.image, pulled when missing (or always, with the option
     ``pull = "always"``), and the seconds a pull took (None: no pull); ProvisionError when
     it is for another arch than spec's."""
-    docker = _sdk()
+    docker = sdk()
     pulled = None
     if spec.option("pull", "missing") == "always":
         pulled = docker_pull.pull(client, spec, platform_of(spec), progress, log)
@@ -545,8 +545,21 @@ class DockerBackend(Backend):
             except BackendUnavailable:
                 raise
             except Exception as exc:
-                raise engine_error(exc, self.endpoint) from None
+                raise self.engine_unavailable(exc) from None
         return self._client
+
+    def engine_key(self) -> dict[str, str]:
+        """Added to the cache keys of images made on this kind of engine (none for docker:
+        its keys stay what they were; another engine's images are its own entries)."""
+        return {}
+
+    def engine_unavailable(self, exc: BaseException) -> BackendUnavailable:
+        """The engine does not answer: what is wrong and how to start it."""
+        return engine_error(exc, self.endpoint)
+
+    def create_options(self) -> dict[str, Any]:
+        """What this engine needs beyond the SDK's defaults when creating a container."""
+        return {}
 
     def check(self, spec: EnvSpec) -> None:
         client = self.client()
@@ -555,7 +568,7 @@ class DockerBackend(Backend):
             if not self._info:
                 self._info = client.info()
         except Exception as exc:
-            raise engine_error(exc, self.endpoint) from None
+            raise self.engine_unavailable(exc) from None
         if self._info.get("OSType", "linux") != "linux":
             raise BackendUnavailable(self.name, f"the docker engine runs {self._info.get('OSType')} "
                                      "containers", "switch the engine to Linux containers")
@@ -604,7 +617,7 @@ class DockerBackend(Backend):
 
     # ------------------------------------------------------------------ images
     def find_image(self, tag: str, key: str) -> Any:
-        docker = _sdk()
+        docker = sdk()
         images = self.client().images
         try:
             return images.get(tag)
@@ -625,7 +638,8 @@ class DockerBackend(Backend):
             from pytest_isolate.images.rootfs import provision_rootfs
 
             rootfs = provision_rootfs(spec, self.run.cache, log, self.run.rootdir, self.run.progress)
-            key = content_hash({"rootfs": rootfs.key, "docker_image_format": IMAGE_FORMAT})
+            key = content_hash({"rootfs": rootfs.key, "docker_image_format": IMAGE_FORMAT,
+                                **self.engine_key()})
             tag = f"{repository(spec.name)}:{key}"
             return self._image_entry(spec, key, tag, rootfs.path, log,
                                      lambda: self._import_rootfs(spec, rootfs, key, tag, log))
@@ -640,7 +654,7 @@ class DockerBackend(Backend):
                          hit=pin.hit and pulled is None,
                          build_seconds=(pulled or 0.0) + pin.build_seconds)
         key = content_hash({"base": base.id, "setup": list(spec.setup), "network": spec.network,
-                            "docker_image_format": IMAGE_FORMAT})
+                            "docker_image_format": IMAGE_FORMAT, **self.engine_key()})
         tag = f"{repository(spec.name)}:{key}"
         return self._image_entry(spec, key, tag, log.parent, log,
                                  lambda: self._commit_setup(spec, base, key, tag, log), pinned)
@@ -724,7 +738,7 @@ class DockerBackend(Backend):
         try:
             try:
                 container.start()
-            except _sdk().errors.APIError as exc:
+            except sdk().errors.APIError as exc:
                 text = str(exc.explanation or exc)
                 if "not found" in text or "no such file" in text.lower():
                     raise ProvisionError(f"docker: {where} has no {python} (the agent that runs "
@@ -773,17 +787,18 @@ class DockerBackend(Backend):
 
     def _import(self, rootfs: Path, extra: Path, tag: str, labels: dict[str, str]) -> str:
         api = self.client().api
-        repo, _, name = tag.rpartition(":")
         label_text = " ".join(f'"{k}"="{v}"' for k, v in labels.items())
         changes = [f"ENV PATH={DEFAULT_PATH}", "ENV LANG=C.UTF-8", "ENV HOME=/root",
                    f"LABEL {label_text}", 'CMD ["python3"]']
-        params = {"repo": repo, "tag": name, "fromSrc": "-", "changes": changes}
+        # the tag inside repo (the API allows it): podman's Docker-compatible API ignores a
+        # separate tag parameter when importing, and would name the image :latest
+        params = {"repo": tag, "fromSrc": "-", "changes": changes}
         stream = TarStream(rootfs, extra)
         try:
             response = api._post(api._url("/images/create"), params=params, data=iter(stream),
                                  headers={"Content-Type": "application/tar"}, timeout=None)
             text = str(api._result(response))
-        except _sdk().errors.APIError as exc:
+        except sdk().errors.APIError as exc:
             raise ProvisionError(f"docker: importing {rootfs} failed: {exc.explanation}") from None
         finally:
             stream.finish()
@@ -838,7 +853,7 @@ class DockerBackend(Backend):
         try:
             with open(archive, "rb") as f:
                 answers = list(self.client().api.load_image(f) or [])
-        except _sdk().errors.APIError as exc:
+        except sdk().errors.APIError as exc:
             raise ProvisionError(f"docker: loading the image of {rootfs} failed: "
                                  f"{exc.explanation}") from None
         for answer in answers:
@@ -882,7 +897,7 @@ class DockerBackend(Backend):
                 command: list[str] | None = None) -> Any:
         """A container of image; its main process is python3 running command (default:
         MAIN_PROCESS), as the entrypoint, so an image's own ENTRYPOINT does not wrap it."""
-        docker = _sdk()
+        docker = sdk()
         mounts = [docker.types.Mount(target=dst, source=src, type="bind", read_only=bool(ro))
                   for src, dst, ro in binds]
         name = f"pytest-isolate-{spec.name}-{purpose}-{uuid.uuid4().hex[:10]}"
@@ -906,7 +921,7 @@ class DockerBackend(Backend):
                 labels=self.labels(spec), network_mode=self.network_mode(spec),
                 cap_add=["SYS_ADMIN"], security_opt=self.security_opt() or None, mounts=mounts,
                 platform=platform_of(spec), detach=True, stdin_open=False, tty=False,
-                **resources,
+                **resources, **self.create_options(),
             )
         except docker.errors.APIError as exc:
             raise ProvisionError(f"docker: cannot create a container of {image}: {exc}") from None

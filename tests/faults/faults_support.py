@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import pytest
 
 #: The backends every case that applies to all of them is parametrized over.
-BACKENDS = ("chroot", "docker", "lxc", "schroot")
+BACKENDS = ("chroot", "docker", "podman", "lxc", "schroot")
 #: Text of agent.BOOTSTRAP that shows in the command line of every agent process.
 AGENT_CMDLINE_MARK = "no agent source on stdin"
 

@@ -40,7 +40,8 @@ def everything_in(request: Request, state: HostState) -> HostState:
     users = {u: UserIds(True, True, True) for u in state.users}
     return dataclasses.replace(state, installed=state.installed | set(p.packages),
                                binfmt_mounted=True, binfmt_enabled=frozenset(names),
-                               docker_answers=True, libvirt_answers=True, users=users)
+                               docker_answers=True, podman_answers=True, libvirt_answers=True,
+                               users=users)
 
 
 def argvs(steps: list[Step]) -> list[tuple[str, ...]]:
@@ -239,8 +240,8 @@ def test_select_from_the_project_envs_and_options(tmp_path: Path) -> None:
     assert r.backends == ("chroot",) and "defines no environments" in r.why
     with pytest.raises(SetupError, match="unknown environment 'nope'"):
         select(specs, user_envs, envs=["nope"])
-    with pytest.raises(SetupError, match="'podman' is not one"):
-        select(specs, user_envs, backends=["podman"])
+    with pytest.raises(SetupError, match="'kubernetes' is not one"):
+        select(specs, user_envs, backends=["kubernetes"])
 
 
 def test_cli_dry_run_changes_nothing_and_prints_commands_or_nothing(tmp_path: Path) -> None:
@@ -262,3 +263,22 @@ def test_cli_dry_run_changes_nothing_and_prints_commands_or_nothing(tmp_path: Pa
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.startswith("pytest-isolate: error: --envs: unknown environment 'nope'")
+
+
+def test_podman_service_gives_containers_the_services_limits() -> None:
+    """Without systemd the service is started by us, with a containers.conf that leaves
+    container limits to the service (podman's fixed defaults fail where the hard limits
+    are lower), its socket directory made first."""
+    from pytest_isolate.setup_host import PODMAN_CONF, PODMAN_SOCKET
+
+    steps = plan(Request(backends=("podman",), packages=False), FRESH).steps
+    order = [s.argv[0] for s in steps]
+    assert order == ["mkdir", "sh", "podman"], steps
+    assert steps[0].argv[-1] == PODMAN_SOCKET.rsplit("/", 1)[0]
+    assert "default_ulimits = []" in steps[1].argv[-1] and PODMAN_CONF in steps[1].argv[-1]
+    service = steps[2]
+    assert dict(service.env) == {"CONTAINERS_CONF": PODMAN_CONF}
+    assert service.shell().startswith(f"nohup env CONTAINERS_CONF={PODMAN_CONF} podman ")
+    assert service.wait[-1] == "info" and service.background_log
+    answering = dataclasses.replace(FRESH, podman_answers=True)
+    assert plan(Request(backends=("podman",), packages=False), answering).empty

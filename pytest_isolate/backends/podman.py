@@ -1,0 +1,79 @@
+"""The podman backend: the docker backend driven through podman's Docker-compatible API.
+
+Why that API and not podman's own Python bindings: everything the docker backend does --
+image import, containers with labels, limits and no network, the agent over an exec
+stream, copying files in, reaping by label -- goes through the Docker SDK unchanged against
+``podman system service`` (the whole conformance suite passes there), so one code path
+serves both engines, and the podman bindings would be a second SDK to install and track.
+What differs is small and lives here: where the socket is, how to start the service, and
+the image cache keys (another engine's images are its own).
+
+Limits: rootful podman gives every container fixed open-files and process limits
+(``default_ulimits``, 1048576 unless containers.conf says otherwise), and starting a
+container fails ("error setting rlimit type 7/6: operation not permitted") where the
+service's own hard limits are lower, as in containers and CI runners; Docker passes its
+daemon's limits on instead.  The service ``pytest-isolate setup`` starts reads a
+containers.conf of ours with ``default_ulimits = []``, which gives Docker's behaviour.
+
+The service: ``CONTAINER_HOST`` (podman's own variable) or a pool host's ``podman = URL``,
+else the rootful socket ``/run/podman/podman.sock`` as root and
+``$XDG_RUNTIME_DIR/podman/podman.sock`` otherwise (rootless podman).  ``pytest-isolate
+setup --backends podman`` starts it where it does not answer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pytest_isolate.backends.docker import DockerBackend, sdk
+from pytest_isolate.errors import BackendUnavailable
+
+#: Where podman's rootful service listens (the podman.socket unit's path).
+ROOTFUL_SOCKET = "/run/podman/podman.sock"
+
+
+def podman_target(endpoint: str | None) -> tuple[str, str]:
+    """The service's URL and where it came from."""
+    if endpoint:
+        return endpoint, "a [tool.pytest-isolate.hosts] entry of pyproject.toml"
+    if os.environ.get("CONTAINER_HOST"):
+        return os.environ["CONTAINER_HOST"], "the CONTAINER_HOST environment variable"
+    if os.geteuid() == 0:
+        return f"unix://{ROOTFUL_SOCKET}", "the rootful default socket"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return f"unix://{runtime}/podman/podman.sock", "the rootless default socket"
+
+
+def start_command(url: str) -> str:
+    """How to start the service at url (no systemd needed)."""
+    path = url.removeprefix("unix://")
+    return (f"podman system service --time=0 unix://{path} & (as root: mkdir -p "
+            f"{os.path.dirname(path)} first; with systemd: systemctl start podman.socket, or "
+            "systemctl --user start podman.socket rootless); or pytest-isolate setup "
+            "--backends podman")
+
+
+class PodmanBackend(DockerBackend):
+    name = "podman"
+    packages = ("podman", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
+
+    def client(self) -> Any:
+        if self._client is None:
+            url, _ = podman_target(self.endpoint)
+            try:
+                self._client = sdk().DockerClient(base_url=url)
+            except Exception as exc:
+                raise self.engine_unavailable(exc) from None
+        return self._client
+
+    def engine_unavailable(self, exc: BaseException) -> BackendUnavailable:
+        url, origin = podman_target(self.endpoint)
+        return BackendUnavailable(self.name, f"the podman service does not answer at {url} "
+                                  f"(from {origin}) ({exc})", start_command(url))
+
+    def engine_key(self) -> dict[str, str]:
+        return {"engine": self.name}
+
+    def local_engine(self) -> bool:
+        return podman_target(self.endpoint)[0].startswith("unix://")
