@@ -13,7 +13,7 @@ from typing import Any
 
 from pytest_isolate.backends.base import Instance, agent_command, need_tool
 from pytest_isolate.backends.qemu.libvirt import LibvirtDriver
-from pytest_isolate.backends.qemu.machine import HANDSHAKE_TIMEOUT, _Vm, boot_spec, vm_memory_mib
+from pytest_isolate.backends.qemu.machine import HANDSHAKE_TIMEOUT, Vm, boot_spec, vm_memory_mib
 from pytest_isolate.backends.qemu.qmp import QmpError
 from pytest_isolate.backends.qemu.reaping import qemu_processes_of_runs, reap_temp_dirs, socket_dir
 from pytest_isolate.backends.qemu.states import SavedStates, saved_state_group
@@ -125,7 +125,7 @@ class QemuBackend(LibvirtDriver, SavedStates):
         def cleanup() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-        vm: _Vm | None = None
+        vm: Vm | None = None
         memory = vm_memory_mib(spec)
         try:
             disks = self.disks(spec)

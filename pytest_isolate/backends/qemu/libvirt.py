@@ -15,9 +15,9 @@ from typing import Any
 from pytest_isolate.backends.base import Instance, agent_command
 from pytest_isolate.backends.qemu.machine import (
     BOOT_TIMEOUT,
+    Disk,
     QemuBase,
-    _Disk,
-    _Files,
+    VmFiles,
     boot_spec,
     vm_cpus,
     vm_memory_mib,
@@ -167,7 +167,7 @@ class LibvirtDriver(QemuBase):
             log.write(f"# {self.last_start}: {', '.join(marks)}\n")
         return instance
 
-    def libvirt_virt_type(self, spec: EnvSpec, conn: Any, uri: str, files: _Files,
+    def libvirt_virt_type(self, spec: EnvSpec, conn: Any, uri: str, files: VmFiles,
                           tmp: Path) -> tuple[str, str]:
         """The domain's type and why: "kvm" where KVM works, else "qemu" (TCG).
 
@@ -191,8 +191,8 @@ class LibvirtDriver(QemuBase):
             return "qemu", f"libvirt at {uri} offers no KVM for {arch}"
         return "kvm", f"libvirt at {uri} offers KVM for {arch}"
 
-    def domain_xml(self, spec: EnvSpec, files: _Files, initrd: Path, tmp: Path,
-                   console_log: Path, name: str, extra: list[_Disk] | None = None,
+    def domain_xml(self, spec: EnvSpec, files: VmFiles, initrd: Path, tmp: Path,
+                   console_log: Path, name: str, extra: list[Disk] | None = None,
                    virt: str = "qemu") -> str:
         from xml.sax.saxutils import escape, quoteattr
 

@@ -54,7 +54,7 @@ PROJECT_MAX_MIB = 32 << 10
 
 
 @dataclasses.dataclass
-class _Files:
+class VmFiles:
     kernel: Path
     initramfs: Path
     root: Path
@@ -62,7 +62,7 @@ class _Files:
 
 
 @dataclasses.dataclass
-class _Vm:
+class Vm:
     proc: subprocess.Popen[bytes]
     qmp: Qmp
     sock: socket.socket
@@ -111,7 +111,7 @@ def boot_spec(spec: EnvSpec) -> EnvSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Disk:
+class Disk:
     """A read-only disk image added once the machine runs, mounted at mountpoint."""
 
     path: Path
@@ -334,24 +334,24 @@ class QemuBase(Backend):
             self._layer_disks[str(src)] = image
             return image
 
-    def disks(self, spec: EnvSpec) -> list[_Disk]:
+    def disks(self, spec: EnvSpec) -> list[Disk]:
         """The disks added once the machine runs: the project, then the dependency layer."""
         from pytest_isolate.images.deps import PROJECT_LAYER
 
-        out = [_Disk(self._project_disk(spec), PROJECT_SERIAL, str(self.run.rootdir))]
+        out = [Disk(self._project_disk(spec), PROJECT_SERIAL, str(self.run.rootdir))]
         layer = spec.layer
         if layer is not None:
-            out.append(_Disk(self._layer_disk(layer.venv), VENV_SERIAL, VENV))
+            out.append(Disk(self._layer_disk(layer.venv), VENV_SERIAL, VENV))
             if layer.project is not None:
-                out.append(_Disk(self._layer_disk(layer.project), LAYER_SERIAL, PROJECT_LAYER))
+                out.append(Disk(self._layer_disk(layer.project), LAYER_SERIAL, PROJECT_LAYER))
         return out
 
-    def files(self, image_data: Path) -> _Files:
-        return _Files(image_data / "vmlinuz", image_data / "initramfs.img",
+    def files(self, image_data: Path) -> VmFiles:
+        return VmFiles(image_data / "vmlinuz", image_data / "initramfs.img",
                       image_data / "root.img", self._site_image())
 
     # ------------------------------------------------------------------ start
-    def accel(self, spec: EnvSpec, files: _Files, tmp: Path) -> tuple[str, str]:
+    def accel(self, spec: EnvSpec, files: VmFiles, tmp: Path) -> tuple[str, str]:
         """("kvm" | "tcg", why): KVM only when wanted and a bounded probe boot succeeds."""
         wanted = str(spec.option("accel", os.environ.get("PYTEST_ISOLATE_ACCEL", "auto")))
         if wanted == "tcg":
@@ -376,7 +376,7 @@ class QemuBase(Backend):
             shutil.copyfileobj(src, out)
             out.write(extra)
 
-    def qemu_argv(self, spec: EnvSpec, files: _Files, accel: str, initrd: Path, tmp: Path,
+    def qemu_argv(self, spec: EnvSpec, files: VmFiles, accel: str, initrd: Path, tmp: Path,
                   probe: bool = False, console_log: Path | None = None) -> list[str]:
         _, binary, machine, console = ARCHES[spec.arch]
         cpu = "host" if accel == "kvm" else str(spec.option("cpu", TCG_CPUS[spec.arch]))
@@ -409,7 +409,7 @@ class QemuBase(Backend):
             argv += ["-device", f"pcie-root-port,id=isolate-hp{i},chassis={i + 1}"]
         return argv
 
-    def hotplug(self, vm: _Vm, disks: list[_Disk]) -> None:
+    def hotplug(self, vm: Vm, disks: list[Disk]) -> None:
         """Add the disks to the running machine (read-only), one root port each."""
         if len(disks) > HOTPLUG_PORTS:
             raise IsolateError(f"{len(disks)} disks to add, only {HOTPLUG_PORTS} free ports")
@@ -430,7 +430,7 @@ class QemuBase(Backend):
                 self._versions[binary] = qemu_version(binary)
             return self._versions[binary]
 
-    def _launch(self, argv: list[str], tmp: Path, qemu_log: Path, note: str) -> _Vm:
+    def _launch(self, argv: list[str], tmp: Path, qemu_log: Path, note: str) -> Vm:
         with open(qemu_log, "ab") as log:
             log.write(f"$ {' '.join(argv)}\n# {note}\n".encode())
             log.flush()
@@ -448,10 +448,10 @@ class QemuBase(Backend):
             proc.kill()
             proc.wait()
             raise
-        return _Vm(proc, qmp, sock)
+        return Vm(proc, qmp, sock)
 
     def _ready(self, spec: EnvSpec, instance: Instance, console_log: Path,
-               mark: Callable[[str], None], timeout: float, disks: list[_Disk]) -> None:
+               mark: Callable[[str], None], timeout: float, disks: list[Disk]) -> None:
         """Handshake, then mount the project (and layer) disks and set the clock; stops the
         instance on failure."""
         describe = f"environment {spec.name!r}"
@@ -503,7 +503,7 @@ class QemuBase(Backend):
         instance.conn.call(0, {"op": "configure", "settings": settings},
                            timeout=HANDSHAKE_TIMEOUT)
 
-    def _wait_port(self, spec: EnvSpec, vm: _Vm, qemu_log: Path) -> None:
+    def _wait_port(self, spec: EnvSpec, vm: Vm, qemu_log: Path) -> None:
         """Wait until the guest opens the agent's port; fail fast if QEMU or the guest dies."""
         timeout = float(spec.option("boot_timeout", BOOT_TIMEOUT))
         deadline = time.monotonic() + timeout

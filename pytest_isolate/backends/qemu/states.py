@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.backends.qemu.machine import QemuBase, _Files, _Vm
+from pytest_isolate.backends.qemu.machine import QemuBase, Vm, VmFiles
 from pytest_isolate.backends.qemu.qmp import QmpError
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AGENT_SOURCE, log_tail
@@ -40,7 +40,7 @@ class SavedStates(QemuBase):
     """QemuBackend's saved states: the first boot saves the machine, later starts restore it."""
 
     # -------------------------------------------------------------- snapshots
-    def _state_key(self, image: Entry, files: _Files, argv: list[str], initrd: Path, tmp: Path,
+    def _state_key(self, image: Entry, files: VmFiles, argv: list[str], initrd: Path, tmp: Path,
                    console_log: Path) -> tuple[str, dict[str, Any]]:
         """What a saved machine state depends on: everything on QEMU's command line."""
         shape = [a.replace(str(console_log), "@CONSOLE@").replace(str(tmp), "@TMP@")
@@ -53,7 +53,7 @@ class SavedStates(QemuBase):
         }
         return content_hash(fields), fields
 
-    def _save_state(self, spec: EnvSpec, vm: _Vm, key: str, fields: dict[str, Any],
+    def _save_state(self, spec: EnvSpec, vm: Vm, key: str, fields: dict[str, Any],
                     qemu_log: Path) -> None:
         """Save the machine (guest waiting for the agent's source) into the cache."""
 
@@ -83,7 +83,7 @@ class SavedStates(QemuBase):
                               f"({entry.manifest.get('size', 0) >> 20} MiB) in "
                               f"{entry.build_seconds:.2f}s")
 
-    def _wait_migration(self, vm: _Vm, query: str, timeout: float) -> None:
+    def _wait_migration(self, vm: Vm, query: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             info = vm.qmp.command(query)
@@ -99,7 +99,7 @@ class SavedStates(QemuBase):
             time.sleep(0.01)
 
     def _restore(self, argv: list[str], tmp: Path, qemu_log: Path, state: Entry,
-                 accel: str) -> _Vm:
+                 accel: str) -> Vm:
         vm = self._launch([*argv, "-incoming", "defer"], tmp, qemu_log,
                           f"restore {state.data / 'state'}, accelerator {accel}")
         try:
