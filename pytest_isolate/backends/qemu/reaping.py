@@ -1,5 +1,5 @@
-"""QEMU processes and socket directories of runs that are gone: finding them, and the
-socket directories named by their owner."""
+"""What reapers look for: the QEMU processes of runs (named by ``-name``) and of libvirt
+domains, and the machines' socket directories, each named by its owner."""
 
 from __future__ import annotations
 
