@@ -1,0 +1,193 @@
+"""QemuBackend: the VM backend's capabilities and options, its check and reap, and the
+direct driver's start (restore a saved state, else boot; then add the disks)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+from pytest_isolate.backends.base import Instance, agent_command, need_tool
+from pytest_isolate.backends.qemu.libvirt import LibvirtDriver
+from pytest_isolate.backends.qemu.machine import HANDSHAKE_TIMEOUT, Vm, boot_spec, vm_memory_mib
+from pytest_isolate.backends.qemu.qmp import QmpError
+from pytest_isolate.backends.qemu.reaping import qemu_processes_of_runs, reap_temp_dirs, socket_dir
+from pytest_isolate.backends.qemu.states import SavedStates, saved_state_group
+from pytest_isolate.backends.qemu.transport import VmProcess
+from pytest_isolate.cache import Entry
+from pytest_isolate.channel import log_tail
+from pytest_isolate.config import Option
+from pytest_isolate.errors import AgentLost, AgentTimeout, BackendUnavailable, IsolateError
+from pytest_isolate.images.kernel import ARCHES, QEMU_PACKAGES
+from pytest_isolate.images.tree import EXCLUDE_OPTION
+from pytest_isolate.namespaces import check_foreign, check_namespaces, check_rootfs_builder
+from pytest_isolate.ownership import run_gone
+from pytest_isolate.spec import EnvSpec
+
+#: A restored agent must answer this fast, else the state is dropped and the VM booted.
+RESTORE_HELLO_TIMEOUT = 15.0
+
+
+def vm_rootfs_spec(spec: EnvSpec) -> EnvSpec:
+    """The spec whose root filesystem the VM boots: the spec's plus a kernel and busybox."""
+    kernel_pkg = ARCHES[spec.arch][0]
+    extra = tuple(p for p in (kernel_pkg, "busybox-static") if p not in spec.packages)
+    return dataclasses.replace(spec, packages=spec.packages + extra)
+
+
+class QemuBackend(LibvirtDriver, SavedStates):
+    name = "qemu"
+    needs_root = False
+    supports_snapshot = True
+    packages = ("qemu-system-x86", "qemu-system-arm", "qemu-utils", "e2fsprogs", "mmdebstrap",
+                "qemu-user-static", "binfmt-support", "arch-test")
+    options = {
+        "vm_driver": Option("a string", "QEMU driven directly, or a libvirt domain",
+                            choices=("qemu", "libvirt")),
+        "vm_snapshot": Option("true or false", "save the booted machine and restore it "
+                              "instead of booting"),
+        "libvirt_uri": Option("a string", "the libvirt connection of the libvirt driver"),
+        "accel": Option("a string", "the accelerator (auto: KVM after a probe, else TCG)",
+                        choices=("auto", "kvm", "tcg")),
+        "cpu": Option("a string", "the CPU model under TCG"),
+        "memory": Option("a whole number", "the guest's RAM in MiB when the spec has no "
+                         "memory key", minimum=64),
+        "cpus": Option("a whole number", "virtual CPUs when the spec has no cpus key",
+                       minimum=1),
+        "boot_timeout": Option("a number", "seconds to wait for the agent's port",
+                               minimum=1),
+        "exclude": EXCLUDE_OPTION,
+        "project_max_mib": Option("a whole number", "the largest project tree (after "
+                                  "exclusions, in MiB) put on the VM's project disk",
+                                  minimum=1),
+    }
+
+    # ------------------------------------------------------------------ check
+    @classmethod
+    def cache_group(cls, kind: str, manifest: dict[str, Any]) -> str | None:
+        return saved_state_group(kind, manifest)
+
+    @classmethod
+    def rootfs_spec(cls, spec: EnvSpec) -> EnvSpec:
+        return vm_rootfs_spec(spec)
+
+    def reap(self) -> list[str]:
+        """QEMU processes (direct or libvirt's) and socket directories of runs whose
+        process is gone.  A guest powers itself off when its agent's channel closes;
+        this covers one that cannot (hung) and QEMU kept by libvirt's -no-shutdown."""
+        reaped = []
+        for pid, run_id in qemu_processes_of_runs():
+            if run_gone(run_id, self.run.runs_dir):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    reaped.append(f"qemu {pid} of run {run_id}")
+        reap_temp_dirs()
+        return reaped
+
+    def check(self, spec: EnvSpec) -> None:
+        if spec.arch not in ARCHES:
+            raise BackendUnavailable(self.name, f"no VM support for architecture {spec.arch!r}",
+                                     f"use one of: {', '.join(sorted(ARCHES))}")
+        binary = ARCHES[spec.arch][1]
+        need_tool(self.name, binary, QEMU_PACKAGES[binary])
+        need_tool(self.name, "mkfs.ext4", "e2fsprogs")
+        check_rootfs_builder(self.name)
+        if spec.foreign:
+            check_foreign(self.name, spec.machine)
+        if spec.setup:
+            check_namespaces(self.name)
+        if self.driver(spec) == "libvirt":
+            self._libvirt()
+
+    # ------------------------------------------------------------------ start
+    def start(self, spec: EnvSpec, image: Entry) -> Instance:
+        if not self._reaped:
+            self._reaped = True
+            for what in self.reap():
+                self.run.progress(f"qemu: killed {what} (an interrupted run)")
+        if self.driver(spec) == "libvirt":
+            return self._start_libvirt(spec, image)
+        describe = f"environment {spec.name!r}"
+        tmp = socket_dir()
+        started = time.monotonic()
+        marks: list[str] = []
+
+        def mark(what: str) -> None:
+            marks.append(f"{what} {time.monotonic() - started:.2f}s")
+
+        console_log = self.run.log_path(spec.name, "console.log")
+        qemu_log = self.run.log_path(spec.name, "qemu.log")
+
+        def cleanup() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        vm: Vm | None = None
+        memory = vm_memory_mib(spec)
+        try:
+            disks = self.disks(spec)
+            files = self.files(image.data)
+            accel, why = self.accel(spec, files, tmp)
+            initrd = tmp / "initrd.img"
+            self.write_initrd(files.initramfs, initrd, spec, agent_command(boot_spec(spec)))
+            argv = self.qemu_argv(spec, files, accel, initrd, tmp, console_log=console_log)
+            snapshots = bool(spec.option("vm_snapshot", True))
+            key, fields = self._state_key(image, files, argv, initrd, tmp, console_log)
+            state = self.run.cache.lookup("vmstate", key) if snapshots else None
+            process: VmProcess | None = None
+            if state is not None:
+                try:
+                    vm = self._restore(argv, tmp, qemu_log, state, accel)
+                    process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log, memory)
+                    # the saved machine's agent is already running: check that it answers
+                    process.vconn.bootstrapped = True
+                    process.conn.call(0, {"op": "hello"}, timeout=RESTORE_HELLO_TIMEOUT)
+                    self.last_start = f"restore ({accel})"
+                    mark("restored")
+                except IsolateError as exc:
+                    if vm is not None:
+                        vm.kill()
+                    vm = process = None
+                    self.run.progress(f"{describe}: cannot restore the saved VM state, booting "
+                                      f"instead ({str(exc).splitlines()[0]})")
+                    with contextlib.suppress(OSError):
+                        self.run.cache.remove(state)
+            if vm is None or process is None:
+                vm = self._launch(argv, tmp, qemu_log, f"boot, accelerator {accel}: {why}")
+                self._wait_port(spec, vm, qemu_log)
+                process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log, memory)
+                self.last_start = f"boot ({accel})"
+                mark("booted")
+                if snapshots:
+                    # save the machine with the agent running and idle, before anything
+                    # run-specific (settings, project, clock) reaches it
+                    process.conn.bootstrap()
+                    process.conn.call(0, {"op": "hello"}, timeout=HANDSHAKE_TIMEOUT)
+                    mark("agent started")
+                    self._save_state(spec, vm, key, fields, qemu_log)
+                    mark("state saved")
+            # run-specific from here on: the guest finds the disks while the agent starts
+            self.hotplug(vm, disks)
+            mark("disks added")
+        except BaseException as exc:
+            if vm is not None:
+                vm.kill()
+            tail = log_tail(console_log)
+            cleanup()
+            if isinstance(exc, QmpError):
+                raise AgentLost(f"{describe}: {exc}\n--- qemu log ---\n{log_tail(qemu_log)}"
+                                f"\n--- console tail ---\n{tail}") from None
+            if isinstance(exc, (AgentLost, AgentTimeout)):
+                raise type(exc)(f"{exc}\n--- console tail ---\n{tail}") from None
+            raise
+        # "agent" is the log whose tail is shown when the agent is lost: the console,
+        # where the kernel, /init and the agent's stderr all write.
+        instance = Instance(spec, process, {"agent": console_log, "console": console_log,
+                                            "qemu": qemu_log, "provision": image.log}, cleanup)
+        self._ready(spec, instance, console_log, mark, HANDSHAKE_TIMEOUT, disks)
+        with contextlib.suppress(OSError), open(qemu_log, "a") as log:
+            log.write(f"# {self.last_start}: {', '.join(marks)}\n")
+        return instance
