@@ -140,6 +140,16 @@ def marker_overrides(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k != "fixtures_per_test"}
 
 
+
+def check_image_support(spec: EnvSpec, backend_class: Any) -> None:
+    """ConfigError when spec's root is an image its backend cannot run (a VM would boot
+    the Debian root filesystem and ignore the key)."""
+    if spec.from_image and not getattr(backend_class, "supports_images", False):
+        key = "image" if spec.image is not None else "dockerfile"
+        raise ConfigError(f"{spec.source(key)}: backend {spec.backend!r} cannot run an image yet "
+                          "(docker, podman, chroot, lxc and schroot can); remove the key, or "
+                          "use one of those backends")
+
 class IsolateManager:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -483,6 +493,7 @@ class IsolateManager:
             first = str(self.broken[name]).splitlines()[0]
             raise ProvisionError(f"environment {name!r} could not be built earlier in this run "
                                  f"(the first test of it shows why): {first}")
+        check_image_support(spec, type(backend))
         with timer.phase("provision"):
             started = time.perf_counter()
             try:
@@ -522,6 +533,7 @@ class IsolateManager:
         plan = None
         explicit = [k for k in cfg.DEPS_KEYS if spec.source(k) != "built-in default"]
         backend_class = self._backend_class(spec.backend)
+        check_image_support(spec, backend_class)
         if spec.from_image or not getattr(backend_class, "supports_layers", True):
             if explicit:
                 image = spec.image or f"built from {spec.dockerfile}"

@@ -245,6 +245,8 @@ class Backend(abc.ABC):
     #: Runs the project's dependency layer (images/deps.py: a virtual environment built on
     #: the Debian root filesystem, bound at /.isolate/venv).
     supports_layers: ClassVar[bool] = True
+    #: Runs an environment whose root is an image (`image = REF` or `dockerfile`).
+    supports_images: ClassVar[bool] = False
 
     @classmethod
     def remove_external(cls, key: str, manifest: dict[str, Any]) -> str | None:
@@ -298,6 +300,7 @@ class RootfsBackend(Backend):
     """A backend whose environments run on the cached Debian root filesystem directly."""
 
     options: ClassVar[Mapping[str, Option] | None] = {}
+    supports_images = True  # the engine's export of the image (backends/image_rootfs.py)
 
     _cgroups_reaped = False
 

@@ -513,6 +513,7 @@ class DockerBackend(Backend):
     name = "docker"
     needs_root = False  # root, or membership of the engine's group
     supports_snapshot = True
+    supports_images = True
     packages = ("docker.io", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
     options = {
         "docker_network": Option("a string", "the network to join when the spec has "

@@ -343,3 +343,16 @@ def test_bad_python_and_dockerfile_keys(values: dict[str, object], expected: str
                          Path("/p/pyproject.toml"), ["docker"])
     assert expected in str(info.value)
     assert str(info.value).startswith("/p/pyproject.toml: [tool.pytest-isolate.envs.e]")
+
+
+def test_image_on_a_backend_that_cannot_run_one(project: Project) -> None:
+    """A backend without supports_images (the fake one here, as the qemu backend) refuses
+    `image` with one message instead of ignoring it."""
+    project.pyproject("\n[tool.pytest-isolate.envs.fakeenv]\nbackend = 'fake'\n"
+                      "image = 'python:3.12-slim'\n", base="")
+    project.tests(MARKED)
+    result = project.run()
+    text = result.stdout.str() + result.stderr.str()
+    assert ("envs.fakeenv] key 'image': backend 'fake' cannot run an image yet (docker, "
+            "podman, chroot, lxc and schroot can)") in text, text
+    assert result.ret != 0
