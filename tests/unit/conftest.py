@@ -31,6 +31,10 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
         [HERE, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
     monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
     monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    # under `pytest -n`, the inner run must not take itself for an xdist worker (placement
+    # deals hosts by the worker's number)
+    for name in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:
+        monkeypatch.delenv(name)
     pytester.makeconftest(BACKENDS_CONFTEST)
     proj = Project(pytester, cache_dir)
     proj.pyproject()

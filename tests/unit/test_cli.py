@@ -504,7 +504,7 @@ def test_doctor_fails_when_a_project_env_cannot_run(project: Path, cache_dir: Pa
     assert data["ok"] is False
     assert set(data["project"]["envs"]) == {"foreign"}
     assert data["project"]["envs"]["foreign"]["usable"] is False
-    assert set(data["backends"]) == {"chroot", "docker", "lxc", "schroot", "qemu"}
+    assert set(data["backends"]) == {"chroot", "docker", "podman", "lxc", "schroot", "qemu"}
     assert data["cache"]["path"] == str(cache_dir)
     for name, info in data["backends"].items():
         assert isinstance(info["available"], bool), name
