@@ -42,7 +42,7 @@ UNREACHABLE = ("connection refused", "no such host", "i/o timeout", "dial tcp",
 
 def split_reference(ref: str) -> tuple[str, str, str]:
     """(repository, tag or digest, registry host) of an image reference, as the SDK and
-    the engine read it (no tag: latest; no host: docker.io)."""
+    the engine read it (no tag: latest; no host: the SDK's default registry)."""
     from docker.auth import resolve_repository_name
     from docker.utils import parse_repository_tag
 
