@@ -624,7 +624,11 @@ class DockerBackend(Backend):
             return images.get(tag)
         except docker.errors.ImageNotFound:
             pass
-        same = images.list(filters={"label": f"{LABEL}.key={key}"})
+        # the label alone is not ours: an image built FROM one of ours (a user's Dockerfile,
+        # a pushed derivative) inherits it; only an image tagged in our repositories is
+        same = [image for image in images.list(filters={"label": f"{LABEL}.key={key}"})
+                if any("pytest-isolate/" in t and t.endswith(f":{key}")
+                       for t in image.tags)]
         if same:
             repo, _, name = tag.rpartition(":")
             same[0].tag(repo, name)

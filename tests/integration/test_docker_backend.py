@@ -95,6 +95,14 @@ def test_default_image_is_imported_once_and_tagged_by_hash(
     assert image.labels["pytest-isolate.rootfs"] == rootfs_key
     assert image.attrs["Architecture"] == spec.arch
 
+    # an image made FROM ours inherits its labels (a user's Dockerfile, a pushed
+    # derivative): it must never be taken for ours
+    container = client.containers.create(tag, command=["true"])
+    try:
+        derived = container.commit(repository="isolate-derived", tag=uuid.uuid4().hex[:6])
+    finally:
+        container.remove()
+    assert derived.labels["pytest-isolate.key"] == first.key and derived.id != image.id
     # another environment with the same content reuses the image under its own name
     alias = dataclasses.replace(spec, name=f"Alias_{uuid.uuid4().hex[:6]}")
     try:
@@ -102,8 +110,10 @@ def test_default_image_is_imported_once_and_tagged_by_hash(
         assert entry.hit
         assert entry.manifest["image"] == f"pytest-isolate/{alias.name.lower()}:{first.key}"
         assert entry.manifest["id"] == first.manifest["id"]
+        assert client.images.get(entry.manifest["image"]).id == image.id
     finally:
         client.images.remove(f"pytest-isolate/{alias.name.lower()}:{first.key}")
+        client.images.remove(derived.id, force=True)
     assert client.images.get(tag).id == first.manifest["id"]  # removing the alias kept it
 
 
