@@ -91,7 +91,8 @@ def test_cache_ls_after_a_real_build(built: Built) -> None:
     assert entry["size"] > 50 * 1024 * 1024
     assert entry["spec"]["arch"] == host_arch()
     # not qemu_vm: a VM boots a root filesystem with a kernel (another key)
-    assert sorted(entry["envs"]) == sorted(["chroot", "plain", "schroot", "lxc", "docker"])
+    assert sorted(entry["envs"]) == sorted(["chroot", "plain", "schroot", "lxc", "docker", "podman",
+                                          "py3.13"])
 
 
 def test_envs_on_a_real_project(built: Built) -> None:
