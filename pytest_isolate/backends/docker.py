@@ -542,12 +542,16 @@ class DockerBackend(Backend):
     def client(self) -> Any:
         if self._client is None:
             try:
-                self._client = make_client(self.endpoint)
+                self._client = self.new_client()
             except BackendUnavailable:
                 raise
             except Exception as exc:
                 raise self.engine_unavailable(exc) from None
         return self._client
+
+    def new_client(self) -> Any:
+        """A client of this backend's engine (a pool host's endpoint, else the docker CLI's)."""
+        return make_client(self.endpoint)
 
     def engine_key(self) -> dict[str, str]:
         """Added to the cache keys of images made on this kind of engine (none for docker:
@@ -637,8 +641,7 @@ class DockerBackend(Backend):
 
     def provision(self, spec: EnvSpec) -> Entry:
         log = self.run.log_path(spec.name, "provision.log")
-        spec = with_built_image(self.client(), spec, self.run.rootdir, self.run.progress, log,
-                                self.network_mode(spec))
+        spec = with_built_image(self.client(), spec, self.run.rootdir, self.run.progress, log)
         if spec.image is None:
             from pytest_isolate.images.rootfs import provision_rootfs
 

@@ -69,7 +69,7 @@ def context_hash(dockerfile: Path, context: Path, build_args: dict[str, str]) ->
 
 
 def with_built_image(client: Any, spec: EnvSpec, rootdir: Path, progress: Any,
-                     log: Path, network_mode: str) -> EnvSpec:
+                     log: Path) -> EnvSpec:
     """spec as an image environment of its Dockerfile's image, built when the engine has
     no image of this content yet."""
     if spec.dockerfile is None:
@@ -81,15 +81,18 @@ def with_built_image(client: Any, spec: EnvSpec, rootdir: Path, progress: Any,
     try:
         client.images.get(tag)
     except Exception:  # ImageNotFound (or anything else: the build will say)
-        build(client, spec, dockerfile, context, args, tag, progress, log, network_mode)
+        build(client, spec, dockerfile, context, args, tag, progress, log)
     sources = {**spec.sources, "image": f"built from {spec.source('dockerfile')}"}
     return dataclasses.replace(spec, image=tag, sources=sources)
 
 
 def build(client: Any, spec: EnvSpec, dockerfile: Path, context: Path, args: dict[str, str],
-          tag: str, progress: Any, log: Path, network_mode: str) -> None:
+          tag: str, progress: Any, log: Path) -> None:
     """docker build, its output in the environment's provision log, a heartbeat while it
     runs; ProvisionError with the build's last lines when it fails."""
+    from pytest_isolate.backends.docker import network_mode_of  # (docker imports this module)
+
+    network_mode = network_mode_of(client, spec)
     started = time.monotonic()
     where = f"dockerfile {spec.dockerfile!r} (from {spec.source('dockerfile')})"
     progress(f"{spec.backend}: building {spec.name}'s image from {dockerfile}")
@@ -115,7 +118,8 @@ def build(client: Any, spec: EnvSpec, dockerfile: Path, context: Path, args: dic
                 if time.monotonic() - shown > 2:
                     shown = time.monotonic()
                     progress(Heartbeat(f"{spec.backend}: building {spec.name}: "
-                                       f"{time.monotonic() - started:.0f}s: {lines[-1][:80]}"))
+                                       f"{time.monotonic() - started:.0f}s: "
+                                       f"{lines[-1][:80] if lines else ''}"))
         except Exception as exc:
             lines.append(str(getattr(exc, "explanation", None) or exc))
             out.write(f"ERROR: {lines[-1]}\n")

@@ -51,8 +51,7 @@ def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any,
         raise ProvisionError(f"{spec.backend}: image {spec.image!r} (from "
                              f"{spec.source('image')}) comes from the docker engine, which "
                              f"does not answer: {engine.engine_error(exc)}") from None
-    spec = with_built_image(client, spec, rootdir, progress, log,
-                            engine.network_mode_of(client, spec))
+    spec = with_built_image(client, spec, rootdir, progress, log)
     image, _ = engine.image_of(client, spec, progress, log)
     digest = pinned_digest(image, str(spec.image))
     key = content_hash({"digest": digest, "id": image.id, "format": FORMAT})

@@ -58,14 +58,8 @@ class PodmanBackend(DockerBackend):
     name = "podman"
     packages = ("podman", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
 
-    def client(self) -> Any:
-        if self._client is None:
-            url, _ = podman_target(self.endpoint)
-            try:
-                self._client = sdk().DockerClient(base_url=url)
-            except Exception as exc:
-                raise self.engine_unavailable(exc) from None
-        return self._client
+    def new_client(self) -> Any:
+        return sdk().DockerClient(base_url=podman_target(self.endpoint)[0])
 
     def engine_unavailable(self, exc: BaseException) -> BackendUnavailable:
         url, origin = podman_target(self.endpoint)
