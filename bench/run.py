@@ -62,8 +62,18 @@ SLEEP = 1.5
 
 # ---------------------------------------------------------------- the project
 
-def write_project(root: Path, backends: Sequence[str], n: int) -> None:
-    (root / "pyproject.toml").write_text("[tool.pytest.ini_options]\n")
+def write_project(root: Path, backends: Sequence[str], n: int,
+                  options: Sequence[str] = ()) -> None:
+    """options: "BACKEND.KEY=VALUE" (VALUE a TOML value) for the environment of that name."""
+    tables: dict[str, list[str]] = {}
+    for option in options:
+        env, _, assignment = option.partition(".")
+        key, _, value = assignment.partition("=")
+        tables.setdefault(env, []).append(f"{key.strip()} = {value.strip()}")
+    text = "[tool.pytest.ini_options]\n" + "".join(
+        f"\n[tool.pytest-isolate.envs.{env}.options]\n" + "".join(f"{line}\n" for line in lines)
+        for env, lines in tables.items())
+    (root / "pyproject.toml").write_text(text)
 
     def module(env: str | None, count: int, body: str = "pass") -> str:
         mark = f'@pytest.mark.isolate("{env}")\n' if env else ""
@@ -274,6 +284,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the memory sampling runs")
     p.add_argument("--output", type=Path, default=BENCH / "results" / "latest.json")
     p.add_argument("--keep", action="store_true", help="keep the generated project")
+    p.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE",
+                   help="an options key for one backend's environment, VALUE in TOML "
+                        "(e.g. chroot.map_root=false: the host's root inside); repeatable")
     args = p.parse_args(argv)
     if args.quick:
         args.tests, args.repeats, args.naive = 30, 1, 5
@@ -281,6 +294,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.backends) - set(BACKENDS))
     if unknown:
         p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+    for option in args.option:
+        env, dot, rest = option.partition(".")
+        if not dot or env not in args.backends or "=" not in rest:
+            p.error(f"--option {option!r}: expected BACKEND.KEY=VALUE for one of --backends")
     if args.tests < 2 or args.repeats < 1 or args.naive < 0:
         p.error("--tests must be >= 2, --repeats >= 1, --naive >= 0")
     return args
@@ -304,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) -> int:
     n = args.tests
-    write_project(project, args.backends, n)
+    write_project(project, args.backends, n, args.option)
     failed: dict[str, str] = {}
     backends: list[str] = []
 
@@ -472,6 +489,7 @@ def render(args: argparse.Namespace, backends: list[str], failed: dict[str, str]
         "version": 1,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {"backends": args.backends, "tests": n, "repeats": args.repeats,
+                     "options": args.option,
                      "naive": args.naive, "sleep": SLEEP},
         "host": {"cpus": os.cpu_count(), "loadavg_start": list(args.load_start),
                  "loadavg_end": list(load),

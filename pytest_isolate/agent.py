@@ -282,19 +282,31 @@ def size_opt(size: Optional[int]) -> str:
 
 
 def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
-                  fresh_dev: bool, size: Optional[int] = None, tmp: bool = True) -> None:
+                  fresh_dev: bool, size: Optional[int] = None, tmp: bool = True,
+                  userns_fd: Optional[int] = None,
+                  owner: Optional[Tuple[int, int]] = None) -> None:
     """Mount /proc, /dev, /sys, /tmp and the bind mounts into a new root.
 
     size bounds the tmpfs mounts (/tmp, /dev/shm); tmp=False leaves /tmp in the root's
     own writable layer (a worker's: one budget for both, and part of its snapshots).
+    The launcher of a mapped root (make_userns) passes its namespace (the binds are
+    idmapped through it) and the host uid of its root (owner of the tmpfs mounts).
     """
     proc = os.path.join(root, "proc")
     os.makedirs(proc, exist_ok=True)
-    mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    try:
+        mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError as exc:
+        # a zygote under a mapped root: its PID namespace belongs to the host's root, so
+        # only the launcher could mount its /proc -- which is this one
+        if exc.errno != errno.EPERM:
+            raise
+        bind("/proc", proc)
+    tmpfs_owner = ",uid=%d,gid=%d" % owner if owner is not None else ""
     dev = os.path.join(root, "dev")
     os.makedirs(dev, exist_ok=True)
     if fresh_dev:
-        mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755")
+        mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755" + tmpfs_owner)
         for name in DEVICES:
             src = os.path.join(dev_from, name)
             if os.path.exists(src):
@@ -311,12 +323,13 @@ def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
             pass
         os.makedirs(os.path.join(dev, "shm"))
         mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV,
-              "mode=1777" + size_opt(size))
+              "mode=1777" + size_opt(size) + tmpfs_owner)
     else:
         mount(dev_from, dev, None, MS_BIND | MS_REC)
         shm = os.path.join(dev, "shm")
         if os.path.isdir(shm):  # its own, not the environment's shared one
-            mount("tmpfs", shm, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size_opt(size))
+            mount("tmpfs", shm, "tmpfs", MS_NOSUID | MS_NODEV,
+                  "mode=1777" + size_opt(size) + tmpfs_owner)
     sys_dir = os.path.join(root, "sys")
     if os.path.isdir(sys_dir):
         try:
@@ -329,9 +342,13 @@ def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
     if tmp:
         tmp_dir = os.path.join(root, "tmp")
         os.makedirs(tmp_dir, exist_ok=True)
-        mount("tmpfs", tmp_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size_opt(size))
+        mount("tmpfs", tmp_dir, "tmpfs", MS_NOSUID | MS_NODEV,
+              "mode=1777" + size_opt(size) + tmpfs_owner)
     for src, dst, readonly in binds:
-        bind(src, root + dst, bool(readonly))
+        if userns_fd is not None:
+            idmapped_bind(src, root + dst, userns_fd, bool(readonly))
+        else:
+            bind(src, root + dst, bool(readonly))
 
 
 def overlay(root: str, lowers: Sequence[str], upper: str, work: str) -> None:
@@ -339,6 +356,164 @@ def overlay(root: str, lowers: Sequence[str], upper: str, work: str) -> None:
         os.makedirs(d, exist_ok=True)
     mount("overlay", root, "overlay", 0,
           "lowerdir=%s,upperdir=%s,workdir=%s" % (":".join(lowers), upper, work))
+
+
+# --------------------------------------------------------------------------
+# Root mapped away from the host's root (issue 11): the environment's uid 0 is an
+# unprivileged host uid (a user namespace), and its root filesystem, owned by the host's
+# root on disk, is seen through an idmapped mount, so that uid owns it inside.
+
+#: open_tree, move_mount and mount_setattr share these numbers on every architecture
+#: but alpha and mips (kernel >= 5.12 for idmapped mounts)
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 4
+MOUNT_ATTR_RDONLY = 1
+MOUNT_ATTR_IDMAP = 0x00100000
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _syscall(nr: int, *args: Any) -> int:
+    """A raw syscall with every integer passed as a C long (the kernel reads longs)."""
+    if platform.machine().startswith(("alpha", "mips")):
+        raise OSError(errno.ENOSYS, "no syscall numbers for the new mount API on "
+                      + platform.machine())
+    conv = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    ret = int(libc().syscall(ctypes.c_long(nr), *conv))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def make_userns(uid_map: Sequence[int], gid_map: Sequence[int]) -> int:
+    """A new user namespace mapping 0..count-1 inside to base..base+count-1 on the host
+    ([base, count] for uids and gids); returns an fd that holds it.  Root only: a helper
+    child makes the namespace, this process (root outside it) writes its maps."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(done_w)
+            unshare(CLONE_NEWUSER)
+            os.write(ready_w, b"u")
+            os.read(done_r, 1)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"u":
+            raise OSError(errno.EPERM, "the helper could not make a user namespace")
+        for name, (base, count) in (("uid_map", uid_map), ("gid_map", gid_map)):
+            with open("/proc/%d/%s" % (pid, name), "w") as f:
+                f.write("0 %d %d\n" % (base, count))
+        return os.open("/proc/%d/ns/user" % pid, os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.close(done_w)
+        os.waitpid(pid, 0)
+
+
+def idmapped_tree(src: str, userns_fd: int, readonly: bool = False,
+                  recursive: bool = True) -> int:
+    """A detached copy of the mount tree at src (or of its mount alone) whose files are seen
+    through userns_fd's mapping (a file the host's uid 0 owns is owned by that namespace's
+    root)."""
+    rec = AT_RECURSIVE if recursive else 0
+    fd = _syscall(SYS_OPEN_TREE, AT_FDCWD, src.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC | rec)
+    try:
+        attr = _MountAttr(MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if readonly else 0), 0, 0,
+                          userns_fd)
+        _syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH | rec,
+                 ctypes.byref(attr), ctypes.sizeof(attr))
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(exc.errno, "idmapped mount of %s: %s" % (src, exc.strerror)) from None
+    return fd
+
+
+def attach_tree(fd: int, dst: str) -> None:
+    """Mount a detached tree (idmapped_tree) at dst, which must exist."""
+    try:
+        _syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, dst.encode(), MOVE_MOUNT_F_EMPTY_PATH)
+    except OSError as exc:
+        raise OSError(exc.errno, "move_mount onto %s: %s" % (dst, exc.strerror)) from None
+    finally:
+        os.close(fd)
+
+
+def idmapped_bind(src: str, dst: str, userns_fd: int, readonly: bool = False) -> None:
+    """bind(), seen through userns_fd's mapping; a plain bind where the filesystem has no
+    idmapped mounts (the files then show as nobody's inside: read-only use still works)."""
+    try:
+        fd = idmapped_tree(src, userns_fd, readonly)
+    except OSError:
+        try:  # a mount below src that cannot be idmapped (an overlay): src alone
+            fd = idmapped_tree(src, userns_fd, readonly, recursive=False)
+        except OSError:
+            bind(src, dst, readonly)
+            return
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if not os.path.exists(dst):
+            open(dst, "a").close()
+    attach_tree(fd, dst)
+
+
+def hand_over(root: str, upper: str, owner: Tuple[int, int]) -> None:
+    """What the launcher created in root's upper layer (as the host's root: mount points,
+    /.isolate) goes to the mapped root (owner), through the overlay so that it sees the
+    change; mount points stay as they are (what is mounted there decides)."""
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_uid != 0 and st.st_gid != 0:
+                continue
+            merged = root + path[len(upper):]
+            if os.path.ismount(merged):
+                continue
+            os.lchown(merged, owner[0] if st.st_uid == 0 else -1,
+                      owner[1] if st.st_gid == 0 else -1)
+    os.chown(root, *owner)
+
+
+def enter_userns(userns_fd: int) -> None:
+    """Join the mapped user namespace as its root (the host's uid becomes its base)."""
+    _check(libc().setns(userns_fd, CLONE_NEWUSER), "setns(user namespace)")
+    os.close(userns_fd)
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+#: what the launcher tells the agent when it could not map root (popped at the agent's start)
+ROOT_MAP_ENV = "PYTEST_ISOLATE_ROOT_MAP_PROBLEM"
+ROOT_MAP_PROBLEM = os.environ.pop(ROOT_MAP_ENV, "")
+
+
+def probe_root_map(path: str, uid_map: Sequence[int], gid_map: Sequence[int]) -> None:
+    """Can a root filesystem at path be run with a mapped root here?  Raises OSError
+    with the reason (agent.py probe-root-map; the host asks before it starts chroot)."""
+    fd = make_userns(uid_map, gid_map)
+    try:
+        os.close(idmapped_tree(path, fd, readonly=True, recursive=False))
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------
@@ -736,7 +911,9 @@ def launch(cfg: Dict[str, Any]) -> None:
     "direct": writes go to rootfs itself, for provisioning), binds
     [[src, dst, readonly]], network, hostname, argv, env, cwd, new_session
     (default true; false keeps the caller's terminal for an interactive shell),
-    disk (bytes: the size of the writable tmpfs mounts; unbounded when absent).
+    disk (bytes: the size of the writable tmpfs mounts; unbounded when absent),
+    userns ({"uid": [base, count], "gid": [base, count]}, as root and in overlay mode:
+    root inside is host uid base -- see make_userns).
     """
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
@@ -745,6 +922,19 @@ def launch(cfg: Dict[str, Any]) -> None:
     if uid != 0:
         flags |= CLONE_NEWUSER
     set_pdeathsig()
+    mapped = cfg.get("userns") if uid == 0 and cfg.get("mode", "overlay") == "overlay" else None
+    userns_fd = None
+    if mapped:
+        try:
+            userns_fd = make_userns(mapped["uid"], mapped["gid"])
+            os.close(idmapped_tree(cfg["rootfs"], userns_fd, readonly=True, recursive=False))
+        except OSError as exc:
+            # no user namespaces or no idmapped mounts here: the host's root, and the
+            # agent's hello says why (the host reports it once)
+            if userns_fd is not None:
+                os.close(userns_fd)
+            userns_fd, mapped = None, None
+            cfg.setdefault("env", {})[ROOT_MAP_ENV] = str(exc)
     unshare(flags)
     if uid != 0:
         for name, text in (("setgroups", "deny"), ("uid_map", "0 %d 1" % uid),
@@ -773,28 +963,42 @@ def launch(cfg: Dict[str, Any]) -> None:
             # the environment shares no process group with the host's launcher; not for an
             # interactive program, which must keep its terminal (job control, Ctrl-C)
             os.setsid()
-        _enter_root(cfg)
+        _enter_root(cfg, userns_fd, mapped)
     except BaseException as exc:  # reported on the launcher's stderr (the env's log)
         sys.stderr.write("pytest-isolate launcher: %s: %s\n" % (type(exc).__name__, exc))
         sys.stderr.flush()
         os._exit(121)
 
 
-def _enter_root(cfg: Dict[str, Any]) -> None:
+def _enter_root(cfg: Dict[str, Any], userns_fd: Optional[int] = None,
+                mapped: Optional[Dict[str, Any]] = None) -> None:
     work = cfg["workdir"]
     mount("tmpfs", work, "tmpfs", 0, "mode=755" + size_opt(cfg.get("disk")))
     root = os.path.join(work, "root")
+    upper = os.path.join(work, "upper")
+    owner = (mapped["uid"][0], mapped["gid"][0]) if mapped else None
     if cfg.get("mode", "overlay") == "direct":
         os.makedirs(root)
         mount(cfg["rootfs"], root, None, MS_BIND | MS_REC)
     else:
-        overlay(root, [cfg["rootfs"]], os.path.join(work, "upper"), os.path.join(work, "work"))
-        bind(cfg["rootfs"], root + "/.isolate/lower", readonly=True)
+        lower = cfg["rootfs"]
+        if userns_fd is not None:
+            # the cached root filesystem stays owned by the host's root on disk; seen
+            # through this mount, the mapped root owns it
+            lower = os.path.join(work, "lower")
+            os.makedirs(lower)
+            attach_tree(idmapped_tree(cfg["rootfs"], userns_fd, readonly=True,
+                                      recursive=False), lower)
+        overlay(root, [lower], upper, os.path.join(work, "work"))
+        bind(lower, root + "/.isolate/lower", readonly=True)  # a bind keeps the idmap
         os.makedirs(root + "/.isolate/ws", exist_ok=True)
     binds = list(cfg.get("binds", []))
     if cfg.get("network") and os.path.exists("/etc/resolv.conf"):
         binds.append(["/etc/resolv.conf", "/etc/resolv.conf", True])
-    populate_root(root, binds, "/dev", fresh_dev=True, size=cfg.get("disk"))
+    populate_root(root, binds, "/dev", fresh_dev=True, size=cfg.get("disk"),
+                  userns_fd=userns_fd, owner=owner)
+    if owner is not None:
+        hand_over(root, upper, owner)
     if cfg.get("hostname"):
         socket.sethostname(cfg["hostname"])
     if not cfg.get("network"):
@@ -803,6 +1007,12 @@ def _enter_root(cfg: Dict[str, Any]) -> None:
         except OSError:
             pass
     pivot_root(root)
+    if userns_fd is not None:
+        enter_userns(userns_fd)
+        # a mount namespace the mapped root owns: the agent mounts (the project layer),
+        # what the host's root mounted above stays locked in place
+        unshare(CLONE_NEWNS)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
     os.chdir(cfg.get("cwd") or "/")
     env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
     env.update(cfg.get("env") or {})
@@ -1282,9 +1492,15 @@ class Agent:
 
     # -- channel 0 operations
     def op_hello(self, req: Dict[str, Any], blob: bytes) -> None:
+        try:
+            with open("/proc/self/uid_map") as f:  # [inside, host, count] of the first range
+                uid_map = [int(x) for x in f.read().split()[:3]]
+        except (OSError, ValueError):
+            uid_map = []
         self.send(0, {"op": "hello", "protocol": PROTOCOL_VERSION,
                       "python": list(sys.version_info[:3]), "machine": platform.machine(),
-                      "pid": os.getpid(), "uid": os.getuid(), "executable": sys.executable})
+                      "pid": os.getpid(), "uid": os.getuid(), "executable": sys.executable,
+                      "uid_map": uid_map, "root_map_problem": ROOT_MAP_PROBLEM})
 
     def op_configure(self, req: Dict[str, Any], blob: bytes) -> None:
         self.settings.update(req.get("settings") or {})
@@ -2358,6 +2574,12 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "launch":
         launch(json.loads(sys.argv[2]))
+    elif len(sys.argv) >= 3 and sys.argv[1] == "probe-root-map":
+        try:
+            probe_root_map(sys.argv[2], *json.loads(sys.argv[3]))
+        except OSError as exc:
+            sys.stderr.write("%s\n" % exc)
+            sys.exit(1)
     else:
         sys.stderr.write("usage: agent.py launch CONFIG_JSON (or sent as source; see BOOTSTRAP)\n")
         sys.exit(2)

@@ -759,6 +759,7 @@ def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
     report = {
         "root": os.geteuid() == 0,
         "userns_allowed": userns_allowed(),
+        "root_inside": root_inside(root),
         "backends": backends,
         "kvm": kvm_status(),
         "binfmt": binfmt_status(),
@@ -775,6 +776,25 @@ def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
     else:
         print_doctor(report)
     return 0 if ok else 1
+
+
+def root_inside(cache_root: Path) -> dict[str, str]:
+    """Where each container backend's root lives on the host (README 'Security model')."""
+    from pytest_isolate.namespaces import root_map, root_map_problem
+
+    if os.geteuid() != 0:
+        mine = f"host uid {os.geteuid()} (rootless: this user)"
+        return {"chroot": mine, "schroot": "- (needs root)", "lxc": "- (needs root)",
+                "docker": "the engine's root (rootless engine: its user)"}
+    mapping = root_map()
+    probe_at = cache_root if cache_root.is_dir() else Path(tempfile.gettempdir())
+    problem = root_map_problem(probe_at, mapping)
+    chroot = (mapping.describe() if problem is None else
+              f"the host's root: no mapped root here ({problem})")
+    return {"chroot": chroot,
+            "schroot": "the host's root (no user namespace yet; hardened as in docker)",
+            "lxc": "the host's root (a privileged container; hardened as in docker)",
+            "docker": "the engine's root, unless dockerd maps it (userns-remap in daemon.json)"}
 
 
 def debian_arch(binfmt_name: str) -> str:
@@ -825,6 +845,9 @@ def print_doctor(r: dict[str, Any]) -> None:
         userns = ("allowed" if r["userns_allowed"] else
                   "disabled: sysctl kernel.unprivileged_userns_clone=1 user.max_user_namespaces=15000")
     out(f"user namespaces: {userns}")
+    out("root inside an environment is:")
+    for name, where in r["root_inside"].items():
+        out(f"  {name:<8} {where}")
     c = r["cache"]
     if c["problem"]:
         out(f"cache: {c['path']} ({c['source']}): PROBLEM: {c['problem']}")

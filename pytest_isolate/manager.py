@@ -518,6 +518,7 @@ class IsolateManager:
             inst = backend.start(spec, entry)
             stats.start += time.perf_counter() - started
             stats.starts += 1
+            stats.root = inst.root or stats.root
         stats.logs = {k: str(v) for k, v in inst.logs.items()}
         self.instances[name] = inst
         return inst

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,3 +92,67 @@ def check_rootfs_builder(backend: str) -> None:
         raise BackendUnavailable(backend, f"user {user!r} has no range in /etc/subuid",
                                  f"add one as root: usermod --add-subuids 100000-165535 "
                                  f"--add-subgids 100000-165535 {user}")
+
+
+#: root's ids in a mapped environment when /etc/subuid (/etc/subgid) gives root no range:
+#: above every account a system makes (they stay below 2**31), one range of 65536
+BUILTIN_ROOT_RANGE = (2**31, 65536)
+
+
+@dataclasses.dataclass(frozen=True)
+class RootMap:
+    """Where the root of a chroot environment lives on the host: uids and gids
+    base..base+count-1 are 0..count-1 inside (agent.make_userns)."""
+
+    uid: tuple[int, int]
+    gid: tuple[int, int]
+    source: str
+
+    def describe(self) -> str:
+        return f"host uid {self.uid[0]} (range of {self.uid[1]}, {self.source})"
+
+    def cfg(self) -> dict[str, list[int]]:
+        return {"uid": list(self.uid), "gid": list(self.gid)}
+
+
+def _subid_range(path: str, user: str = "root") -> tuple[int, int] | None:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.strip().split(":")
+        if (len(parts) == 3 and parts[0] in (user, "0") and parts[1].isdigit()
+                and parts[2].isdigit() and int(parts[1]) > 0 and int(parts[2]) > 0):
+            return int(parts[1]), min(int(parts[2]), 65536)
+    return None
+
+
+def root_map() -> RootMap:
+    """root's subordinate ranges in /etc/subuid and /etc/subgid, else BUILTIN_ROOT_RANGE."""
+    uids, gids = _subid_range("/etc/subuid"), _subid_range("/etc/subgid")
+    if uids and gids:
+        return RootMap(uids, gids, "root's ranges in /etc/subuid and /etc/subgid")
+    return RootMap(BUILTIN_ROOT_RANGE, BUILTIN_ROOT_RANGE,
+                   "built-in; give root a range in /etc/subuid and /etc/subgid to choose")
+
+
+_probed: dict[int, str | None] = {}
+
+
+def root_map_problem(path: Path, mapping: RootMap) -> str | None:
+    """None when, as root, a root filesystem at path can run with its root mapped to
+    mapping (user namespaces and idmapped mounts on its filesystem); otherwise why not.
+    Asked once per filesystem and process (a helper process: forking pytest would not do)."""
+    dev = path.stat().st_dev
+    if dev not in _probed:
+        argv = [sys.executable, "-I", "-S", str(AGENT_PATH), "probe-root-map", str(path),
+                json.dumps([list(mapping.uid), list(mapping.gid)])]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            _probed[dev] = f"the probe did not run: {exc}"
+        else:
+            _probed[dev] = (None if proc.returncode == 0 else
+                            (proc.stderr.strip().splitlines() or ["the probe failed"])[-1])
+    return _probed[dev]

@@ -55,6 +55,8 @@ class EnvStats:
     #: the digest it was pinned to in this run
     image: str = ""
     digest: str = ""
+    #: where root inside lives on the host, as the backend says (chroot: a mapped uid)
+    root: str = ""
 
 
 @dataclasses.dataclass
@@ -110,6 +112,7 @@ class RunReport:
             mine.key = mine.key or env.get("key", "")
             mine.image = mine.image or env.get("image", "")
             mine.digest = mine.digest or env.get("digest", "")
+            mine.root = mine.root or env.get("root", "")
             for label, path in env.get("logs", {}).items():
                 mine.logs.setdefault(label, path)
         self.tests.extend(TestRecord(**t) for t in data.get("tests", []))
@@ -131,4 +134,6 @@ class RunReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         return lines + [f"image of {s.name}: {s.image} pinned at {s.digest}"
-                        for s in self.envs.values() if s.image and s.digest]
+                        for s in self.envs.values() if s.image and s.digest] + [
+            f"root of {s.name} is {s.root}" for s in self.envs.values()
+            if s.root.startswith("the host's root: ")]

@@ -198,6 +198,9 @@ class Instance:
         self.conn: Connection = process.conn
         self.logs = logs
         self.hello: dict[str, Any] = {}
+        #: where the environment's root lives on the host (chroot: a mapped uid, or why
+        #: it is the host's root); "" where the backend does not say
+        self.root = ""
         self.pytest_started = False
         self.collected: set[str] = set()
         self.collect_errors: list[dict[str, Any]] = []
