@@ -406,7 +406,9 @@ def make_userns(uid_map: Sequence[int], gid_map: Sequence[int]) -> int:
             os.close(ready_r)
             os.close(done_w)
             unshare(CLONE_NEWUSER)
-            os.write(ready_w, b"u")
+            # its pid as /proc shows it: /proc may belong to another PID namespace than
+            # ours (schroot's prelude runs under unshare --pid with the host's /proc)
+            os.write(ready_w, os.readlink("/proc/self").encode())
             os.read(done_r, 1)
             code = 0
         finally:
@@ -414,12 +416,13 @@ def make_userns(uid_map: Sequence[int], gid_map: Sequence[int]) -> int:
     os.close(ready_w)
     os.close(done_r)
     try:
-        if os.read(ready_r, 1) != b"u":
+        shown = os.read(ready_r, 32).decode()
+        if not shown.isdigit():
             raise OSError(errno.EPERM, "the helper could not make a user namespace")
         for name, (base, count) in (("uid_map", uid_map), ("gid_map", gid_map)):
-            with open("/proc/%d/%s" % (pid, name), "w") as f:
+            with open("/proc/%s/%s" % (shown, name), "w") as f:
                 f.write("0 %d %d\n" % (base, count))
-        return os.open("/proc/%d/ns/user" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open("/proc/%s/ns/user" % shown, os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(ready_r)
         os.close(done_w)
@@ -501,9 +504,48 @@ def enter_userns(userns_fd: int) -> None:
     os.setresuid(0, 0, 0)
 
 
-#: what the launcher tells the agent when it could not map root (popped at the agent's start)
+#: what the launcher tells the agent when it could not map root (taken at the agent's start)
 ROOT_MAP_ENV = "PYTEST_ISOLATE_ROOT_MAP_PROBLEM"
-ROOT_MAP_PROBLEM = os.environ.pop(ROOT_MAP_ENV, "")
+#: a backend whose launcher cannot map root (schroot's chroot, a privileged LXC container:
+#: the agent starts as the host's root) asks the agent to (map_root_here), as JSON
+MAP_ROOT_ENV = "PYTEST_ISOLATE_MAP_ROOT"
+#: why the environment's root is the host's although it was asked not to be ("": it is not)
+ROOT_MAP_PROBLEM = ""
+
+
+def map_root_here(cfg: Dict[str, Any]) -> None:
+    """Become the root of a user namespace mapped to cfg's host range (cfg as launch()'s
+    "userns", plus "idmap": paths), from the host's root inside an environment whose root
+    file system is already mounted (by schroot, LXC).  Each path in cfg["idmap"] -- the
+    pristine root at /.isolate/lower that every test's root is laid over, the project, the
+    bytecode cache -- is mounted again over itself, idmapped, so what the host's root owns
+    there is this root's; the rest of the environment's own root shows as nobody's (read
+    and run only: tests never write it, their roots are overlays over /.isolate/lower).
+    The new mounts stay in the environment's mount namespace.  cfg["userns_fd"]: the
+    namespace is open on that fd already (a chrooted process cannot make one).  Raises
+    OSError."""
+    cwd = os.getcwd()
+    if "userns_fd" in cfg:  # made before a chroot (schroot): joined here
+        fd = cfg["userns_fd"]
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise OSError(errno.EBADF, "no user namespace was made before the chroot (the "
+                          "agent log says why)") from None
+    else:
+        fd = make_userns(cfg["uid"], cfg["gid"])
+    try:
+        for path in cfg.get("idmap", []):
+            if os.path.isdir(path):
+                attach_tree(idmapped_tree(path, fd, recursive=False), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    enter_userns(fd)
+    # a mount namespace this root owns: the agent and its workers mount in it
+    unshare(CLONE_NEWNS)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    os.chdir(cwd)  # the project as mounted now (idmapped), not the mount below it
 
 
 def probe_root_map(path: str, uid_map: Sequence[int], gid_map: Sequence[int]) -> None:
@@ -2562,6 +2604,14 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
 
 def main() -> None:
     """Entry point inside the environment (after BOOTSTRAP)."""
+    global ROOT_MAP_PROBLEM
+    ROOT_MAP_PROBLEM = os.environ.pop(ROOT_MAP_ENV, "")
+    request = os.environ.pop(MAP_ROOT_ENV, "")
+    if request:
+        try:
+            map_root_here(json.loads(request))
+        except (OSError, ValueError) as exc:
+            ROOT_MAP_PROBLEM = str(exc)
     rfd, wfd = os.dup(0), os.dup(1)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)

@@ -789,11 +789,9 @@ def root_inside(cache_root: Path) -> dict[str, str]:
     mapping = root_map()
     probe_at = cache_root if cache_root.is_dir() else Path(tempfile.gettempdir())
     problem = root_map_problem(probe_at, mapping)
-    chroot = (mapping.describe() if problem is None else
+    mapped = (mapping.describe() if problem is None else
               f"the host's root: no mapped root here ({problem})")
-    return {"chroot": chroot,
-            "schroot": "the host's root (no user namespace yet; hardened as in docker)",
-            "lxc": "the host's root (a privileged container; hardened as in docker)",
+    return {"chroot": mapped, "schroot": mapped, "lxc": mapped,
             "docker": "the engine's root, unless dockerd maps it (userns-remap in daemon.json)"}
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.channel import AGENT_PATH
+from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable
 from pytest_isolate.setup_host import invocation as setup_invocation
-from pytest_isolate.spec import HOST_ARCHES
+from pytest_isolate.spec import HOST_ARCHES, EnvSpec
 
 
 def launcher_argv(cfg: dict[str, Any]) -> list[str]:
@@ -156,3 +157,46 @@ def root_map_problem(path: Path, mapping: RootMap) -> str | None:
             _probed[dev] = (None if proc.returncode == 0 else
                             (proc.stderr.strip().splitlines() or ["the probe failed"])[-1])
     return _probed[dev]
+
+
+#: the `options` key of chroot, schroot and lxc that keeps the host's root inside
+MAP_ROOT_OPTION = Option(
+    "true or false", "as root, run the environment's root as an unprivileged host uid (a "
+    "user namespace, with idmapped mounts so it owns what the host's root owns) where the "
+    "kernel allows it; false keeps the host's root inside (the hardening stays on)")
+
+
+def wanted_root_map(spec: EnvSpec) -> RootMap | None:
+    """The mapping an environment's root gets (as root; README 'Security model'), or
+    None: rootless (already a user), privileged = true, or options.map_root = false."""
+    if os.geteuid() != 0 or spec.privileged or spec.option("map_root", True) is False:
+        return None
+    return root_map()
+
+
+def agent_map_request(mapping: RootMap, idmap: list[str],
+                      userns_fd: int | None = None) -> dict[str, str]:
+    """The environment variable that asks an agent started as the host's root to map its
+    root itself (agent.map_root_here), idmapping the paths in idmap; userns_fd: the user
+    namespace to join is open there (made before a chroot), else the agent makes it."""
+    from pytest_isolate.agent import MAP_ROOT_ENV
+
+    request: dict[str, Any] = {**mapping.cfg(), "idmap": idmap}
+    if userns_fd is not None:
+        request["userns_fd"] = userns_fd
+    return {MAP_ROOT_ENV: json.dumps(request)}
+
+
+def where_root_is(spec: EnvSpec, mapping: RootMap | None, hello: dict[str, Any]) -> str:
+    """Where an environment's root lives on the host, from what its agent saw (its hello)."""
+    if os.geteuid() != 0:
+        return f"host uid {os.geteuid()} (rootless)"
+    if spec.privileged:
+        return "the host's root (privileged = true)"
+    if mapping is None:
+        return f"the host's root (options.map_root = false, {spec.source('options')})"
+    if hello.get("uid_map", [])[:2] == [0, mapping.uid[0]]:
+        return mapping.describe()
+    # it could not be mapped (no user namespaces or idmapped mounts here)
+    problem = hello.get("root_map_problem") or f"the uid map inside is {hello.get('uid_map')}"
+    return f"the host's root: no mapped root here ({problem})"

@@ -81,8 +81,14 @@ from pytest_isolate.backends.base import (
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
-from pytest_isolate.images.envvars import environment_variables
+from pytest_isolate.images.envvars import PYCACHE, environment_variables
 from pytest_isolate.limits import Limits, cgroup_v2, cgroup_values, host_cpus
+from pytest_isolate.namespaces import (
+    MAP_ROOT_OPTION,
+    agent_map_request,
+    wanted_root_map,
+    where_root_is,
+)
 from pytest_isolate.ownership import Owner, run_gone
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import command_lines, fstab_path, safe_name
@@ -206,6 +212,7 @@ class LxcBackend(RootfsBackend):
     needs_root = True
     supports_snapshot = True
     packages = ("lxc", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
+    options = {"map_root": MAP_ROOT_OPTION}
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
@@ -318,6 +325,9 @@ class LxcBackend(RootfsBackend):
                     f"lxc log: {lxc_log}")
             env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
                    **environment_variables(spec, pycache=True)}
+            mapping = wanted_root_map(spec)
+            if mapping is not None:  # the agent maps its root itself (agent.map_root_here)
+                env.update(agent_map_request(mapping, ["/.isolate/lower", rootdir, PYCACHE]))
             argv = ["lxc-attach", "-n", name, "-P", str(lxcpath), "--clear-env",
                     "-o", str(lxc_log), "-l", "WARN", "--",
                     "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
@@ -328,7 +338,9 @@ class LxcBackend(RootfsBackend):
             raise
         instance = Instance(spec, process, {"agent": agent_log, "lxc": lxc_log,
                                             "provision": image.log}, cleanup)
-        return handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
+        handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
+        instance.root = where_root_is(spec, mapping, instance.hello)
+        return instance
 
 
 def limit_lines(limits: Limits) -> list[str]:

@@ -80,9 +80,15 @@ from pytest_isolate.backends.base import (
     standard_mounts,
 )
 from pytest_isolate.cache import Entry
-from pytest_isolate.channel import AgentProcess
+from pytest_isolate.channel import AGENT_PATH, AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
 from pytest_isolate.images.envvars import PYCACHE, environment_variables
+from pytest_isolate.namespaces import (
+    MAP_ROOT_OPTION,
+    agent_map_request,
+    wanted_root_map,
+    where_root_is,
+)
 from pytest_isolate.ownership import Owner
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import fstab_path, safe_name
@@ -100,10 +106,15 @@ DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
              ("ptmx", "pts/ptmx"))
+#: The fd on which the agent finds the user namespace PRELUDE made for its root.
+USERNS_FD = 9
 #: Runs on the host's Python inside the new namespaces, before schroot: set the
-#: hostname, bring loopback up when the network namespace is new, exec the rest.
+#: hostname, bring loopback up when the network namespace is new; for a mapped root
+#: (argv[3]: the map as JSON, argv[4]: agent.py's directory) make the user namespace and
+#: leave it on fd 9 -- schroot chroots, and a chrooted process may join a user namespace
+#: (agent.map_root_here) but not make one; then exec the rest.
 PRELUDE = r"""
-import fcntl, os, socket, struct, sys
+import fcntl, json, os, socket, struct, sys
 socket.sethostname(sys.argv[1])
 if sys.argv[2] == "1":
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -111,8 +122,18 @@ if sys.argv[2] == "1":
     flags = struct.unpack("16sh14x", fcntl.ioctl(s.fileno(), 0x8913, ifr))[1]
     fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sh14x", b"lo", flags | 1))
     s.close()
-os.execvp(sys.argv[3], sys.argv[3:])
-"""
+if sys.argv[3] != "-":
+    sys.path.insert(0, sys.argv[4])
+    import agent
+    m = json.loads(sys.argv[3])
+    try:
+        fd = agent.make_userns(m["uid"], m["gid"])
+        os.dup2(fd, %d)
+        os.close(fd)
+    except OSError as exc:
+        sys.stderr.write("pytest-isolate: no user namespace for the root: %%s\n" %% exc)
+os.execvp(sys.argv[5], sys.argv[5:])
+""" % USERNS_FD
 
 
 def list_sessions() -> list[str]:
@@ -223,6 +244,7 @@ class SchrootBackend(RootfsBackend):
     supports_snapshot = True
     packages = ("schroot", "util-linux", "mmdebstrap", "qemu-user-static", "binfmt-support",
                 "arch-test")
+    options = {"map_root": MAP_ROOT_OPTION}
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
@@ -364,6 +386,10 @@ class SchrootBackend(RootfsBackend):
                                    f"{where.stderr.strip()}")
             env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
                    **environment_variables(spec, pycache=True)}
+            mapping = wanted_root_map(spec)
+            if mapping is not None:  # the agent maps its root itself (agent.map_root_here)
+                env.update(agent_map_request(mapping, ["/.isolate/lower", rootdir, PYCACHE],
+                                             userns_fd=USERNS_FD))
             namespaces = ["--fork", "--pid", "--mount", "--uts", "--ipc", "--kill-child",
                           f"--mount-proc={location}/proc"]
             if not spec.network:
@@ -371,6 +397,7 @@ class SchrootBackend(RootfsBackend):
             argv = ["unshare", *namespaces, "--",
                     sys.executable, "-I", "-S", "-c", PRELUDE,
                     f"isolate-{safe_name(spec.name)}"[:63], "0" if spec.network else "1",
+                    json.dumps(mapping.cfg()) if mapping else "-", str(AGENT_PATH.parent),
                     "schroot", "-r", "-c", session, "-d", "/", "--",
                     "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
                     *agent_command(spec)]
@@ -382,4 +409,6 @@ class SchrootBackend(RootfsBackend):
         instance = Instance(spec, process, {"agent": agent_log, "schroot": log,
                                             "provision": image.log}, cleanup)
         mounts = standard_mounts(self.run, spec, image)  # what the fstab above binds
-        return handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
+        handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
+        instance.root = where_root_is(spec, mapping, instance.hello)
+        return instance

@@ -1,4 +1,4 @@
-"""Root mapped away from the host's root (issue 11, item 2): chroot as root.
+"""Root mapped away from the host's root (issue 11, item 2): chroot, schroot, lxc as root.
 
 pytest runs as root here (CI does), so these are the runs where a test's root could be
 the host's.  The inner tests look from inside (the kernel's own uid map, who owns what,
@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from faults_support import Inner
 
-from pytest_isolate.backends.chroot import ChrootBackend
-from pytest_isolate.namespaces import RootMap, launcher_argv, root_map
+from pytest_isolate.namespaces import RootMap, launcher_argv, root_map, where_root_is
 from pytest_isolate.spec import EnvSpec
 
 pytestmark = [
@@ -36,7 +35,7 @@ INNER = """
         with open("/proc/self/uid_map") as f:  # a session fixture runs in the zygote
             return f.read().split()
 
-    @pytest.mark.isolate("mapped")
+    @pytest.mark.isolate("{env}")
     def test_root_inside_is_not_the_hosts(zygote_uid_map):
         with open("/proc/self/uid_map") as f:
             inside, host, count = f.read().split()
@@ -47,7 +46,7 @@ INNER = """
         assert zygote_uid_map == ["0", "{uid}", "{count}"]
         assert os.getuid() == 0 and os.getgid() == 0
 
-    @pytest.mark.isolate("mapped")
+    @pytest.mark.isolate("{env}")
     def test_the_root_filesystem_is_roots_inside():
         # the cached root filesystem belongs to the host's root on disk: seen through
         # the idmapped mount, it belongs to root inside, with its other owners kept
@@ -63,7 +62,7 @@ INNER = """
             f.write("")
         os.remove("/etc/isolate-root-map")
 
-    @pytest.mark.isolate("mapped")
+    @pytest.mark.isolate("{env}")
     def test_other_users_work_inside():
         out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                               "sh", "-c", "id -u; touch /tmp/by-nobody; stat -c %u /tmp/by-nobody"],
@@ -71,7 +70,7 @@ INNER = """
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["65534", "65534"]
 
-    @pytest.mark.isolate("mapped")
+    @pytest.mark.isolate("{env}")
     def test_writes_through_the_writable_project_are_the_hosts_roots():
         with open("written-inside.txt", "w") as f:
             f.write("inside")
@@ -79,15 +78,17 @@ INNER = """
 """
 
 
-def test_chroot_root_is_an_unprivileged_host_uid(inner: Inner) -> None:
+@pytest.mark.parametrize("backend", ["chroot", "schroot", "lxc"])
+def test_root_is_an_unprivileged_host_uid(inner: Inner, backend: str) -> None:
     mapping = root_map()
-    inner.write("pyproject.toml", """
+    inner.write("pyproject.toml", f"""
         [tool.pytest-isolate.envs.mapped]
-        backend = "chroot"
+        backend = "{backend}"
         rootdir_writable = true
     """)
     inner.write("test_mapped.py", INNER.format(uid=mapping.uid[0], gid=mapping.gid[0],
-                                               count=mapping.uid[1]))
+                                               count=mapping.uid[1], env="mapped"))
+    inner.path.chmod(0o700)  # the host's root's alone: seen only through the idmapped bind
     result = inner.run("--isolate-report=report.json", timeout=300)
     result.assert_outcomes(passed=4)
     # what root inside wrote through the (idmapped) writable project is the host's root's,
@@ -98,6 +99,27 @@ def test_chroot_root_is_an_unprivileged_host_uid(inner: Inner) -> None:
     root = inner.report()["environments"]["mapped"]["root"]
     assert root.startswith(f"host uid {mapping.uid[0]} "), root
     assert "root of mapped is the host's root" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("backend", ["chroot", "schroot", "lxc"])
+def test_map_root_false_keeps_the_hosts_root(inner: Inner, backend: str) -> None:
+    inner.write("pyproject.toml", f"""
+        [tool.pytest-isolate.envs.plain]
+        backend = "{backend}"
+        options = {{ map_root = false }}
+    """)
+    inner.write("test_plain.py", """
+        import pytest
+
+        @pytest.mark.isolate("plain")
+        def test_the_hosts_root():
+            with open("/proc/self/uid_map") as f:
+                assert f.read().split() == ["0", "0", "4294967295"]
+    """)
+    result = inner.run("--isolate-report=report.json", timeout=300)
+    result.assert_outcomes(passed=1)
+    root = inner.report()["environments"]["plain"]["root"]
+    assert root.startswith("the host's root (options.map_root = false, "), root
 
 
 PRIVILEGED = """
@@ -129,7 +151,8 @@ def test_doctor_says_where_root_lives(inner: Inner) -> None:
                                 f"--cache-dir={inner.cache_dir}")
     out = result.stdout.str()
     assert f"chroot   host uid {mapping.uid[0]} (range of {mapping.uid[1]}" in out, out
-    assert "schroot  the host's root" in out, out
+    assert f"schroot  host uid {mapping.uid[0]} (range of {mapping.uid[1]}" in out, out
+    assert f"lxc      host uid {mapping.uid[0]} (range of {mapping.uid[1]}" in out, out
 
 
 def test_setup_commands_still_write_the_hosts_root_filesystem(inner: Inner) -> None:
@@ -197,4 +220,4 @@ def test_the_launcher_falls_back_where_idmapped_mounts_are_missing(tmp_path: Pat
 def test_the_report_says_where_root_is(hello: dict[str, object], expected: str) -> None:
     mapping = RootMap((2147483648, 65536), (2147483648, 65536), "test")
     spec = EnvSpec(name="c", backend="chroot")
-    assert ChrootBackend.where_root_is(spec, mapping, hello) == expected
+    assert where_root_is(spec, mapping, hello) == expected
