@@ -525,6 +525,18 @@ def map_root_here(cfg: Dict[str, Any]) -> None:
     namespace is open on that fd already (a chrooted process cannot make one).  Raises
     OSError."""
     cwd = os.getcwd()
+    # what needs the host's root over this environment's network namespace, done while it
+    # is: loopback up (an LXC container without network has it down), and a sysfs of this
+    # namespace (schroot's shows the host's interfaces), which the workers bind
+    try:
+        loopback_up()
+    except OSError:
+        pass
+    if os.path.isdir("/sys"):
+        try:
+            mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            pass
     if "userns_fd" in cfg:  # made before a chroot (schroot): joined here
         fd = cfg["userns_fd"]
         try:
