@@ -129,9 +129,9 @@ def _subid_range(path: str, user: str = "root") -> tuple[int, int] | None:
     return None
 
 
-def root_map() -> RootMap:
+def root_map(subuid: str = "/etc/subuid", subgid: str = "/etc/subgid") -> RootMap:
     """root's subordinate ranges in /etc/subuid and /etc/subgid, else BUILTIN_ROOT_RANGE."""
-    uids, gids = _subid_range("/etc/subuid"), _subid_range("/etc/subgid")
+    uids, gids = _subid_range(subuid), _subid_range(subgid)
     if uids and gids:
         return RootMap(uids, gids, "root's ranges in /etc/subuid and /etc/subgid")
     return RootMap(BUILTIN_ROOT_RANGE, BUILTIN_ROOT_RANGE,

@@ -128,12 +128,12 @@ if sys.argv[3] != "-":
     m = json.loads(sys.argv[3])
     try:
         fd = agent.make_userns(m["uid"], m["gid"])
-        os.dup2(fd, %d)
+        os.dup2(fd, @USERNS_FD@)
         os.close(fd)
     except OSError as exc:
-        sys.stderr.write("pytest-isolate: no user namespace for the root: %%s\n" %% exc)
+        sys.stderr.write("pytest-isolate: no user namespace for the root: %s\n" % exc)
 os.execvp(sys.argv[5], sys.argv[5:])
-""" % USERNS_FD
+""".replace("@USERNS_FD@", str(USERNS_FD))
 
 
 def list_sessions() -> list[str]:
