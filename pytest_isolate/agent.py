@@ -255,14 +255,19 @@ def loopback_up() -> None:
 _ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC))
 
 
-def bind(src: str, dst: str, readonly: bool = False) -> None:
-    """Recursive bind mount; read-only remount keeps the flags a user namespace locks."""
+def mount_point(src: str, dst: str) -> None:
+    """Make dst what src can be mounted on: a directory, or an empty file for a file."""
     if os.path.isdir(src):
         os.makedirs(dst, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if not os.path.exists(dst):
             open(dst, "a").close()
+
+
+def bind(src: str, dst: str, readonly: bool = False) -> None:
+    """Recursive bind mount; read-only remount keeps the flags a user namespace locks."""
+    mount_point(src, dst)
     mount(src, dst, None, MS_BIND | MS_REC)
     if readonly:
         flags = MS_BIND | MS_REMOUNT | MS_RDONLY
@@ -468,12 +473,7 @@ def idmapped_bind(src: str, dst: str, userns_fd: int, readonly: bool = False) ->
         except OSError:
             bind(src, dst, readonly)
             return
-    if os.path.isdir(src):
-        os.makedirs(dst, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if not os.path.exists(dst):
-            open(dst, "a").close()
+    mount_point(src, dst)
     attach_tree(fd, dst)
 
 
