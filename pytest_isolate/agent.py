@@ -488,8 +488,8 @@ def hand_over(root: str, upper: str, owner: Tuple[int, int]) -> None:
             if st.st_uid != 0 and st.st_gid != 0:
                 continue
             merged = root + path[len(upper):]
-            if os.path.ismount(merged):
-                continue
+            if not os.path.lexists(merged) or os.path.ismount(merged):
+                continue  # a whiteout (nothing there), or what is mounted there decides
             os.lchown(merged, owner[0] if st.st_uid == 0 else -1,
                       owner[1] if st.st_gid == 0 else -1)
     os.chown(root, *owner)
@@ -562,7 +562,8 @@ def map_root_here(cfg: Dict[str, Any]) -> None:
 
 def probe_root_map(path: str, uid_map: Sequence[int], gid_map: Sequence[int]) -> None:
     """Can a root filesystem at path be run with a mapped root here?  Raises OSError
-    with the reason (agent.py probe-root-map; the host asks before it starts chroot)."""
+    with the reason (agent.py probe-root-map, for `pytest-isolate doctor`; a start does
+    not probe: the launcher tries, and falls back with the reason)."""
     fd = make_userns(uid_map, gid_map)
     try:
         os.close(idmapped_tree(path, fd, readonly=True, recursive=False))

@@ -102,8 +102,8 @@ BUILTIN_ROOT_RANGE = (2**31, 65536)
 
 @dataclasses.dataclass(frozen=True)
 class RootMap:
-    """Where the root of a chroot environment lives on the host: uids and gids
-    base..base+count-1 are 0..count-1 inside (agent.make_userns)."""
+    """Where the root of a chroot, schroot or lxc environment lives on the host: uids and
+    gids base..base+count-1 are 0..count-1 inside (agent.make_userns)."""
 
     uid: tuple[int, int]
     gid: tuple[int, int]
@@ -144,7 +144,8 @@ _probed: dict[int, str | None] = {}
 def root_map_problem(path: Path, mapping: RootMap) -> str | None:
     """None when, as root, a root filesystem at path can run with its root mapped to
     mapping (user namespaces and idmapped mounts on its filesystem); otherwise why not.
-    Asked once per filesystem and process (a helper process: forking pytest would not do)."""
+    For doctor; asked once per filesystem and process (in a helper process: pytest's own
+    would be forked)."""
     dev = path.stat().st_dev
     if dev not in _probed:
         argv = [sys.executable, "-I", "-S", str(AGENT_PATH), "probe-root-map", str(path),
