@@ -303,8 +303,9 @@ def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
         mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError as exc:
         # a zygote under a mapped root: its PID namespace belongs to the host's root, so
-        # only the launcher could mount its /proc -- which is this one
-        if exc.errno != errno.EPERM:
+        # only the launcher could mount its /proc -- which is the one it has, unless that
+        # one shows another PID namespace (then it would be wrong: say so)
+        if exc.errno != errno.EPERM or os.readlink("/proc/self") != str(os.getpid()):
             raise
         bind("/proc", proc)
     tmpfs_owner = ",uid=%d,gid=%d" % owner if owner is not None else ""
@@ -525,8 +526,8 @@ def map_root_here(cfg: Dict[str, Any]) -> None:
     namespace is open on that fd already (a chrooted process cannot make one).  Raises
     OSError."""
     cwd = os.getcwd()
-    # what needs the host's root over this environment's network namespace, done while it
-    # is: loopback up (an LXC container without network has it down), and a sysfs of this
+    # what needs the host's root over this environment's namespaces, done while it is:
+    # loopback up (an LXC container without network has it down), a sysfs of this network
     # namespace (schroot's shows the host's interfaces), which the workers bind
     try:
         loopback_up()
@@ -537,6 +538,10 @@ def map_root_here(cfg: Dict[str, Any]) -> None:
             mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         except OSError:
             pass
+    # and a /proc without mounts below it: a mapped root may mount a /proc of its own (a
+    # worker's new PID namespace) only where one is fully visible, and LXC's has
+    # read-only binds over /proc/sys and the like (the workers mask and protect their own)
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     if "userns_fd" in cfg:  # made before a chroot (schroot): joined here
         fd = cfg["userns_fd"]
         try:
