@@ -69,6 +69,14 @@ INNER = """
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["65534", "65534"]
+        # the test's /proc is its own PID namespace's: a child it starts is there
+        child = subprocess.Popen(["sleep", "30"])
+        try:
+            assert os.path.exists("/proc/%d/stat" % child.pid)
+            assert os.readlink("/proc/self") == str(os.getpid())
+        finally:
+            child.kill()
+            child.wait()
 
     @pytest.mark.isolate("{env}")
     def test_writes_through_the_writable_project_are_the_hosts_roots():
