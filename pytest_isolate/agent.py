@@ -1760,6 +1760,30 @@ class Worker:
             pass
 
 
+def own_capture(session: Any) -> None:
+    """A forked worker's own capture files.  pytest's global fd capture writes into
+    temporary files the worker shares (one open file, one offset) with the process it was
+    forked from and with every other worker forked from it -- and the zygote forks the next
+    test's worker, and reads and truncates its own capture while it sets that test's
+    fixtures up, while the current test runs: the current test's captured output was lost.
+    Each worker starts fresh ones here (suspended, as at the fork; the old files are left
+    untouched, never read or truncated from here)."""
+    if session is None:
+        return
+    capman: Any = session.config.pluginmanager.getplugin("capturemanager")
+    old = getattr(capman, "_global_capturing", None)
+    if old is None:
+        return
+    from _pytest.capture import _get_multicapture
+
+    if getattr(old, "_state", None) == "started":
+        old.suspend_capturing()  # the original fds back in place; the old files untouched
+    fresh = _get_multicapture(capman._method)
+    fresh.start_capturing()
+    fresh.suspend_capturing()
+    capman._global_capturing = fresh
+
+
 def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
                 zygote: Optional["Zygote"] = None) -> int:
     """Runs in the forked worker: make a fresh root and a PID namespace, then serve.
@@ -1768,7 +1792,9 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
     layers (see Zygote) instead of over the pristine root alone.
     """
     if req.get("kind") == "zygote":
+        own_capture(agent.session)
         return Zygote(agent, sock, ch).main()
+    own_capture(agent.session)
     isolated = agent.settings.get("isolation") == "overlay"
     if not isolated:
         return WorkerServer(agent, sock, ch, req, root=None, zygote=zygote).serve()
