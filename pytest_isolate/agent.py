@@ -1782,6 +1782,12 @@ def own_capture(session: Any) -> None:
     fresh.start_capturing()
     fresh.suspend_capturing()
     capman._global_capturing = fresh
+    # kept, never closed: closing would flush into the shared files, and letting them be
+    # collected warns of unclosed files (an error under a suite's filterwarnings = error)
+    _INHERITED_CAPTURES.append(old)
+
+
+_INHERITED_CAPTURES: List[Any] = []
 
 
 def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
