@@ -983,11 +983,12 @@ def launch(cfg: Dict[str, Any]) -> None:
         flags |= CLONE_NEWUSER
     set_pdeathsig()
     mapped = cfg.get("userns") if uid == 0 and cfg.get("mode", "overlay") == "overlay" else None
-    userns_fd = None
+    userns_fd = lower_fd = None
     if mapped:
         try:
             userns_fd = make_userns(mapped["uid"], mapped["gid"])
-            os.close(idmapped_tree(cfg["rootfs"], userns_fd, readonly=True, recursive=False))
+            # the root filesystem seen through the mapping, attached in _enter_root
+            lower_fd = idmapped_tree(cfg["rootfs"], userns_fd, readonly=True, recursive=False)
         except OSError as exc:
             # no user namespaces or no idmapped mounts here: the host's root, and the
             # agent's hello says why (the host reports it once)
@@ -1023,7 +1024,7 @@ def launch(cfg: Dict[str, Any]) -> None:
             # the environment shares no process group with the host's launcher; not for an
             # interactive program, which must keep its terminal (job control, Ctrl-C)
             os.setsid()
-        _enter_root(cfg, userns_fd, mapped)
+        _enter_root(cfg, userns_fd, mapped, lower_fd)
     except BaseException as exc:  # reported on the launcher's stderr (the env's log)
         sys.stderr.write("pytest-isolate launcher: %s: %s\n" % (type(exc).__name__, exc))
         sys.stderr.flush()
@@ -1031,7 +1032,8 @@ def launch(cfg: Dict[str, Any]) -> None:
 
 
 def _enter_root(cfg: Dict[str, Any], userns_fd: Optional[int] = None,
-                mapped: Optional[Dict[str, Any]] = None) -> None:
+                mapped: Optional[Dict[str, Any]] = None,
+                lower_fd: Optional[int] = None) -> None:
     work = cfg["workdir"]
     mount("tmpfs", work, "tmpfs", 0, "mode=755" + size_opt(cfg.get("disk")))
     root = os.path.join(work, "root")
@@ -1042,13 +1044,12 @@ def _enter_root(cfg: Dict[str, Any], userns_fd: Optional[int] = None,
         mount(cfg["rootfs"], root, None, MS_BIND | MS_REC)
     else:
         lower = cfg["rootfs"]
-        if userns_fd is not None:
+        if lower_fd is not None:
             # the cached root filesystem stays owned by the host's root on disk; seen
             # through this mount, the mapped root owns it
             lower = os.path.join(work, "lower")
             os.makedirs(lower)
-            attach_tree(idmapped_tree(cfg["rootfs"], userns_fd, readonly=True,
-                                      recursive=False), lower)
+            attach_tree(lower_fd, lower)
         overlay(root, [lower], upper, os.path.join(work, "work"))
         bind(lower, root + "/.isolate/lower", readonly=True)  # a bind keeps the idmap
         os.makedirs(root + "/.isolate/ws", exist_ok=True)
@@ -1797,10 +1798,9 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
     A zygote's test worker (zygote given) lays its fresh upper layer over the zygote's
     layers (see Zygote) instead of over the pristine root alone.
     """
-    if req.get("kind") == "zygote":
-        own_capture(agent.session)
-        return Zygote(agent, sock, ch).main()
     own_capture(agent.session)
+    if req.get("kind") == "zygote":
+        return Zygote(agent, sock, ch).main()
     isolated = agent.settings.get("isolation") == "overlay"
     if not isolated:
         return WorkerServer(agent, sock, ch, req, root=None, zygote=zygote).serve()

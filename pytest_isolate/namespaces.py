@@ -15,6 +15,7 @@ from pytest_isolate.channel import AGENT_PATH
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable
 from pytest_isolate.setup_host import invocation as setup_invocation
+from pytest_isolate.setup_host import subid_entries
 from pytest_isolate.spec import HOST_ARCHES, EnvSpec
 
 
@@ -117,15 +118,10 @@ class RootMap:
 
 
 def _subid_range(path: str, user: str = "root") -> tuple[int, int] | None:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.strip().split(":")
-        if (len(parts) == 3 and parts[0] in (user, "0") and parts[1].isdigit()
-                and parts[2].isdigit() and int(parts[1]) > 0 and int(parts[2]) > 0):
-            return int(parts[1]), min(int(parts[2]), 65536)
+    """user's first subordinate range in path (at most 65536 ids), or None."""
+    for name, first, count in subid_entries(path):
+        if name in (user, "0") and first > 0 and count > 0:
+            return first, min(count, 65536)
     return None
 
 

@@ -434,7 +434,8 @@ def _installed_packages() -> frozenset[str]:
                      if len(line.split()) >= 2 and line.split()[1] == "ii")
 
 
-def _subid_entries(path: str) -> list[tuple[str, int, int]]:
+def subid_entries(path: str) -> list[tuple[str, int, int]]:
+    """(name, first id, count) of each well-formed line of /etc/subuid or /etc/subgid."""
     entries = []
     try:
         lines = Path(path).read_text().splitlines()
@@ -478,8 +479,8 @@ def gather_state(request: Request) -> HostState:
             except OSError:
                 continue
     users: dict[str, UserIds] = {}
-    subuids = _subid_entries("/etc/subuid")
-    subgids = _subid_entries("/etc/subgid")
+    subuids = subid_entries("/etc/subuid")
+    subgids = subid_entries("/etc/subgid")
     if request.user:
         try:
             account = pwd.getpwnam(request.user)
