@@ -1,7 +1,7 @@
 """Peak memory of the agent processes of one pytest run, sampled from /proc.
 
 The agent is the process whose command line is ``python3 -u -c BOOTSTRAP`` (see
-pytest_isolate.agent.BOOTSTRAP); the per-test workers are forked from it and
+pytest_isolate.agent.wire.BOOTSTRAP); the per-test workers are forked from it and
 carry the same command line.  A process belongs to the benchmarked run when it
 descends from that run's pytest process (chroot, schroot, lxc: the agent is a
 child of the launcher / ``schroot -r`` / ``lxc-attach``) or lives in the cgroup
@@ -24,7 +24,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from pytest_isolate.agent import BOOTSTRAP
+from pytest_isolate.agent.wire import BOOTSTRAP
 
 _BOOT = BOOTSTRAP.encode()
 _DOCKER_ID = re.compile(r"[0-9a-f]{64}")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import pluggy
 
-from pytest_isolate.agent import BOOTSTRAP
+from pytest_isolate.agent.wire import BOOTSTRAP
 from pytest_isolate.backends.base import (
     SITE,
     Backend,

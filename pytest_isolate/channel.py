@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate import agent as agent_mod
-from pytest_isolate.agent import FrameDecoder, ProtocolError, encode_frame
+from pytest_isolate.agent import bundle
+from pytest_isolate.agent.wire import FrameDecoder, ProtocolError, encode_frame, write_all
 from pytest_isolate.errors import AgentLost, AgentTimeout, RemoteError
 
-AGENT_SOURCE = Path(agent_mod.__file__).read_bytes()
-AGENT_PATH = Path(agent_mod.__file__)
+#: What the bootstrap runs inside: the agent's shipped modules as one source.
+AGENT_SOURCE = bundle.source()
 
 
 class Connection:
@@ -54,7 +54,7 @@ class Connection:
 
     def _write(self, data: bytes) -> None:
         try:
-            agent_mod.write_all(self.wfd, data)
+            write_all(self.wfd, data)
         except OSError as exc:
             self.closed = True
             raise AgentLost(f"{self.describe}: the agent's input is closed ({exc})") from None

@@ -24,7 +24,7 @@ from _pytest.reports import TestReport
 
 from pytest_isolate import config as cfg
 from pytest_isolate import hostplugins, inside
-from pytest_isolate.agent import isolate_targets, item_target, parametrize_envs, split_items
+from pytest_isolate.agent.collect import isolate_targets, item_target, parametrize_envs, split_items
 from pytest_isolate.backends.base import Backend, Instance, RunContext
 from pytest_isolate.cache import Cache, force_rmtree
 from pytest_isolate.channel import log_tail

@@ -1,4 +1,4 @@
-"""Host side of namespace-based environments: start the launcher in agent.py."""
+"""Host side of namespace-based environments: start the launcher (agent/launcher.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.channel import AGENT_PATH
+from pytest_isolate.agent.bundle import launcher_argv as run_launcher
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable
 from pytest_isolate.setup_host import invocation as setup_invocation
@@ -20,8 +19,8 @@ from pytest_isolate.spec import HOST_ARCHES, EnvSpec
 
 
 def launcher_argv(cfg: dict[str, Any]) -> list[str]:
-    """Run agent.py's launcher on the host's own Python, without site (fast start)."""
-    return [sys.executable, "-I", "-S", str(AGENT_PATH), "launch", json.dumps(cfg)]
+    """Run the launcher on the host's own Python, without site (fast start)."""
+    return run_launcher("launch", json.dumps(cfg))
 
 
 def userns_allowed() -> bool:
@@ -104,7 +103,7 @@ BUILTIN_ROOT_RANGE = (2**31, 65536)
 @dataclasses.dataclass(frozen=True)
 class RootMap:
     """Where the root of a chroot, schroot or lxc environment lives on the host: uids and
-    gids base..base+count-1 are 0..count-1 inside (agent.make_userns)."""
+    gids base..base+count-1 are 0..count-1 inside (agent.mounts.make_userns)."""
 
     uid: tuple[int, int]
     gid: tuple[int, int]
@@ -144,8 +143,8 @@ def root_map_problem(path: Path, mapping: RootMap) -> str | None:
     would be forked)."""
     dev = path.stat().st_dev
     if dev not in _probed:
-        argv = [sys.executable, "-I", "-S", str(AGENT_PATH), "probe-root-map", str(path),
-                json.dumps([list(mapping.uid), list(mapping.gid)])]
+        argv = run_launcher("probe-root-map", str(path),
+                            json.dumps([list(mapping.uid), list(mapping.gid)]))
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -174,9 +173,9 @@ def wanted_root_map(spec: EnvSpec) -> RootMap | None:
 def agent_map_request(mapping: RootMap, idmap: list[str],
                       userns_fd: int | None = None) -> dict[str, str]:
     """The environment variable that asks an agent started as the host's root to map its
-    root itself (agent.map_root_here), idmapping the paths in idmap; userns_fd: the user
+    root itself (agent.mounts.map_root_here), idmapping the paths in idmap; userns_fd: the user
     namespace to join is open there (made before a chroot), else the agent makes it."""
-    from pytest_isolate.agent import MAP_ROOT_ENV
+    from pytest_isolate.agent.mounts import MAP_ROOT_ENV
 
     request: dict[str, Any] = {**mapping.cfg(), "idmap": idmap}
     if userns_fd is not None:

@@ -124,7 +124,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 @pytest.fixture
 def isolate_target(request: pytest.FixtureRequest) -> Any:
     """The environment this item runs in (parametrized when a test has several)."""
-    from pytest_isolate.agent import item_target
+    from pytest_isolate.agent.collect import item_target
 
     return getattr(request, "param", None) or item_target(request.node)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from pytest_isolate.agent import BOOTSTRAP
+from pytest_isolate.agent.wire import BOOTSTRAP
 from pytest_isolate.cache import Cache, Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option

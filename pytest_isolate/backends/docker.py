@@ -734,7 +734,7 @@ class DockerBackend(Backend):
     def _check_python(self, spec: EnvSpec, image: Any, python: str) -> str:
         """The version of python in image, from a throwaway container; ProvisionError
         naming the image and the fix when it has none (or one too old for the agent)."""
-        from pytest_isolate.agent import MIN_PYTHON
+        from pytest_isolate.agent.wire import MIN_PYTHON
 
         fix = (f"name an image that has python{'.'.join(map(str, MIN_PYTHON))} or newer as "
                f"{python!r} (e.g. python:3.12-slim, or a Debian or Alpine image built with it "

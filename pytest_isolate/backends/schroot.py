@@ -66,6 +66,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pytest_isolate.agent.bundle import AGENT_DIR
 from pytest_isolate.backends.base import (
     SITE,
     Instance,
@@ -80,7 +81,7 @@ from pytest_isolate.backends.base import (
     standard_mounts,
 )
 from pytest_isolate.cache import Entry
-from pytest_isolate.channel import AGENT_PATH, AgentProcess
+from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
 from pytest_isolate.images.envvars import PYCACHE, environment_variables
 from pytest_isolate.namespaces import (
@@ -110,9 +111,9 @@ DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
 USERNS_FD = 9
 #: Runs on the host's Python inside the new namespaces, before schroot: set the
 #: hostname, bring loopback up when the network namespace is new; for a mapped root
-#: (argv[3]: the map as JSON, argv[4]: agent.py's directory) make the user namespace and
+#: (argv[3]: the map as JSON, argv[4]: the agent package's directory) make the user namespace and
 #: leave it on fd 9 -- schroot chroots, and a chrooted process may join a user namespace
-#: (agent.map_root_here) but not make one; then exec the rest.
+#: (agent.mounts.map_root_here) but not make one; then exec the rest.
 PRELUDE = r"""
 import fcntl, json, os, socket, struct, sys
 socket.sethostname(sys.argv[1])
@@ -123,11 +124,13 @@ if sys.argv[2] == "1":
     fcntl.ioctl(s.fileno(), 0x8914, struct.pack("16sh14x", b"lo", flags | 1))
     s.close()
 if sys.argv[3] != "-":
-    sys.path.insert(0, sys.argv[4])
-    import agent
+    import importlib.util  # mounts.py imports nothing but the standard library
+    spec = importlib.util.spec_from_file_location("pytest_isolate_mounts", sys.argv[4] + "/mounts.py")
+    mounts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mounts)
     m = json.loads(sys.argv[3])
     try:
-        fd = agent.make_userns(m["uid"], m["gid"])
+        fd = mounts.make_userns(m["uid"], m["gid"])
         os.dup2(fd, @USERNS_FD@)
         os.close(fd)
     except OSError as exc:
@@ -387,7 +390,7 @@ class SchrootBackend(RootfsBackend):
             env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
                    **environment_variables(spec, pycache=True)}
             mapping = wanted_root_map(spec)
-            if mapping is not None:  # the agent maps its root itself (agent.map_root_here)
+            if mapping is not None:  # the agent maps its root itself (agent.mounts.map_root_here)
                 env.update(agent_map_request(mapping, ["/.isolate/lower", rootdir, PYCACHE],
                                              userns_fd=USERNS_FD))
             namespaces = ["--fork", "--pid", "--mount", "--uts", "--ipc", "--kill-child",
@@ -397,7 +400,7 @@ class SchrootBackend(RootfsBackend):
             argv = ["unshare", *namespaces, "--",
                     sys.executable, "-I", "-S", "-c", PRELUDE,
                     f"isolate-{safe_name(spec.name)}"[:63], "0" if spec.network else "1",
-                    json.dumps(mapping.cfg()) if mapping else "-", str(AGENT_PATH.parent),
+                    json.dumps(mapping.cfg()) if mapping else "-", str(AGENT_DIR),
                     "schroot", "-r", "-c", session, "-d", "/", "--",
                     "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
                     *agent_command(spec)]

@@ -37,7 +37,7 @@ def environment_variables(spec: EnvSpec, pycache: bool = False) -> dict[str, str
         if name in os.environ:
             env[name] = os.environ[name]
     if spec.layer is not None:  # the project's virtual environment: its tools come first
-        from pytest_isolate.agent import DEFAULT_PATH
+        from pytest_isolate.agent.wire import DEFAULT_PATH
         from pytest_isolate.images.deps import VENV
 
         env["VIRTUAL_ENV"] = VENV

@@ -25,7 +25,7 @@ from pytest_isolate.spec import EnvSpec
 
 def _die_with_parent() -> None:
     """In the builder: SIGKILL when the pytest that started it dies (even by SIGKILL)."""
-    from pytest_isolate.agent import set_pdeathsig
+    from pytest_isolate.agent.mounts import set_pdeathsig
 
     set_pdeathsig()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from faults_support import BACKENDS, Inner
 
-from pytest_isolate import agent
+from pytest_isolate.agent import wire as agent
 from pytest_isolate.channel import AGENT_SOURCE
 from pytest_isolate.environment import Environment
 from pytest_isolate.errors import IsolateError

@@ -1,4 +1,4 @@
-"""The framed protocol (agent.encode_frame / FrameDecoder) and a Connection to a real agent."""
+"""The framed protocol (agent.wire: encode_frame, FrameDecoder) and a Connection to a real agent."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate import agent
-from pytest_isolate.agent import HEADER, MAGIC, FrameDecoder, ProtocolError, encode_frame
+from pytest_isolate.agent import wire as agent
+from pytest_isolate.agent.wire import HEADER, MAGIC, FrameDecoder, ProtocolError, encode_frame
 from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import AgentLost, AgentTimeout, RemoteError
 

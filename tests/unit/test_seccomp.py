@@ -1,4 +1,4 @@
-"""The seccomp allow-list of the worker hardening (agent.seccomp_program), issue 11.
+"""The seccomp allow-list of the worker hardening (agent.harden.seccomp_program), issue 11.
 
 The program is run through a small classic-BPF interpreter here, syscall by syscall,
 and loaded into the kernel in a forked child to see the kernel agree.
@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from pytest_isolate import agent
+from pytest_isolate.agent import harden as agent
 
 MACHINES = sorted(agent.SYSCALL_NUMBERS)
 ALLOW = agent.SECCOMP_RET_ALLOW

@@ -1,0 +1,517 @@
+"""Workers: the agent's view of one (Worker); a worker's start, a fresh root and a PID
+namespace of its own (worker_main); what a worker serves (WorkerServer) and a debugger's
+terminal (Debugger)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import traceback
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+from .harden import harden_opts, harden_process, protect_paths
+from .mounts import (
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    MNT_DETACH,
+    MS_PRIVATE,
+    MS_REC,
+    mount,
+    overlay,
+    pivot_root,
+    populate_root,
+    set_pdeathsig,
+    size_opt,
+    umount,
+    unshare,
+)
+from .ops import in_root_call, pack_path, run_command, set_winsize, unpack_to
+from .wire import Frame, FrameDecoder, ProtocolError, encode_frame, write_all
+
+if TYPE_CHECKING:
+    from .server import Agent
+    from .zygote import Zygote
+
+
+class Worker:
+    """The agent's view of one worker process."""
+
+    def __init__(self, ch: int, pid: Optional[int], sock: socket.socket,
+                 oom_kills: Optional[int] = None) -> None:
+        self.ch = ch
+        self.oom_kills = oom_kills
+        self.pid = pid
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.decoder = FrameDecoder()
+        self.deadline: Optional[float] = None
+        self.timeout: Optional[float] = None
+        self.kill_reason: Optional[str] = None
+        #: this worker is a zygote (forks test workers); or the zygote channel it came from
+        self.zygote = False
+        self.via = 0
+        #: why a worker of a zygote will never be reaped (the zygote is gone)
+        self.orphaned: Optional[str] = None
+
+    def forward(self, obj: Dict[str, Any], blob: bytes) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self.sock.sendall(encode_frame(self.ch, obj, blob))
+        except OSError:
+            pass
+
+    def pump(self, agent: Agent) -> None:
+        try:
+            data = self.sock.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self.sock.close()
+            self.fd = -1
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            self.kill("sent a malformed frame: %s" % exc)
+            return
+        for _, obj, blob in frames:
+            if self.zygote and obj["op"] in ("forked", "reaped"):
+                agent.zygote_event(obj)
+                continue
+            if obj["op"] in ("done", "exit"):
+                self.deadline = None
+            agent.send(self.ch, obj, blob)
+
+    def kill(self, reason: str, agent: Optional["Agent"] = None) -> None:
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        if self.pid is None:
+            # still in the zygote's hands (its higher-scoped set-up for this test hangs):
+            # only ending the zygote ends that
+            z = agent.workers.get(self.via) if agent is not None else None
+            if z is not None:
+                z.kill("a test's set-up of session/module fixtures ran out of time (%s)"
+                       % reason)
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def own_capture(session: Any) -> None:
+    """A forked worker's own capture files.  pytest's global fd capture writes into
+    temporary files the worker shares (one open file, one offset) with the process it was
+    forked from and with every other worker forked from it -- and the zygote forks the next
+    test's worker, and reads and truncates its own capture while it sets that test's
+    fixtures up, while the current test runs: the current test's captured output was lost.
+    Each worker starts fresh ones here (suspended, as at the fork; the old files are left
+    untouched, never read or truncated from here)."""
+    if session is None:
+        return
+    capman: Any = session.config.pluginmanager.getplugin("capturemanager")
+    old = getattr(capman, "_global_capturing", None)
+    if old is None:
+        return
+    from _pytest.capture import _get_multicapture
+
+    if getattr(old, "_state", None) == "started":
+        old.suspend_capturing()  # the original fds back in place; the old files untouched
+    fresh = _get_multicapture(capman._method)
+    fresh.start_capturing()
+    fresh.suspend_capturing()
+    capman._global_capturing = fresh
+    # kept, never closed: closing would flush into the shared files, and letting them be
+    # collected warns of unclosed files (an error under a suite's filterwarnings = error)
+    _INHERITED_CAPTURES.append(old)
+
+
+_INHERITED_CAPTURES: List[Any] = []
+
+
+def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
+                zygote: Optional["Zygote"] = None) -> int:
+    """Runs in the forked worker: make a fresh root and a PID namespace, then serve.
+
+    A zygote's test worker (zygote given) lays its fresh upper layer over the zygote's
+    layers (see Zygote) instead of over the pristine root alone.
+    """
+    own_capture(agent.session)
+    if req.get("kind") == "zygote":
+        from .zygote import Zygote  # zygote.py forks its test workers through here
+
+        return Zygote(agent, sock, ch).main()
+    isolated = agent.settings.get("isolation") == "overlay"
+    if not isolated:
+        return WorkerServer(agent, sock, ch, req, root=None, zygote=zygote).serve()
+    unshare(CLONE_NEWNS | CLONE_NEWPID)
+    # Inherited mounts may be shared (LXC makes every container mount shared): pivot_root
+    # would fail with EINVAL and the worker's mounts would propagate back to the agent.
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # Three processes: this one (in the agent's PID namespace), PID 1 of the new namespace,
+    # and the test as PID 1's child.  The kernel drops every signal a namespace's init
+    # sends itself or gets from inside without a handler, so a test running as PID 1
+    # would survive its own kill(0, SIGKILL) or kill(getpid(), SIGKILL) and go on
+    # reporting.  PID 1 only waits (and reaps orphans) and hands the test's wait status
+    # up through a pipe; this process then ends the way the test ended, so the agent
+    # reports "killed by signal N" for a test killed by a signal (or the OOM killer).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test's kill(0, SIGINT) ends us too
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        sock.close()
+        os.close(w)
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        reported = os.read(r, 64)
+        os.close(r)
+        code = os.waitstatus_to_exitcode(int(reported) if reported else status)
+        if code < 0:
+            import resource
+
+            # the test dumped core already if it was going to; this copy must not
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            try:
+                signal.signal(-code, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # SIGKILL, SIGSTOP: no handler to reset
+            os.kill(os.getpid(), -code)
+        return code if code >= 0 else 128 - code
+    os.close(r)
+    set_pdeathsig()
+    test = os.fork()
+    if test:
+        sock.close()
+        while True:
+            child, status = os.waitpid(-1, 0)
+            if child == test:
+                write_all(w, str(status).encode())
+                os._exit(0)
+    os.close(w)
+    set_pdeathsig()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ws = zygote.test_ws if zygote is not None else "/.isolate/ws"
+    mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(agent.settings.get("disk")))
+    server = WorkerServer(agent, sock, ch, req, root=None, zygote=zygote, ws=ws)
+    lowers = zygote.lowers if zygote is not None else [agent.settings["lower"]]
+    root = server.mount_layers(lowers)
+    if req.get("kind", "test") == "test":
+        pivot_root(root, allow_move=True)
+        os.chdir(agent.settings.get("cwd") or "/")
+        opts = harden_opts(agent.settings)
+        if opts is not None:  # every mount is made: the test's code runs from here on
+            for note in harden_process(opts):
+                sys.stderr.write("pytest-isolate worker: %s\n" % note)
+    else:
+        server.root = root
+    code = server.serve()
+    os._exit(code)
+
+
+class WorkerServer:
+    def __init__(self, agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
+                 root: Optional[str], zygote: Optional["Zygote"] = None,
+                 ws: str = "/.isolate/ws") -> None:
+        self.agent = agent
+        self.zygote = zygote
+        self.ws = ws
+        self.sock = sock
+        self.ch = ch
+        self.req = req
+        self.root = root
+        self.decoder = FrameDecoder()
+        self.generation = 0
+        self.lowers: List[str] = []
+        self.upper = ""
+        self.snapshots: Dict[str, List[str]] = {}
+        self.pending: "collections.deque[Frame]" = collections.deque()
+
+    def send(self, obj: Dict[str, Any], blob: bytes = b"") -> None:
+        self.sock.sendall(encode_frame(self.ch, obj, blob))
+
+    def mount_layers(self, lowers: List[str]) -> str:
+        self.generation += 1
+        g = self.generation
+        ws = self.ws
+        root = "%s/root%d" % (ws, g)
+        self.upper = "%s/upper%d" % (ws, g)
+        self.lowers = list(lowers)
+        overlay(root, lowers, self.upper, "%s/work%d" % (ws, g))
+        s = self.agent.settings
+        binds = [[p, p, False] for p in s.get("binds", [])]
+        populate_root(root, binds, "/dev", fresh_dev=False, size=s.get("disk"), tmp=False)
+        if harden_opts(s) is not None:
+            protect_paths(root)
+        return root
+
+    def read_frames(self) -> bool:
+        """Read once from the host into self.pending; False when the stream ended."""
+        data = self.sock.recv(1 << 20)
+        if not data:
+            return False
+        self.pending.extend(self.decoder.feed(data))
+        return True
+
+    def serve(self) -> int:
+        self.agent.current_sender = self.send
+        while True:
+            if not self.pending and not self.read_frames():
+                return 0
+            while self.pending:
+                _, obj, blob = self.pending.popleft()
+                op = obj["op"]
+                if op == "close":
+                    return 0
+                try:
+                    getattr(self, "op_" + op)(obj, blob)
+                except Exception as exc:
+                    self.send({"op": "error", "type": type(exc).__name__, "message": str(exc),
+                               "traceback": traceback.format_exc()})
+
+    def op_pty(self, req: Dict[str, Any], blob: bytes) -> None:
+        """An interactive program on a pseudo-terminal, relayed over the channel.
+
+        pty-out frames carry its output; the host sends pty-in (keys), pty-resize;
+        the answer ends with pty-exit.  Used by `shell ENV` and --isolate-keep-failed.
+        """
+        import pty
+
+        argv = req.get("argv") or ["/bin/sh"]
+        env = dict(os.environ)
+        env.update(req.get("env") or {})
+        env["TERM"] = req.get("term") or "xterm"
+        root, cwd = self.root, req.get("cwd") or "/"
+        opts = harden_opts(self.agent.settings) if root is not None else None
+        pid, fd = pty.fork()
+        if pid == 0:
+            try:
+                if root is not None:
+                    os.chroot(root)
+                try:
+                    os.chdir(cwd)
+                except OSError:
+                    os.chdir("/")
+                if opts is not None:  # a shell gets what a test gets
+                    harden_process(opts)
+                os.execvpe(argv[0], argv, env)
+            except BaseException as exc:
+                os.write(2, ("pytest-isolate: cannot start %s: %s\r\n" % (argv[0], exc)).encode())
+            os._exit(127)
+        set_winsize(fd, req)
+        self.send({"op": "pty-started"})
+        try:
+            self._relay_pty(pid, fd)
+        finally:
+            os.close(fd)
+            _, status = os.waitpid(pid, 0)
+        self.send({"op": "pty-exit", "code": os.waitstatus_to_exitcode(status)})
+
+    def _relay_pty(self, pid: int, fd: int) -> None:
+        sock = self.sock.fileno()
+        while True:
+            ready = [sock] if self.pending else select.select([sock, fd], [], [])[0]
+            if fd in ready:
+                try:
+                    out = os.read(fd, 65536)
+                except OSError:  # EIO: the program's side of the terminal is closed
+                    out = b""
+                if not out:
+                    return
+                self.send({"op": "pty-out"}, out)
+            if sock not in ready:
+                continue
+            if not self.pending and not self.read_frames():
+                os.kill(pid, signal.SIGKILL)
+                return
+            while self.pending:
+                _, obj, data = self.pending[0]
+                if obj["op"] == "pty-in":
+                    write_all(fd, data)
+                elif obj["op"] == "pty-resize":
+                    set_winsize(fd, obj)
+                else:  # anything else ends the session first (e.g. close)
+                    os.kill(pid, signal.SIGKILL)
+                    return
+                self.pending.popleft()
+
+    def _preexec(self, cwd: str = "/") -> Optional[Callable[[], None]]:
+        root = self.root
+        if root is None:
+            return None
+        opts = harden_opts(self.agent.settings)
+
+        def enter() -> None:
+            os.chroot(root)
+            os.chdir(cwd)
+            if opts is not None:  # as a test's own process is (see worker_main)
+                harden_process(opts)
+
+        return enter
+
+    def op_exec(self, req: Dict[str, Any], blob: bytes) -> None:
+        cwd = req.get("cwd")
+        if self.root is not None and cwd:
+            # chdir happens after chroot, inside the environment
+            reply, out = run_command(dict(req, cwd=None), blob, self._preexec(cwd))
+        else:
+            reply, out = run_command(req, blob, self._preexec())
+        self.send(reply, out)
+
+    def op_put(self, req: Dict[str, Any], blob: bytes) -> None:
+        path = req["path"]
+        def unpack() -> bytes:
+            unpack_to(blob, path)
+            return b""
+
+        in_root_call(self.root, unpack)
+        self.send({"op": "ok"})
+
+    def op_get(self, req: Dict[str, Any], blob: bytes) -> None:
+        path = req["path"]
+        self.send({"op": "ok"}, in_root_call(self.root, lambda: pack_path(path)))
+
+    def op_snapshot(self, req: Dict[str, Any], blob: bytes) -> None:
+        self._require_layers()
+        frozen = [self.upper, *self.lowers]
+        self._remount(frozen)
+        self.snapshots[req["name"]] = frozen
+        self.send({"op": "ok"})
+
+    def op_restore(self, req: Dict[str, Any], blob: bytes) -> None:
+        self._require_layers()
+        name = req["name"]
+        if name not in self.snapshots:
+            raise KeyError("no snapshot named %r (taken: %s)" % (name, sorted(self.snapshots) or "none"))
+        self._remount(self.snapshots[name])
+        self.send({"op": "ok"})
+
+    def _require_layers(self) -> None:
+        if self.root is None:
+            raise NotImplementedError("snapshots need the overlay isolation of a real backend")
+
+    def _remount(self, lowers: List[str]) -> None:
+        old = self.root
+        self.root = self.mount_layers(lowers)
+        if old:
+            umount(old, MNT_DETACH)
+
+    def op_runtest(self, req: Dict[str, Any], blob: bytes) -> None:
+        items = self.agent.items
+        item = items.get(req["nodeid"])
+        if item is None:
+            self.send({"op": "missing", "nodeid": req["nodeid"],
+                       "known": sorted(items)[:50]})
+            return
+        nextitem = items.get(req.get("next") or "")
+        if self.zygote is not None:
+            # the zygote holds the higher scopes: tear down only what this test set up
+            nextitem = self.zygote.keep_scopes(item)
+        debug = Debugger(self, req) if req.get("debug") else None
+        self.agent.debugger = debug
+        previous_hook = sys.breakpointhook
+        if debug is not None:
+            sys.breakpointhook = debug.breakpoint
+        try:
+            item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        finally:
+            sys.breakpointhook = previous_hook
+            self.agent.debugger = None
+            if debug is not None:
+                debug.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.send({"op": "done", "nodeid": req["nodeid"]})
+
+
+class Debugger:
+    """--pdb for a test inside: pdb on a pseudo-terminal relayed to the host's terminal.
+
+    Opened at the test's first breakpoint() or failure (pty-started; the host relays keys
+    and output as for a shell), closed when the test's protocol ends (pty-exit).  pdb runs
+    in the worker itself, on the test's frames; a thread moves the bytes meanwhile.
+    """
+
+    def __init__(self, server: "WorkerServer", req: Dict[str, Any]) -> None:
+        self.server = server
+        self.req = req
+        self.master = -1
+        self.slave = -1
+        self.stop = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+    def open(self) -> Tuple[Any, Any]:
+        if self.master < 0:
+            self.master, self.slave = os.openpty()
+            set_winsize(self.master, self.req)
+            self.server.send({"op": "pty-started"})
+            self.thread = threading.Thread(target=self._relay, daemon=True)
+            self.thread.start()
+        stdin = os.fdopen(os.dup(self.slave), "r", buffering=1)
+        stdout = os.fdopen(os.dup(self.slave), "w", buffering=1)
+        return stdin, stdout
+
+    def _pdb(self) -> Any:
+        import pdb
+
+        stdin, stdout = self.open()
+        debugger = pdb.Pdb(stdin=stdin, stdout=stdout)
+        debugger.use_rawinput = False
+        return debugger
+
+    def breakpoint(self, *args: Any, **kwargs: Any) -> None:
+        self._pdb().set_trace(sys._getframe(1))
+
+    def post_mortem(self, tb: Any) -> None:
+        debugger = self._pdb()
+        debugger.reset()
+        debugger.interaction(None, tb)
+
+    def _relay(self) -> None:
+        server = self.server
+        sock = server.sock.fileno()
+        while not self.stop.is_set():
+            ready = select.select([self.master, sock], [], [], 0.1)[0]
+            if self.master in ready:
+                try:
+                    out = os.read(self.master, 65536)
+                except OSError:
+                    out = b""
+                if out:
+                    server.send({"op": "pty-out"}, out)
+            if sock in ready:
+                if not server.read_frames():
+                    return
+                while server.pending and server.pending[0][1]["op"] in ("pty-in", "pty-resize"):
+                    _, obj, data = server.pending.popleft()
+                    if obj["op"] == "pty-in":
+                        write_all(self.master, data)
+                    else:
+                        set_winsize(self.master, obj)
+
+    def close(self) -> None:
+        if self.thread is None:
+            return
+        self.stop.set()
+        self.thread.join()
+        os.set_blocking(self.master, False)
+        try:
+            while True:
+                out = os.read(self.master, 65536)
+                if not out:
+                    break
+                self.server.send({"op": "pty-out"}, out)
+        except OSError:
+            pass
+        os.close(self.slave)
+        os.close(self.master)
+        self.server.send({"op": "pty-exit", "code": 0})
