@@ -1,6 +1,6 @@
 # PYTHON_ARGCOMPLETE_OK: argcomplete's global completion (activate-global-python-argcomplete)
 # looks for this marker in the module a console script imports.
-"""``python -m pytest_isolate`` and the ``pytest-isolate`` console script (see cli.py)."""
+"""``python -m pytest_isolate`` and the ``pytest-isolate`` console script (see cli/)."""
 
 from __future__ import annotations
 

@@ -295,7 +295,8 @@ def test_collect_keeps_only_the_newest_saved_state_of_each_machine(tmp_path: Pat
     environment's name and QEMU's binary, read by the qemu backend's cache_group, which
     `cache gc` asks every backend that loads) replaces the older ones, whatever made them
     differ."""
-    from pytest_isolate.cli import cache_group_of, loaded_backends
+    from pytest_isolate.cli.cache import cache_group_of
+    from pytest_isolate.cli.common import loaded_backends
 
     backends = loaded_backends()
     assert "qemu" in {cls.name for cls in backends}

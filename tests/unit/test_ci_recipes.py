@@ -29,6 +29,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 import pytest_isolate
 from pytest_isolate import cli
+from pytest_isolate.cli.setup import cmd_setup
 
 REPO = Path(__file__).resolve().parents[2]
 ACTION = REPO / "action.yml"
@@ -185,7 +186,7 @@ def test_action_setup_step_is_a_real_setup_command(
     [argv] = recorded(log)
     assert argv == expected
     args = parse(argv, capsys)
-    assert args.handler is cli.cmd_setup
+    assert args.handler is cmd_setup
     assert (args.envs, args.backends, args.arches) == (
         inputs.get("envs"), inputs.get("backends"), inputs.get("arches"))
 
@@ -275,7 +276,7 @@ def test_recipe_cli_calls_parse(name: str, capsys: pytest.CaptureFixture[str]) -
              for argv in cli_invocations(without_expressions(script))]
     assert [argv[0] for argv in calls] == ["setup"]
     for argv in calls:
-        assert parse(argv, capsys).handler is cli.cmd_setup
+        assert parse(argv, capsys).handler is cmd_setup
 
 
 def test_recipe_pytest_flags_are_the_plugins(tmp_path: Path) -> None:
