@@ -47,6 +47,7 @@ from pytest_isolate.config import Option
 from pytest_isolate.errors import AgentLost, BackendUnavailable, IsolateError, ProvisionError
 from pytest_isolate.hookspecs import BackendRef
 from pytest_isolate.images.envvars import environment_variables
+from pytest_isolate.setup_host import HostNeeds, Package
 from pytest_isolate.spec import EnvSpec
 
 #: Marks a hook implementation (``pytest_isolate_backends``); the same as ``pytest.hookimpl``.
@@ -64,10 +65,12 @@ __all__ = [
     "Connection",
     "Entry",
     "EnvSpec",
+    "HostNeeds",
     "Instance",
     "IsolateError",
     "Mount",
     "Option",
+    "Package",
     "ProvisionError",
     "RootfsBackend",
     "RunContext",

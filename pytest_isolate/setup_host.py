@@ -23,35 +23,88 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-#: Debian packages per built-in backend, each with what it is for.
-BACKEND_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
-    "chroot": (("mmdebstrap", "builds root filesystems"),
-               ("util-linux", "unshare, mount")),
-    "schroot": (("schroot", "the schroot backend"),
-                ("mmdebstrap", "builds root filesystems"),
-                ("util-linux", "unshare, mount")),
-    "lxc": (("lxc", "the LXC tools"),
-            ("mmdebstrap", "builds root filesystems")),
-    "docker": (("docker.io", "the Docker engine"),
-               ("mmdebstrap", "builds root filesystems (imported as images)")),
-    "podman": (("podman", "the podman engine (its Docker-compatible service)"),
-               ("mmdebstrap", "builds root filesystems (imported as images)")),
-    "qemu": (("qemu-utils", "qemu-img"),
-             ("e2fsprogs", "mkfs.ext4 for the VM disks"),
-             ("busybox-static", "the VMs' initramfs"),
-             ("cpio", "the VMs' initramfs"),
-             ("mmdebstrap", "builds root filesystems"),
-             ("libvirt-daemon-system", "libvirtd (vm_driver = \"libvirt\")"),
-             ("libvirt-clients", "virsh"),
-             ("libvirt-dev", "building libvirt-python (the [all] extra)"),
-             ("pkg-config", "building libvirt-python (the [all] extra)"),
-             ("gcc", "building libvirt-python (the [all] extra)"),
-             ("python3-dev", "building libvirt-python (the [all] extra)")),
+
+@dataclasses.dataclass(frozen=True)
+class Package:
+    """A Debian package a backend needs: what it is for, and the commands it brings that
+    doctor looks for on PATH."""
+
+    name: str
+    why: str
+    commands: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class HostNeeds:
+    """What a backend needs on the host, declared once (HOST_NEEDS; a backend class's
+    ``host_needs``): ``setup`` installs the packages and starts the services, ``doctor``
+    probes the commands, services and Python modules, and error messages name them."""
+
+    packages: tuple[Package, ...] = ()
+    #: more packages for each architecture the backend runs (its VMs' QEMU)
+    arch_packages: tuple[tuple[str, tuple[Package, ...]], ...] = ()
+    #: (name, socket path, how to start it)
+    services: tuple[tuple[str, str, str], ...] = ()
+    #: (Python module, how to install it)
+    python: tuple[tuple[str, str], ...] = ()
+
+    def packages_for(self, arches: Iterable[str]) -> tuple[Package, ...]:
+        wanted = set(arches)
+        return self.packages + tuple(p for arch, pkgs in self.arch_packages if arch in wanted
+                                     for p in pkgs)
+
+    @property
+    def commands(self) -> tuple[tuple[str, str], ...]:
+        """(command, package) of every package, for every architecture."""
+        every = self.packages_for(arch for arch, _ in self.arch_packages)
+        return tuple((cmd, p.name) for p in every for cmd in p.commands)
+
+
+MMDEBSTRAP = Package("mmdebstrap", "builds root filesystems", ("mmdebstrap",))
+MMDEBSTRAP_IMAGES = Package("mmdebstrap", "builds root filesystems (imported as images)",
+                            ("mmdebstrap",))
+UTIL_LINUX = Package("util-linux", "unshare, mount", ("unshare",))
+DOCKER_EXTRA = ("docker", "pip install 'pytest-isolate-env[docker]'")
+LIBVIRT_PYTHON = "building libvirt-python (the [all] extra)"
+DOCKERD = ("dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false")
+PODMAN_SOCKET = "/run/podman/podman.sock"
+#: What each built-in backend needs on the host (read through Backend.host_needs).
+HOST_NEEDS: dict[str, HostNeeds] = {
+    "chroot": HostNeeds(packages=(MMDEBSTRAP, UTIL_LINUX)),
+    "schroot": HostNeeds(packages=(Package("schroot", "the schroot backend", ("schroot",)),
+                                   MMDEBSTRAP, UTIL_LINUX)),
+    "lxc": HostNeeds(packages=(Package("lxc", "the LXC tools", ("lxc-start", "lxc-attach")),
+                               MMDEBSTRAP)),
+    "docker": HostNeeds(
+        packages=(Package("docker.io", "the Docker engine", ("docker", "dockerd")),
+                  MMDEBSTRAP_IMAGES),
+        services=(("Docker engine", "/var/run/docker.sock", " ".join(DOCKERD) + " &"),),
+        python=(DOCKER_EXTRA,)),
+    "podman": HostNeeds(
+        packages=(Package("podman", "the podman engine (its Docker-compatible service)",
+                          ("podman",)), MMDEBSTRAP_IMAGES),
+        services=(("podman service", PODMAN_SOCKET,
+                   f"podman system service --time=0 unix://{PODMAN_SOCKET} &"),),
+        python=(DOCKER_EXTRA,)),
+    "qemu": HostNeeds(
+        packages=(Package("qemu-utils", "qemu-img", ("qemu-img",)),
+                  Package("e2fsprogs", "mkfs.ext4 for the VM disks", ("mkfs.ext4",)),
+                  Package("busybox-static", "the VMs' initramfs"),
+                  Package("cpio", "the VMs' initramfs"),
+                  MMDEBSTRAP,
+                  Package("libvirt-daemon-system", 'libvirtd (vm_driver = "libvirt")'),
+                  Package("libvirt-clients", "virsh"),
+                  Package("libvirt-dev", LIBVIRT_PYTHON),
+                  Package("pkg-config", LIBVIRT_PYTHON),
+                  Package("gcc", LIBVIRT_PYTHON),
+                  Package("python3-dev", LIBVIRT_PYTHON)),
+        arch_packages=(
+            ("amd64", (Package("qemu-system-x86", "x86_64 VMs", ("qemu-system-x86_64",)),
+                       Package("seabios", "x86_64 VM firmware"),
+                       Package("ipxe-qemu", "x86_64 VM option ROMs"))),
+            ("arm64", (Package("qemu-system-arm", "aarch64 VMs", ("qemu-system-aarch64",)),))),
+        services=(("libvirt (optional)", "/var/run/libvirt/libvirt-sock", "libvirtd -d"),)),
 }
-#: qemu-system package per VM architecture (the qemu backend runs amd64 and arm64 guests).
-QEMU_SYSTEM = {"amd64": (("qemu-system-x86", "x86_64 VMs"), ("seabios", "x86_64 VM firmware"),
-                         ("ipxe-qemu", "x86_64 VM option ROMs")),
-               "arm64": (("qemu-system-arm", "aarch64 VMs"),)}
 #: What foreign architectures need (qemu-user through binfmt_misc).
 FOREIGN_PACKAGES = (("qemu-user-static", "runs foreign binaries (qemu-user)"),
                     ("binfmt-support", "update-binfmts"),
@@ -70,9 +123,7 @@ BINFMT_NAMES = {"arm64": "aarch64", "armhf": "arm", "armel": "arm", "i386": "i38
 #: Architectures a host runs natively (no qemu-user needed).
 NATIVE = {"amd64": {"amd64", "i386"}, "arm64": {"arm64"}}
 BINFMT_DIR = "/proc/sys/fs/binfmt_misc"
-DOCKERD = ("dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false")
 DOCKERD_LOG = "/var/log/pytest-isolate-dockerd.log"
-PODMAN_SOCKET = "/run/podman/podman.sock"
 PODMAN_SERVICE = ("podman", "--cgroup-manager=cgroupfs", "--events-backend=file", "system",
                   "service", "--time=0", f"unix://{PODMAN_SOCKET}")
 PODMAN_LOG = "/var/log/pytest-isolate-podman.log"
@@ -197,7 +248,7 @@ def select(specs: Mapping[str, object], project_envs: Sequence[str], *,
     backends and the foreign architectures of every environment using them.  Neither: the
     environments the project defines, else the built-in ``chroot``.
     """
-    known = sorted(BACKEND_PACKAGES)
+    known = sorted(HOST_NEEDS)
     chosen: list[object]
     if envs:
         unknown = [n for n in envs if n not in specs]
@@ -220,7 +271,7 @@ def select(specs: Mapping[str, object], project_envs: Sequence[str], *,
         names = ["chroot"]
         why = ("the default: pyproject.toml defines no environments; "
                "name others with --envs or --backends")
-    bad = [n for n in names if n not in BACKEND_PACKAGES]
+    bad = [n for n in names if n not in HOST_NEEDS]
     if bad:
         raise SetupError(f"setup knows the built-in backends only ({', '.join(known)}, all); "
                          f"{bad[0]!r} is not one: install what its documentation says")
@@ -259,11 +310,8 @@ def _required_packages(request: Request, state: HostState) -> dict[str, list[str
             needed.setdefault(pkg, []).append(f"{who}: {what}")
 
     for backend in request.backends:
-        need(BACKEND_PACKAGES[backend], backend)
-        if backend == "qemu":
-            vm_arches = {state.host_arch} | set(request.arches)
-            for arch in sorted(vm_arches & set(QEMU_SYSTEM)):
-                need(QEMU_SYSTEM[arch], "qemu")
+        packages = HOST_NEEDS[backend].packages_for({state.host_arch, *request.arches})
+        need(((p.name, p.why) for p in packages), backend)
     if foreign_arches(request, state):
         need(FOREIGN_PACKAGES, "foreign architectures")
     if request.user:

@@ -28,6 +28,7 @@ from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError
 from pytest_isolate.images.envvars import PYCACHE
+from pytest_isolate.setup_host import HostNeeds
 from pytest_isolate.spec import EnvSpec
 
 if TYPE_CHECKING:
@@ -240,8 +241,9 @@ class Backend(abc.ABC):
     needs_root: ClassVar[bool] = False
     #: Per-test copy-on-write state and snapshot()/restore() inside.
     supports_snapshot: ClassVar[bool] = True
-    #: Debian packages that provide what the backend needs (for error messages, doctor).
-    packages: ClassVar[tuple[str, ...]] = ()
+    #: What the backend needs on the host: packages, services, Python modules (read by
+    #: doctor, which probes them, and by setup for the built-in backends).
+    host_needs: ClassVar[HostNeeds] = HostNeeds()
     #: The keys of an environment's `options` table it reads, checked before anything
     #: starts (with the common ones, e.g. python).  None: not declared, not checked.
     options: ClassVar[Mapping[str, Option] | None] = None

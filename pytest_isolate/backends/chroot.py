@@ -30,6 +30,7 @@ from pytest_isolate.namespaces import (
     wanted_root_map,
     where_root_is,
 )
+from pytest_isolate.setup_host import HOST_NEEDS
 from pytest_isolate.spec import EnvSpec
 
 
@@ -37,7 +38,7 @@ class ChrootBackend(RootfsBackend):
     name = "chroot"
     needs_root = False
     supports_snapshot = True
-    packages = ("mmdebstrap", "uidmap", "qemu-user-static", "binfmt-support", "arch-test")
+    host_needs = HOST_NEEDS["chroot"]
     options = {"map_root": MAP_ROOT_OPTION}
 
     def check(self, spec: EnvSpec) -> None:

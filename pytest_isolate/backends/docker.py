@@ -105,6 +105,7 @@ from pytest_isolate.images.envvars import environment_variables
 from pytest_isolate.images.tree import DEFAULT_EXCLUDES, EXCLUDE_OPTION, scan_tree
 from pytest_isolate.limits import cpu_list, host_cpus
 from pytest_isolate.ownership import Owner
+from pytest_isolate.setup_host import HOST_NEEDS
 from pytest_isolate.spec import EnvSpec, content_hash
 
 START_TIMEOUT = 60.0
@@ -514,7 +515,7 @@ class DockerBackend(Backend):
     needs_root = False  # root, or membership of the engine's group
     supports_snapshot = True
     supports_images = True
-    packages = ("docker.io", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
+    host_needs = HOST_NEEDS["docker"]
     options = {
         "docker_network": Option("a string", "the network to join when the spec has "
                                  "network = true (default: the engine's bridge)"),

@@ -90,6 +90,7 @@ from pytest_isolate.namespaces import (
     where_root_is,
 )
 from pytest_isolate.ownership import Owner, run_gone
+from pytest_isolate.setup_host import HOST_NEEDS
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import command_lines, fstab_path, safe_name
 from pytest_isolate.system import run_quiet as _run
@@ -211,7 +212,7 @@ class LxcBackend(RootfsBackend):
     name = "lxc"
     needs_root = True
     supports_snapshot = True
-    packages = ("lxc", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
+    host_needs = HOST_NEEDS["lxc"]
     options = {"map_root": MAP_ROOT_OPTION}
 
     def __init__(self, run: Any) -> None:

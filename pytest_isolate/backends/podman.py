@@ -28,6 +28,7 @@ from typing import Any
 
 from pytest_isolate.backends.docker import DockerBackend, sdk
 from pytest_isolate.errors import BackendUnavailable
+from pytest_isolate.setup_host import HOST_NEEDS
 
 #: Where podman's rootful service listens (the podman.socket unit's path).
 ROOTFUL_SOCKET = "/run/podman/podman.sock"
@@ -56,7 +57,7 @@ def start_command(url: str) -> str:
 
 class PodmanBackend(DockerBackend):
     name = "podman"
-    packages = ("podman", "mmdebstrap", "qemu-user-static", "binfmt-support", "arch-test")
+    host_needs = HOST_NEEDS["podman"]
 
     def new_client(self) -> Any:
         return sdk().DockerClient(base_url=podman_target(self.endpoint)[0])

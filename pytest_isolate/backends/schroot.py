@@ -91,6 +91,7 @@ from pytest_isolate.namespaces import (
     where_root_is,
 )
 from pytest_isolate.ownership import Owner
+from pytest_isolate.setup_host import HOST_NEEDS
 from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import fstab_path, safe_name
 from pytest_isolate.system import run_quiet as _run
@@ -245,8 +246,7 @@ class SchrootBackend(RootfsBackend):
     name = "schroot"
     needs_root = True
     supports_snapshot = True
-    packages = ("schroot", "util-linux", "mmdebstrap", "qemu-user-static", "binfmt-support",
-                "arch-test")
+    host_needs = HOST_NEEDS["schroot"]
     options = {"map_root": MAP_ROOT_OPTION}
 
     def __init__(self, run: Any) -> None:

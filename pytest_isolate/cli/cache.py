@@ -143,10 +143,6 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
     return 0
 
 
-
-
-
-
 def cache_group_of(backends: list[type[Backend]]) -> Callable[[CacheItem], str | None]:
     """Cache.collect's supersede: the group a backend puts an entry in (a saved VM state
     is replaced by a newer state of the same machine), None when no backend groups it."""

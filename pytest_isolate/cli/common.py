@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 
 PROG = "pytest-isolate"
-#: Where a backend module would live when BUILTIN_BACKENDS does not name it yet.
-FALLBACK_REFS = {"qemu": "pytest_isolate.backends.qemu:QemuBackend"}
 
 
 class UsageError(Exception):
@@ -33,8 +31,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{PROG}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
-
-
 
 
 def size_arg(text: str) -> int:
@@ -213,8 +209,6 @@ def envs_by_key(specs: dict[str, EnvSpec]) -> dict[str, list[str]]:
     return found
 
 
-
-
 def loaded_backends() -> list[type[Backend]]:
     """The built-in backend classes that load here (one whose Python package is missing
     made no cache entries to judge)."""
@@ -222,25 +216,13 @@ def loaded_backends() -> list[type[Backend]]:
 
     classes = (load_backend(name)[0] for name in sorted(BUILTIN_BACKENDS))
     return [cls for cls in classes if cls is not None]
+
+
 def load_backend(name: str) -> tuple[type[Backend] | None, str]:
-    """The backend class, or None and why not."""
-    import importlib
+    """The built-in backend's class, or None and why not."""
+    from pytest_isolate.backends import BUILTIN_BACKENDS, load_backend_class
 
-    from pytest_isolate.backends import BUILTIN_BACKENDS
-
-    ref = BUILTIN_BACKENDS.get(name) or FALLBACK_REFS.get(name)
+    ref = BUILTIN_BACKENDS.get(name)
     if ref is None:
         return None, "not implemented in this version of pytest-isolate"
-    module_name, _, cls_name = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None, "not implemented in this version of pytest-isolate"
-        return None, f"cannot be loaded: Python module {exc.name!r} is missing"
-    except Exception as exc:
-        return None, f"cannot be loaded: {type(exc).__name__}: {exc}"
-    cls = getattr(module, cls_name, None)
-    if cls is None:
-        return None, f"cannot be loaded: {module_name} has no {cls_name}"
-    return cls, ""
+    return load_backend_class(ref)

@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pytest_isolate.cli.common import PROG, Parser, UsageError, load_project
-
-if TYPE_CHECKING:
-    pass
-
 
 #: `completion SHELL` prints argcomplete's script for these shells.
 COMPLETION_SHELLS = ("bash", "zsh", "fish")

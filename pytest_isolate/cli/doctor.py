@@ -4,7 +4,6 @@ fixes it."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import socket
 import tempfile
@@ -26,45 +25,11 @@ from pytest_isolate.sizes import dir_size, format_size
 if TYPE_CHECKING:
     from pytest_isolate.backends.base import Backend
     from pytest_isolate.cache import Cache
+    from pytest_isolate.setup_host import HostNeeds
     from pytest_isolate.spec import EnvSpec
 
 
-#: Backends doctor reports on, in this order (a missing module: not implemented yet).
-DOCTOR_BACKENDS = ("chroot", "docker", "podman", "lxc", "schroot", "qemu")
-DOCKERD = "dockerd --bridge=none --iptables=false --ip-masq=false &"
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
-
-
-@dataclasses.dataclass
-class Probe:
-    """Tools and daemons a backend needs: (command, Debian package) and (socket, start command)."""
-
-    tools: tuple[tuple[str, str], ...] = ()
-    daemons: tuple[tuple[str, str, str], ...] = ()  # (name, socket path, how to start)
-    python: tuple[tuple[str, str], ...] = ()  # (module, how to install)
-
-
-PROBES: dict[str, Probe] = {
-    "chroot": Probe(tools=(("mmdebstrap", "mmdebstrap"),)),
-    "schroot": Probe(tools=(("schroot", "schroot"), ("mmdebstrap", "mmdebstrap"))),
-    "lxc": Probe(tools=(("lxc-start", "lxc"), ("lxc-attach", "lxc"), ("mmdebstrap", "mmdebstrap"))),
-    "docker": Probe(
-        tools=(("docker", "docker.io"), ("dockerd", "docker.io"), ("mmdebstrap", "mmdebstrap")),
-        daemons=(("Docker engine", "/var/run/docker.sock", DOCKERD),),
-        python=(("docker", "pip install 'pytest-isolate-env[docker]'"),),
-    ),
-    "podman": Probe(
-        tools=(("podman", "podman"), ("mmdebstrap", "mmdebstrap")),
-        daemons=(("podman service", "/run/podman/podman.sock",
-                  "podman system service --time=0 unix:///run/podman/podman.sock &"),),
-        python=(("docker", "pip install 'pytest-isolate-env[docker]'"),),
-    ),
-    "qemu": Probe(
-        tools=(("qemu-system-x86_64", "qemu-system-x86"), ("qemu-system-aarch64", "qemu-system-arm"),
-               ("qemu-img", "qemu-utils"), ("mkfs.ext4", "e2fsprogs"), ("mmdebstrap", "mmdebstrap")),
-        daemons=(("libvirt (optional)", "/var/run/libvirt/libvirt-sock", "libvirtd -d"),),
-    ),
-}
 
 
 def which(tool: str) -> str | None:
@@ -86,14 +51,15 @@ def socket_answers(path: str) -> bool:
         s.close()
 
 
-def run_probe(probe: Probe) -> dict[str, Any]:
+def run_probe(needs: HostNeeds) -> dict[str, Any]:
+    """What of a backend's declared needs this host has (Backend.host_needs)."""
     import importlib.util
 
-    tools = {tool: {"found": which(tool), "package": pkg} for tool, pkg in probe.tools}
+    tools = {tool: {"found": which(tool), "package": pkg} for tool, pkg in needs.commands}
     daemons = {name: {"socket": sock, "running": socket_answers(sock), "start": start}
-               for name, sock, start in probe.daemons}
+               for name, sock, start in needs.services}
     python = {mod: {"found": importlib.util.find_spec(mod) is not None, "install": how}
-              for mod, how in probe.python}
+              for mod, how in needs.python}
     return {"tools": tools, "daemons": daemons, "python": python}
 
 
@@ -117,8 +83,6 @@ def probe_hints(result: dict[str, Any], backend: str) -> list[str]:
         if not v["found"]:
             hints.append(f"Python package {mod!r} is missing: {v['install']}")
     return hints
-
-
 
 
 class Checker:
@@ -208,7 +172,9 @@ def binfmt_status() -> dict[str, Any]:
 
 
 def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
+    from pytest_isolate.backends import BUILTIN_BACKENDS
     from pytest_isolate.namespaces import userns_allowed
+    from pytest_isolate.setup_host import HOST_NEEDS, HostNeeds
 
     specs = resolve_specs(project)
     user_envs = list(project.table.get("envs", {}) or {})
@@ -223,16 +189,18 @@ def cmd_doctor(args: argparse.Namespace, project: Project) -> int:
             cache = open_cache(Path(tmp) / "cache", "doctor")
         checker = Checker(project, cache, Path(tmp))
         backends: dict[str, Any] = {}
-        for name in DOCTOR_BACKENDS:
+        for name in BUILTIN_BACKENDS:
             spec = next((s for s in specs.values() if s.backend == name), None)
             if spec is None:
                 from pytest_isolate.spec import EnvSpec
 
                 spec = EnvSpec(name=name, backend=name)
             usable, reason, fix = checker.check(spec)
-            probe = run_probe(PROBES[name])
             cls, _ = checker.classes.get(name, (None, ""))
-            packages = list(getattr(cls, "packages", ())) if cls is not None else []
+            # a backend that cannot load (its SDK is missing) still names what it needs
+            needs = cls.host_needs if cls is not None else HOST_NEEDS.get(name, HostNeeds())
+            probe = run_probe(needs)
+            packages = sorted({p.name for p in needs.packages_for(a for a, _ in needs.arch_packages)})
             backends[name] = {"available": usable, "implemented": cls is not None,
                               "reason": reason, "fix": fix, "checked_with": spec.name,
                               "packages": packages, **probe, "hints": probe_hints(probe, name),

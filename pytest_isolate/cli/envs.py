@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pytest_isolate.cli.common import (
     Project,
@@ -19,11 +19,6 @@ from pytest_isolate.cli.common import (
     rootfs_key_of,
     table,
 )
-
-if TYPE_CHECKING:
-    pass
-
-
 
 
 def cmd_envs(args: argparse.Namespace, project: Project) -> int:

@@ -6,14 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from pytest_isolate.cli.common import PROG, Project, UsageError, out, resolve_specs
-
-if TYPE_CHECKING:
-    pass
-
-
 
 
 def split_list(value: str | None) -> list[str] | None:

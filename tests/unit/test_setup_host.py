@@ -18,8 +18,8 @@ import pytest
 from pytest_isolate import config
 from pytest_isolate.backends import BUILTIN_BACKENDS
 from pytest_isolate.setup_host import (
-    BACKEND_PACKAGES,
     DOCKERD,
+    HOST_NEEDS,
     HostState,
     Request,
     SetupError,
@@ -74,7 +74,7 @@ def test_fresh_machine_chroot_and_docker_installs_then_starts_the_engine() -> No
 
 def test_a_second_run_has_nothing_to_do() -> None:
     for request in (Request(backends=("chroot", "docker")),
-                    Request(backends=tuple(BACKEND_PACKAGES), arches=("arm64", "armhf"),
+                    Request(backends=tuple(HOST_NEEDS), arches=("arm64", "armhf"),
                             user="ci"),
                     Request(backends=("qemu",), arches=("amd64", "arm64"))):
         state = dataclasses.replace(FRESH, users={"ci": UserIds(True)})
@@ -235,7 +235,7 @@ def test_select_from_the_project_envs_and_options(tmp_path: Path) -> None:
     r = select(specs, user_envs, backends=["chroot"], arches=["riscv64"], user="ci")
     assert r.backends == ("chroot",) and r.arches == ("riscv64", "arm64") and r.user == "ci"
     r = select(specs, user_envs, backends=["all"])
-    assert set(r.backends) == set(BACKEND_PACKAGES) and "arm64" in r.arches  # arm64_vm, arm
+    assert set(r.backends) == set(HOST_NEEDS) and "arm64" in r.arches  # arm64_vm, arm
     r = select(specs, [])
     assert r.backends == ("chroot",) and "defines no environments" in r.why
     with pytest.raises(SetupError, match="unknown environment 'nope'"):
@@ -282,3 +282,24 @@ def test_podman_service_gives_containers_the_services_limits() -> None:
     assert service.wait[-1] == "info" and service.background_log
     answering = dataclasses.replace(FRESH, podman_answers=True)
     assert plan(Request(backends=("podman",), packages=False), answering).empty
+
+
+def test_each_backend_declares_what_setup_installs_and_doctor_probes() -> None:
+    """One home for a backend's host needs (issue 12): the class's host_needs is the table
+    setup plans from, and doctor probes its commands, services and modules."""
+    from pytest_isolate.backends import load_backend_class
+    from pytest_isolate.cli.doctor import run_probe
+
+    assert set(HOST_NEEDS) == set(BUILTIN_BACKENDS)
+    for name, ref in BUILTIN_BACKENDS.items():
+        cls, why = load_backend_class(ref)
+        assert cls is not None, why
+        assert cls.host_needs is HOST_NEEDS[name]
+        probe = run_probe(cls.host_needs)
+        assert set(probe["tools"]) == {cmd for cmd, _ in cls.host_needs.commands}
+        assert len(probe["daemons"]) == len(cls.host_needs.services)
+    docker = HOST_NEEDS["docker"]
+    assert ("dockerd", "docker.io") in docker.commands and docker.python
+    qemu = HOST_NEEDS["qemu"]
+    assert {p.name for p in qemu.packages_for(["arm64"])} >= {"qemu-system-arm", "qemu-utils"}
+    assert "qemu-system-x86" not in {p.name for p in qemu.packages_for(["arm64"])}

@@ -26,6 +26,7 @@ from pytest_isolate.images.kernel import ARCHES, QEMU_PACKAGES
 from pytest_isolate.images.tree import EXCLUDE_OPTION
 from pytest_isolate.namespaces import check_foreign, check_namespaces, check_rootfs_builder
 from pytest_isolate.ownership import run_gone
+from pytest_isolate.setup_host import HOST_NEEDS
 from pytest_isolate.spec import EnvSpec
 
 #: A restored agent must answer this fast, else the state is dropped and the VM booted.
@@ -43,8 +44,7 @@ class QemuBackend(LibvirtDriver, SavedStates):
     name = "qemu"
     needs_root = False
     supports_snapshot = True
-    packages = ("qemu-system-x86", "qemu-system-arm", "qemu-utils", "e2fsprogs", "mmdebstrap",
-                "qemu-user-static", "binfmt-support", "arch-test")
+    host_needs = HOST_NEEDS["qemu"]
     options = {
         "vm_driver": Option("a string", "QEMU driven directly, or a libvirt domain",
                             choices=("qemu", "libvirt")),
