@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.agent import bundle
-from pytest_isolate.agent.wire import FrameDecoder, ProtocolError, encode_frame, write_all
+from pytest_isolate.agent.wire import FrameDecoder, ProtocolError, encode_frame, message, write_all
 from pytest_isolate.errors import AgentLost, AgentTimeout, RemoteError
 
 #: What the bootstrap runs inside: the agent's shipped modules as one source.
@@ -123,7 +123,7 @@ class AgentProcess:
         if self.proc.poll() is None:
             try:
                 if not self.conn.closed:
-                    self.conn.send(0, {"op": "shutdown"})
+                    self.conn.send(0, message("shutdown"))
             except Exception:
                 pass
             try:

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .mounts import MS_NODEV, MS_NOEXEC, MS_NOSUID, mount
-from .wire import write_all
+from .wire import message, write_all
 
 
 def run_command(req: Dict[str, Any], stdin: bytes,
@@ -32,8 +32,8 @@ def run_command(req: Dict[str, Any], stdin: bytes,
     except OSError as exc:
         msg = ("%s: %s\n" % (argv[0], exc.strerror or exc)).encode()
         code = 127 if isinstance(exc, FileNotFoundError) else 126
-        return ({"op": "result", "returncode": code, "stdout_len": 0,
-                 "duration": time.monotonic() - started, "timed_out": False}, msg)
+        return (message("result", returncode=code, stdout_len=0,
+                        duration=time.monotonic() - started, timed_out=False), msg)
     timed_out = False
     try:
         out, err = proc.communicate(stdin, timeout=timeout)
@@ -47,8 +47,8 @@ def run_command(req: Dict[str, Any], stdin: bytes,
             out, err = proc.communicate()
     else:
         _killpg(proc.pid, signal.SIGKILL)  # what the command left running in its group
-    return ({"op": "result", "returncode": proc.returncode, "stdout_len": len(out),
-             "duration": time.monotonic() - started, "timed_out": timed_out}, out + err)
+    return (message("result", returncode=proc.returncode, stdout_len=len(out),
+                    duration=time.monotonic() - started, timed_out=timed_out), out + err)
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -17,7 +17,16 @@ from typing import Any, Callable, Dict, List, Optional
 from .collect import item_target, parametrize_envs, split_items
 from .mounts import MAP_ROOT_ENV, MS_RDONLY, ROOT_MAP_ENV, map_root_here, mount
 from .ops import limit_guest, oom_kills, pack_path, run_command
-from .wire import DEFAULT_PATH, PROTOCOL_VERSION, FrameDecoder, drain, encode_frame, write_all
+from .wire import (
+    DEFAULT_PATH,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    drain,
+    encode_frame,
+    error_message,
+    message,
+    write_all,
+)
 from .workers import Debugger, Worker, worker_main
 
 #: why the environment's root is the host's although it was asked not to be ("": it is not)
@@ -155,7 +164,7 @@ class Agent:
             now = oom_kills()
             if w.oom_kills is not None and now is not None and now > w.oom_kills:
                 reason = "%s: out of memory (the kernel's OOM killer ran)" % reason
-        self.send(w.ch, {"op": "exit", "code": code, "reason": reason})
+        self.send(w.ch, message("exit", code=code, reason=reason))
 
     def zygote_event(self, obj: Dict[str, Any]) -> None:
         """A zygote forked a test worker, or reaped one (its pid is in our PID namespace)."""
@@ -172,7 +181,7 @@ class Agent:
         if ch:
             w = self.workers.get(ch)
             if w is None:
-                self.send(ch, {"op": "error", "message": "no worker on channel %d" % ch})
+                self.send(ch, message("error", message="no worker on channel %d" % ch))
                 return
             if obj["op"] == "runtest":
                 w.timeout = obj.get("timeout")
@@ -188,8 +197,7 @@ class Agent:
                 raise ValueError("unknown op %r" % obj["op"])
             handler(obj, blob)
         except Exception as exc:
-            self.send(0, {"op": "error", "type": type(exc).__name__, "message": str(exc),
-                          "traceback": traceback.format_exc()})
+            self.send(0, error_message(exc))
 
     # -- channel 0 operations
     def op_hello(self, req: Dict[str, Any], blob: bytes) -> None:
@@ -198,10 +206,10 @@ class Agent:
                 uid_map = [int(x) for x in f.read().split()[:3]]
         except (OSError, ValueError):
             uid_map = []
-        self.send(0, {"op": "hello", "protocol": PROTOCOL_VERSION,
-                      "python": list(sys.version_info[:3]), "machine": platform.machine(),
-                      "pid": os.getpid(), "uid": os.getuid(), "executable": sys.executable,
-                      "uid_map": uid_map, "root_map_problem": ROOT_MAP_PROBLEM})
+        self.send(0, message("hello", protocol=PROTOCOL_VERSION, python=list(sys.version_info[:3]),
+                             machine=platform.machine(), pid=os.getpid(), uid=os.getuid(),
+                             executable=sys.executable, uid_map=uid_map,
+                             root_map_problem=ROOT_MAP_PROBLEM))
 
     def op_configure(self, req: Dict[str, Any], blob: bytes) -> None:
         self.settings.update(req.get("settings") or {})
@@ -223,7 +231,7 @@ class Agent:
             # read-only project tree at its own path; workers bind this view
             upper, tree = layer
             mount("overlay", tree, "overlay", MS_RDONLY, "lowerdir=%s:%s" % (upper, tree))
-        self.send(0, {"op": "ok"})
+        self.send(0, message("ok"))
 
     def op_pytest(self, req: Dict[str, Any], blob: bytes) -> None:
         """Start a pytest session; its runtest loop becomes this agent's serve loop."""
@@ -237,9 +245,9 @@ class Agent:
         self.coverage = start_coverage(self.settings.get("coverage"))
         code = pytest.main(list(req["args"]), plugins=[plugin])
         if not plugin.reached_loop:
-            self.send(0, {"op": "error", "type": "PytestStartError",
-                          "message": "pytest inside the environment exited with %s before "
-                          "running tests (see the agent log)" % (code,)})
+            self.send(0, message("error", type="PytestStartError",
+                                 message="pytest inside the environment exited with %s before "
+                                 "running tests (see the agent log)" % (code,)))
         # the session ended: either the host shut us down, or the stream ended.
 
     def op_exec(self, req: Dict[str, Any], blob: bytes) -> None:
@@ -255,7 +263,7 @@ class Agent:
                 os.unlink(os.path.join(COVERAGE_DIR, name))
             except OSError:
                 pass
-        self.send(0, {"op": "coverage", "files": len(names)}, data)
+        self.send(0, message("coverage", files=len(names)), data)
 
     def op_plugins(self, req: Dict[str, Any], blob: bytes) -> None:
         """Which of the named pytest11 entry points are installed here."""
@@ -265,7 +273,7 @@ class Agent:
         group = (eps.select(group="pytest11") if hasattr(eps, "select")
                  else eps.get("pytest11", []))  # type: ignore[attr-defined,arg-type,unused-ignore]
         have = {ep.name for ep in group}
-        self.send(0, {"op": "plugins", "present": [n for n in req["names"] if n in have]})
+        self.send(0, message("plugins", present=[n for n in req["names"] if n in have]))
 
     def op_worker(self, req: Dict[str, Any], blob: bytes) -> None:
         ch = int(req["ch"])
@@ -322,7 +330,7 @@ class Agent:
             b.close()
             w.orphaned = "the zygote on channel %d is gone" % zch
             return
-        frame = encode_frame(zch, dict(req, op="fork"))
+        frame = encode_frame(zch, message("fork", **{k: v for k, v in req.items() if k != "op"}))
         try:
             socket.send_fds(z.sock, [frame], [b.fileno()])
         except OSError as exc:
@@ -393,7 +401,7 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
 
         def pytest_runtest_logreport(self, report: Any) -> None:
             data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
-            agent.current_sender({"op": "report", "data": data})
+            agent.current_sender(message("report", data=data))
 
         def pytest_exception_interact(self, node: Any, call: Any, report: Any) -> None:
             # --pdb on the host: a post-mortem on the failing test's traceback
@@ -408,8 +416,7 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
             agent.items = {item.nodeid: item for item in session.items}
             save_coverage(agent.coverage)  # each test worker measures its own test
             agent.coverage = None
-            agent.send(0, {"op": "collected", "nodeids": list(agent.items),
-                           "errors": self.errors})
+            agent.send(0, message("collected", nodeids=list(agent.items), errors=self.errors))
             agent.serve()
             return True
 

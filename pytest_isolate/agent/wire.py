@@ -18,6 +18,7 @@ import json
 import os
 import select
 import struct
+import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 MAGIC = b"PI"
@@ -45,6 +46,72 @@ BOOTSTRAP = (
 )
 
 Frame = Tuple[int, Dict[str, Any], bytes]
+
+
+#: The protocol's messages, defined once for both sides: op -> its fields (a request and
+#: its answer of the same name share one entry).  message() builds every message;
+#: docs/architecture.md ("The protocol") says who sends each and what answers it.
+MESSAGES = {op: frozenset(fields.split()) for op, fields in (
+    # the host to the agent (channel 0)
+    ("hello", "protocol python machine pid uid executable uid_map root_map_problem"),
+    ("configure", "settings"),
+    ("plugins", "names present"),
+    ("pytest", "args cwd default_envs ini_names markers"),
+    ("coverage", "files"),
+    ("worker", "ch kind zygote nodeid"),
+    ("shutdown", ""),
+    ("exec", "argv env cwd timeout"),
+    # the host to a worker
+    ("runtest", "nodeid next timeout debug rows cols"),
+    ("put", "path"),
+    ("get", "path"),
+    ("snapshot", "name"),
+    ("restore", "name"),
+    ("pty", "argv cwd env rows cols term"),
+    ("pty-in", ""),
+    ("pty-resize", "rows cols"),
+    ("close", ""),
+    ("kill", "reason"),
+    # the host to a zygote; the agent hands a zygote a worker's request as "fork"
+    ("ping", ""),
+    ("advance", "prev next"),
+    ("fork", "ch kind zygote nodeid"),
+    # answers and events
+    ("ok", ""),
+    ("error", "type message traceback"),
+    ("result", "returncode stdout_len duration timed_out"),
+    ("collected", "nodeids errors"),
+    ("report", "data"),
+    ("done", "nodeid"),
+    ("missing", "nodeid known"),
+    ("warning", "message"),
+    ("exit", "code reason"),
+    ("pong", "per_test"),
+    ("advanced", ""),
+    ("forked", "ch pid"),
+    ("reaped", "ch pid status"),
+    ("pty-started", ""),
+    ("pty-out", ""),
+    ("pty-exit", "code"),
+)}
+
+
+def message(op: str, **fields: Any) -> Dict[str, Any]:
+    """The message op with its fields.  An op or a field MESSAGES does not define fails
+    here, at the sender: at the other side it would be a silent None."""
+    allowed = MESSAGES.get(op)
+    if allowed is None:
+        raise ValueError("no message %r in the protocol" % op)
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ValueError("message %r has no field %s" % (op, ", ".join(map(repr, unknown))))
+    return dict(op=op, **fields)
+
+
+def error_message(exc: BaseException) -> Dict[str, Any]:
+    """The answer to a request that raised exc (the host raises RemoteError from it)."""
+    return message("error", type=type(exc).__name__, message=str(exc),
+                   traceback=traceback.format_exc())
 
 
 class ProtocolError(Exception):

@@ -11,7 +11,6 @@ import signal
 import socket
 import sys
 import threading
-import traceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from .harden import harden_opts, harden_process, protect_paths
@@ -31,7 +30,7 @@ from .mounts import (
     unshare,
 )
 from .ops import in_root_call, pack_path, run_command, set_winsize, unpack_to
-from .wire import Frame, FrameDecoder, ProtocolError, encode_frame, write_all
+from .wire import Frame, FrameDecoder, ProtocolError, encode_frame, error_message, message, write_all
 
 if TYPE_CHECKING:
     from .server import Agent
@@ -275,8 +274,7 @@ class WorkerServer:
                 try:
                     getattr(self, "op_" + op)(obj, blob)
                 except Exception as exc:
-                    self.send({"op": "error", "type": type(exc).__name__, "message": str(exc),
-                               "traceback": traceback.format_exc()})
+                    self.send(error_message(exc))
 
     def op_pty(self, req: Dict[str, Any], blob: bytes) -> None:
         """An interactive program on a pseudo-terminal, relayed over the channel.
@@ -308,13 +306,13 @@ class WorkerServer:
                 os.write(2, ("pytest-isolate: cannot start %s: %s\r\n" % (argv[0], exc)).encode())
             os._exit(127)
         set_winsize(fd, req)
-        self.send({"op": "pty-started"})
+        self.send(message("pty-started"))
         try:
             self._relay_pty(pid, fd)
         finally:
             os.close(fd)
             _, status = os.waitpid(pid, 0)
-        self.send({"op": "pty-exit", "code": os.waitstatus_to_exitcode(status)})
+        self.send(message("pty-exit", code=os.waitstatus_to_exitcode(status)))
 
     def _relay_pty(self, pid: int, fd: int) -> None:
         sock = self.sock.fileno()
@@ -327,7 +325,7 @@ class WorkerServer:
                     out = b""
                 if not out:
                     return
-                self.send({"op": "pty-out"}, out)
+                self.send(message("pty-out"), out)
             if sock not in ready:
                 continue
             if not self.pending and not self.read_frames():
@@ -374,18 +372,18 @@ class WorkerServer:
             return b""
 
         in_root_call(self.root, unpack)
-        self.send({"op": "ok"})
+        self.send(message("ok"))
 
     def op_get(self, req: Dict[str, Any], blob: bytes) -> None:
         path = req["path"]
-        self.send({"op": "ok"}, in_root_call(self.root, lambda: pack_path(path)))
+        self.send(message("ok"), in_root_call(self.root, lambda: pack_path(path)))
 
     def op_snapshot(self, req: Dict[str, Any], blob: bytes) -> None:
         self._require_layers()
         frozen = [self.upper, *self.lowers]
         self._remount(frozen)
         self.snapshots[req["name"]] = frozen
-        self.send({"op": "ok"})
+        self.send(message("ok"))
 
     def op_restore(self, req: Dict[str, Any], blob: bytes) -> None:
         self._require_layers()
@@ -393,7 +391,7 @@ class WorkerServer:
         if name not in self.snapshots:
             raise KeyError("no snapshot named %r (taken: %s)" % (name, sorted(self.snapshots) or "none"))
         self._remount(self.snapshots[name])
-        self.send({"op": "ok"})
+        self.send(message("ok"))
 
     def _require_layers(self) -> None:
         if self.root is None:
@@ -409,8 +407,7 @@ class WorkerServer:
         items = self.agent.items
         item = items.get(req["nodeid"])
         if item is None:
-            self.send({"op": "missing", "nodeid": req["nodeid"],
-                       "known": sorted(items)[:50]})
+            self.send(message("missing", nodeid=req["nodeid"], known=sorted(items)[:50]))
             return
         nextitem = items.get(req.get("next") or "")
         if self.zygote is not None:
@@ -430,7 +427,7 @@ class WorkerServer:
                 debug.close()
         sys.stdout.flush()
         sys.stderr.flush()
-        self.send({"op": "done", "nodeid": req["nodeid"]})
+        self.send(message("done", nodeid=req["nodeid"]))
 
 
 class Debugger:
@@ -453,7 +450,7 @@ class Debugger:
         if self.master < 0:
             self.master, self.slave = os.openpty()
             set_winsize(self.master, self.req)
-            self.server.send({"op": "pty-started"})
+            self.server.send(message("pty-started"))
             self.thread = threading.Thread(target=self._relay, daemon=True)
             self.thread.start()
         stdin = os.fdopen(os.dup(self.slave), "r", buffering=1)
@@ -487,7 +484,7 @@ class Debugger:
                 except OSError:
                     out = b""
                 if out:
-                    server.send({"op": "pty-out"}, out)
+                    server.send(message("pty-out"), out)
             if sock in ready:
                 if not server.read_frames():
                     return
@@ -509,9 +506,9 @@ class Debugger:
                 out = os.read(self.master, 65536)
                 if not out:
                     break
-                self.server.send({"op": "pty-out"}, out)
+                self.server.send(message("pty-out"), out)
         except OSError:
             pass
         os.close(self.slave)
         os.close(self.master)
-        self.server.send({"op": "pty-exit", "code": 0})
+        self.server.send(message("pty-exit", code=0))

@@ -30,7 +30,7 @@ from .mounts import (
     size_opt,
     unshare,
 )
-from .wire import FrameDecoder, drain, encode_frame
+from .wire import FrameDecoder, drain, encode_frame, error_message, message
 from .workers import worker_main
 
 if TYPE_CHECKING:
@@ -167,8 +167,7 @@ class Zygote:
                 try:
                     getattr(self, "op_" + obj["op"])(obj)
                 except Exception as exc:
-                    self.send({"op": "error", "type": type(exc).__name__, "message": str(exc),
-                               "traceback": traceback.format_exc()})
+                    self.send(error_message(exc))
                 if not self.running:
                     return
 
@@ -180,10 +179,10 @@ class Zygote:
                 got, status = pid, int(signal.SIGKILL)
             if got:
                 ch = self.children.pop(pid)
-                self.send({"op": "reaped", "ch": ch, "pid": pid, "status": status})
+                self.send(message("reaped", ch=ch, pid=pid, status=status))
 
     def op_ping(self, req: Dict[str, Any]) -> None:
-        self.send({"op": "pong", "per_test": sorted(self.per_test)})
+        self.send(message("pong", per_test=sorted(self.per_test)))
 
     def op_close(self, req: Dict[str, Any]) -> None:
         self.running = False
@@ -207,8 +206,8 @@ class Zygote:
                     os.close(other)
                 self.sock.close()
                 sock = socket.socket(fileno=fd)
-                for message in warnings:
-                    sock.sendall(encode_frame(ch, {"op": "warning", "message": message}))
+                for text in warnings:
+                    sock.sendall(encode_frame(ch, message("warning", message=text)))
                 code = worker_main(self.agent, sock, ch, dict(req, kind="test"), zygote=self)
             except BaseException:
                 traceback.print_exc()
@@ -220,7 +219,7 @@ class Zygote:
         self.children[pid] = ch
         if item is not None:
             item._report_sections = []  # the worker reports what the set-up printed
-        self.send({"op": "forked", "ch": ch, "pid": pid})
+        self.send(message("forked", ch=ch, pid=pid))
 
     # -- pytest's scopes
     def prepare(self, item: Any) -> List[str]:
@@ -398,8 +397,8 @@ class Zygote:
                 prev._report_sections = []
                 config = session.config
                 data = config.hook.pytest_report_to_serializable(config=config, report=rep)
-                self.send({"op": "report", "data": data})
-        self.send({"op": "advanced"})
+                self.send(message("report", data=data))
+        self.send(message("advanced"))
 
     def teardown_all(self) -> None:
         session = self.agent.session

@@ -135,3 +135,51 @@ def test_the_launcher_runs_without_pytest_isolate(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60)
     loaded = modules.stdout.strip()
     assert "pytest_isolate_agent.launcher" in loaded and "'pytest_isolate'" not in loaded, loaded
+
+
+# ------------------------------------------------------------------ the messages
+
+
+def test_message_refuses_what_the_protocol_does_not_define() -> None:
+    from pytest_isolate.agent.wire import MESSAGES, message
+
+    assert message("worker", ch=3, kind="test") == {"op": "worker", "ch": 3, "kind": "test"}
+    with pytest.raises(ValueError, match="no message 'wroker'"):
+        message("wroker", ch=3)
+    with pytest.raises(ValueError, match="message 'runtest' has no field 'nodeID'"):
+        message("runtest", nodeID="t.py::t")
+    assert all(isinstance(f, frozenset) for f in MESSAGES.values())
+
+
+def test_every_handler_inside_answers_a_defined_message() -> None:
+    """The receivers' op_NAME methods (Agent, WorkerServer, Zygote) and MESSAGES agree."""
+    from pytest_isolate.agent.wire import MESSAGES
+
+    handled = set()
+    for name in ("server", "workers", "zygote"):
+        for node in ast.walk(tree(name)):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("op_"):
+                handled.add(node.name[3:].replace("_", "-"))
+    assert handled and handled <= set(MESSAGES), handled - set(MESSAGES)
+
+
+def test_no_message_is_built_as_a_raw_dict() -> None:
+    """Every message goes through wire.message (checked against MESSAGES at the sender)."""
+    package = bundle.AGENT_DIR
+    raw = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Dict) and any(
+                    isinstance(k, ast.Constant) and k.value == "op" for k in node.keys):
+                raw.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert raw == []
+
+
+def test_the_protocol_docs_name_every_message() -> None:
+    from pytest_isolate.agent.wire import MESSAGES
+
+    docs = (bundle.AGENT_DIR.parents[1] / "docs" / "architecture.md").read_text()
+    section = docs[docs.index("## The protocol"):]
+    section = section[:section.index("\n## ", 1)]
+    missing = [op for op in MESSAGES if f"`{op}" not in section and f"{op} {{" not in section]
+    assert missing == []
