@@ -11,7 +11,6 @@ import signal
 import socket
 import sys
 import time
-import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 from .collect import item_target, parametrize_envs, split_items
@@ -27,7 +26,7 @@ from .wire import (
     message,
     write_all,
 )
-from .workers import Debugger, Worker, worker_main
+from .workers import Debugger, Worker, end_child, worker_main
 
 #: why the environment's root is the host's although it was asked not to be ("": it is not)
 ROOT_MAP_PROBLEM = ""
@@ -285,8 +284,7 @@ class Agent:
         a, b = socket.socketpair()
         pid = os.fork()
         if pid == 0:
-            code = 70
-            try:
+            def child() -> int:
                 # a session of its own: a test's kill(0, sig) or killpg(getpgrp(), sig)
                 # reaches its worker only, never the agent or the host-side launcher
                 os.setsid()
@@ -305,13 +303,9 @@ class Agent:
                 for w in self.workers.values():
                     if w.fd >= 0:
                         os.close(w.fd)
-                code = worker_main(self, b, ch, req)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+                return worker_main(self, b, ch, req)
+
+            end_child(child)
         b.close()
         self.workers[ch] = Worker(ch, pid, a, oom_kills())
         if req.get("kind") == "zygote":

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from .harden import harden_opts, harden_process, protect_paths
@@ -102,6 +103,20 @@ class Worker:
             os.kill(self.pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def end_child(body: Callable[[], int]) -> None:
+    """In a forked child: run body and end the process with its code (70 when it raised;
+    the traceback goes to the log).  A child never returns into its parent's stack."""
+    code = 70
+    try:
+        code = body()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def own_capture(session: Any) -> None:

@@ -31,7 +31,7 @@ from .mounts import (
     unshare,
 )
 from .wire import FrameDecoder, drain, encode_frame, error_message, message
-from .workers import worker_main
+from .workers import end_child, worker_main
 
 if TYPE_CHECKING:
     from .server import Agent
@@ -196,8 +196,7 @@ class Zygote:
             warnings = self.prepare(item)
         pid = os.fork()
         if pid == 0:
-            code = 70
-            try:
+            def child() -> int:
                 os.setsid()  # a test's kill(0, sig) never reaches the zygote
                 set_pdeathsig()
                 signal.set_wakeup_fd(-1)
@@ -208,13 +207,9 @@ class Zygote:
                 sock = socket.socket(fileno=fd)
                 for text in warnings:
                     sock.sendall(encode_frame(ch, message("warning", message=text)))
-                code = worker_main(self.agent, sock, ch, dict(req, kind="test"), zygote=self)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+                return worker_main(self.agent, sock, ch, dict(req, kind="test"), zygote=self)
+
+            end_child(child)
         os.close(fd)
         self.children[pid] = ch
         if item is not None:

@@ -75,6 +75,15 @@ def out(line: str = "") -> None:
     sys.stdout.write(line + "\n")
 
 
+def stderr_progress(message: str) -> None:
+    """A progress line of a long command on stderr (stdout may be a pipe)."""
+    try:
+        sys.stderr.write(f"{PROG}: {message}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass  # a closed stderr must not abort a build halfway
+
+
 def dump_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

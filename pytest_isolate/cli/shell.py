@@ -10,28 +10,45 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_isolate.cli.common import PROG, Project, UsageError, cache_location, open_cache, resolve_specs
+from pytest_isolate.cli.common import (
+    Project,
+    UsageError,
+    cache_location,
+    load_backend,
+    open_cache,
+    resolve_specs,
+    stderr_progress,
+)
 
 if TYPE_CHECKING:
-    from pytest_isolate.cache import Cache
+    from pytest_isolate.backends.base import Backend
+    from pytest_isolate.spec import EnvSpec
 
 
-def shell_run(cache: Cache) -> tuple[str, Path]:
-    """The id and directory of a shell's run, its owner recorded (what `cache gc` and the
-    leftover reapers judge it by)."""
+def shell_backend(args: argparse.Namespace, project: Project, spec: EnvSpec,
+                  backend_class: type[Backend]) -> tuple[Backend, Path]:
+    """A checked backend in a run of its own and that run's directory (removed after the
+    shell), its owner recorded (what `cache gc` and the leftover reapers judge it by)."""
+    from pytest_isolate.backends.base import RunContext
     from pytest_isolate.ownership import RunId, record_run
 
+    root, where = cache_location(args, project)
+    cache = open_cache(root, where)
     run_id = str(RunId.create("shell"))
     base = cache.root / "runs" / run_id
     record_run(base)
-    return run_id, base
+    ctx = RunContext(run_id=run_id, rootdir=project.rootdir, cache=cache, log_dir=base / "logs",
+                     work_dir=base / "work", progress=stderr_progress)
+    backend = backend_class(ctx)
+    backend.check(spec)
+    return backend, base
 
 
 def cmd_shell(args: argparse.Namespace, project: Project) -> int:
     import shutil
 
     from pytest_isolate import config
-    from pytest_isolate.backends.base import SITE, RunContext, standard_mounts
+    from pytest_isolate.backends.base import SITE, standard_mounts
     from pytest_isolate.images.envvars import environment_variables
     from pytest_isolate.namespaces import launcher_argv
 
@@ -42,26 +59,12 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
         return shell_through_agent(args, project, spec)
     from pytest_isolate.backends.chroot import ChrootBackend
 
-    root, where = cache_location(args, project)
-    cache = open_cache(root, where)
-    run_id, base = shell_run(cache)
-
-    def progress(message: str) -> None:
-        try:
-            sys.stderr.write(f"{PROG}: {message}\n")
-            sys.stderr.flush()
-        except OSError:
-            pass  # a closed stderr must not abort a build halfway
-
-    ctx = RunContext(run_id=run_id, rootdir=project.rootdir, cache=cache, log_dir=base / "logs",
-                     work_dir=base / "work", progress=progress)
-    backend = ChrootBackend(ctx)
-    backend.check(spec)
+    backend, base = shell_backend(args, project, spec, ChrootBackend)
     entry = backend.provision(spec)
     rootdir = str(project.rootdir)
     # what a test sees; a project at / is not bound over the environment's own root
     binds: list[list[Any]] = [[m.src, m.dst, m.readonly]
-                              for m in standard_mounts(ctx, spec, entry) if m.dst != "/"]
+                              for m in standard_mounts(backend.run, spec, entry) if m.dst != "/"]
     has_bash = (entry.data / "usr/bin/bash").exists() or (entry.data / "bin/bash").is_file()
     argv = list(args.argv) if args.argv else ["/bin/bash" if has_bash else "/bin/sh"]
     env = environment_variables(spec, pycache=True)
@@ -73,7 +76,7 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
            "network": spec.network, "hostname": f"isolate-{spec.name}"[:63], "argv": argv,
            "env": env, "cwd": rootdir, "new_session": False}
     if sys.stdin.isatty():
-        progress(f"shell in a fresh {spec.describe()}; changes are discarded on exit")
+        stderr_progress(f"shell in a fresh {spec.describe()}; changes are discarded on exit")
     # Ctrl-C belongs to the shell.  A no-op handler, not SIG_IGN: an ignored signal would
     # stay ignored through exec in the shell and every command it runs.
     # SIGTERM / SIGHUP end the instance (the launcher kills everything inside), then we clean up.
@@ -101,39 +104,23 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
 
 def shell_through_agent(args: argparse.Namespace, project: Project, spec: Any) -> int:
     """shell for any backend: a fresh instance, a terminal relayed over the agent protocol."""
-    import importlib
     import shutil
 
     from pytest_isolate.backends import BUILTIN_BACKENDS
-    from pytest_isolate.backends.base import RunContext
     from pytest_isolate.environment import Environment
 
-    ref = BUILTIN_BACKENDS.get(spec.backend)
-    if ref is None:
+    if spec.backend not in BUILTIN_BACKENDS:
         raise UsageError(f"shell: backend {spec.backend!r} of environment {spec.name!r} is not "
                          "a built-in one; use its own tools")
-    module, _, attr = ref.partition(":")
-    backend_class = getattr(importlib.import_module(module), attr)
-    root, where = cache_location(args, project)
-    cache = open_cache(root, where)
-    run_id, base = shell_run(cache)
-
-    def progress(message: str) -> None:
-        try:
-            sys.stderr.write(f"{PROG}: {message}\n")
-            sys.stderr.flush()
-        except OSError:
-            pass
-
-    ctx = RunContext(run_id=run_id, rootdir=project.rootdir, cache=cache, log_dir=base / "logs",
-                     work_dir=base / "work", progress=progress)
-    backend = backend_class(ctx)
-    backend.check(spec)
+    backend_class, why = load_backend(spec.backend)
+    if backend_class is None:
+        raise UsageError(f"shell: backend {spec.backend!r} {why}")
+    backend, base = shell_backend(args, project, spec, backend_class)
     instance = backend.start(spec, backend.provision(spec))
     try:
         env = Environment(instance)
         if sys.stdin.isatty():
-            progress(f"shell in a fresh {spec.describe()}; changes are discarded on exit")
+            stderr_progress(f"shell in a fresh {spec.describe()}; changes are discarded on exit")
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         try:
             return env.shell(list(args.argv) or None, cwd=str(project.rootdir))
