@@ -18,6 +18,10 @@ from pytest_isolate.errors import AgentLost, AgentTimeout, RemoteError
 AGENT_SOURCE = bundle.source()
 
 
+#: How long a worker told to close has to end before the host gives up on it.
+WORKER_EXIT_WAIT = 30.0
+
+
 class Connection:
     """Framed request/response over a pair of file descriptors.
 
@@ -25,10 +29,10 @@ class Connection:
     messages are never lost or mixed into another channel's answer.
     """
 
-    def __init__(self, rfd: int, wfd: int, describe: str) -> None:
+    def __init__(self, rfd: int, wfd: int, label: str) -> None:
         self.rfd = rfd
         self.wfd = wfd
-        self.describe = describe
+        self.label = label
         self.decoder = FrameDecoder()
         self.queues: dict[int, collections.deque[tuple[dict[str, Any], bytes]]] = (
             collections.defaultdict(collections.deque)
@@ -57,11 +61,11 @@ class Connection:
             write_all(self.wfd, data)
         except OSError as exc:
             self.closed = True
-            raise AgentLost(f"{self.describe}: the agent's input is closed ({exc})") from None
+            raise AgentLost(f"{self.label}: the agent's input is closed ({exc})") from None
 
     def send(self, ch: int, obj: dict[str, Any], blob: bytes = b"") -> None:
         if self.closed:
-            raise AgentLost(f"{self.describe}: the agent is gone")
+            raise AgentLost(f"{self.label}: the agent is gone")
         self._write(encode_frame(ch, obj, blob))
 
     def recv(self, ch: int, timeout: float | None) -> tuple[dict[str, Any], bytes]:
@@ -69,24 +73,42 @@ class Connection:
         queue = self.queues[ch]
         while not queue:
             if self.closed:
-                raise AgentLost(f"{self.describe}: the agent's stream ended")
+                raise AgentLost(f"{self.label}: the agent's stream ended")
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.rfd], [], [], wait)
             if not ready:
-                raise AgentTimeout(f"{self.describe}: no answer from the agent in {timeout:.1f}s")
+                raise AgentTimeout(f"{self.label}: no answer from the agent in {timeout:.1f}s")
             data = os.read(self.rfd, 1 << 20)
             if not data:
                 self.closed = True
-                raise AgentLost(f"{self.describe}: the agent's stream ended")
+                raise AgentLost(f"{self.label}: the agent's stream ended")
             try:
                 frames = self.decoder.feed(data)
             except ProtocolError as exc:
                 self.closed = True
-                raise AgentLost(f"{self.describe}: unreadable stream from the agent: {exc}") from None
+                raise AgentLost(f"{self.label}: unreadable stream from the agent: {exc}") from None
             for fch, obj, blob in frames:
                 if fch not in self.forgotten:
                     self.queues[fch].append((obj, blob))
         return queue.popleft()
+
+    def open_worker(self, kind: str, ch: int | None = None, **fields: Any) -> int:
+        """Ask the agent for a worker of kind ("test", "zygote", "sandbox") on ch (a new
+        channel when None); fields: the worker request's others (zygote, nodeid)."""
+        ch = self.new_channel() if ch is None else ch
+        self.send(0, message("worker", ch=ch, kind=kind, **fields))
+        return ch
+
+    def close_worker(self, ch: int, wait: float | None = WORKER_EXIT_WAIT) -> None:
+        """Tell the worker on ch to close.  wait: the seconds it has to answer with its
+        exit (AgentTimeout after); None: do not wait, and drop what it still sends."""
+        self.send(ch, message("close"))
+        if wait is None:
+            self.forget(ch)
+            return
+        deadline = time.monotonic() + wait
+        while self.recv(ch, max(0.0, deadline - time.monotonic()))[0]["op"] != "exit":
+            pass
 
     def call(self, ch: int, obj: dict[str, Any], blob: bytes = b"",
              timeout: float | None = 60.0) -> tuple[dict[str, Any], bytes]:
@@ -97,14 +119,14 @@ class Connection:
             raise RemoteError(reply.get("type", "Error"), reply.get("message", ""),
                               reply.get("traceback", ""))
         if reply["op"] == "exit":
-            raise AgentLost(f"{self.describe}: worker exited: {reply.get('reason')}")
+            raise AgentLost(f"{self.label}: worker exited: {reply.get('reason')}")
         return reply, data
 
 
 class AgentProcess:
     """A process whose stdin/stdout lead to a python3 running BOOTSTRAP: the agent."""
 
-    def __init__(self, argv: list[str], log_path: Path, describe: str,
+    def __init__(self, argv: list[str], log_path: Path, label: str,
                  env: dict[str, str] | None = None) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
@@ -114,7 +136,7 @@ class AgentProcess:
                 bufsize=0, env=env, start_new_session=True,
             )
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.conn = Connection(self.proc.stdout.fileno(), self.proc.stdin.fileno(), describe)
+        self.conn = Connection(self.proc.stdout.fileno(), self.proc.stdin.fileno(), label)
 
     def alive(self) -> bool:
         return self.proc.poll() is None and not self.conn.closed
