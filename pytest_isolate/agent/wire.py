@@ -41,7 +41,7 @@ BOOTSTRAP = (
     "n=int(h);s=b''\n"
     "while len(s)<n:s+=r(n-len(s))\n"
     "g={'__name__':'pytest_isolate_agent'}\n"
-    "exec(compile(s,'pytest_isolate/agent.py','exec'),g)\n"
+    "exec(compile(s,'pytest_isolate/agent/bundle','exec'),g)\n"
     "g['main']()\n"
 )
 
