@@ -177,7 +177,7 @@ class InstancePool:
         return backend
 
     # ------------------------------------------------------------ instances
-    def placed_backend(self, name: str, spec: EnvSpec) -> tuple[cfg.Host | None, Backend]:
+    def placed_backend(self, name: str, spec: EnvSpec) -> tuple[cfg.PoolHost | None, Backend]:
         """The checked backend for environment name's next instance, and its pool host.
 
         Called for every new instance, so a pool host that died since the last one is found

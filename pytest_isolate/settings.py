@@ -37,7 +37,7 @@ class Settings:
     backend_refs: dict[str, Any]
     specs: dict[str, EnvSpec]
     #: the engines environments may be placed on ([tool.pytest-isolate.hosts.NAME])
-    pool_hosts: list[cfg.Host]
+    pool_hosts: list[cfg.PoolHost]
     timeout: float
     reset: str
     strict: bool
