@@ -253,7 +253,7 @@ class InstancePool:
             stats.digest = str(entry.manifest["digest"])
         stats.cache_hit = entry.hit if stats.cache_hit is None else stats.cache_hit
         if not entry.hit:
-            self.progress(f"built {spec.describe()} in {entry.build_seconds:.1f}s")
+            self.progress(f"built {spec.summary()} in {entry.build_seconds:.1f}s")
         with timer.phase("start"):
             started = time.perf_counter()
             inst = backend.start(spec, entry)
