@@ -160,9 +160,38 @@ class ItemRun:
                 "collection differs between the host and the environment")
 
     def run_in(self, inst: Instance) -> None:
+        scope = self.scope_key(self.item.nodeid)
+        worker, zygote = self.take_worker(inst, scope)
+        nxt = self.next_in_worker()
+        with self.timer.phase("run"):
+            exit_reason = self.run_test(inst, worker, zygote, scope, nxt)
+        if exit_reason is not None:
+            tail = log_tail(inst.logs.get("agent"))
+            self.synthesize(f"test worker inside environment {self.env!r} ended: {exit_reason}"
+                            f"\n--- environment log tail ---\n{tail}")
+            if zygote is not None:
+                self.check_zygote(inst, zygote)
+        elif self.outcome == "failed" and self.pool.settings.keep_failed:
+            # keep the worker (its root as the test left it) for a shell after the run
+            self.pool.workers.pop(self.env, None)
+            self.pool.kept.append(KeptWorker(self.env, inst, worker.ch, self.item.nodeid))
+        elif zygote is not None:
+            # its reports are all in and its root goes with it: no need to wait for its exit
+            release_worker(inst, worker.ch)
+        elif nxt is None:
+            with self.timer.phase("reset"):
+                self.close_worker(inst, worker)
+        if zygote is not None and exit_reason is None:
+            with self.timer.phase("reset"):
+                self.advance(inst, zygote)
+        self.flush()
+
+    def take_worker(self, inst: Instance, scope: str
+                    ) -> tuple[WorkerChannel, WorkerChannel | None]:
+        """The worker this test runs in, and the zygote it was forked from (reset = "test";
+        else None: the worker of the test's module or session, kept between its tests)."""
         conn = inst.conn
         worker = self.pool.workers.get(self.env)
-        scope = self.scope_key(self.item.nodeid)
         if worker is not None and worker.scope != scope:
             self.close_worker(inst, worker)
             worker = None
@@ -184,64 +213,52 @@ class ItemRun:
             worker = WorkerChannel(conn.new_channel(), scope)
             conn.send(0, {"op": "worker", "ch": worker.ch, "kind": "test"})
             self.pool.workers[self.env] = worker
-        nxt = self.next_in_worker()
-        with self.timer.phase("run"):
-            debug = hostplugins.debug_inside(self.pool.config)
-            request: dict[str, Any] = {"op": "runtest", "nodeid": self.item.nodeid, "next": nxt,
-                                       "timeout": self.timeout}
-            if debug:  # a debugging session has no time limit, as pytest-timeout stops for one
-                cols, rows = shutil.get_terminal_size()
-                request.update(timeout=None, debug=True, rows=rows, cols=cols)
-            conn.send(worker.ch, request)
-            if zygote is not None and not debug:
-                self.prepare_next(inst, zygote, scope)
-            exit_reason = None
-            while True:
-                reply, _ = conn.recv(worker.ch, DEBUG_WAIT if debug else self.timeout + HOST_GRACE)
-                op = reply["op"]
-                if op == "pty-started":  # --pdb: the test's debugger, on this terminal
-                    hostplugins.relay_debugger(self.pool.config, conn, worker.ch, self.on_report)
-                elif op == "report":
-                    self.emit(self.rebuild(reply["data"]))
-                elif op == "done":
-                    break
-                elif op == "warning":
-                    self.item.warn(pytest.PytestWarning(reply["message"]))
-                elif op == "missing":
-                    self.fail("setup", self.not_collected_message(inst))
-                    break
-                elif op == "error":
-                    self.synthesize(f"pytest-isolate agent error: {reply.get('message')}\n"
-                                    f"{reply.get('traceback', '')}")
-                    break
-                elif op == "exit":
-                    exit_reason = reply.get("reason") or "the worker exited"
-                    if "out of memory" in exit_reason and inst.spec.memory is not None:
-                        exit_reason += (f"; the environment's memory limit is "
-                                        f"{format_size(inst.spec.memory)} "
-                                        f"({inst.spec.source('memory')})")
-                    self.pool.workers.pop(self.env, None)
-                    break
-        if exit_reason is not None:
-            tail = log_tail(inst.logs.get("agent"))
-            self.synthesize(f"test worker inside environment {self.env!r} ended: {exit_reason}"
-                            f"\n--- environment log tail ---\n{tail}")
-            if zygote is not None:
-                self.check_zygote(inst, zygote)
-        elif self.outcome == "failed" and self.pool.settings.keep_failed:
-            # keep the worker (its root as the test left it) for a shell after the run
-            self.pool.workers.pop(self.env, None)
-            self.pool.kept.append(KeptWorker(self.env, inst, worker.ch, self.item.nodeid))
-        elif zygote is not None:
-            # its reports are all in and its root goes with it: no need to wait for its exit
-            release_worker(inst, worker.ch)
-        elif nxt is None:
-            with self.timer.phase("reset"):
-                self.close_worker(inst, worker)
-        if zygote is not None and exit_reason is None:
-            with self.timer.phase("reset"):
-                self.advance(inst, zygote)
-        self.flush()
+        return worker, zygote
+
+    def run_test(self, inst: Instance, worker: WorkerChannel, zygote: WorkerChannel | None,
+                 scope: str, nxt: str | None) -> str | None:
+        """Send the runtest and take the worker's frames until the test is done; the
+        reason the worker ended, when it did."""
+        conn = inst.conn
+        debug = hostplugins.debug_inside(self.pool.config)
+        request: dict[str, Any] = {"op": "runtest", "nodeid": self.item.nodeid, "next": nxt,
+                                   "timeout": self.timeout}
+        if debug:  # a debugging session has no time limit, as pytest-timeout stops for one
+            cols, rows = shutil.get_terminal_size()
+            request.update(timeout=None, debug=True, rows=rows, cols=cols)
+        conn.send(worker.ch, request)
+        if zygote is not None and not debug:
+            self.prepare_next(inst, zygote, scope)
+        while True:
+            reply, _ = conn.recv(worker.ch, DEBUG_WAIT if debug else self.timeout + HOST_GRACE)
+            op = reply["op"]
+            if op == "pty-started":  # --pdb: the test's debugger, on this terminal
+                hostplugins.relay_debugger(self.pool.config, conn, worker.ch, self.on_report)
+            elif op == "report":
+                self.emit(self.rebuild(reply["data"]))
+            elif op == "done":
+                return None
+            elif op == "warning":
+                self.item.warn(pytest.PytestWarning(reply["message"]))
+            elif op == "missing":
+                self.fail("setup", self.not_collected_message(inst))
+                return None
+            elif op == "error":
+                self.synthesize(f"pytest-isolate agent error: {reply.get('message')}\n"
+                                f"{reply.get('traceback', '')}")
+                return None
+            elif op == "exit":
+                self.pool.workers.pop(self.env, None)
+                return self.exit_reason(inst, reply)
+
+    @staticmethod
+    def exit_reason(inst: Instance, reply: dict[str, Any]) -> str:
+        """Why a worker ended, with the environment's memory limit when it ran out."""
+        reason: str = reply.get("reason") or "the worker exited"
+        if "out of memory" in reason and inst.spec.memory is not None:
+            reason += (f"; the environment's memory limit is {format_size(inst.spec.memory)} "
+                       f"({inst.spec.source('memory')})")
+        return reason
 
     def fork_worker(self, inst: Instance, zygote: WorkerChannel, nodeid: str, scope: str) -> WorkerChannel:
         worker = WorkerChannel(inst.conn.new_channel(), scope)
