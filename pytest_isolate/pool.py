@@ -82,20 +82,6 @@ def check_image_support(spec: EnvSpec, backend_class: Any) -> None:
                           "use one of those backends")
 
 
-def doctest_args(opt: Any) -> list[str]:
-    """The host's doctest options, for the pytest inside to collect the same doctest items
-    (``-o addopts=`` there drops what addopts gave the host)."""
-    args = ["--doctest-modules"] if getattr(opt, "doctestmodules", False) else []
-    for pattern in getattr(opt, "doctestglob", None) or []:
-        args.append(f"--doctest-glob={pattern}")
-    if getattr(opt, "doctestreport", "udiff") != "udiff":
-        args.append(f"--doctest-report={opt.doctestreport}")
-    for flag in ("doctest_ignore_import_errors", "doctest_continue_on_failure"):
-        if getattr(opt, flag, False):
-            args.append("--" + flag.replace("_", "-"))
-    return args
-
-
 class InstancePool:
     """The environments of this pytest process (name -> running instance) and the
     workers inside them; one per run, owned by the hook plugin."""
@@ -333,22 +319,8 @@ class InstancePool:
             return
         rootdir = self.config.rootpath
         files = sorted({nodeid.split("::", 1)[0] for nodeid in self.bound.get(name, ())})
-        opt = self.config.option
-        args = [str(rootdir / f) for f in files]
         addopts, _ = inside.filter_addopts(inside.addopts_of(self.config))
-        args += ["-p", "no:cacheprovider", "-o", "addopts=" + shlex.join(addopts),
-                 "--rootdir", str(rootdir),
-                 f"--tb={opt.tbstyle}", f"--capture={opt.capture}",
-                 f"--import-mode={opt.importmode}", "-W", "ignore::pytest.PytestConfigWarning"]
-        if self.config.inipath is not None:
-            args += ["-c", str(self.config.inipath)]
-        verbose = int(opt.verbose or 0)
-        args += ["-v"] * verbose if verbose > 0 else ["-q"] * -verbose
-        if opt.showlocals:
-            args.append("-l")
-        args += doctest_args(opt)
-        args += inside.disabled_plugins(self.config.invocation_params.args)
-        args += self.plugins_inside(name, inst)
+        args = inside.pytest_args(self.config, files, addopts) + self.plugins_inside(name, inst)
         coverage = hostplugins.coverage_options(self.config)
         if coverage is not None:  # pytest-cov: measured inside too (hostplugins.py)
             inst.conn.call(0, {"op": "configure", "settings": {"coverage": coverage}},
