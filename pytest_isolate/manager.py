@@ -48,6 +48,8 @@ def marker_overrides(kwargs: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 class IsolateManager:
+    """The hooks pytest calls (as xdist's DSession); the environments are the pool's."""
+
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.settings: Settings = load_settings(config)
@@ -90,7 +92,6 @@ class IsolateManager:
             reporter.write("\r")
             self._heartbeat = False
         reporter.write_line(line)
-
 
     # ------------------------------------------------------------ collection
     def envs_for(self, marker_args: Any, fixturenames: Any = ()) -> list[str]:
