@@ -467,7 +467,7 @@ def check_env_names(names: Iterable[Any], where: str, known: Iterable[str]) -> N
 
 
 @dataclasses.dataclass(frozen=True)
-class Host:
+class PoolHost:
     """One engine of the host pool: ``[tool.pytest-isolate.hosts.NAME]``."""
 
     name: str
@@ -478,7 +478,7 @@ class Host:
 
 
 def resolve_hosts(table: Mapping[str, Any], pyproject: Path | None,
-                  backends: Iterable[str]) -> list[Host]:
+                  backends: Iterable[str]) -> list[PoolHost]:
     """The host pool: remote (or extra local) engines that environments are placed on.
 
     ``[tool.pytest-isolate.hosts.NAME]`` maps backend names to endpoints, e.g.
@@ -515,7 +515,7 @@ def resolve_hosts(table: Mapping[str, Any], pyproject: Path | None,
         if not endpoints:
             raise ConfigError(f"{where}: name at least one backend endpoint, "
                               f"e.g. docker = \"unix:///run/docker.sock\"")
-        hosts.append(Host(name, endpoints, arches, slots))
+        hosts.append(PoolHost(name, endpoints, arches, slots))
     return hosts
 
 
@@ -527,14 +527,14 @@ def check_slots(value: Any, where: str) -> int:
     return value
 
 
-def candidates(spec: EnvSpec, hosts: Iterable[Host]) -> list[Host]:
+def candidates(spec: EnvSpec, hosts: Iterable[PoolHost]) -> list[PoolHost]:
     """The pool hosts that serve spec's backend and architecture, in declared order."""
     return [h for h in hosts
             if spec.backend in h.endpoints and (not h.arches or spec.arch in h.arches)]
 
 
-def place(spec: EnvSpec, hosts: Iterable[Host], worker: str,
-          dead: Mapping[tuple[str, str], str] | None = None) -> Host | None:
+def place(spec: EnvSpec, hosts: Iterable[PoolHost], worker: str,
+          dead: Mapping[tuple[str, str], str] | None = None) -> PoolHost | None:
     """The pool host an environment runs on, for xdist worker ``worker`` (gw0, gw1...).
 
     The candidates' slots are numbered in declared order (a host with ``slots = 2``

@@ -161,7 +161,7 @@ def pytest_runtestloop(session: pytest.Session) -> Any:
     manager = config.pluginmanager.get_plugin(MANAGER)
     if manager is None:
         return result
-    for name, inst in list(getattr(manager, "instances", {}).items()):
+    for name, inst in list(manager.pool.instances.items()):
         if not getattr(inst, "pytest_started", False) or not inst.alive():
             continue
         try:
@@ -217,7 +217,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if not config.getoption("usepdb", False) or debug_inside(config):
         return
     manager = config.pluginmanager.get_plugin(MANAGER)
-    if manager is not None and manager.bound:
+    if manager is not None and manager.pool.bound:
         manager.progress(
             "--pdb needs a terminal and no xdist to debug an isolated test inside its "
             "environment: here an isolated test that fails is not debugged (a breakpoint() "

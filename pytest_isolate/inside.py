@@ -138,3 +138,39 @@ def addopts_of(config: Any) -> list[str]:
     if isinstance(value, str):
         return shlex.split(value)
     return [str(v) for v in value or ()]
+
+
+def pytest_args(config: Any, files: Iterable[str], addopts: Sequence[str]) -> list[str]:
+    """The arguments of the pytest inside (but for the host's plugins it has): the bound
+    files, the project's addopts as filtered, and the host's options that shape
+    collection and reports."""
+    rootdir = config.rootpath
+    opt = config.option
+    args = [str(rootdir / f) for f in files]
+    args += ["-p", "no:cacheprovider", "-o", "addopts=" + shlex.join(addopts),
+             "--rootdir", str(rootdir),
+             f"--tb={opt.tbstyle}", f"--capture={opt.capture}",
+             f"--import-mode={opt.importmode}", "-W", "ignore::pytest.PytestConfigWarning"]
+    if config.inipath is not None:
+        args += ["-c", str(config.inipath)]
+    verbose = int(opt.verbose or 0)
+    args += ["-v"] * verbose if verbose > 0 else ["-q"] * -verbose
+    if opt.showlocals:
+        args.append("-l")
+    args += doctest_args(opt)
+    args += disabled_plugins(config.invocation_params.args)
+    return args
+
+
+def doctest_args(opt: Any) -> list[str]:
+    """The host's doctest options, for the pytest inside to collect the same doctest items
+    (``-o addopts=`` there drops what addopts gave the host)."""
+    args = ["--doctest-modules"] if getattr(opt, "doctestmodules", False) else []
+    for pattern in getattr(opt, "doctestglob", None) or []:
+        args.append(f"--doctest-glob={pattern}")
+    if getattr(opt, "doctestreport", "udiff") != "udiff":
+        args.append(f"--doctest-report={opt.doctestreport}")
+    for flag in ("doctest_ignore_import_errors", "doctest_continue_on_failure"):
+        if getattr(opt, flag, False):
+            args.append("--" + flag.replace("_", "-"))
+    return args

@@ -1,8 +1,8 @@
 """pytest glue: options, ini keys, the marker, fixtures.  Cheap to import.
 
-The work is done by IsolateManager (manager.py), registered per run as
-"isolate-manager"; no backend module is imported until an environment of that
-kind is used.
+The work is done by the hook plugin IsolateManager (manager.py), registered per run
+as "isolate-manager", with its settings (settings.py) and InstancePool (pool.py); no
+backend module is imported until an environment of that kind is used.
 """
 
 from __future__ import annotations
@@ -103,16 +103,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     manager = _manager(config)
     if manager is None:
         return []
-    lines = [f"isolate: cache {manager.cache_root} ({manager.cache_where})"]
-    if manager.default_envs:
+    settings = manager.settings
+    lines = [f"isolate: cache {settings.cache_root} ({settings.cache_where})"]
+    if settings.default_envs:
         parts = []
-        for name in manager.default_envs:
-            spec = manager.specs[name]
+        for name in settings.default_envs:
+            spec = settings.specs[name]
             state = ""
             try:
-                cls = manager._backend_class(spec.backend)
+                cls = settings.backend_class(spec.backend)
                 key = (cls.rootfs_spec(spec) if cls is not None else spec).rootfs_key()
-                built = (manager.cache_root / "rootfs" / key / "manifest.json").is_file()
+                built = (settings.cache_root / "rootfs" / key / "manifest.json").is_file()
                 state = ", root filesystem cached" if built else ", root filesystem to build"
             except Exception:
                 pass
@@ -144,9 +145,9 @@ def isolate_env(request: pytest.FixtureRequest) -> Iterator[Callable[[str], Any]
                 f"isolate_env({name!r}): unknown environment; known: {', '.join(sorted(manager.specs))}")
         timer = PhaseTimer()
         try:
-            instance = manager.instance(name, timer)
+            instance = manager.pool.instance(name, timer)
         except BackendUnavailable as exc:
-            if manager.strict:
+            if manager.settings.strict:
                 pytest.fail(f"{exc} (--isolate-strict turns this skip into a failure)", pytrace=False)
             pytest.skip(str(exc))
         with timer.phase("reset"):
@@ -160,7 +161,7 @@ def isolate_env(request: pytest.FixtureRequest) -> Iterator[Callable[[str], Any]
         try:
             env.close()
         except Exception:
-            manager.drop(env.name)
+            manager.pool.drop(env.name)
 
 
 def _env_fixture(name: str) -> Any:

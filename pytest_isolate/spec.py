@@ -165,7 +165,8 @@ class EnvSpec:
         one pytest-isolate builds."""
         return self.image is not None or self.dockerfile is not None
 
-    def describe(self) -> str:
+    def summary(self) -> str:
+        """One line for the user: ``name (backend, release/arch)``."""
         return f"{self.name} ({self.backend}, {self.release}/{self.arch})"
 
 

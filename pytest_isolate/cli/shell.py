@@ -76,7 +76,7 @@ def cmd_shell(args: argparse.Namespace, project: Project) -> int:
            "network": spec.network, "hostname": f"isolate-{spec.name}"[:63], "argv": argv,
            "env": env, "cwd": rootdir, "new_session": False}
     if sys.stdin.isatty():
-        stderr_progress(f"shell in a fresh {spec.describe()}; changes are discarded on exit")
+        stderr_progress(f"shell in a fresh {spec.summary()}; changes are discarded on exit")
     # Ctrl-C belongs to the shell.  A no-op handler, not SIG_IGN: an ignored signal would
     # stay ignored through exec in the shell and every command it runs.
     # SIGTERM / SIGHUP end the instance (the launcher kills everything inside), then we clean up.
@@ -120,7 +120,7 @@ def shell_through_agent(args: argparse.Namespace, project: Project, spec: Any) -
     try:
         env = Environment(instance)
         if sys.stdin.isatty():
-            stderr_progress(f"shell in a fresh {spec.describe()}; changes are discarded on exit")
+            stderr_progress(f"shell in a fresh {spec.summary()}; changes are discarded on exit")
         previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
         try:
             return env.shell(list(args.argv) or None, cwd=str(project.rootdir))

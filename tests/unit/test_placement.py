@@ -23,11 +23,11 @@ ARM = EnvSpec("arm", "docker", arch="arm64")
 WHERE = "/p/pyproject.toml: [tool.pytest-isolate.hosts.a]"
 
 
-def host(name: str, slots: int = 1, arches: tuple[str, ...] = (), **endpoints: str) -> cfg.Host:
-    return cfg.Host(name, endpoints or {"docker": f"unix:///{name}.sock"}, arches, slots)
+def host(name: str, slots: int = 1, arches: tuple[str, ...] = (), **endpoints: str) -> cfg.PoolHost:
+    return cfg.PoolHost(name, endpoints or {"docker": f"unix:///{name}.sock"}, arches, slots)
 
 
-def placed(spec: EnvSpec, hosts: list[cfg.Host], workers: int,
+def placed(spec: EnvSpec, hosts: list[cfg.PoolHost], workers: int,
            dead: dict[tuple[str, str], str] | None = None) -> list[str]:
     names = []
     for k in range(workers):

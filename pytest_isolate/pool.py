@@ -1,0 +1,498 @@
+"""The instance pool: the environments of one pytest process and their worker processes.
+
+It places an environment on an engine (the default one or a pool host's), provisions
+it (and its dependency layer), starts it, starts the pytest inside that collects the
+bound items, and keeps per environment the worker of the current scope, the zygote
+holding higher-scoped fixtures and the worker forked ahead for the next test.  At the
+session's end it closes all of that and prunes old run directories.  The hook plugin
+(manager.py) owns one; each ItemRun (itemrun.py) takes its instance and workers here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from pytest_isolate import config as cfg
+from pytest_isolate import hostplugins, inside
+from pytest_isolate.backends.base import Backend, Instance, RunContext
+from pytest_isolate.cache import Cache, force_rmtree
+from pytest_isolate.errors import (
+    AgentError,
+    BackendUnavailable,
+    ConfigError,
+    IsolateError,
+    ProvisionError,
+    RemoteError,
+)
+from pytest_isolate.keys import ENV_KEY
+from pytest_isolate.ownership import record_run, run_dir_finished
+from pytest_isolate.settings import INI_NAMES, Settings
+from pytest_isolate.spec import EnvSpec
+from pytest_isolate.timing import EnvStats, Move, PhaseTimer, RunReport
+
+#: the spec of an isolated item: its environment's, with the marker's overrides
+SPEC_KEY = pytest.StashKey[EnvSpec]()
+#: Extra time the host waits beyond a test's timeout before it gives up on the agent.
+HOST_GRACE = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerChannel:
+    """A worker process inside an instance, as the host drives it: its channel on the
+    instance's connection and the scope it serves (a test's nodeid, a module's path,
+    "session", or "zygote").  (agent.py's Worker is the process's own side.)"""
+
+    ch: int
+    scope: str
+
+
+@dataclasses.dataclass
+class KeptWorker:
+    """The worker of a failed test, kept alive by --isolate-keep-failed."""
+
+    env: str
+    instance: Instance
+    ch: int
+    nodeid: str
+
+
+def release_worker(inst: Instance, ch: int) -> None:
+    """Close a test's worker without waiting for its exit; its late frames are dropped."""
+    inst.conn.send(ch, {"op": "close"})
+    inst.conn.forget(ch)
+
+
+def check_image_support(spec: EnvSpec, backend_class: Any) -> None:
+    """ConfigError when spec's root is an image its backend cannot run (a VM would boot
+    the Debian root filesystem and ignore the key)."""
+    if spec.from_image and not getattr(backend_class, "supports_images", False):
+        key = "image" if spec.image is not None else "dockerfile"
+        raise ConfigError(f"{spec.source(key)}: backend {spec.backend!r} cannot run an image yet "
+                          "(docker, podman, chroot, lxc and schroot can); remove the key, or "
+                          "use one of those backends")
+
+
+class InstancePool:
+    """The environments of this pytest process (name -> running instance) and the
+    workers inside them; one per run, owned by the hook plugin."""
+
+    def __init__(self, config: pytest.Config, settings: Settings, report: RunReport,
+                 progress: Callable[[str], None]) -> None:
+        self.config = config
+        self.settings = settings
+        #: the run's report: the pool records each environment's placement and timings
+        self.report = report
+        self.run_id = report.run_id
+        #: a line for the user (the hook plugin's, on the terminal)
+        self.progress = progress
+        self.instances: dict[str, Instance] = {}
+        #: per environment: the worker of the current scope (reset = "module"/"session")
+        self.workers: dict[str, WorkerChannel] = {}
+        #: per environment: the zygote that holds higher-scoped fixtures (reset = "test")
+        self.zygotes: dict[str, WorkerChannel] = {}
+        #: per environment: the worker forked ahead for its next test (nodeid, worker)
+        self.prepared: dict[str, tuple[str, WorkerChannel]] = {}
+        #: per environment: the test that ran last
+        self.last_run: dict[str, str] = {}
+        self._zygote_next: dict[str, pytest.Item | None] | None = None
+        self.backends: dict[str, Backend] = {}
+        #: pool hosts that failed their health check in this run: (pool host, backend) -> why
+        self.dead_pool_hosts: dict[tuple[str, str], str] = {}
+        #: per environment: the pool host its last instance was placed on
+        self.placed: dict[str, str] = {}
+        self.unavailable: dict[str, BackendUnavailable] = {}
+        #: per environment: the test whose failure showed its backend's whole message
+        self.unavailable_shown: dict[str, str] = {}
+        self.broken: dict[str, Exception] = {}
+        #: per environment: the nodeids of the collected items bound to it
+        self.bound: dict[str, set[str]] = {}
+        #: environments whose missing plugins were reported already
+        self.plugins_warned: set[str] = set()
+        #: dependency plans per environment (None: nothing to install), see layer_plan
+        self.plans: dict[str, Any] = {}
+        self.kept: list[KeptWorker] = []
+        #: releases of the shared locks on the cache entries this run uses
+        self.holds: dict[str, Callable[[], None]] = {}
+        self._cache: Cache | None = None
+
+    @property
+    def cache(self) -> Cache:
+        if self._cache is None:
+            self._cache = Cache(self.settings.cache_root, where=self.settings.cache_where)
+            # build directories of killed runs: nobody holds their key's lock any more
+            # (a live build does, and is skipped); mounted ones are refused and kept
+            self._cache.clean_tmp()
+        return self._cache
+
+    def run_context(self) -> RunContext:
+        base = self.cache.root / "runs" / self.run_id
+        record_run(base)  # what tells a later run or `cache gc` whether this one still runs
+        return RunContext(
+            run_id=self.run_id, rootdir=self.config.rootpath, cache=self.cache,
+            log_dir=base / "logs", work_dir=base / "work", progress=self.progress,
+            strict=self.settings.strict,
+        )
+
+    def backend(self, name: str, endpoint: str | None = None) -> Backend:
+        """The backend object driving one engine (the default one, or a pool host's)."""
+        cache_key = f"{name}@{endpoint}" if endpoint else name
+        if cache_key in self.backends:
+            return self.backends[cache_key]
+        ref = self.settings.backend_refs.get(name)
+        if ref is None:
+            raise BackendUnavailable(
+                name, "no backend of that name is registered",
+                f"registered backends: {', '.join(sorted(self.settings.backend_refs))}; third-party "
+                "backends register through the pytest_isolate_backends hook")
+        if isinstance(ref, str):
+            module, _, attr = ref.partition(":")
+            ref = getattr(importlib.import_module(module), attr)
+        backend: Backend = ref(self.run_context())
+        backend.endpoint = endpoint
+        self.backends[cache_key] = backend
+        return backend
+
+    # ------------------------------------------------------------ instances
+    def placed_backend(self, name: str, spec: EnvSpec) -> tuple[cfg.PoolHost | None, Backend]:
+        """The checked backend for environment name's next instance, and its pool host.
+
+        Called for every new instance, so a pool host that died since the last one is found
+        here: a pool host failing its health check is dead for the rest of this run (other
+        environments skip it without asking), the environment moves to the next candidate
+        (a Move in the report), and NoHostLeft names every pool host's reason when none is
+        left.
+        """
+        xdist_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        origin = self.placed.get(name)
+        while True:
+            pool_host = cfg.place(spec, self.settings.pool_hosts, xdist_worker,
+                                  self.dead_pool_hosts)
+            endpoint = pool_host.endpoints[spec.backend] if pool_host else None
+            backend = self.backend(spec.backend, endpoint)
+            if pool_host is None:  # no pool host serves it: the default engine, as before
+                backend.check(spec)
+                return None, backend
+            try:
+                backend.check(spec)
+            except BackendUnavailable as exc:
+                self.dead_pool_hosts[pool_host.name, spec.backend] = exc.reason
+                origin = origin or pool_host.name
+                continue
+            if origin is not None and origin != pool_host.name:
+                self.report.moves.append(Move(name, origin, pool_host.name,
+                                              self.dead_pool_hosts[origin, spec.backend]))
+                self.progress(f"{name}: moved from host {origin!r} to {pool_host.name!r} "
+                              f"({self.dead_pool_hosts[origin, spec.backend]})")
+            self.placed[name] = pool_host.name
+            return pool_host, backend
+
+    def instance(self, name: str, timer: PhaseTimer) -> Instance:
+        inst = self.instances.get(name)
+        if inst is not None and inst.alive():
+            return inst
+        if inst is not None:
+            self.drop(name)
+        spec = self.settings.specs[name]
+        if name in self.unavailable:
+            raise self.unavailable[name]
+        try:
+            pool_host, backend = self.placed_backend(name, spec)
+        except BackendUnavailable as exc:
+            self.unavailable[name] = exc
+            raise
+        endpoint = backend.endpoint
+        stats = self.report.envs.setdefault(
+            name, EnvStats(name, spec.backend, spec.arch, spec.release))
+        stats.host = pool_host.name if pool_host is not None else "default"
+        stats.endpoint = endpoint or ""
+        if name in self.broken:
+            # the full error (with the build's output tail) went with the first test
+            first = str(self.broken[name]).splitlines()[0]
+            raise ProvisionError(f"environment {name!r} could not be built earlier in this run "
+                                 f"(the first test of it shows why): {first}")
+        check_image_support(spec, type(backend))
+        with timer.phase("provision"):
+            started = time.perf_counter()
+            try:
+                entry = backend.provision(spec)
+                spec = self.with_layer(name, spec, backend)
+            except Exception as exc:
+                self.broken[name] = exc  # built once per run: later tests fail fast
+                raise
+            finally:
+                stats.provision += time.perf_counter() - started
+        if name not in self.holds:
+            self.holds[name] = self.cache.hold(entry)
+        stats.key = entry.key
+        if entry.manifest.get("digest"):  # a user's image: what its reference resolved to
+            stats.image = str(entry.manifest.get("reference") or spec.image or "")
+            stats.digest = str(entry.manifest["digest"])
+        stats.cache_hit = entry.hit if stats.cache_hit is None else stats.cache_hit
+        if not entry.hit:
+            self.progress(f"built {spec.summary()} in {entry.build_seconds:.1f}s")
+        with timer.phase("start"):
+            started = time.perf_counter()
+            inst = backend.start(spec, entry)
+            stats.start += time.perf_counter() - started
+            stats.starts += 1
+            stats.root = inst.root or stats.root
+        stats.logs = {k: str(v) for k, v in inst.logs.items()}
+        self.instances[name] = inst
+        return inst
+
+    def layer_plan(self, name: str) -> Any:
+        """The dependency plan of environment name (images/deps.py; None: nothing to
+        install), made once per run; bad keys raise ConfigError."""
+        if name in self.plans:
+            return self.plans[name]
+        from pytest_isolate.images.deps import choose_installer, make_plan
+
+        spec = self.settings.specs[name]
+        plan = None
+        explicit = [k for k in cfg.DEPS_KEYS if spec.source(k) != "built-in default"]
+        backend_class = self.settings.backend_class(spec.backend)
+        check_image_support(spec, backend_class)
+        if spec.from_image or not getattr(backend_class, "supports_layers", True):
+            if explicit:
+                image = spec.image or f"built from {spec.dockerfile}"
+                why = (f"image {image!r} is not a root filesystem pytest-isolate builds"
+                       if spec.from_image else f"backend {spec.backend!r}")
+                raise ConfigError(
+                    f"{spec.source(explicit[0])}: installing the project and its dependencies "
+                    f"inside is not supported yet for {why}; remove the key or use another "
+                    "environment")
+        else:
+            plan = make_plan(spec, self.config.rootpath)
+            if plan is not None:
+                choose_installer(spec)  # installer = "uv" without a uv: said now
+        self.plans[name] = plan
+        return plan
+
+    def with_layer(self, name: str, spec: EnvSpec, backend: Backend) -> EnvSpec:
+        """spec with its dependency layer (the project and its test dependencies in a
+        virtual environment inside), built when missing; only for environments that run
+        collected tests (a fixture drives its environment as provisioned)."""
+        if name not in self.bound:
+            return spec
+        plan = self.layer_plan(name)
+        if plan is None:
+            return spec
+        from pytest_isolate.images.deps import provision_layer
+        from pytest_isolate.images.rootfs import provision_rootfs
+
+        run = self.run_context()
+        rootfs = provision_rootfs(backend.rootfs_spec(spec), self.cache,
+                                  run.log_path(name, "provision.log"), run.rootdir,
+                                  self.progress)
+        layer = provision_layer(spec, rootfs, run.rootdir, self.cache,
+                                run.log_path(name, "deps.log"), self.progress, plan)
+        if layer is None:
+            return spec
+        if f"deps:{name}" not in self.holds:
+            self.holds[f"deps:{name}"] = self.cache.hold(layer.entry)
+        if layer.venv_pytest and layer.venv_pytest != pytest.__version__:
+            self.progress(f"{name}: the project's dependencies install pytest "
+                          f"{layer.venv_pytest} inside; the host's pytest {pytest.__version__} "
+                          "is used there (both sides must run the same pytest)")
+        return dataclasses.replace(spec, layer=layer)
+
+    def drop(self, name: str) -> None:
+        inst = self.instances.pop(name, None)
+        self.workers.pop(name, None)
+        self.zygotes.pop(name, None)
+        self.prepared.pop(name, None)
+        if inst is not None:
+            inst.stop()
+
+    def ensure_pytest(self, name: str, inst: Instance, timer: PhaseTimer) -> None:
+        if inst.pytest_started:
+            return
+        rootdir = self.config.rootpath
+        files = sorted({nodeid.split("::", 1)[0] for nodeid in self.bound.get(name, ())})
+        addopts, _ = inside.filter_addopts(inside.addopts_of(self.config))
+        args = inside.pytest_args(self.config, files, addopts) + self.plugins_inside(name, inst)
+        coverage = hostplugins.coverage_options(self.config)
+        if coverage is not None:  # pytest-cov: measured inside too (hostplugins.py)
+            inst.conn.call(0, {"op": "configure", "settings": {"coverage": coverage}},
+                           timeout=self.settings.timeout)
+        request = {"op": "pytest", "args": args, "cwd": str(rootdir),
+                   "default_envs": self.settings.default_envs, "ini_names": list(INI_NAMES),
+                   "markers": [str(m) for m in self.config.getini("markers")]}
+        with timer.phase("sync"):
+            try:
+                reply, _ = inst.conn.call(0, request, timeout=self.settings.timeout)
+            except RemoteError as exc:
+                if exc.type_name != "PytestStartError" or not addopts:
+                    raise
+                # an option of the project's addopts that the pytest inside does not know
+                # (its plugin is not installed there): said once, then run without them
+                self.progress(f"{name}: pytest inside refused the project's addopts "
+                              f"{shlex.join(addopts)!r} (its log: {inst.logs.get('agent')}); "
+                              "running there without them")
+                request["args"] = ["addopts=" if a.startswith("addopts=") else a for a in args]
+                reply, _ = inst.conn.call(0, request, timeout=self.settings.timeout)
+        if reply["op"] != "collected":
+            raise AgentError(f"unexpected answer from the agent: {reply}")
+        inst.pytest_started = True
+        inst.collected = set(reply["nodeids"])
+        inst.collect_errors = list(reply["errors"])
+
+    def plugins_inside(self, name: str, inst: Instance) -> list[str]:
+        """-p NAME for each plugin the host loaded that the environment has; one line for
+        each that it lacks (once per environment)."""
+        wanted = inside.host_plugins(self.config.pluginmanager)
+        if not wanted:
+            return []
+        reply, _ = inst.conn.call(0, {"op": "plugins", "names": [n for n, _ in wanted]},
+                                  timeout=self.settings.timeout)
+        present = set(reply.get("present", ()))
+        missing = [f"{dist} (plugin {ep!r})" for ep, dist in wanted if ep not in present]
+        if missing and name not in self.plugins_warned:
+            self.plugins_warned.add(name)
+            self.progress(f"{name}: pytest plugins loaded here but not installed inside: "
+                          f"{', '.join(missing)}; add them to 'deps' or 'dependency_groups' "
+                          f"in [{cfg.TABLE}] (or the environment's table) to load them there")
+        return [arg for ep, _ in wanted if ep in present for arg in ("-p", ep)]
+
+    # ------------------------------------------------------------ workers
+    def next_in_zygote(self, item: pytest.Item,
+                       nextitem: pytest.Item | None) -> pytest.Item | None:
+        """The next test the zygote of item's environment will fork a worker for (None:
+        none in this run, so it tears every scope down): pytest's nextitem under xdist
+        (whose scheduler decides), else the next item of the run bound to the same
+        environment with reset = "test", so tests of several environments interleaved
+        (test_a[docker], test_a[lxc], ...) keep each environment's scopes alive."""
+        session = item.session
+        if nextitem is None or session.shouldfail or session.shouldstop:
+            return None
+        env = item.stash[ENV_KEY]
+
+        def here(it: pytest.Item) -> bool:
+            return it.stash.get(ENV_KEY, None) == env and it.stash[SPEC_KEY].reset == "test"
+
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            return nextitem if here(nextitem) else None
+        if self._zygote_next is None:
+            following: dict[str, pytest.Item | None] = {}
+            last: dict[str, pytest.Item] = {}
+            for it in reversed(session.items):
+                name = it.stash.get(ENV_KEY, None)
+                if name is None or it.stash[SPEC_KEY].reset != "test":
+                    continue
+                following[it.nodeid] = last.get(name)
+                last[name] = it
+            self._zygote_next = following
+        return self._zygote_next.get(item.nodeid)
+
+    def discard_prepared(self, env: str) -> None:
+        """Close the worker forked ahead for env's next test (the run stopped early, the
+        zygote it came from ended): nobody waits for its exit."""
+        entry = self.prepared.pop(env, None)
+        inst = self.instances.get(env)
+        if entry is None or inst is None or not inst.alive():
+            return
+        try:
+            release_worker(inst, entry[1].ch)
+        except IsolateError:
+            pass
+
+    def close_zygotes(self) -> None:
+        """A run that stopped early (-x, an interrupt) leaves scopes set up in zygotes:
+        tear them down where they were set up (errors go to the environment's log)."""
+        for env, zygote in list(self.zygotes.items()):
+            self.discard_prepared(env)
+            inst = self.instances.get(env)
+            if inst is None or not inst.alive():
+                continue
+            try:
+                inst.conn.send(zygote.ch, {"op": "advance", "prev": None, "next": None})
+                while inst.conn.recv(zygote.ch, HOST_GRACE)[0]["op"] not in (
+                        "advanced", "exit", "error"):
+                    pass
+            except IsolateError as exc:
+                self.progress(f"tearing down the fixtures held for {env!r} failed: {exc}")
+        self.zygotes.clear()
+
+    def enter_kept(self) -> None:
+        """--isolate-keep-failed: a shell in each failed test's environment, as it left it."""
+        from pytest_isolate.interactive import interact
+
+        kept, self.kept = self.kept, []
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        interactive = sys.stdin.isatty() and os.environ.get("PYTEST_XDIST_WORKER") is None
+        for k in kept:
+            if not k.instance.alive():
+                continue
+            if not interactive:
+                self.progress(f"--isolate-keep-failed: {k.nodeid} failed in {k.env!r}; a shell "
+                              "into it needs a terminal (and no xdist): rerun that test alone, "
+                              "e.g. pytest --isolate-keep-failed " + shlex.quote(k.nodeid))
+                continue
+            self.progress(f"{k.nodeid} failed in {k.env!r}: a shell in its environment as the "
+                          "test left it (cwd = rootdir); exit the shell to go on")
+            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                try:
+                    interact(k.instance.conn, k.ch, cwd=str(self.config.rootpath))
+                except IsolateError as exc:
+                    self.progress(f"the shell ended: {exc}")
+        self.progress("kept environments closed")
+
+    # ------------------------------------------------------------ session end
+    def close(self) -> None:
+        """The session's end: scopes held in zygotes torn down, kept workers' shells
+        (--isolate-keep-failed), every instance stopped, the cache entries' locks
+        released."""
+        self.close_zygotes()
+        if self.kept:
+            self.enter_kept()
+        for name in list(self.instances):
+            self.drop(name)
+        for release in self.holds.values():
+            release()
+        self.holds.clear()
+
+    def reap_after_crash(self, xdist_worker: str) -> None:
+        """xdist controller: a worker died without tearing down; remove what it left.
+
+        Its agents die with it (they see their stdin close), but containers, LXC
+        containers and schroot sessions outlive it.  Every backend's reap() removes only
+        what belongs to processes that are gone, so the other workers' instances stay.
+        """
+        for name in sorted({spec.backend for spec in self.settings.specs.values()}):
+            try:
+                self.backend(name).reap()
+            except Exception as exc:  # best effort: the next run reaps again
+                self.progress(f"after worker {xdist_worker} died: could not reap {name}: {exc}")
+
+    def prune_runs(self, keep: int = 20) -> None:
+        """Keep the newest `keep` run directories; never one whose pytest still runs."""
+        if self._cache is None:
+            return
+        runs = self.cache.root / "runs"
+        if not runs.is_dir():
+            return
+        ordered = sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)
+        for old in ordered[:-keep]:
+            if not run_dir_finished(old):
+                continue
+            try:
+                force_rmtree(old)
+            except (OSError, IsolateError):
+                pass  # `python -m pytest_isolate cache gc` reports what it cannot remove
+        for old in ordered[-keep:]:
+            # a killed run's work directory (launcher mount points, lxcpath): its logs stay
+            if old.name != self.run_id and run_dir_finished(old) and (old / "work").exists():
+                try:
+                    force_rmtree(old / "work")
+                except (OSError, IsolateError):
+                    pass
