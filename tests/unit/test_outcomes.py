@@ -413,13 +413,13 @@ def test_backend_hook_without_optionalhook(project: Project) -> None:
 
 
 def test_killed_environment_fails_the_test_and_is_restarted(project: Project) -> None:
+    project.relay_setup()
     project.tests(src("""
         import signal
 
         @pytest.mark.isolate("fakeenv")
-        def test_kill_agent():
-            import time
-            time.sleep(0.5)  # let the agent relay the setup report first
+        def test_kill_agent(setup_relayed):
+            setup_relayed()  # the host has the setup report: the agent dies in the call
             # the worker's parent is the zygote, whose parent is the agent: kill the
             # whole "environment"
             with open("/proc/%d/stat" % os.getppid()) as f:
