@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_support import run_pytest
 
 from pytest_isolate import config
 from pytest_isolate.backends import BUILTIN_BACKENDS
@@ -155,17 +155,12 @@ class Project:
         before = set(runs.iterdir()) if runs.is_dir() else set()
         report = self.root / f"{name}-report.json"
         junit = self.root / f"{name}-junit.xml"
-        environ = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))}
-        environ.update(env or {})
         # options with a path value are written --opt=value: pytest looks for its rootdir
         # among the existing paths on the command line before plugins' options are known
-        argv = [sys.executable, "-m", "pytest", "-n", "2", "--dist", "load", "-v",
-                "-p", "no:cacheprovider", "--isolate-strict", f"--isolate-cache-dir={self.cache}",
-                f"--isolate-report={report}", f"--junitxml={junit}", *extra]
         started = time.monotonic()
-        result = subprocess.run(argv, cwd=self.root, env=environ, capture_output=True, text=True,
-                                timeout=1800)
+        result = run_pytest(self.root, self.cache, "-n", "2", "--dist", "load", "-v",
+                            f"--isolate-report={report}", f"--junitxml={junit}", *extra,
+                            extra_env=env, timeout=1800)
         seconds = time.monotonic() - started
         after = set(runs.iterdir()) if runs.is_dir() else set()
         return Run(result, seconds, report, junit, sorted(after - before))
@@ -385,14 +380,9 @@ def test_virtual_machines_on_two_workers(tmp_path: Path, pytestconfig: pytest.Co
     cache = manager.cache.root
     (tmp_path / "test_vms.py").write_text(VM_TESTS)
     before = qemu_pids()
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))}
     report = tmp_path / "report.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", "--dist", "load", "-v", "-p",
-         "no:cacheprovider", "--isolate-strict", f"--isolate-cache-dir={cache}",
-         f"--isolate-report={report}", "test_vms.py"],
-        cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=1200)
+    result = run_pytest(tmp_path, cache, "-n", "2", "--dist", "load", "-v",
+                        f"--isolate-report={report}", "test_vms.py", timeout=1200)
     out = result.stdout
     assert result.returncode == 0, out[-6000:] + result.stderr[-2000:]
     assert re.search(r"\b6 passed\b", out), out[-3000:]
