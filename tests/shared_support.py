@@ -72,8 +72,10 @@ def outer_cache(config: pytest.Config) -> str:
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float,
-             proc: subprocess.Popen[bytes] | None = None, interval: float = 0.1) -> T:
-    """probe()'s first true answer; fails after timeout (or when proc ended first)."""
+             proc: subprocess.Popen[bytes] | None = None, interval: float = 0.1,
+             explain: Callable[[], object] | None = None) -> T:
+    """probe()'s first true answer; fails after timeout (or when proc ended first), with
+    explain()'s answer when given (what is still in the way)."""
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
@@ -82,5 +84,6 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float,
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"the process ended (status {proc.returncode}) before {what}")
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+            why = f": {explain()}" if explain is not None else ""
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{why}")
         time.sleep(interval)

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,32 @@ def still_alive(procs: dict[tuple[int, str], str]) -> dict[tuple[int, str], str]
         if fields is not None and fields[19] == start and fields[0] != "Z":
             alive[(pid, start)] = text
     return alive
+
+
+def watch(proc: subprocess.Popen[bytes],
+          sample: Callable[[dict[tuple[int, str], str]], None] | None = None,
+          interval: float = 0.5) -> dict[tuple[int, str], str]:
+    """Every process that ran under the inner run proc, looked at each interval until proc
+    ends (killed on the way out if it still runs); sample(tree so far) after each look."""
+    tree: dict[tuple[int, str], str] = {}
+    try:
+        while proc.poll() is None:
+            tree.update(descendants(proc.pid))
+            if sample is not None:
+                sample(tree)
+            time.sleep(interval)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return tree
+
+
+def wait_gone(procs: dict[tuple[int, str], str], timeout: float = 10.0) -> None:
+    """Wait until none of procs runs any more (each is gone once its run ended: its parent
+    reaps it); fails naming those still there."""
+    wait_for(f"the {len(procs)} processes of the run to end", lambda: not still_alive(procs),
+             timeout, explain=lambda: still_alive(procs))
 
 
 def ancestors(pid: int) -> list[int]:

@@ -34,7 +34,7 @@ from faults_support import (
     run_id_of,
     sleep_tag,
 )
-from shared_support import wait_for
+from shared_support import inner_environ, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Iter
     tag = sleep_tag()
     (project / "test_dead.py").write_text(dead_run_source(tag))
     (project / "pyproject.toml").write_text(LIMITED)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
+    env = inner_environ()
     with open(project / "dead.out", "wb") as out:
         proc = subprocess.Popen(inner_argv(cache_dir), cwd=project, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -239,7 +239,7 @@ def killed_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildScen
     sc = BuildScenario(cache)
     (project / "pyproject.toml").write_text(textwrap.dedent(BUILD_SPEC))
     (project / "test_fresh.py").write_text(textwrap.dedent(BUILD_TEST))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
+    env = inner_environ()
     with open(project / "a.out", "wb") as out:
         a = subprocess.Popen(inner_argv(str(cache)), cwd=project, stdout=out,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
