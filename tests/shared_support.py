@@ -75,15 +75,17 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float,
              proc: subprocess.Popen[bytes] | None = None, interval: float = 0.1,
              explain: Callable[[], object] | None = None) -> T:
     """probe()'s first true answer; fails after timeout (or when proc ended first), with
-    explain()'s answer when given (what is still in the way)."""
+    explain()'s answer when given (what is in the way, a log's tail)."""
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the process ended (status {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            why = f": {explain()}" if explain is not None else ""
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{why}")
-        time.sleep(interval)
+            failure = f"the process ended (status {proc.returncode}) before {what}"
+        elif time.monotonic() > deadline:
+            failure = f"timed out after {timeout:.0f}s waiting for {what}"
+        else:
+            time.sleep(interval)
+            continue
+        pytest.fail(failure + (f": {explain()}" if explain is not None else ""))

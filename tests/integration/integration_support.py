@@ -35,4 +35,4 @@ def wait_for_log(proc: subprocess.Popen[bytes], log: Path, text: str, what: str,
                  seconds: float = 20) -> None:
     """Wait until a daemon a test started writes text to its log (it listens)."""
     wait_for(f"{what} to start listening ({text!r} in {log})", lambda: text in log.read_text(),
-             seconds, proc)
+             seconds, proc, explain=lambda: log.read_text()[-3000:])
