@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shared_support import run_pytest
+from shared_support import run_pytest, wait_for
 
 from pytest_isolate import config
 from pytest_isolate.backends import BUILTIN_BACKENDS
@@ -394,7 +394,5 @@ def test_virtual_machines_on_two_workers(tmp_path: Path, pytestconfig: pytest.Co
         assert 1 <= stats["starts"] <= 2, stats  # one machine per worker that ran it
     ran_on = {m.group(1) for m in re.finditer(r"\[(gw\d)\] \[[ \d%]+\] PASSED", out)}
     assert ran_on == {"gw0", "gw1"}, out[-3000:]
-    deadline = time.monotonic() + 15
-    while qemu_pids() - before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert qemu_pids() - before == set()
+    wait_for("the run's QEMUs to end", lambda: not qemu_pids() - before, 15, interval=0.2,
+             explain=lambda: f"still running: {sorted(qemu_pids() - before)}")
