@@ -367,10 +367,13 @@ def test_a3():
 '''
 
 
-def qemu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "^[^ ]*qemu-system"], capture_output=True, text=True,
+def qemu_pids(run_ids: set[str]) -> set[int]:
+    """The QEMUs of the runs run_ids (their -name is pytest-isolate:RUN:ENV): not those of
+    other runs on this machine."""
+    out = subprocess.run(["pgrep", "-af", "^[^ ]*qemu-system"], capture_output=True, text=True,
                          check=False).stdout
-    return {int(p) for p in out.split()}
+    return {int(pid) for pid, _, argv in (line.partition(" ") for line in out.splitlines())
+            if any(f"pytest-isolate:{run}:" in argv for run in run_ids)}
 
 
 def test_virtual_machines_on_two_workers(tmp_path: Path, pytestconfig: pytest.Config) -> None:
@@ -379,7 +382,8 @@ def test_virtual_machines_on_two_workers(tmp_path: Path, pytestconfig: pytest.Co
     manager = pytestconfig.pluginmanager.get_plugin("isolate-manager")
     cache = manager.cache.root
     (tmp_path / "test_vms.py").write_text(VM_TESTS)
-    before = qemu_pids()
+    runs = cache / "runs"
+    before = set(runs.iterdir())
     report = tmp_path / "report.json"
     result = run_pytest(tmp_path, cache, "-n", "2", "--dist", "load", "-v",
                         f"--isolate-report={report}", "test_vms.py", timeout=1200)
@@ -394,5 +398,8 @@ def test_virtual_machines_on_two_workers(tmp_path: Path, pytestconfig: pytest.Co
         assert 1 <= stats["starts"] <= 2, stats  # one machine per worker that ran it
     ran_on = {m.group(1) for m in re.finditer(r"\[(gw\d)\] \[[ \d%]+\] PASSED", out)}
     assert ran_on == {"gw0", "gw1"}, out[-3000:]
-    wait_for("the run's QEMUs to end", lambda: not qemu_pids() - before, 15, interval=0.2,
-             explain=lambda: f"still running: {sorted(qemu_pids() - before)}")
+    # the two workers' runs (and those of any other run that started meanwhile on this cache)
+    ours = {p.name for p in set(runs.iterdir()) - before}
+    assert len(ours) >= 2, ours
+    wait_for("the run's QEMUs to end", lambda: not qemu_pids(ours), 15, interval=0.2,
+             explain=lambda: f"still running: {sorted(qemu_pids(ours))}")
