@@ -20,21 +20,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from shared_support import pytest_argv, pytest_options, wait_for
 
 #: The backends every case that applies to all of them is parametrized over.
 BACKENDS = ("chroot", "docker", "podman", "lxc", "schroot")
 #: Text of agent.BOOTSTRAP that shows in the command line of every agent process.
 AGENT_CMDLINE_MARK = "no agent source on stdin"
-
-T = TypeVar("T")
 
 
 def safe_name(text: str) -> str:
@@ -113,6 +111,32 @@ def still_alive(procs: dict[tuple[int, str], str]) -> dict[tuple[int, str], str]
     return alive
 
 
+def watch(proc: subprocess.Popen[bytes],
+          sample: Callable[[dict[tuple[int, str], str]], None] | None = None,
+          interval: float = 0.5) -> dict[tuple[int, str], str]:
+    """Every process that ran under the inner run proc, looked at each interval until proc
+    ends (killed on the way out if it still runs); sample(tree so far) after each look."""
+    tree: dict[tuple[int, str], str] = {}
+    try:
+        while proc.poll() is None:
+            tree.update(descendants(proc.pid))
+            if sample is not None:
+                sample(tree)
+            time.sleep(interval)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return tree
+
+
+def wait_gone(procs: dict[tuple[int, str], str], timeout: float = 10.0) -> None:
+    """Wait until none of procs runs any more (each is gone once its run ended: its parent
+    reaps it); fails naming those still there."""
+    wait_for(f"the {len(procs)} processes of the run to end", lambda: not still_alive(procs),
+             timeout, explain=lambda: still_alive(procs))
+
+
 def ancestors(pid: int) -> list[int]:
     out = []
     while pid > 1:
@@ -122,21 +146,6 @@ def ancestors(pid: int) -> list[int]:
         pid = int(fields[1])
         out.append(pid)
     return out
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float,
-             proc: subprocess.Popen[bytes] | None = None, interval: float = 0.1) -> T:
-    """probe()'s first true answer; fails after timeout (or when proc ended first)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the inner run ended (status {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def kill_all(procs: Any) -> None:
@@ -261,8 +270,13 @@ def run_id_of(cache_dir: str, pid: int) -> str:
 
 
 def inner_options(cache_dir: str) -> list[str]:
-    return ["-p", "no:cacheprovider", "--isolate-strict", f"--isolate-cache-dir={cache_dir}",
-            "-rA", "-v"]
+    """An inner run's options: strict, on the outer run's cache, every outcome shown."""
+    return pytest_options(cache_dir, "-rA", "-v")
+
+
+def inner_argv(cache_dir: str, *args: str) -> list[str]:
+    """`python -m pytest` with inner_options, then args."""
+    return pytest_argv(cache_dir, "-rA", "-v", *args)
 
 
 class Inner:
@@ -288,7 +302,7 @@ class Inner:
         log = open(self.path / out, "wb")  # noqa: SIM115 - closed right after the start
         try:
             return subprocess.Popen(
-                [sys.executable, "-m", "pytest", *inner_options(self.cache_dir), *args],
+                inner_argv(self.cache_dir, *args),
                 cwd=self.path, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env)
         finally:

@@ -10,13 +10,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faults_support import find_processes, inner_options, kill_all, wait_for
+from faults_support import find_processes, inner_argv, kill_all
+from shared_support import wait_for
 
 
 class PrivateEngine:
@@ -98,7 +98,7 @@ class PrivateEngine:
             engine = self.start(project / "dockerd.log")
             with open(project / "inner.out", "wb") as out:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "pytest", *inner_options(cache_dir), *args],
+                    inner_argv(cache_dir, *args),
                     cwd=project, stdout=out, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, env=env)
             wait_for(f"sleep {tag} in a container of the private engine",

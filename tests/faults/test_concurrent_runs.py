@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from faults_support import find_processes, inner_options, kill_all, run_id_of, sleep_tag, wait_for
+from faults_support import find_processes, inner_argv, kill_all, run_id_of, sleep_tag
+from shared_support import inner_environ, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +43,8 @@ def test_a_run_never_prunes_a_live_run(tmp_path: Path, cache_dir: str, env: str)
         def test_short():
             pass
     """))
-    environ = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS",)}
-    base = [sys.executable, "-m", "pytest", *inner_options(str(cache))]
+    environ = inner_environ()
+    base = inner_argv(str(cache))
     with open(tmp_path / "a.out", "wb") as out:
         a = subprocess.Popen([*base, "test_a.py"], cwd=project, stdout=out,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)

@@ -24,9 +24,9 @@ from faults_support import (
     kill_and_wait,
     run_id_of,
     sleep_tag,
-    wait_for,
     wait_for_console,
 )
+from shared_support import wait_for
 
 pytestmark = pytest.mark.integration
 

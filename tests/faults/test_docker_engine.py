@@ -9,12 +9,12 @@ removed by this module, found by those private paths and cgroup names only.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 from faults_support import sleep_tag
 from private_engine import PrivateEngine
+from shared_support import inner_environ
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +50,7 @@ def engine_killed(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> I
     project = tmp_path_factory.mktemp("engine-killed")
     tag = sleep_tag()
     (project / "test_engine.py").write_text(ENGINE_RUN.format(tag=tag))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
-    env["DOCKER_HOST"] = HOST
+    env = inner_environ({"DOCKER_HOST": HOST})
     sc = EngineScenario()
     with ENGINE.killed_mid_run(project, cache_dir, tag, [], env) as elapsed:
         sc.elapsed = elapsed

@@ -29,12 +29,12 @@ from faults_support import (
     descendants,
     find_processes,
     host_state,
-    inner_options,
+    inner_argv,
     kill_all,
     run_id_of,
     sleep_tag,
-    wait_for,
 )
+from shared_support import inner_environ, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,10 +77,6 @@ class Scenario:
         self.next_status = -1
 
 
-def pytest_cmd(cache_dir: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", *inner_options(cache_dir), *args]
-
-
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Iterator[Scenario]:
     project = tmp_path_factory.mktemp("killed-run")
@@ -88,9 +84,9 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Iter
     tag = sleep_tag()
     (project / "test_dead.py").write_text(dead_run_source(tag))
     (project / "pyproject.toml").write_text(LIMITED)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
+    env = inner_environ()
     with open(project / "dead.out", "wb") as out:
-        proc = subprocess.Popen(pytest_cmd(cache_dir), cwd=project, stdout=out,
+        proc = subprocess.Popen(inner_argv(cache_dir), cwd=project, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     try:
         wait_for(f"sleep {tag} (every backend started)",
@@ -105,7 +101,7 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Iter
         (project / "test_dead.py").unlink()
         (project / "test_next.py").write_text(textwrap.dedent(NEXT_RUN).format(
             envs=", ".join(repr(b) for b in (VM, *BACKENDS))))
-        done = subprocess.run(pytest_cmd(cache_dir), cwd=project, capture_output=True,
+        done = subprocess.run(inner_argv(cache_dir), cwd=project, capture_output=True,
                               text=True, stdin=subprocess.DEVNULL, env=env, timeout=600,
                               check=False)
         sc.next_output, sc.next_status = done.stdout + done.stderr, done.returncode
@@ -243,16 +239,16 @@ def killed_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildScen
     sc = BuildScenario(cache)
     (project / "pyproject.toml").write_text(textwrap.dedent(BUILD_SPEC))
     (project / "test_fresh.py").write_text(textwrap.dedent(BUILD_TEST))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
+    env = inner_environ()
     with open(project / "a.out", "wb") as out:
-        a = subprocess.Popen(pytest_cmd(str(cache)), cwd=project, stdout=out,
+        a = subprocess.Popen(inner_argv(str(cache)), cwd=project, stdout=out,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     b: subprocess.Popen[str] | None = None
     try:
         sc.tmp_during = wait_for("run A's build directory",
                                  lambda: [p.name for p in (cache / "tmp").glob("rootfs-*")], 120, a)
         sc.key = sc.tmp_during[0].split(".")[0].split("-", 1)[1]
-        b = subprocess.Popen(pytest_cmd(str(cache)), cwd=project, stdout=subprocess.PIPE,
+        b = subprocess.Popen(inner_argv(str(cache)), cwd=project, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True)
         sc.second_pid = b.pid
         time.sleep(4)  # A is downloading/unpacking packages, B waits for the key's lock

@@ -16,10 +16,10 @@ import pytest
 from faults_support import (
     AGENT_CMDLINE_MARK,
     Inner,
-    descendants,
     mounts,
     run_cmd,
-    still_alive,
+    wait_gone,
+    watch,
 )
 
 pytestmark = pytest.mark.integration
@@ -57,30 +57,21 @@ def test_two_thousand_tests_in_one_environment(inner: Inner) -> None:
     inner.write("test_load.py", load_source(N))
     started = time.monotonic()
     proc = inner.popen("-q", "--isolate-report=report.json", "--junitxml=junit.xml")
-    tree: dict[tuple[int, str], str] = {}
     agent_fds: list[int] = []
-    agent = None
-    try:
-        while proc.poll() is None:
-            tree.update(descendants(proc.pid))
-            if agent is None:
-                agent = agent_pid(tree)
-            if agent is not None:
-                n = fd_count(agent)
-                if n is not None:
-                    agent_fds.append(n)
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+
+    def sample(tree: dict[tuple[int, str], str]) -> None:
+        agent = agent_pid(tree)
+        n = fd_count(agent) if agent is not None else None
+        if n is not None:
+            agent_fds.append(n)
+
+    tree = watch(proc, sample)
     elapsed = time.monotonic() - started
     out = inner.output()
     assert f"{N} passed" in out, out[-3000:]
     report = inner.report()
     run_id = report["run_id"]
-    time.sleep(0.5)
-    assert still_alive(tree) == {}
+    wait_gone(tree)
     assert mounts(run_id) == []
 
     tests = report["tests"]
@@ -135,20 +126,11 @@ def test_xdist_over_two_environments(inner: Inner) -> None:
     inner.write("test_xdist.py", XDIST.format(n=n))
     started = time.monotonic()
     proc = inner.popen("-n", "2", "-q")
-    tree: dict[tuple[int, str], str] = {}
-    try:
-        while proc.poll() is None:
-            tree.update(descendants(proc.pid))
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    tree = watch(proc)
     elapsed = time.monotonic() - started
     out = inner.output()
     assert f"{2 * n} passed" in out, out[-3000:]
-    time.sleep(0.5)
-    assert still_alive(tree) == {}
+    wait_gone(tree)
     pids = sorted({pid for (pid, _) in tree})
     left = []
     for pid in pids:  # containers and mounts of the xdist workers' runs (named '<time>-<pid>-gwN')

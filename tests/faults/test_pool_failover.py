@@ -9,13 +9,13 @@ tests run on the main engine, with the move in the JSON report.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from faults_support import sleep_tag
 from private_engine import PrivateEngine
+from shared_support import inner_environ
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ def host_killed(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Ite
     tag = sleep_tag()
     (project / "pyproject.toml").write_text(POOL)
     (project / "test_pool.py").write_text(RUN.format(tag=tag))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER")}
+    env = inner_environ()
     sc = Scenario()
     # without xdist the one worker's slot is the first host's: the private engine
     args = ["-p", "no:xdist", "--isolate-report", "report.json"]

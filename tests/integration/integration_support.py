@@ -1,37 +1,17 @@
-"""Helpers of the integration tests that run a generated project in a pytest subprocess.
+"""Helpers of the integration tests that start a daemon (sshd, a registry) for a test; running
+an inner pytest is shared_support's.
 
 A module of its own (imported by name: pytest's prepend import mode puts this directory on
-sys.path), beside conftest.py's fixtures.
+sys.path).
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Mapping
 from pathlib import Path
 
-#: Variables of this run that must not leak into the inner one.
-PRIVATE_PREFIXES = ("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT", "COV_")
-
-
-def run_pytest(root: Path, cache: str, *args: str, extra_env: Mapping[str, str] | None = None,
-               timeout: float = 1500) -> subprocess.CompletedProcess[str]:
-    """`python -m pytest` of this venv in root, strict, on the given cache directory."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_PREFIXES)}
-    environ.update(extra_env or {})
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--isolate-strict",
-            f"--isolate-cache-dir={cache}", *args]
-    return subprocess.run(argv, cwd=root, env=environ, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def output(result: subprocess.CompletedProcess[str]) -> str:
-    """The ends of a run's output, for assertion messages."""
-    return result.stdout[-6000:] + result.stderr[-2000:]
+from shared_support import wait_for
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float) -> None:
@@ -54,8 +34,5 @@ def free_port() -> int:
 def wait_for_log(proc: subprocess.Popen[bytes], log: Path, text: str, what: str,
                  seconds: float = 20) -> None:
     """Wait until a daemon a test started writes text to its log (it listens)."""
-    deadline = time.monotonic() + seconds
-    while text not in log.read_text():
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, f"{what} did not start listening"
-        time.sleep(0.1)
+    wait_for(f"{what} to start listening ({text!r} in {log})", lambda: text in log.read_text(),
+             seconds, proc, explain=lambda: log.read_text()[-3000:])

@@ -12,10 +12,10 @@ import errno
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from shared_support import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.isolate("qemu_vm")]
 
@@ -92,10 +92,9 @@ def test_v2_groups_of_a_dead_owner_are_reaped(limits_module) -> None:  # type: i
     sleeper = subprocess.Popen(["/bin/sh", "-c", f'echo $$ > "{dead}/cgroup.procs"; '
                                 "exec sleep 300"])
     try:
-        deadline = time.monotonic() + 10
-        while str(sleeper.pid) not in (dead / "cgroup.procs").read_text().split():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for("the sleeper to join the dead owner's group",
+                 lambda: str(sleeper.pid) in (dead / "cgroup.procs").read_text().split(), 10,
+                 interval=0.05)
         assert limits.reap_cgroups() == [str(dead)]
         assert sleeper.wait(10) == -9
         assert path.exists()  # a live owner's group (this process's) stays

@@ -18,13 +18,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_support import wait_for
 
 from pytest_isolate.backends.base import RunContext, shipped_paths
 from pytest_isolate.backends.docker import DockerBackend, docker_arch
@@ -217,10 +217,8 @@ def test_agent_that_dies_is_noticed(backend: DockerBackend, spec: EnvSpec, clien
     try:
         (container,) = containers_of(client, backend.run.run_id)
         container.kill()
-        deadline = time.monotonic() + 10
-        while instance.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not instance.alive()
+        wait_for("the agent's death to be noticed", lambda: not instance.alive(), 10,
+                 interval=0.05)
     finally:
         instance.stop()
     assert containers_of(client, backend.run.run_id) == []
@@ -272,10 +270,8 @@ def test_killed_run_leaves_a_container_the_next_run_removes(
                             stderr=subprocess.DEVNULL, start_new_session=True)
     label = f"pytest-isolate.pid={proc.pid}"
     try:
-        deadline = time.monotonic() + 120
-        while not client.containers.list(filters={"label": label}):
-            assert proc.poll() is None and time.monotonic() < deadline, "no container appeared"
-            time.sleep(0.2)
+        wait_for("a container of the run", lambda: client.containers.list(filters={"label": label}),
+                 120, proc, interval=0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

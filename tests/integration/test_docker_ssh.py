@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from integration_support import free_port, output, run_pytest, stop, wait_for_log
+from integration_support import free_port, stop, wait_for_log
+from shared_support import output, run_pytest
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = [

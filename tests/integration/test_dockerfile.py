@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_support import output, run_pytest
+from shared_support import output, run_pytest
 
 from pytest_isolate.backends.base import RunContext
 from pytest_isolate.backends.docker import DockerBackend

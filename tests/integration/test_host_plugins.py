@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 import pytest
-from integration_support import output, run_pytest
+from shared_support import output, run_pytest
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,7 @@ names.  Runs: ``--isolate-env chroot,docker``, the marker alone, and ``-n 2``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_support import run_pytest
 
 pytestmark = pytest.mark.integration
 
@@ -149,14 +148,10 @@ class Project:
     def pytest(self, label: str, *args: str) -> Run:
         junit = self.root / f"{label}.xml"
         report = self.root / f"{label}.json"
-        environ = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))}
-        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "--isolate-strict",
-                "--doctest-modules", f"--isolate-cache-dir={self.cache}", f"--junitxml={junit}",
-                f"--isolate-report={report}", *args]
         started = time.monotonic()
-        result = subprocess.run(argv, cwd=self.root, env=environ, capture_output=True, text=True,
-                                timeout=1800)
+        result = run_pytest(self.root, self.cache, "-v", "--doctest-modules",
+                            f"--junitxml={junit}", f"--isolate-report={report}", *args,
+                            timeout=1800)
         print(f"{label}: {' '.join(args)}: {time.monotonic() - started:.1f}s")
         assert junit.is_file() and report.is_file(), result.stdout[-4000:] + result.stderr[-2000:]
         cases = {}

@@ -16,7 +16,6 @@ user property, so the junit file shows it next to ``isolate.env``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_support import run_pytest
 
 from pytest_isolate.timing import PHASES
 
@@ -146,14 +146,9 @@ class Project:
     def pytest(self, label: str, *args: str) -> Run:
         junit = self.root / f"{label}.xml"
         report = self.root / f"{label}.json"
-        environ = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))}
-        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "--isolate-strict",
-                f"--isolate-cache-dir={self.cache}", f"--junitxml={junit}",
-                f"--isolate-report={report}", *args]
         started = time.monotonic()
-        result = subprocess.run(argv, cwd=self.root, env=environ, capture_output=True, text=True,
-                                timeout=1800)
+        result = run_pytest(self.root, self.cache, "-v", f"--junitxml={junit}",
+                            f"--isolate-report={report}", *args, timeout=1800)
         seconds = time.monotonic() - started
         print(f"{label}: {' '.join(args)}: {seconds:.1f}s")
         assert junit.is_file(), result.stdout[-4000:] + result.stderr[-2000:]

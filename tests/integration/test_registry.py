@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_support import free_port, output, run_pytest, stop, wait_for_log
+from integration_support import free_port, stop, wait_for_log
+from shared_support import output, run_pytest
 
 from pytest_isolate.backends.base import RunContext
 from pytest_isolate.backends.docker import LABEL, DockerBackend

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_support import run_pytest, wait_for
 
 from pytest_isolate import config
 from pytest_isolate.backends import BUILTIN_BACKENDS
@@ -155,17 +155,12 @@ class Project:
         before = set(runs.iterdir()) if runs.is_dir() else set()
         report = self.root / f"{name}-report.json"
         junit = self.root / f"{name}-junit.xml"
-        environ = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))}
-        environ.update(env or {})
         # options with a path value are written --opt=value: pytest looks for its rootdir
         # among the existing paths on the command line before plugins' options are known
-        argv = [sys.executable, "-m", "pytest", "-n", "2", "--dist", "load", "-v",
-                "-p", "no:cacheprovider", "--isolate-strict", f"--isolate-cache-dir={self.cache}",
-                f"--isolate-report={report}", f"--junitxml={junit}", *extra]
         started = time.monotonic()
-        result = subprocess.run(argv, cwd=self.root, env=environ, capture_output=True, text=True,
-                                timeout=1800)
+        result = run_pytest(self.root, self.cache, "-n", "2", "--dist", "load", "-v",
+                            f"--isolate-report={report}", f"--junitxml={junit}", *extra,
+                            extra_env=env, timeout=1800)
         seconds = time.monotonic() - started
         after = set(runs.iterdir()) if runs.is_dir() else set()
         return Run(result, seconds, report, junit, sorted(after - before))
@@ -372,10 +367,13 @@ def test_a3():
 '''
 
 
-def qemu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "^[^ ]*qemu-system"], capture_output=True, text=True,
+def qemu_pids(run_ids: set[str]) -> set[int]:
+    """The QEMUs of the runs run_ids (their -name is pytest-isolate:RUN:ENV): not those of
+    other runs on this machine."""
+    out = subprocess.run(["pgrep", "-af", "^[^ ]*qemu-system"], capture_output=True, text=True,
                          check=False).stdout
-    return {int(p) for p in out.split()}
+    return {int(pid) for pid, _, argv in (line.partition(" ") for line in out.splitlines())
+            if any(f"pytest-isolate:{run}:" in argv for run in run_ids)}
 
 
 def test_virtual_machines_on_two_workers(tmp_path: Path, pytestconfig: pytest.Config) -> None:
@@ -384,15 +382,11 @@ def test_virtual_machines_on_two_workers(tmp_path: Path, pytestconfig: pytest.Co
     manager = pytestconfig.pluginmanager.get_plugin("isolate-manager")
     cache = manager.cache.root
     (tmp_path / "test_vms.py").write_text(VM_TESTS)
-    before = qemu_pids()
-    environ = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS", "PYTEST_CURRENT"))}
+    runs = cache / "runs"
+    before = set(runs.iterdir())
     report = tmp_path / "report.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", "--dist", "load", "-v", "-p",
-         "no:cacheprovider", "--isolate-strict", f"--isolate-cache-dir={cache}",
-         f"--isolate-report={report}", "test_vms.py"],
-        cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=1200)
+    result = run_pytest(tmp_path, cache, "-n", "2", "--dist", "load", "-v",
+                        f"--isolate-report={report}", "test_vms.py", timeout=1200)
     out = result.stdout
     assert result.returncode == 0, out[-6000:] + result.stderr[-2000:]
     assert re.search(r"\b6 passed\b", out), out[-3000:]
@@ -404,7 +398,8 @@ def test_virtual_machines_on_two_workers(tmp_path: Path, pytestconfig: pytest.Co
         assert 1 <= stats["starts"] <= 2, stats  # one machine per worker that ran it
     ran_on = {m.group(1) for m in re.finditer(r"\[(gw\d)\] \[[ \d%]+\] PASSED", out)}
     assert ran_on == {"gw0", "gw1"}, out[-3000:]
-    deadline = time.monotonic() + 15
-    while qemu_pids() - before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert qemu_pids() - before == set()
+    # the two workers' runs (and those of any other run that started meanwhile on this cache)
+    ours = {p.name for p in set(runs.iterdir()) - before}
+    assert len(ours) >= 2, ours
+    wait_for("the run's QEMUs to end", lambda: not qemu_pids(ours), 15, interval=0.2,
+             explain=lambda: f"still running: {sorted(qemu_pids(ours))}")

@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+from shared_support import clean_environ  # noqa: E402
 from unit_support import BACKENDS_CONFTEST, Project  # noqa: E402
 
 
@@ -29,12 +30,7 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("PYTEST_ISOLATE_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [HERE, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
-    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
-    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    # under `pytest -n`, the inner run must not take itself for an xdist worker (placement
-    # deals hosts by the worker's number)
-    for name in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:
-        monkeypatch.delenv(name)
+    clean_environ(monkeypatch)
     pytester.makeconftest(BACKENDS_CONFTEST)
     proj = Project(pytester, cache_dir)
     proj.pyproject()

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from shared_support import wait_for
 
 from pytest_isolate.ownership import (
     OWNER_FILE,
@@ -49,10 +50,9 @@ def zombie() -> Iterator[tuple[int, int]]:
     start = process_start_time(proc.pid)
     assert proc.stdin is not None
     proc.stdin.close()
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-        assert time.monotonic() < deadline, "the child did not exit"
-        time.sleep(0.01)
+    wait_for("the child to exit (a zombie)",
+             lambda: Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+             30, interval=0.01)
     try:
         assert start is not None
         yield proc.pid, start

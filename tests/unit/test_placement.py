@@ -147,13 +147,14 @@ def test_lost_agent_moves_only_off_a_dead_host(project: Project, host_dies: bool
     for path in engines.values():
         path.touch()
     after = "second" if host_dies else "first"
+    project.relay_setup()
     project.tests(f"""
         import os, signal, time, pytest
 
         @pytest.mark.isolate("fakeenv")
-        def test_environment_lost():
+        def test_environment_lost(setup_relayed):
             assert os.environ["FAKE_ENDPOINT"] == {str(engines["first"])!r}
-            time.sleep(0.5)  # let the agent relay the setup report first
+            setup_relayed()  # the host has the setup report: the agent dies in the call
             if {host_dies}:
                 os.unlink(os.environ["FAKE_ENDPOINT"])  # the engine is gone...
             # ...and the environment: the worker's parent is the zygote, whose parent

@@ -23,6 +23,33 @@ def pytest_isolate_backends():
     return {"fake": FakeBackend, "fake-missing": UnavailableFakeBackend}
 """
 
+#: Added to the conftest by Project.relay_setup(): a handshake for a test that ends its own
+#: environment and must do so in its call phase, once the host has its setup report (else
+#: the host sees the stream end during setup).  The host's hook touches a file when the
+#: setup report reaches it; the test's fixture `setup_relayed` waits for that file (the
+#: fake backend shares the host's file system).
+SETUP_RELAYED_CONFTEST = """
+import os
+import time
+
+RELAYED = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".setup-relayed-")
+
+def pytest_runtest_logreport(report):
+    # the agent's pytest runs this hook too: only the host's, which got the report, counts
+    if report.when == "setup" and os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") != "1":
+        open(RELAYED + report.nodeid.rsplit("::", 1)[-1], "w").close()
+
+@pytest.fixture
+def setup_relayed(request):
+    def wait():
+        path = RELAYED + request.node.name
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path):
+            assert time.monotonic() < deadline, "the host did not get the setup report"
+            time.sleep(0.01)
+    return wait
+"""
+
 PYPROJECT = """
 [tool.pytest.ini_options]
 markers = []
@@ -52,6 +79,10 @@ class Project:
 
     def pyproject(self, extra: str = "", base: str = PYPROJECT) -> None:
         (self.path / "pyproject.toml").write_text(textwrap.dedent(base) + textwrap.dedent(extra))
+
+    def relay_setup(self) -> None:
+        """Give the project's tests the fixture setup_relayed (see SETUP_RELAYED_CONFTEST)."""
+        self.pytester.makeconftest(BACKENDS_CONFTEST + SETUP_RELAYED_CONFTEST)
 
     def tests(self, source: str, name: str = "test_project") -> Path:
         return self.pytester.makepyfile(**{name: textwrap.dedent(source)})
