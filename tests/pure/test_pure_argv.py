@@ -15,6 +15,7 @@ import pytest
 from pure_support import Golden
 
 from pytest_isolate import config
+from pytest_isolate.agent.bundle import AGENT_DIR, LOADER
 from pytest_isolate.backends import BUILTIN_BACKENDS
 from pytest_isolate.backends.base import Mount, RunContext
 from pytest_isolate.backends.docker import tar_argv
@@ -22,7 +23,6 @@ from pytest_isolate.backends.lxc import LxcBackend
 from pytest_isolate.backends.qemu import QemuBackend
 from pytest_isolate.backends.qemu.machine import VmFiles
 from pytest_isolate.cache import Cache
-from pytest_isolate.channel import AGENT_PATH
 from pytest_isolate.namespaces import launcher_argv
 from pytest_isolate.spec import EnvSpec
 
@@ -87,8 +87,9 @@ def test_launcher_command_line(golden: Golden) -> None:
            "binds": [["/project", "/project", True]], "argv": ["python3", "-u", "-c", "..."]}
     argv = launcher_argv(cfg)
     assert json.loads(argv[-1]) == cfg
-    assert argv[0] == sys.executable and argv[3] == str(AGENT_PATH)
-    text = lines(argv).replace(sys.executable, "<host python>").replace(str(AGENT_PATH), "<agent>")
+    assert argv[0] == sys.executable and argv[4:6] == [LOADER, str(AGENT_DIR)]
+    argv[4:6] = ["<the agent package's loader>", "<agent dir>"]
+    text = lines(argv).replace(sys.executable, "<host python>")
     golden.check("launcher_argv.txt", text)
 
 
