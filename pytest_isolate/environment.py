@@ -9,11 +9,11 @@ import posixpath
 import shutil
 import tarfile
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_isolate.agent.wire import message
 from pytest_isolate.channel import log_tail
 from pytest_isolate.errors import IsolateError
 
@@ -138,9 +138,8 @@ class Environment:
         self.arch = self.spec.arch
         self.backend = self.spec.backend
         self._conn = instance.conn
-        self._ch = self._conn.new_channel()
+        self._ch = self._conn.open_worker("sandbox")
         self._timeout = default_timeout
-        self._conn.send(0, {"op": "worker", "ch": self._ch, "kind": "sandbox"})
         self.closed = False
 
     def __repr__(self) -> str:
@@ -163,7 +162,7 @@ class Environment:
         data = input.encode() if isinstance(input, str) else (input or b"")
         timeout = timeout if timeout is not None else self._timeout
         reply, out = self._call(
-            {"op": "exec", "argv": argv, "env": dict(env or {}), "cwd": cwd, "timeout": timeout},
+            message("exec", argv=argv, env=dict(env or {}), cwd=cwd, timeout=timeout),
             data, timeout=None if timeout is None else timeout + 30,
         )
         n = int(reply["stdout_len"])  # type: ignore[call-overload]
@@ -182,20 +181,20 @@ class Environment:
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy a host file or directory to the absolute path remote inside."""
-        self._call({"op": "put", "path": _absolute(remote)}, _pack(Path(local)))
+        self._call(message("put", path=_absolute(remote)), _pack(Path(local)))
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
         """Copy remote (file or directory inside) to local on the host; links cannot escape."""
-        _, data = self._call({"op": "get", "path": _absolute(remote)})
+        _, data = self._call(message("get", path=_absolute(remote)))
         _unpack_safely(data, Path(local))
 
     def snapshot(self, name: str) -> None:
         """Remember the current filesystem state under name."""
-        self._call({"op": "snapshot", "name": name})
+        self._call(message("snapshot", name=name))
 
     def restore(self, name: str) -> None:
         """Go back to the state saved by snapshot(name)."""
-        self._call({"op": "restore", "name": name})
+        self._call(message("restore", name=name))
 
     def shell(self, argv: Sequence[str] | None = None, cwd: str | None = None) -> int:
         """An interactive program (a shell by default) inside, on this process's terminal.
@@ -221,12 +220,7 @@ class Environment:
         self.closed = True
         if self._conn.closed:
             return
-        self._conn.send(self._ch, {"op": "close"})
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            reply, _ = self._conn.recv(self._ch, timeout=max(0.1, deadline - time.monotonic()))
-            if reply["op"] == "exit":
-                return
+        self._conn.close_worker(self._ch)
 
 
 def _absolute(remote: str) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from _pytest.reports import TestReport
 
+from pytest_isolate.agent.wire import message
 from pytest_isolate.keys import ENV_KEY, MANAGER
 
 Log = Callable[[TestReport], None]
@@ -130,7 +131,7 @@ def coverage_data_dir(config: pytest.Config) -> Path | None:
 def collect_coverage(conn: Any, dest: Path, env: str) -> int:
     """Bring the coverage data files an environment wrote into dest (where pytest-cov
     combines them); only regular files named .coverage.* are taken from its archive."""
-    _, blob = conn.call(0, {"op": "coverage"}, timeout=120)
+    _, blob = conn.call(0, message("coverage"), timeout=120)
     if not blob:
         return 0
     taken = 0

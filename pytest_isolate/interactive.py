@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pytest_isolate.agent.wire import message
 from pytest_isolate.channel import Connection
 from pytest_isolate.errors import AgentLost, AgentTimeout, RemoteError
 
@@ -43,8 +44,8 @@ def interact(conn: Connection, ch: int, argv: list[str] | None = None, cwd: str 
              env: dict[str, str] | None = None, stdin: int = 0, stdout: int = 1) -> int:
     """Run argv (a shell by default) on a terminal inside channel ch's worker; its status."""
     cols, rows = shutil.get_terminal_size()
-    conn.send(ch, {"op": "pty", "argv": argv or DEFAULT_SHELL, "cwd": cwd, "env": env or {},
-                   "rows": rows, "cols": cols, "term": os.environ.get("TERM", "xterm")})
+    conn.send(ch, message("pty", argv=argv or DEFAULT_SHELL, cwd=cwd, env=env or {}, rows=rows,
+                          cols=cols, term=os.environ.get("TERM", "xterm")))
     reply, _ = conn.recv(ch, 60.0)
     if reply["op"] == "error":
         raise RemoteError(reply.get("type", "Error"), reply.get("message", ""))
@@ -71,7 +72,7 @@ def relay(conn: Connection, ch: int, stdin: int = 0, stdout: int = 1,
                 if resized[0]:
                     resized[0] = False
                     cols, rows = shutil.get_terminal_size()
-                    conn.send(ch, {"op": "pty-resize", "rows": rows, "cols": cols})
+                    conn.send(ch, message("pty-resize", rows=rows, cols=cols))
                 code = _drain(conn, ch, stdout, other)
                 if code is not None:
                     return code
@@ -82,7 +83,7 @@ def relay(conn: Connection, ch: int, stdin: int = 0, stdout: int = 1,
                     if not data:  # end of input: the terminal's end-of-file key
                         stdin_open = False
                         data = b"\x04"
-                    conn.send(ch, {"op": "pty-in"}, data)
+                    conn.send(ch, message("pty-in"), data)
                 if conn.rfd in ready:
                     try:
                         reply, out = conn.recv(ch, 0.0)

@@ -15,6 +15,7 @@ import pytest
 from _pytest.reports import TestReport
 
 from pytest_isolate import hostplugins
+from pytest_isolate.agent.wire import message
 from pytest_isolate.backends.base import Instance
 from pytest_isolate.channel import log_tail
 from pytest_isolate.errors import (
@@ -210,8 +211,7 @@ class ItemRun:
                 worker = self.fork_worker(inst, zygote, self.item.nodeid, scope)
             self.pool.last_run[self.env] = self.item.nodeid
         elif worker is None:
-            worker = WorkerChannel(conn.new_channel(), scope)
-            conn.send(0, {"op": "worker", "ch": worker.ch, "kind": "test"})
+            worker = WorkerChannel(conn.open_worker("test"), scope)
             self.pool.workers[self.env] = worker
         return worker, zygote
 
@@ -221,11 +221,12 @@ class ItemRun:
         reason the worker ended, when it did."""
         conn = inst.conn
         debug = hostplugins.debug_inside(self.pool.config)
-        request: dict[str, Any] = {"op": "runtest", "nodeid": self.item.nodeid, "next": nxt,
-                                   "timeout": self.timeout}
         if debug:  # a debugging session has no time limit, as pytest-timeout stops for one
             cols, rows = shutil.get_terminal_size()
-            request.update(timeout=None, debug=True, rows=rows, cols=cols)
+            request = message("runtest", nodeid=self.item.nodeid, next=nxt, timeout=None,
+                              debug=True, rows=rows, cols=cols)
+        else:
+            request = message("runtest", nodeid=self.item.nodeid, next=nxt, timeout=self.timeout)
         conn.send(worker.ch, request)
         if zygote is not None and not debug:
             self.prepare_next(inst, zygote, scope)
@@ -261,10 +262,7 @@ class ItemRun:
         return reason
 
     def fork_worker(self, inst: Instance, zygote: WorkerChannel, nodeid: str, scope: str) -> WorkerChannel:
-        worker = WorkerChannel(inst.conn.new_channel(), scope)
-        inst.conn.send(0, {"op": "worker", "ch": worker.ch, "kind": "test", "zygote": zygote.ch,
-                           "nodeid": nodeid})
-        return worker
+        return WorkerChannel(inst.conn.open_worker("test", zygote=zygote.ch, nodeid=nodeid), scope)
 
     def prepare_next(self, inst: Instance, zygote: WorkerChannel, scope: str) -> None:
         """While this test runs, have the zygote fork the next one's worker (its root
@@ -279,15 +277,14 @@ class ItemRun:
     def zygote(self, inst: Instance) -> WorkerChannel:
         zygote = self.pool.zygotes.get(self.env)
         if zygote is None:
-            zygote = WorkerChannel(inst.conn.new_channel(), "zygote")
-            inst.conn.send(0, {"op": "worker", "ch": zygote.ch, "kind": "zygote"})
+            zygote = WorkerChannel(inst.conn.open_worker("zygote"), "zygote")
             self.pool.zygotes[self.env] = zygote
         return zygote
 
     def check_zygote(self, inst: Instance, zygote: WorkerChannel) -> None:
         """After a worker ended abnormally: forget the zygote if it ended too (its set-up
         timed out, the environment ran out of memory); the next test starts a new one."""
-        inst.conn.send(zygote.ch, {"op": "ping"})
+        inst.conn.send(zygote.ch, message("ping"))
         while True:
             op = inst.conn.recv(zygote.ch, HOST_GRACE)[0]["op"]
             if op == "pong":
@@ -304,8 +301,8 @@ class ItemRun:
         nxt = self.pool.next_in_zygote(self.item, self.nextitem)
         if nxt is not None and keeps_scopes(self.item, nxt):
             return  # nothing to tear down (the zygote would answer "advanced" alone)
-        inst.conn.send(zygote.ch, {"op": "advance", "prev": self.item.nodeid,
-                                   "next": nxt.nodeid if nxt is not None else None})
+        inst.conn.send(zygote.ch, message("advance", prev=self.item.nodeid,
+                                          next=nxt.nodeid if nxt is not None else None))
         while True:
             reply, _ = inst.conn.recv(zygote.ch, self.timeout + HOST_GRACE)
             op = reply["op"]
@@ -357,12 +354,7 @@ class ItemRun:
 
     def close_worker(self, inst: Instance, worker: WorkerChannel) -> None:
         self.pool.workers.pop(self.env, None)
-        conn = inst.conn
-        conn.send(worker.ch, {"op": "close"})
-        while True:
-            reply, _ = conn.recv(worker.ch, HOST_GRACE)
-            if reply["op"] == "exit":
-                return
+        inst.conn.close_worker(worker.ch)
 
     # ------------------------------------------------------------ reports
     def rebuild(self, data: dict[str, Any]) -> TestReport:

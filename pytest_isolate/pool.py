@@ -24,6 +24,7 @@ import pytest
 
 from pytest_isolate import config as cfg
 from pytest_isolate import hostplugins, inside
+from pytest_isolate.agent.wire import message
 from pytest_isolate.backends.base import Backend, Instance, RunContext
 from pytest_isolate.cache import Cache, force_rmtree
 from pytest_isolate.errors import (
@@ -68,8 +69,7 @@ class KeptWorker:
 
 def release_worker(inst: Instance, ch: int) -> None:
     """Close a test's worker without waiting for its exit; its late frames are dropped."""
-    inst.conn.send(ch, {"op": "close"})
-    inst.conn.forget(ch)
+    inst.conn.close_worker(ch, wait=None)
 
 
 def check_image_support(spec: EnvSpec, backend_class: Any) -> None:
@@ -323,11 +323,11 @@ class InstancePool:
         args = inside.pytest_args(self.config, files, addopts) + self.plugins_inside(name, inst)
         coverage = hostplugins.coverage_options(self.config)
         if coverage is not None:  # pytest-cov: measured inside too (hostplugins.py)
-            inst.conn.call(0, {"op": "configure", "settings": {"coverage": coverage}},
+            inst.conn.call(0, message("configure", settings={"coverage": coverage}),
                            timeout=self.settings.timeout)
-        request = {"op": "pytest", "args": args, "cwd": str(rootdir),
-                   "default_envs": self.settings.default_envs, "ini_names": list(INI_NAMES),
-                   "markers": [str(m) for m in self.config.getini("markers")]}
+        request = message("pytest", args=args, cwd=str(rootdir),
+                          default_envs=self.settings.default_envs, ini_names=list(INI_NAMES),
+                          markers=[str(m) for m in self.config.getini("markers")])
         with timer.phase("sync"):
             try:
                 reply, _ = inst.conn.call(0, request, timeout=self.settings.timeout)
@@ -353,7 +353,7 @@ class InstancePool:
         wanted = inside.host_plugins(self.config.pluginmanager)
         if not wanted:
             return []
-        reply, _ = inst.conn.call(0, {"op": "plugins", "names": [n for n, _ in wanted]},
+        reply, _ = inst.conn.call(0, message("plugins", names=[n for n, _ in wanted]),
                                   timeout=self.settings.timeout)
         present = set(reply.get("present", ()))
         missing = [f"{dist} (plugin {ep!r})" for ep, dist in wanted if ep not in present]
@@ -415,7 +415,7 @@ class InstancePool:
             if inst is None or not inst.alive():
                 continue
             try:
-                inst.conn.send(zygote.ch, {"op": "advance", "prev": None, "next": None})
+                inst.conn.send(zygote.ch, message("advance", prev=None, next=None))
                 while inst.conn.recv(zygote.ch, HOST_GRACE)[0]["op"] not in (
                         "advanced", "exit", "error"):
                     pass
