@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import os
 import re
 import sys
@@ -562,3 +563,24 @@ def place(spec: EnvSpec, hosts: Iterable[PoolHost], worker: str,
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "pytest-isolate"
+
+
+def load_backend_class(ref: Any) -> tuple[Any, str]:
+    """A registered backend: its class, or None and why it cannot be loaded.  ref is what
+    the pytest_isolate_backends hook answered: a class, or "module:Class" (imported here,
+    only when the backend is used); the same rule for the plugin, its checks and the CLI."""
+    if not isinstance(ref, str):
+        return ref, ""
+    module_name, _, cls_name = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None, f"cannot be loaded: its module {module_name!r} is not installed"
+        return None, f"cannot be loaded: Python module {exc.name!r} is missing"
+    except Exception as exc:
+        return None, f"cannot be loaded: {type(exc).__name__}: {exc}"
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        return None, f"cannot be loaded: {module_name} has no {cls_name}"
+    return cls, ""

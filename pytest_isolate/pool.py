@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import os
 import shlex
 import sys
@@ -154,10 +153,11 @@ class InstancePool:
                 name, "no backend of that name is registered",
                 f"registered backends: {', '.join(sorted(self.settings.backend_refs))}; third-party "
                 "backends register through the pytest_isolate_backends hook")
-        if isinstance(ref, str):
-            module, _, attr = ref.partition(":")
-            ref = getattr(importlib.import_module(module), attr)
-        backend: Backend = ref(self.run_context())
+        cls, why = cfg.load_backend_class(ref)
+        if cls is None:
+            raise BackendUnavailable(name, f"the backend {why}",
+                                     f"its registration says {ref!r}; install what it needs")
+        backend: Backend = cls(self.run_context())
         backend.endpoint = endpoint
         self.backends[cache_key] = backend
         return backend

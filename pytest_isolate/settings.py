@@ -8,7 +8,6 @@ bad value's error names where it came from and what it must be.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -54,14 +53,7 @@ class Settings:
 def backend_class(refs: dict[str, Any], name: str) -> Any:
     """The registered class of backend name; None when it cannot be loaded (using it
     reports why)."""
-    ref = refs.get(name)
-    if isinstance(ref, str):
-        module, _, attr = ref.partition(":")
-        try:
-            ref = getattr(importlib.import_module(module), attr)
-        except Exception:
-            return None
-    return ref
+    return cfg.load_backend_class(refs.get(name))[0]
 
 
 def load_settings(config: pytest.Config) -> Settings:

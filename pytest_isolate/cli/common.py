@@ -229,7 +229,8 @@ def loaded_backends() -> list[type[Backend]]:
 
 def load_backend(name: str) -> tuple[type[Backend] | None, str]:
     """The built-in backend's class, or None and why not."""
-    from pytest_isolate.backends import BUILTIN_BACKENDS, load_backend_class
+    from pytest_isolate.backends import BUILTIN_BACKENDS
+    from pytest_isolate.config import load_backend_class
 
     ref = BUILTIN_BACKENDS.get(name)
     if ref is None:

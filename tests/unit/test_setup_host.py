@@ -287,8 +287,8 @@ def test_podman_service_gives_containers_the_services_limits() -> None:
 def test_each_backend_declares_what_setup_installs_and_doctor_probes() -> None:
     """One home for a backend's host needs (issue 12): the class's host_needs is the table
     setup plans from, and doctor probes its commands, services and modules."""
-    from pytest_isolate.backends import load_backend_class
     from pytest_isolate.cli.doctor import run_probe
+    from pytest_isolate.config import load_backend_class
 
     assert set(HOST_NEEDS) == set(BUILTIN_BACKENDS)
     for name, ref in BUILTIN_BACKENDS.items():
