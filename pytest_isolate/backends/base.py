@@ -45,7 +45,8 @@ SITE = "/.isolate/site"
 SHIPPED = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py",
            "exceptiongroup", "tomli", "pygments", "coverage")
 Progress = Callable[[str], None]
-#: How long an agent may take to answer its handshake (ten times that under qemu-user).
+#: How long a step of a start may take: the agent's handshake (ten times that under
+#: qemu-user), an engine's start command (lxc-start, schroot -b).
 START_TIMEOUT = 60.0
 T = TypeVar("T")
 

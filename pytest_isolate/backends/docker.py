@@ -89,6 +89,7 @@ from typing import Any
 
 from pytest_isolate.backends import docker_pull, docker_ssh
 from pytest_isolate.backends.base import (
+    START_TIMEOUT,
     Backend,
     Launch,
     agent_command,
@@ -106,7 +107,6 @@ from pytest_isolate.limits import cpu_list, host_cpus
 from pytest_isolate.ownership import Owner
 from pytest_isolate.spec import EnvSpec, content_hash
 
-START_TIMEOUT = 60.0
 #: Bump when the way images are made changes, so old tags are not reused.
 IMAGE_FORMAT = 1
 LABEL = "pytest-isolate"
@@ -975,8 +975,7 @@ class DockerBackend(Backend):
                             environment_variables(spec, pycache=not copy),
                             rootdir, agent_log, f"environment {spec.name!r}")
         logs = {"agent": agent_log, "container": container_log, "provision": provision_log}
-        return Launch(process, logs, agent_settings(self.run, spec, mounts, lower="/"),
-                      START_TIMEOUT)
+        return Launch(process, logs, agent_settings(self.run, spec, mounts, lower="/"))
 
     def _save_log(self, container: Any, path: Path) -> None:
         try:

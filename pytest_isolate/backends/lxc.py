@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_isolate.backends.base import (
+    START_TIMEOUT,
     Launch,
     LiveSet,
     Mount,
@@ -93,7 +94,6 @@ from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import command_lines, fstab_path, safe_name
 from pytest_isolate.system import run_quiet as _run
 
-START_TIMEOUT = 60.0
 PREFIX = "pytest-isolate-"
 LABEL = "pytest-isolate.json"
 SECCOMP_PROFILE = Path("/usr/share/lxc/config/common.seccomp")
@@ -311,8 +311,8 @@ class LxcBackend(RootfsBackend):
                 *agent_command(spec)]
         process = AgentProcess(argv, agent_log, f"environment {spec.name!r}")
         return Launch(process, {"agent": agent_log, "lxc": lxc_log},
-                      agent_settings(self.run, spec, mounts), START_TIMEOUT,
-                      functools.partial(where_root_is, spec, mapping))
+                      agent_settings(self.run, spec, mounts),
+                      root=functools.partial(where_root_is, spec, mapping))
 
 
 def limit_lines(limits: Limits) -> list[str]:

@@ -67,6 +67,7 @@ from typing import Any
 
 from pytest_isolate.backends.base import (
     SITE,
+    START_TIMEOUT,
     Launch,
     LiveSet,
     RootfsBackend,
@@ -93,7 +94,6 @@ from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import fstab_path, safe_name
 from pytest_isolate.system import run_quiet as _run
 
-START_TIMEOUT = 60.0
 PREFIX = "pytest-isolate-"
 SCHROOT_DIR = Path("/etc/schroot")
 CHROOT_D = SCHROOT_DIR / "chroot.d"
@@ -391,5 +391,5 @@ class SchrootBackend(RootfsBackend):
                                f"environment {spec.name!r}")
         mounts = standard_mounts(self.run, spec, image)  # what the fstab above binds
         return Launch(process, {"agent": agent_log, "schroot": log},
-                      agent_settings(self.run, spec, mounts), START_TIMEOUT,
-                      functools.partial(where_root_is, spec, mapping))
+                      agent_settings(self.run, spec, mounts),
+                      root=functools.partial(where_root_is, spec, mapping))

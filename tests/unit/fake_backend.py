@@ -38,7 +38,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: Where the host's pytest_isolate comes from: a checkout on PYTHONPATH may shadow the
 #: installed one, and the agent's conftest must import the same code as the host.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytest_isolate.__file__)))
-START_TIMEOUT = 60.0
 #: Host variables the agent keeps (everything else is dropped, as inside a real environment).
 KEEP_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
 
@@ -84,7 +83,7 @@ class FakeBackend(Backend):
                                f"environment {spec.name!r}", env=env)
         return Launch(process, {"agent": log},
                       {"isolation": "none", "site": None, "binds": [],
-                       "cwd": str(self.run.rootdir)}, START_TIMEOUT)
+                       "cwd": str(self.run.rootdir)})
 
 
 class UnavailableFakeBackend(FakeBackend):
