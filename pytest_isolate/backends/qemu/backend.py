@@ -1,5 +1,5 @@
 """QemuBackend: the VM backend's capabilities and options, its check and reap, and the
-direct driver's start (restore a saved state, else boot; then add the disks)."""
+direct driver's launch (restore a saved state, else boot; then add the disks)."""
 
 from __future__ import annotations
 

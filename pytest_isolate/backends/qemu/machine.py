@@ -177,7 +177,8 @@ class VmLaunch(Launch):
 
 
 class QemuBase(Backend):
-    """The VM backend's building blocks; QemuBackend adds its check, reap and start."""
+    """The VM backend's building blocks (and its ready(): handshake, disks); QemuBackend adds
+    its check, reap and launch."""
 
     def __init__(self, run: RunContext) -> None:
         super().__init__(run)
