@@ -4,18 +4,25 @@ A backend is a :class:`Backend` subclass returned by a ``pytest_isolate_backends
 hook implementation (see ``hookspecs.py``; the built-in backends register the same
 way, and a plugin that answers with a built-in name replaces it)::
 
-    from pytest_isolate.backend import Backend, Entry, EnvSpec, Instance, hookimpl
+    from contextlib import ExitStack
+    from pytest_isolate.backend import Backend, Entry, EnvSpec, Launch, hookimpl
 
     class PodBackend(Backend):
         name = "pod"
 
         def check(self, spec: EnvSpec) -> None: ...
         def provision(self, spec: EnvSpec) -> Entry: ...
-        def start(self, spec: EnvSpec, image: Entry) -> Instance: ...
+        def launch(self, stack: ExitStack, spec: EnvSpec, image: Entry) -> Launch: ...
 
     @hookimpl
     def pytest_isolate_backends():
         return {"pod": PodBackend}   # or "my_plugin.pod:PodBackend", imported when used
+
+``launch()`` starts the agent and pushes the undo of everything it made onto the
+ExitStack.  ``Backend.start`` (the template) reaps once, unwinds the stack if the launch
+fails, else hands it to the :class:`Instance`, whose ``stop()`` unwinds it -- also when
+the handshake (``ready()``, overridden where a backend's differs) fails.  A backend may
+override ``start()`` instead and build its :class:`Instance` itself.
 
 Everything here keeps its name and meaning across releases; the modules it comes from
 (``backends/base.py``, ``channel.py``, ...) are internal and may move.  Then run the
@@ -31,6 +38,7 @@ from pytest_isolate.backends.base import (
     SITE,
     Backend,
     Instance,
+    Launch,
     Mount,
     RootfsBackend,
     RunContext,
@@ -68,6 +76,7 @@ __all__ = [
     "HostNeeds",
     "Instance",
     "IsolateError",
+    "Launch",
     "Mount",
     "Option",
     "Package",

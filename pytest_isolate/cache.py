@@ -17,6 +17,7 @@ per lookup) would cost more than the start it protects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -28,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from filelock import FileLock, Timeout
@@ -294,6 +296,36 @@ class EntryLock:
             self.fd = -1
         self.lock.release()
 
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[str | None]:
+        """acquire() for the block: yields None when held (released after the block),
+        else why the entry is busy (nothing to release)."""
+        reason = self.acquire()
+        try:
+            yield reason
+        finally:
+            if reason is None:
+                self.release()
+
+
+class Hold:
+    """A shared hold on an entry (see Cache.hold): call it, or leave its block, to release."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def __call__(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self()
+
 
 @dataclasses.dataclass
 class Swept:
@@ -418,25 +450,18 @@ class Cache:
                 raise
             return Entry(kind, key, final, manifest, hit=False, build_seconds=seconds)
 
-    def hold(self, entry: Entry) -> Callable[[], None]:
-        """Mark entry in use until the returned callable runs: `cache gc`/`rm` skip it.
+    def hold(self, entry: Entry) -> Hold:
+        """Mark entry in use until the returned Hold is called (or its `with` block ends):
+        `cache gc`/`rm` skip it.
 
         An entry that is not in the cache directory (a user's own docker image) has
         nothing to hold."""
         try:
             fd = os.open(entry.path / MANIFEST, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return lambda: None
+            return Hold(None)
         fcntl.flock(fd, fcntl.LOCK_SH)
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                os.close(fd)
-
-        return release
+        return Hold(fd)
 
     def entries(self) -> Iterator[Entry]:
         for kind_dir in sorted(self.root.iterdir()):
@@ -482,11 +507,9 @@ class Cache:
 
         busy: mount_users() of many entries, from one walk of /proc (an entry it does not
         name is looked up again: it may have been mounted since)."""
-        lock = EntryLock(self.root, item)
-        reason = lock.acquire()
-        if reason is not None:
-            return reason
-        try:
+        with EntryLock(self.root, item).taken() as reason:
+            if reason is not None:
+                return reason
             pattern = mount_pattern(item)
             pid = busy[pattern] if busy and pattern in busy else mount_users([pattern]).get(pattern)
             if pid is not None:
@@ -502,8 +525,6 @@ class Cache:
                 if kept is not None:
                     return kept
             force_rmtree(item.path)
-        finally:
-            lock.release()
         return None
 
     def collect(self, max_age: float | None = None, max_size: int | None = None,

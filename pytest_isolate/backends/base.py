@@ -12,15 +12,19 @@ elsewhere.
 from __future__ import annotations
 
 import abc
+import atexit
+import contextlib
 import dataclasses
 import importlib.metadata
 import importlib.util
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from pytest_isolate.agent.wire import BOOTSTRAP
 from pytest_isolate.cache import Cache, Entry
@@ -42,6 +46,10 @@ SITE = "/.isolate/site"
 SHIPPED = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py",
            "exceptiongroup", "tomli", "pygments", "coverage")
 Progress = Callable[[str], None]
+#: How long a step of a start may take: the agent's handshake (ten times that under
+#: qemu-user), an engine's start command (lxc-start, schroot -b).
+START_TIMEOUT = 60.0
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -169,13 +177,10 @@ def agent_settings(run: RunContext, spec: EnvSpec, mounts: list[Mount],
 
 
 def handshake_or_stop(instance: Instance, settings: dict[str, Any],
-                      timeout: float = 60.0) -> Instance:
+                      timeout: float = START_TIMEOUT) -> Instance:
     """Complete the agent's handshake (longer under qemu-user); stop the instance if it fails."""
-    try:
+    with instance.stopped_on_error():
         instance.handshake(settings, timeout * (10 if instance.spec.foreign else 1))
-    except BaseException:
-        instance.stop()
-        raise
     return instance
 
 
@@ -225,12 +230,75 @@ class Instance:
         return self.process.alive()
 
     def stop(self) -> None:
+        """Stop the agent, then undo what starting it made (once, however often called)."""
         try:
             self.process.stop()
         finally:
             if self._cleanup is not None:
-                self._cleanup()
-                self._cleanup = None
+                cleanup, self._cleanup = self._cleanup, None
+                cleanup()
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @contextlib.contextmanager
+    def stopped_on_error(self) -> Iterator[Instance]:
+        """Stop the instance if the block fails (the instance stays up when it succeeds)."""
+        try:
+            yield self
+        except BaseException:
+            self.stop()
+            raise
+
+
+@dataclasses.dataclass
+class Launch:
+    """What a backend's launch() started, for the template Backend.start to finish."""
+
+    #: the byte stream to the agent (not handshaken yet)
+    process: Transport
+    #: the instance's logs, in the order they are shown; "agent" is the one whose tail is
+    #: shown when the agent is lost; "provision" (the image's log) is added last unless given
+    logs: dict[str, Path]
+    #: sent to the agent by the handshake (agent_settings)
+    settings: dict[str, Any]
+    timeout: float = START_TIMEOUT
+    #: where the environment's root lives on the host, from the agent's hello (Instance.root)
+    root: Callable[[dict[str, Any]], str] | None = None
+
+
+class LiveSet(Generic[T]):
+    """What this process made outside itself (schroot sessions, LXC containers), ended at
+    exit by `end` if the instance's own cleanup never ran: an interrupted run (an
+    unhandled KeyboardInterrupt, sys.exit from a plugin) must not leave them behind."""
+
+    def __init__(self, end: Callable[[str, T], None]) -> None:
+        self._end = end
+        self._items: dict[str, T] = {}
+        self._lock = threading.Lock()
+        atexit.register(self.end_all)
+
+    @contextlib.contextmanager
+    def holding(self, name: str, item: T) -> Iterator[None]:
+        """`item` is in the set for the block (an ExitStack keeps it until its cleanup)."""
+        with self._lock:
+            self._items[name] = item
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._items.pop(name, None)
+
+    def end_all(self) -> None:
+        with self._lock:
+            live = list(self._items.items())
+            self._items.clear()
+        for name, item in live:
+            self._end(name, item)
 
 
 class Backend(abc.ABC):
@@ -252,6 +320,9 @@ class Backend(abc.ABC):
     supports_layers: ClassVar[bool] = True
     #: Runs an environment whose root is an image (`image = REF` or `dockerfile`).
     supports_images: ClassVar[bool] = False
+    #: The first start() reaps what killed runs left (reap_once); False where nothing
+    #: outlives an instance but what the backend reaps at a point of its own.
+    reaps_at_start: ClassVar[bool] = True
 
     @classmethod
     def remove_external(cls, key: str, manifest: dict[str, Any]) -> str | None:
@@ -278,6 +349,7 @@ class Backend(abc.ABC):
         #: The engine this object drives: a pool host's endpoint (a Docker URL, a libvirt
         #: URI, ...) from [tool.pytest-isolate.hosts], or None for the backend's default.
         self.endpoint: str | None = None
+        self._reaped = False
 
     @abc.abstractmethod
     def check(self, spec: EnvSpec) -> None:
@@ -287,9 +359,48 @@ class Backend(abc.ABC):
     def provision(self, spec: EnvSpec) -> Entry:
         """Build (or find in the cache) what start() needs; must be idempotent."""
 
-    @abc.abstractmethod
     def start(self, spec: EnvSpec, image: Entry) -> Instance:
-        """Start an instance whose agent has completed its handshake."""
+        """Start an instance whose agent has completed its handshake.
+
+        The template: reap once, then launch() -- every resource it makes goes with its
+        undo onto an ExitStack, so a failure part way unwinds what was made so far -- then
+        ready() (the handshake).  The Instance owns the stack's undos from the launch on:
+        a failed handshake stops it, and so does its stop() later.  A backend supplies
+        launch() (and ready() if its handshake differs), or a start() of its own.
+        """
+        if self.reaps_at_start:
+            self.reap_once()
+        with contextlib.ExitStack() as stack:
+            launch = self.launch(stack, spec, image)
+            logs = {**launch.logs}
+            logs.setdefault("provision", image.log)
+            instance = Instance(spec, launch.process, logs, stack.pop_all().close)
+            stack.enter_context(instance)  # from here a failure stops it: agent, then undos
+            self.ready(instance, launch)
+            stack.pop_all()
+        return instance
+
+    def launch(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
+               image: Entry) -> Launch:
+        """Start the agent of an instance of spec, pushing the undo of everything made on
+        the way onto stack (stack.callback / enter_context), in the order made."""
+        raise NotImplementedError(f"backend {self.name!r} ({type(self).__qualname__}) "
+                                  "implements neither launch() nor start()")
+
+    def ready(self, instance: Instance, launch: Launch) -> None:
+        """Complete the agent's handshake (longer under qemu-user) and learn from its hello
+        where the root lives; start() stops the instance if this fails."""
+        instance.handshake(launch.settings,
+                           launch.timeout * (10 if instance.spec.foreign else 1))
+        if launch.root is not None:
+            instance.root = launch.root(instance.hello)
+
+    def reap_once(self) -> None:
+        """reap() the first time this backend object is used: one guard for every backend
+        (start() calls it; a backend may call it sooner, e.g. at its first contact)."""
+        if not self._reaped:
+            self._reaped = True
+            self.reap()
 
     def reap(self) -> list[str]:
         """Remove what runs whose process is gone left behind (containers, sessions...).
@@ -306,8 +417,6 @@ class RootfsBackend(Backend):
 
     options: ClassVar[Mapping[str, Option] | None] = {}
     supports_images = True  # the engine's export of the image (backends/image_rootfs.py)
-
-    _cgroups_reaped = False
 
     def check_rootfs(self, spec: EnvSpec, overlay: bool = True) -> None:
         """What every such backend needs: overlayfs, a rootfs builder, binfmt when foreign."""
@@ -327,13 +436,21 @@ class RootfsBackend(Backend):
         return reap_cgroups()
 
     def host_cgroup(self, spec: EnvSpec) -> HostCgroup | None:
-        """The cgroup holding one instance's processes, when the spec has limits."""
-        from pytest_isolate.limits import HostCgroup, reap_cgroups
+        """The cgroup holding one instance's processes, when the spec has limits (the
+        first one reaps: a backend that reaps at start has, the others now do)."""
+        from pytest_isolate.limits import HostCgroup
 
-        if spec.limits().needs_cgroup and not self._cgroups_reaped:
-            self._cgroups_reaped = True
-            reap_cgroups()
+        if spec.limits().needs_cgroup:
+            self.reap_once()
         return HostCgroup.create(spec.limits(), f"environment {spec.name!r}")
+
+    def held_cgroup(self, stack: contextlib.ExitStack[bool | None],
+                    spec: EnvSpec) -> HostCgroup | None:
+        """host_cgroup(spec), removed (its processes killed) when stack unwinds."""
+        group = self.host_cgroup(spec)
+        if group is not None:
+            stack.callback(group.remove)
+        return group
 
     def provision(self, spec: EnvSpec) -> Entry:
         log = self.run.log_path(spec.name, "provision.log")

@@ -9,15 +9,16 @@ namespaces: when the launcher dies, its PID namespace and every mount go too.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import uuid
 
 from pytest_isolate.backends.base import (
-    Instance,
+    Launch,
     RootfsBackend,
     agent_command,
     agent_settings,
-    handshake_or_stop,
     standard_mounts,
 )
 from pytest_isolate.cache import Entry
@@ -40,15 +41,19 @@ class ChrootBackend(RootfsBackend):
     supports_snapshot = True
     host_needs = HOST_NEEDS["chroot"]
     options = {"map_root": MAP_ROOT_OPTION}
+    #: nothing outlives the namespaces but a limits cgroup: host_cgroup reaps those
+    reaps_at_start = False
 
     def check(self, spec: EnvSpec) -> None:
         check_namespaces(self.name)
         self.check_rootfs(spec)
 
-    def start(self, spec: EnvSpec, image: Entry) -> Instance:
-        group = self.host_cgroup(spec)  # first: it may refuse (limits need root here)
+    def launch(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
+               image: Entry) -> Launch:
+        group = self.held_cgroup(stack, spec)  # first: it may refuse (limits need root here)
         workdir = self.run.work_dir / f"{spec.name}-{uuid.uuid4().hex[:8]}"
         workdir.mkdir(parents=True)
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         mounts = standard_mounts(self.run, spec, image)
         cfg = {
             "rootfs": str(image.data), "workdir": str(workdir), "mode": "overlay",
@@ -61,21 +66,8 @@ class ChrootBackend(RootfsBackend):
         if mapping is not None:  # the launcher's user namespace over an idmapped rootfs
             cfg["userns"] = mapping.cfg()
         log = self.run.log_path(spec.name, "agent.log")
-
-        def cleanup() -> None:
-            if group is not None:
-                group.remove()
-            shutil.rmtree(workdir, ignore_errors=True)
-
         argv = launcher_argv(cfg)
-        try:
-            process = AgentProcess(group.wrap(argv) if group else argv, log,
-                                   f"environment {spec.name!r}")
-        except BaseException:
-            cleanup()
-            raise
-
-        instance = Instance(spec, process, {"agent": log, "provision": image.log}, cleanup)
-        handshake_or_stop(instance, agent_settings(self.run, spec, mounts))
-        instance.root = where_root_is(spec, mapping, instance.hello)
-        return instance
+        process = AgentProcess(group.wrap(argv) if group else argv, log,
+                               f"environment {spec.name!r}")
+        return Launch(process, {"agent": log}, agent_settings(self.run, spec, mounts),
+                      root=functools.partial(where_root_is, spec, mapping))

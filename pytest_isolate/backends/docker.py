@@ -89,11 +89,11 @@ from typing import Any
 
 from pytest_isolate.backends import docker_pull, docker_ssh
 from pytest_isolate.backends.base import (
+    START_TIMEOUT,
     Backend,
-    Instance,
+    Launch,
     agent_command,
     agent_settings,
-    handshake_or_stop,
     standard_mounts,
 )
 from pytest_isolate.backends.docker_build import with_built_image
@@ -101,14 +101,13 @@ from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError, ProvisionError
-from pytest_isolate.images.envvars import environment_variables
+from pytest_isolate.images.envvars import environment_variables, system_variables
 from pytest_isolate.images.tree import DEFAULT_EXCLUDES, EXCLUDE_OPTION, scan_tree
 from pytest_isolate.limits import cpu_list, host_cpus
 from pytest_isolate.ownership import Owner
 from pytest_isolate.setup_host import HOST_NEEDS
 from pytest_isolate.spec import EnvSpec, content_hash
 
-START_TIMEOUT = 60.0
 #: Bump when the way images are made changes, so old tags are not reused.
 IMAGE_FORMAT = 1
 LABEL = "pytest-isolate"
@@ -116,7 +115,6 @@ LABEL = "pytest-isolate"
 IMAGE_KIND = "docker-image"
 #: The cache entries that pin a user's image (``image = REF``): its digest, id and python3.
 PIN_KIND = "docker-pin"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INSTALL_SDK = "install the Docker SDK for Python: pip install 'pytest-isolate-env[docker]'"
 START_ENGINE = ("start it with `dockerd --bridge=none --iptables=false --ip-masq=false &` "
                 "(as root), or point DOCKER_HOST at a running engine")
@@ -255,6 +253,13 @@ def owner_labels() -> dict[str, str]:
     start = "" if owner.start is None else str(owner.start)
     return {f"{LABEL}.pid": str(owner.pid), f"{LABEL}.pidstart": start,
             f"{LABEL}.host": socket.gethostname()}
+
+
+def remove_container(container: Any) -> None:
+    """Remove a container and its anonymous volumes, whatever state it is in; never raises
+    (what cannot be removed now is reaped by a later run: its labels name its owner)."""
+    with contextlib.suppress(Exception):
+        container.remove(force=True, v=True)
 
 
 def owner_gone(labels: dict[str, str]) -> bool:
@@ -536,7 +541,6 @@ class DockerBackend(Backend):
     def __init__(self, run: Any) -> None:
         super().__init__(run)
         self._client: Any = None
-        self._reaped = False
         self._info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ engine
@@ -578,9 +582,7 @@ class DockerBackend(Backend):
         if self._info.get("OSType", "linux") != "linux":
             raise BackendUnavailable(self.name, f"the docker engine runs {self._info.get('OSType')} "
                                      "containers", "switch the engine to Linux containers")
-        if not self._reaped:
-            self._reaped = True
-            self.reap()
+        self.reap_once()  # now: the first contact with the engine, before anything is built
         if not spec.from_image:
             from pytest_isolate.namespaces import check_rootfs_builder
 
@@ -756,8 +758,7 @@ class DockerBackend(Backend):
             code = int(container.wait(timeout=START_TIMEOUT).get("StatusCode", -1))
             out = container.logs(stdout=True, stderr=True).decode(errors="replace").strip()
         finally:
-            with contextlib.suppress(Exception):
-                container.remove(force=True, v=True)
+            remove_container(container)
         parts = out.splitlines()[-1].split(".") if code == 0 and out else []
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
             raise ProvisionError(f"docker: {python} in {where} does not run (exit status "
@@ -797,7 +798,7 @@ class DockerBackend(Backend):
     def _import(self, rootfs: Path, extra: Path, tag: str, labels: dict[str, str]) -> str:
         api = self.client().api
         label_text = " ".join(f'"{k}"="{v}"' for k, v in labels.items())
-        changes = [f"ENV PATH={DEFAULT_PATH}", "ENV LANG=C.UTF-8", "ENV HOME=/root",
+        changes = [*(f"ENV {k}={v}" for k, v in system_variables().items()),
                    f"LABEL {label_text}", 'CMD ["python3"]']
         # the tag inside repo (the API allows it): podman's Docker-compatible API ignores a
         # separate tag parameter when importing, and would name the image :latest
@@ -840,7 +841,7 @@ class DockerBackend(Backend):
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         config: dict[str, Any] = {
             "architecture": arch, "os": "linux", "created": created,
-            "config": {"Env": [f"PATH={DEFAULT_PATH}", "LANG=C.UTF-8", "HOME=/root"],
+            "config": {"Env": [f"{k}={v}" for k, v in system_variables().items()],
                        "Cmd": ["python3"], "Labels": labels},
             "rootfs": {"type": "layers", "diff_ids": [f"sha256:{digest.hexdigest()}"]},
             "history": [{"created": created, "created_by": "pytest-isolate (root filesystem)"}],
@@ -898,8 +899,7 @@ class DockerBackend(Backend):
             container.commit(repository=repo, tag=name,
                              changes=[f'LABEL "{LABEL}.key"="{key}"'])
         finally:
-            with contextlib.suppress(Exception):
-                container.remove(force=True, v=True)
+            remove_container(container)
 
     # ------------------------------------------------------------------ containers
     def _create(self, spec: EnvSpec, image: str, binds: list[list[Any]], purpose: str,
@@ -952,7 +952,8 @@ class DockerBackend(Backend):
                 raise ProvisionError(f"docker: copying {[src for src, _ in pairs]} into the "
                                      "container failed")
 
-    def start(self, spec: EnvSpec, image: Entry) -> Instance:
+    def launch(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
+               image: Entry) -> Launch:
         rootdir = str(self.run.rootdir)
         copy = self.transfer(spec) == "copy"
         # a remote engine cannot bind host paths: no shared bytecode cache there
@@ -962,30 +963,20 @@ class DockerBackend(Backend):
         container_log = self.run.log_path(spec.name, "container.log")
         provision_log = self.run.log_path(spec.name, "provision.log")
         container = self._create(spec, image.manifest["image"], [] if copy else binds, purpose="run")
-
-        def cleanup() -> None:
-            self._save_log(container, container_log)
-            with contextlib.suppress(Exception):
-                container.remove(force=True, v=True)
-
-        try:
-            container.start()
-            readonly: list[str] = []
-            if copy:
-                self._copy_in(container, [(src, dst) for src, dst, _ in binds], spec)
-                readonly = [dst for _, dst, ro in binds if ro]
-            argv = agent_command(spec)
-            argv[-1] = prelude(readonly) + argv[-1]
-            process = ExecAgent(self.client(), container.id, argv,
-                                environment_variables(spec, pycache=not copy),
-                                rootdir, agent_log, f"environment {spec.name!r}")
-        except BaseException:
-            cleanup()
-            raise
+        stack.callback(remove_container, container)
+        stack.callback(self._save_log, container, container_log)  # unwound first: before removal
+        container.start()
+        readonly: list[str] = []
+        if copy:
+            self._copy_in(container, [(src, dst) for src, dst, _ in binds], spec)
+            readonly = [dst for _, dst, ro in binds if ro]
+        argv = agent_command(spec)
+        argv[-1] = prelude(readonly) + argv[-1]
+        process = ExecAgent(self.client(), container.id, argv,
+                            environment_variables(spec, pycache=not copy),
+                            rootdir, agent_log, f"environment {spec.name!r}")
         logs = {"agent": agent_log, "container": container_log, "provision": provision_log}
-        instance = Instance(spec, process, logs, cleanup)
-        return handshake_or_stop(instance, agent_settings(self.run, spec, mounts, lower="/"),
-                                 START_TIMEOUT)
+        return Launch(process, logs, agent_settings(self.run, spec, mounts, lower="/"))
 
     def _save_log(self, container: Any, path: Path) -> None:
         try:

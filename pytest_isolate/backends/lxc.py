@@ -57,24 +57,24 @@ the next run's first ``start()`` reaps every container whose owner is dead
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
 from pytest_isolate.backends.base import (
-    Instance,
+    START_TIMEOUT,
+    Launch,
+    LiveSet,
     Mount,
     RootfsBackend,
     agent_command,
     agent_settings,
-    handshake_or_stop,
     need_tool,
     standard_mounts,
 )
@@ -95,10 +95,8 @@ from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import command_lines, fstab_path, safe_name
 from pytest_isolate.system import run_quiet as _run
 
-START_TIMEOUT = 60.0
 PREFIX = "pytest-isolate-"
 LABEL = "pytest-isolate.json"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SECCOMP_PROFILE = Path("/usr/share/lxc/config/common.seccomp")
 CAP_DROP = "mac_admin mac_override sys_time sys_module sys_rawio"
 TOOLS = ("lxc-start", "lxc-attach", "lxc-stop", "lxc-destroy", "lxc-info")
@@ -195,17 +193,8 @@ def leftover_cgroups(runs_dir: Path) -> list[str]:
     return sorted({p.name.split(".", 2)[2] for p in remove_dirs(found, timeout=1.0)})
 
 
-_LIVE: dict[str, Path] = {}
-_LIVE_LOCK = threading.Lock()
-
-
-@atexit.register
-def _destroy_live() -> None:
-    with _LIVE_LOCK:
-        live = list(_LIVE.items())
-        _LIVE.clear()
-    for name, lxcpath in live:
-        destroy_container(name, lxcpath)
+#: The containers of this run (their lxcpath), destroyed at exit.
+LIVE: LiveSet[Path] = LiveSet(destroy_container)
 
 
 class LxcBackend(RootfsBackend):
@@ -217,7 +206,6 @@ class LxcBackend(RootfsBackend):
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
-        self._reaped = False
         self._count = 0
 
     def check(self, spec: EnvSpec) -> None:
@@ -285,15 +273,13 @@ class LxcBackend(RootfsBackend):
             lines.append(entry("/etc/resolv.conf", "/etc/resolv.conf", True))
         return "\n".join(lines) + "\n"
 
-    def start(self, spec: EnvSpec, image: Entry) -> Instance:
+    def launch(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
+               image: Entry) -> Launch:
         if ":" in str(image.data) or ":" in str(self.lxcpath):
             raise IsolateError(
                 f"lxc: the overlay rootfs ({image.data}) and the run directory ({self.lxcpath}) "
                 "must not contain ':' (LXC's overlay:LOWER:UPPER syntax); choose another "
                 "--isolate-cache-dir")
-        if not self._reaped:
-            self._reaped = True
-            self.reap()
         self._count += 1
         mounts = standard_mounts(self.run, spec, image)
         name = f"{PREFIX}{safe_name(self.run.run_id)}-{safe_name(spec.name)}-{self._count}"
@@ -303,45 +289,31 @@ class LxcBackend(RootfsBackend):
         agent_log = self.run.log_path(spec.name, "agent.log")
         rootdir = str(self.run.rootdir)
         cdir.mkdir(parents=True)
-        with _LIVE_LOCK:
-            _LIVE[name] = lxcpath
+        stack.callback(destroy_container, name, lxcpath)
+        stack.enter_context(LIVE.holding(name, lxcpath))
         (cdir / LABEL).write_text(json.dumps(
             {**Owner.me().label(), "run_id": self.run.run_id, "env": spec.name}))
         (cdir / "delta").mkdir()
-
-        def cleanup() -> None:
-            with _LIVE_LOCK:
-                _LIVE.pop(name, None)
-            destroy_container(name, lxcpath)
-
-        try:
-            (cdir / "config").write_text(
-                self.config_text(spec, image.data, cdir, lxc_log, mounts))
-            proc = _run(["lxc-start", "-n", name, "-P", str(lxcpath), "-d",
-                         "-o", str(lxc_log), "-l", "NOTICE"], timeout=START_TIMEOUT)
-            if proc.returncode != 0:
-                raise IsolateError(
-                    f"lxc-start of {name} for environment {spec.name!r} failed "
-                    f"(status {proc.returncode}): {(proc.stderr or proc.stdout).strip()}\n"
-                    f"lxc log: {lxc_log}")
-            env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
-                   **environment_variables(spec, pycache=True)}
-            mapping = wanted_root_map(spec)
-            if mapping is not None:  # the agent maps its root itself (agent.map_root_here)
-                env.update(agent_map_request(mapping, ["/.isolate/lower", rootdir, PYCACHE]))
-            argv = ["lxc-attach", "-n", name, "-P", str(lxcpath), "--clear-env",
-                    "-o", str(lxc_log), "-l", "WARN", "--",
-                    "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
-                    *agent_command(spec)]
-            process = AgentProcess(argv, agent_log, f"environment {spec.name!r}")
-        except BaseException:
-            cleanup()
-            raise
-        instance = Instance(spec, process, {"agent": agent_log, "lxc": lxc_log,
-                                            "provision": image.log}, cleanup)
-        handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
-        instance.root = where_root_is(spec, mapping, instance.hello)
-        return instance
+        (cdir / "config").write_text(self.config_text(spec, image.data, cdir, lxc_log, mounts))
+        proc = _run(["lxc-start", "-n", name, "-P", str(lxcpath), "-d",
+                     "-o", str(lxc_log), "-l", "NOTICE"], timeout=START_TIMEOUT)
+        if proc.returncode != 0:
+            raise IsolateError(
+                f"lxc-start of {name} for environment {spec.name!r} failed "
+                f"(status {proc.returncode}): {(proc.stderr or proc.stdout).strip()}\n"
+                f"lxc log: {lxc_log}")
+        env = environment_variables(spec, pycache=True, system=True)
+        mapping = wanted_root_map(spec)
+        if mapping is not None:  # the agent maps its root itself (agent.map_root_here)
+            env.update(agent_map_request(mapping, ["/.isolate/lower", rootdir, PYCACHE]))
+        argv = ["lxc-attach", "-n", name, "-P", str(lxcpath), "--clear-env",
+                "-o", str(lxc_log), "-l", "WARN", "--",
+                "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
+                *agent_command(spec)]
+        process = AgentProcess(argv, agent_log, f"environment {spec.name!r}")
+        return Launch(process, {"agent": agent_log, "lxc": lxc_log},
+                      agent_settings(self.run, spec, mounts),
+                      root=functools.partial(where_root_is, spec, mapping))
 
 
 def limit_lines(limits: Limits) -> list[str]:

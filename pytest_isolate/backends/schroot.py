@@ -54,26 +54,26 @@ the plugin must write /etc/schroot/chroot.d): ``needs_root``.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import functools
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 from pytest_isolate.agent.bundle import AGENT_DIR
 from pytest_isolate.backends.base import (
     SITE,
-    Instance,
+    START_TIMEOUT,
+    Launch,
+    LiveSet,
     RootfsBackend,
     agent_command,
     agent_settings,
-    handshake_or_stop,
     layer_mounts,
     need_tool,
     pycache_dir,
@@ -96,12 +96,10 @@ from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import fstab_path, safe_name
 from pytest_isolate.system import run_quiet as _run
 
-START_TIMEOUT = 60.0
 PREFIX = "pytest-isolate-"
 SCHROOT_DIR = Path("/etc/schroot")
 CHROOT_D = SCHROOT_DIR / "chroot.d"
 OWNER_TAG = "# pytest-isolate owner: "
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: (name, major, minor) of the device nodes in the environment's /dev.
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
            ("urandom", 1, 9), ("tty", 5, 0))
@@ -227,19 +225,20 @@ def reap() -> list[str]:
     return reaped
 
 
-_LIVE: dict[str, tuple[list[str], str]] = {}
-_LIVE_LOCK = threading.Lock()
+def end_sessions(sessions: list[str], log: Path | None = None) -> None:
+    """End every session in the list (as filled when this runs)."""
+    for session in sessions:
+        end_session(session, log)
 
 
-@atexit.register
-def _end_live() -> None:
-    with _LIVE_LOCK:
-        live = list(_LIVE.items())
-        _LIVE.clear()
-    for name, (sessions, workdir) in live:
-        for session in sessions:
-            end_session(session)
-        remove_definition(name, workdir)
+def _end_definition(name: str, held: tuple[list[str], str]) -> None:
+    sessions, workdir = held
+    end_sessions(sessions)
+    remove_definition(name, workdir)
+
+
+#: The definitions of this run (their sessions and staging directory), ended at exit.
+LIVE: LiveSet[tuple[list[str], str]] = LiveSet(_end_definition)
 
 
 class SchrootBackend(RootfsBackend):
@@ -251,7 +250,6 @@ class SchrootBackend(RootfsBackend):
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
-        self._reaped = False
         self._count = 0
 
     def check(self, spec: EnvSpec) -> None:
@@ -344,10 +342,8 @@ class SchrootBackend(RootfsBackend):
         tmp.rename(CHROOT_D / name)
 
     # ------------------------------------------------------------ start
-    def start(self, spec: EnvSpec, image: Entry) -> Instance:
-        if not self._reaped:
-            self._reaped = True
-            self.reap()
+    def launch(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
+               image: Entry) -> Launch:
         self._count += 1
         name = f"{PREFIX}{safe_name(self.run.run_id)}-{safe_name(spec.name)}-{self._count}"
         session = f"{name}-s1"
@@ -356,62 +352,47 @@ class SchrootBackend(RootfsBackend):
         agent_log = self.run.log_path(spec.name, "agent.log")
         rootdir = str(self.run.rootdir)
         sessions: list[str] = []
-        group = self.host_cgroup(spec)
+        # undone in reverse: the live entry, the cgroup (its leftover processes killed),
+        # the sessions, then the definition with its staging directory
         workdir.mkdir(parents=True)
-        with _LIVE_LOCK:
-            _LIVE[name] = (sessions, str(workdir))
-
-        def cleanup() -> None:
-            with _LIVE_LOCK:
-                _LIVE.pop(name, None)
-            if group is not None:
-                group.remove()
-            for s in sessions:
-                end_session(s, log)
-            remove_definition(name, str(workdir))
-
-        try:
-            self._write_definition(spec, name, image.data, workdir,
-                                   pycache_dir(self.run, image))
-            sessions.append(session)  # a failed begin can leave a session record behind
-            begin = _run(["schroot", "-b", "-c", name, "-n", session], timeout=START_TIMEOUT)
-            with open(log, "a") as f:
-                f.write(f"$ schroot -b -c {name} -n {session}\n{begin.stdout}{begin.stderr}")
-            if begin.returncode != 0:
-                raise IsolateError(
-                    f"schroot could not begin a session of {name} for environment "
-                    f"{spec.name!r} (status {begin.returncode}): {begin.stderr.strip()}\n"
-                    f"log: {log}")
-            where = _run(["schroot", "--location", "-c", f"session:{session}"])
-            location = where.stdout.strip()
-            if where.returncode != 0 or not location.startswith("/"):
-                raise IsolateError(f"schroot --location of session {session} failed: "
-                                   f"{where.stderr.strip()}")
-            env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
-                   **environment_variables(spec, pycache=True)}
-            mapping = wanted_root_map(spec)
-            if mapping is not None:  # the agent maps its root itself (agent.mounts.map_root_here)
-                env.update(agent_map_request(mapping, ["/.isolate/lower", rootdir, PYCACHE],
-                                             userns_fd=USERNS_FD))
-            namespaces = ["--fork", "--pid", "--mount", "--uts", "--ipc", "--kill-child",
-                          f"--mount-proc={location}/proc"]
-            if not spec.network:
-                namespaces.append("--net")
-            argv = ["unshare", *namespaces, "--",
-                    sys.executable, "-I", "-S", "-c", PRELUDE,
-                    f"isolate-{safe_name(spec.name)}"[:63], "0" if spec.network else "1",
-                    json.dumps(mapping.cfg()) if mapping else "-", str(AGENT_DIR),
-                    "schroot", "-r", "-c", session, "-d", "/", "--",
-                    "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
-                    *agent_command(spec)]
-            process = AgentProcess(group.wrap(argv) if group else argv, agent_log,
-                                   f"environment {spec.name!r}")
-        except BaseException:
-            cleanup()
-            raise
-        instance = Instance(spec, process, {"agent": agent_log, "schroot": log,
-                                            "provision": image.log}, cleanup)
+        stack.callback(remove_definition, name, str(workdir))
+        stack.callback(end_sessions, sessions, log)
+        group = self.held_cgroup(stack, spec)
+        stack.enter_context(LIVE.holding(name, (sessions, str(workdir))))
+        self._write_definition(spec, name, image.data, workdir, pycache_dir(self.run, image))
+        sessions.append(session)  # a failed begin can leave a session record behind
+        begin = _run(["schroot", "-b", "-c", name, "-n", session], timeout=START_TIMEOUT)
+        with open(log, "a") as f:
+            f.write(f"$ schroot -b -c {name} -n {session}\n{begin.stdout}{begin.stderr}")
+        if begin.returncode != 0:
+            raise IsolateError(
+                f"schroot could not begin a session of {name} for environment "
+                f"{spec.name!r} (status {begin.returncode}): {begin.stderr.strip()}\n"
+                f"log: {log}")
+        where = _run(["schroot", "--location", "-c", f"session:{session}"])
+        location = where.stdout.strip()
+        if where.returncode != 0 or not location.startswith("/"):
+            raise IsolateError(f"schroot --location of session {session} failed: "
+                               f"{where.stderr.strip()}")
+        env = environment_variables(spec, pycache=True, system=True)
+        mapping = wanted_root_map(spec)
+        if mapping is not None:  # the agent maps its root itself (agent.mounts.map_root_here)
+            env.update(agent_map_request(mapping, ["/.isolate/lower", rootdir, PYCACHE],
+                                         userns_fd=USERNS_FD))
+        namespaces = ["--fork", "--pid", "--mount", "--uts", "--ipc", "--kill-child",
+                      f"--mount-proc={location}/proc"]
+        if not spec.network:
+            namespaces.append("--net")
+        argv = ["unshare", *namespaces, "--",
+                sys.executable, "-I", "-S", "-c", PRELUDE,
+                f"isolate-{safe_name(spec.name)}"[:63], "0" if spec.network else "1",
+                json.dumps(mapping.cfg()) if mapping else "-", str(AGENT_DIR),
+                "schroot", "-r", "-c", session, "-d", "/", "--",
+                "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
+                *agent_command(spec)]
+        process = AgentProcess(group.wrap(argv) if group else argv, agent_log,
+                               f"environment {spec.name!r}")
         mounts = standard_mounts(self.run, spec, image)  # what the fstab above binds
-        handshake_or_stop(instance, agent_settings(self.run, spec, mounts), START_TIMEOUT)
-        instance.root = where_root_is(spec, mapping, instance.hello)
-        return instance
+        return Launch(process, {"agent": agent_log, "schroot": log},
+                      agent_settings(self.run, spec, mounts),
+                      root=functools.partial(where_root_is, spec, mapping))

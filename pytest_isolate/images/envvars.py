@@ -24,9 +24,22 @@ FIDELITY_ENV = ("CI", "BUILD_NUMBER")
 PYCACHE = "/.isolate/pycache"
 
 
-def environment_variables(spec: EnvSpec, pycache: bool = False) -> dict[str, str]:
-    """The environment inside: no host variables but those the spec passes."""
-    env = dict(BASE_ENV)
+def system_variables() -> dict[str, str]:
+    """PATH, HOME and LANG as root's login on the environment's Debian has them: where a
+    backend starts the agent with an empty environment (``env -i``, an image's ENV, a VM's
+    /init).  The shipped agent's launcher sets the same for the chroot backend; PATH's one
+    home is agent.wire.DEFAULT_PATH, since the agent can import nothing of the host's."""
+    from pytest_isolate.agent.wire import DEFAULT_PATH
+
+    return {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+
+
+def environment_variables(spec: EnvSpec, pycache: bool = False,
+                          system: bool = False) -> dict[str, str]:
+    """The environment inside: no host variables but those the spec passes (after
+    system_variables() when `system`: where nothing else sets PATH, HOME and LANG)."""
+    env = system_variables() if system else {}
+    env.update(BASE_ENV)
     for name in FIDELITY_ENV:
         if name in os.environ:
             env[name] = os.environ[name]

@@ -15,6 +15,7 @@ builder, so cache hits and misses are real.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ from pytest_isolate.backend import (
     BackendUnavailable,
     Entry,
     EnvSpec,
-    Instance,
+    Launch,
     environment_variables,
 )
 
@@ -37,7 +38,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: Where the host's pytest_isolate comes from: a checkout on PYTHONPATH may shadow the
 #: installed one, and the agent's conftest must import the same code as the host.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytest_isolate.__file__)))
-START_TIMEOUT = 60.0
 #: Host variables the agent keeps (everything else is dropped, as inside a real environment).
 KEEP_ENV = ("PATH", "HOME", "LANG", "TMPDIR")
 
@@ -70,7 +70,8 @@ class FakeBackend(Backend):
             self.run.log_path(spec.name, "provision.log"),
         )
 
-    def start(self, spec: EnvSpec, image: Entry) -> Instance:
+    def launch(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
+               image: Entry) -> Launch:
         env = {k: os.environ[k] for k in KEEP_ENV if k in os.environ}
         env.update(environment_variables(spec))
         # fake_backend itself must be importable by the project's conftest inside the agent
@@ -80,16 +81,9 @@ class FakeBackend(Backend):
         log = self.run.log_path(spec.name, "agent.log")
         process = AgentProcess([sys.executable, "-u", "-c", BOOTSTRAP], log,
                                f"environment {spec.name!r}", env=env)
-        instance = Instance(spec, process, {"agent": log, "provision": image.log})
-        try:
-            instance.handshake(
-                {"isolation": "none", "site": None, "binds": [], "cwd": str(self.run.rootdir)},
-                timeout=START_TIMEOUT,
-            )
-        except BaseException:
-            instance.stop()
-            raise
-        return instance
+        return Launch(process, {"agent": log},
+                      {"isolation": "none", "site": None, "binds": [],
+                       "cwd": str(self.run.rootdir)})
 
 
 class UnavailableFakeBackend(FakeBackend):

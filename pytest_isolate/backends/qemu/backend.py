@@ -1,5 +1,5 @@
 """QemuBackend: the VM backend's capabilities and options, its check and reap, and the
-direct driver's start (restore a saved state, else boot; then add the disks)."""
+direct driver's launch (restore a saved state, else boot; then add the disks)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ import dataclasses
 import os
 import shutil
 import signal
-import time
 from typing import Any
 
-from pytest_isolate.backends.base import Instance, agent_command, need_tool
+from pytest_isolate.backends.base import agent_command, need_tool
 from pytest_isolate.backends.qemu.libvirt import LibvirtDriver
-from pytest_isolate.backends.qemu.machine import HANDSHAKE_TIMEOUT, Vm, boot_spec, vm_memory_mib
+from pytest_isolate.backends.qemu.machine import (
+    HANDSHAKE_TIMEOUT,
+    Marks,
+    Vm,
+    VmLaunch,
+    boot_spec,
+    vm_memory_mib,
+)
 from pytest_isolate.backends.qemu.qmp import QmpError
 from pytest_isolate.backends.qemu.reaping import qemu_processes_of_runs, reap_temp_dirs, socket_dir
 from pytest_isolate.backends.qemu.states import SavedStates, saved_state_group
@@ -86,6 +92,8 @@ class QemuBackend(LibvirtDriver, SavedStates):
                     os.kill(pid, signal.SIGKILL)
                     reaped.append(f"qemu {pid} of run {run_id}")
         reap_temp_dirs()
+        for what in reaped:
+            self.run.progress(f"qemu: killed {what} (an interrupted run)")
         return reaped
 
     def check(self, spec: EnvSpec) -> None:
@@ -104,27 +112,17 @@ class QemuBackend(LibvirtDriver, SavedStates):
             self._libvirt()
 
     # ------------------------------------------------------------------ start
-    def start(self, spec: EnvSpec, image: Entry) -> Instance:
-        if not self._reaped:
-            self._reaped = True
-            for what in self.reap():
-                self.run.progress(f"qemu: killed {what} (an interrupted run)")
+    def launch(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
+               image: Entry) -> VmLaunch:
         if self.driver(spec) == "libvirt":
-            return self._start_libvirt(spec, image)
+            return self._launch_libvirt(stack, spec, image)
         describe = f"environment {spec.name!r}"
         tmp = socket_dir()
-        started = time.monotonic()
-        marks: list[str] = []
-
-        def mark(what: str) -> None:
-            marks.append(f"{what} {time.monotonic() - started:.2f}s")
-
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        marks = Marks()
         console_log = self.run.log_path(spec.name, "console.log")
         qemu_log = self.run.log_path(spec.name, "qemu.log")
-
-        def cleanup() -> None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
+        # killed here if the launch fails; once launched, VmProcess.stop quits it
         vm: Vm | None = None
         memory = vm_memory_mib(spec)
         try:
@@ -138,6 +136,7 @@ class QemuBackend(LibvirtDriver, SavedStates):
             key, fields = self._state_key(image, files, argv, initrd, tmp, console_log)
             state = self.run.cache.lookup("vmstate", key) if snapshots else None
             process: VmProcess | None = None
+            how = ""
             if state is not None:
                 try:
                     vm = self._restore(argv, tmp, qemu_log, state, accel)
@@ -145,8 +144,8 @@ class QemuBackend(LibvirtDriver, SavedStates):
                     # the saved machine's agent is already running: check that it answers
                     process.vconn.bootstrapped = True
                     process.conn.call(0, {"op": "hello"}, timeout=RESTORE_HELLO_TIMEOUT)
-                    self.last_start = f"restore ({accel})"
-                    mark("restored")
+                    how = f"restore ({accel})"
+                    marks("restored")
                 except IsolateError as exc:
                     if vm is not None:
                         vm.kill()
@@ -159,24 +158,23 @@ class QemuBackend(LibvirtDriver, SavedStates):
                 vm = self._launch(argv, tmp, qemu_log, f"boot, accelerator {accel}: {why}")
                 self._wait_port(spec, vm, qemu_log)
                 process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log, memory)
-                self.last_start = f"boot ({accel})"
-                mark("booted")
+                how = f"boot ({accel})"
+                marks("booted")
                 if snapshots:
                     # save the machine with the agent running and idle, before anything
                     # run-specific (settings, project, clock) reaches it
                     process.conn.bootstrap()
                     process.conn.call(0, {"op": "hello"}, timeout=HANDSHAKE_TIMEOUT)
-                    mark("agent started")
+                    marks("agent started")
                     self._save_state(spec, vm, key, fields, qemu_log)
-                    mark("state saved")
+                    marks("state saved")
             # run-specific from here on: the guest finds the disks while the agent starts
             self.hotplug(vm, disks)
-            mark("disks added")
+            marks("disks added")
         except BaseException as exc:
             if vm is not None:
                 vm.kill()
             tail = log_tail(console_log)
-            cleanup()
             if isinstance(exc, QmpError):
                 raise AgentLost(f"{describe}: {exc}\n--- qemu log ---\n{log_tail(qemu_log)}"
                                 f"\n--- console tail ---\n{tail}") from None
@@ -185,9 +183,6 @@ class QemuBackend(LibvirtDriver, SavedStates):
             raise
         # "agent" is the log whose tail is shown when the agent is lost: the console,
         # where the kernel, /init and the agent's stderr all write.
-        instance = Instance(spec, process, {"agent": console_log, "console": console_log,
-                                            "qemu": qemu_log, "provision": image.log}, cleanup)
-        self._ready(spec, instance, console_log, mark, HANDSHAKE_TIMEOUT, disks)
-        with contextlib.suppress(OSError), open(qemu_log, "a") as log:
-            log.write(f"# {self.last_start}: {', '.join(marks)}\n")
-        return instance
+        return VmLaunch(process, {"agent": console_log, "console": console_log, "qemu": qemu_log},
+                        self.vm_settings(spec), HANDSHAKE_TIMEOUT, console_log=console_log,
+                        qemu_log=qemu_log, disks=disks, marks=marks, how=how)

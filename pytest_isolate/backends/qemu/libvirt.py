@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.backends.base import Instance, agent_command
+from pytest_isolate.backends.base import agent_command
 from pytest_isolate.backends.qemu.machine import (
     BOOT_TIMEOUT,
     Disk,
+    Marks,
     QemuBase,
     VmFiles,
+    VmLaunch,
     boot_spec,
     vm_cpus,
     vm_memory_mib,
@@ -30,6 +32,12 @@ from pytest_isolate.errors import AgentLost, BackendUnavailable
 from pytest_isolate.images import initramfs as ird
 from pytest_isolate.images.kernel import ARCHES
 from pytest_isolate.spec import EnvSpec
+
+
+def close_quietly(conn: Any) -> None:
+    """Close a libvirt connection; one whose daemon is gone cannot fail the cleanup."""
+    with contextlib.suppress(Exception):
+        conn.close()
 
 
 class LibvirtDriver(QemuBase):
@@ -88,7 +96,8 @@ class LibvirtDriver(QemuBase):
                                      f"{result['error']}", "start it with: libvirtd -d")
         return result["conn"]
 
-    def _start_libvirt(self, spec: EnvSpec, image: Entry) -> Instance:
+    def _launch_libvirt(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
+                        image: Entry) -> VmLaunch:
         """A transient libvirt domain with the same kernel, initramfs, disks and port.
 
         No saved states here: every start boots.  The domain is named after the
@@ -99,73 +108,48 @@ class LibvirtDriver(QemuBase):
         uri = str(spec.option("libvirt_uri", self.endpoint or os.environ.get(
             "LIBVIRT_DEFAULT_URI", "qemu:///system")))
         tmp = socket_dir()
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         os.chmod(tmp, 0o755)
         console_log = self.run.log_path(spec.name, "console.log")
         qemu_log = self.run.log_path(spec.name, "qemu.log")
-        started = time.monotonic()
-        marks: list[str] = []
-
-        def mark(what: str) -> None:
-            marks.append(f"{what} {time.monotonic() - started:.2f}s")
-
-        conn: Any = None
-        dom: Any = None
-        sock: socket.socket | None = None
-
+        marks = Marks()
         local = uri.startswith("qemu:///")
         name = f"pytest-isolate-{self.run.run_id}-{spec.name}-{os.urandom(3).hex()}"
-
-        def cleanup() -> None:
-            if dom is not None:
-                destroy_domain(dom, name, local)
-            with contextlib.suppress(Exception):
-                if conn is not None:
-                    conn.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-
+        disks = self.disks(spec)
+        conn = self._libvirt_connect(libvirt, uri)
+        stack.callback(close_quietly, conn)
+        files = self.files(image.data)
+        virt, why = self.libvirt_virt_type(spec, conn, uri, files, tmp)
+        initrd = tmp / "initrd.img"
+        self.write_initrd(files.initramfs, initrd, spec, agent_command(boot_spec(spec)))
+        xml = self.domain_xml(spec, files, initrd, tmp, console_log, name, disks, virt)
+        with open(qemu_log, "a") as log:
+            log.write(f"# libvirt {uri}: domain {name}, type {virt} ({why})\n{xml}\n")
         try:
-            disks = self.disks(spec)
-            conn = self._libvirt_connect(libvirt, uri)
-            files = self.files(image.data)
-            virt, why = self.libvirt_virt_type(spec, conn, uri, files, tmp)
-            initrd = tmp / "initrd.img"
-            self.write_initrd(files.initramfs, initrd, spec, agent_command(boot_spec(spec)))
-            xml = self.domain_xml(spec, files, initrd, tmp, console_log, name, disks, virt)
-            with open(qemu_log, "a") as log:
-                log.write(f"# libvirt {uri}: domain {name}, type {virt} ({why})\n{xml}\n")
+            dom = conn.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            raise AgentLost(f"{describe}: libvirt could not start the VM: {exc}") from None
+        stack.callback(destroy_domain, dom, name, local)
+        marks("domain started")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stack.callback(sock.close)  # the transport's own once launched (closing twice is no harm)
+        deadline = time.monotonic() + QMP_TIMEOUT
+        while True:
             try:
-                dom = conn.createXML(xml, 0)
-            except libvirt.libvirtError as exc:
-                raise AgentLost(f"{describe}: libvirt could not start the VM: {exc}") from None
-            mark("domain started")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            deadline = time.monotonic() + QMP_TIMEOUT
-            while True:
-                try:
-                    sock.connect(str(tmp / "agent.sock"))
-                    break
-                except (FileNotFoundError, ConnectionRefusedError):
-                    if time.monotonic() > deadline:
-                        raise AgentLost(f"{describe}: the agent's socket did not appear") \
-                            from None
-                    time.sleep(0.01)
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            cleanup()
-            raise
+                sock.connect(str(tmp / "agent.sock"))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise AgentLost(f"{describe}: the agent's socket did not appear") from None
+                time.sleep(0.01)
         process = LibvirtProcess(dom, sock, describe, name, local, console_log,
                                  vm_memory_mib(spec))
-        instance = Instance(spec, process, {"agent": console_log, "console": console_log,
-                                            "qemu": qemu_log, "provision": image.log}, cleanup)
         # the agent's source waits in the socket until the guest opens its port: the
         # handshake's timeout covers the boot
-        self._ready(spec, instance, console_log, mark,
-                    float(spec.option("boot_timeout", BOOT_TIMEOUT)), disks)
-        self.last_start = "boot (libvirt)"
-        with contextlib.suppress(OSError), open(qemu_log, "a") as log:
-            log.write(f"# {self.last_start}: {', '.join(marks)}\n")
-        return instance
+        return VmLaunch(process, {"agent": console_log, "console": console_log, "qemu": qemu_log},
+                        self.vm_settings(spec), float(spec.option("boot_timeout", BOOT_TIMEOUT)),
+                        console_log=console_log, qemu_log=qemu_log, disks=disks, marks=marks,
+                        how="boot (libvirt)")
 
     def libvirt_virt_type(self, spec: EnvSpec, conn: Any, uri: str, files: VmFiles,
                           tmp: Path) -> tuple[str, str]:

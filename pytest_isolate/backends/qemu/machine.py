@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.backends.base import SITE, Backend, Instance, RunContext, shipped_paths
+from pytest_isolate.backends.base import SITE, Backend, Instance, Launch, RunContext, shipped_paths
 from pytest_isolate.backends.qemu.qmp import QMP_TIMEOUT, Qmp
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import log_tail
@@ -24,7 +24,7 @@ from pytest_isolate.errors import AgentLost, AgentTimeout, BackendUnavailable, I
 from pytest_isolate.images import initramfs as ird
 from pytest_isolate.images.deps import VENV
 from pytest_isolate.images.disk import ext4_from_paths, make_ext4
-from pytest_isolate.images.envvars import environment_variables
+from pytest_isolate.images.envvars import environment_variables, system_variables
 from pytest_isolate.images.kernel import ARCHES, TCG_CPUS, find_kernel, kvm_candidate, probe_kvm
 from pytest_isolate.images.rootfs import provision_rootfs
 from pytest_isolate.images.tree import ProjectTree, human, scan_tree, stage_tree
@@ -40,7 +40,6 @@ HANDSHAKE_TIMEOUT = 60.0
 MEMORY_MIB = 1024
 #: RAM a guest needs besides its memory limit: kernel, page cache of the root disk.
 GUEST_OVERHEAD_MIB = 256
-GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Bump when the project / layer disk images change layout.
 PROJECT_FORMAT = 1
 #: Serial numbers of the disks added once the machine runs (virtio-blk: 20 bytes at most).
@@ -153,8 +152,33 @@ done
 """
 
 
+class Marks:
+    """The timed steps of one start ("booted 1.20s"), written to qemu.log once ready."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.done: list[str] = []
+
+    def __call__(self, what: str) -> None:
+        self.done.append(f"{what} {time.monotonic() - self.started:.2f}s")
+
+
+@dataclasses.dataclass
+class VmLaunch(Launch):
+    """A machine's launch: what ready() needs besides the handshake's settings."""
+
+    console_log: Path = Path()
+    qemu_log: Path = Path()
+    #: added to the running machine, mounted by ready()
+    disks: list[Disk] = dataclasses.field(default_factory=list)
+    marks: Marks = dataclasses.field(default_factory=Marks)
+    #: how it started: "boot (tcg)", "restore (kvm)", "boot (libvirt)" (last_start)
+    how: str = ""
+
+
 class QemuBase(Backend):
-    """The VM backend's building blocks; QemuBackend adds its check, reap and start."""
+    """The VM backend's building blocks (and its ready(): handshake, disks); QemuBackend adds
+    its check, reap and launch."""
 
     def __init__(self, run: RunContext) -> None:
         super().__init__(run)
@@ -168,7 +192,6 @@ class QemuBase(Backend):
         self._versions: dict[str, str] = {}
         #: how the last start() went: "boot (tcg)", "restore (tcg)", ... (for bench / logs)
         self.last_start = ""
-        self._reaped = False
 
     # -------------------------------------------------------------- provision
     def provision(self, spec: EnvSpec) -> Entry:
@@ -367,7 +390,7 @@ class QemuBase(Backend):
         return ("kvm" if ok else "tcg"), why
 
     def write_initrd(self, base: Path, dest: Path, spec: EnvSpec, agent_argv: list[str]) -> None:
-        env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb"}
+        env = {**system_variables(), "TERM": "dumb"}
         env.update(environment_variables(boot_spec(spec)))
         if not agent_argv[0].startswith("/"):  # switch_root does no PATH lookup; env(1) does
             agent_argv = ["/usr/bin/env", *agent_argv]
@@ -450,24 +473,16 @@ class QemuBase(Backend):
             raise
         return Vm(proc, qmp, sock)
 
-    def _ready(self, spec: EnvSpec, instance: Instance, console_log: Path,
-               mark: Callable[[str], None], timeout: float, disks: list[Disk]) -> None:
-        """Handshake, then mount the project (and layer) disks and set the clock; stops the
-        instance on failure."""
+    def ready(self, instance: Instance, launch: Launch) -> None:
+        """Handshake, then mount the project (and layer) disks and set the clock; a failure
+        shows the console's tail (start() then stops the instance)."""
+        assert isinstance(launch, VmLaunch)
+        spec = instance.spec
         describe = f"environment {spec.name!r}"
-        rootdir = str(self.run.rootdir)
-        shipped = shipped_paths()
         try:
-            instance.handshake(
-                {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
-                 "binds": [rootdir] + [dst for _, dst in shipped]
-                 + (["/etc/resolv.conf"] if spec.network else [])
-                 + ([VENV] if spec.layer is not None else []), "cwd": rootdir,
-                 "disk": spec.limits().disk, "guest_limits": guest_limits(spec)},
-                timeout=timeout,
-            )
-            mark("agent ready")
-            pairs = [w for d in disks for w in (d.serial, d.mountpoint)]
+            instance.handshake(launch.settings, timeout=launch.timeout)
+            launch.marks("agent ready")
+            pairs = [w for d in launch.disks for w in (d.serial, d.mountpoint)]
             reply, out = instance.conn.call(
                 0, {"op": "exec", "argv": ["busybox", "sh", "-c", MOUNT_DISKS, "sh",
                                           str(int(time.time())), *pairs],
@@ -475,19 +490,30 @@ class QemuBase(Backend):
             if reply.get("returncode") != 0:
                 raise IsolateError(f"{describe}: cannot mount the project disk in the VM: "
                                    f"{out.decode(errors='replace').strip()}")
-            mark("project mounted (" + "; ".join(
+            launch.marks("project mounted (" + "; ".join(
                 out.decode(errors="replace").strip().splitlines()) + ")")
             if spec.layer is not None:
                 self._configure_layer(spec, instance)
         except BaseException as exc:
-            tail = log_tail(console_log)
-            instance.stop()
+            tail = log_tail(launch.console_log)
             if isinstance(exc, (AgentLost, AgentTimeout)):
                 raise type(exc)(f"{exc}\n--- console tail ---\n{tail}") from None
             if isinstance(exc, (IsolateError, OSError)):
                 raise AgentLost(f"{describe}: starting the agent failed: {exc}"
                                 f"\n--- console tail ---\n{tail}") from None
             raise
+        self.last_start = launch.how
+        with contextlib.suppress(OSError), open(launch.qemu_log, "a") as log:
+            log.write(f"# {self.last_start}: {', '.join(launch.marks.done)}\n")
+
+    def vm_settings(self, spec: EnvSpec) -> dict[str, Any]:
+        """The agent's settings in a VM: what the disks hold is bound into each test's root."""
+        rootdir = str(self.run.rootdir)
+        return {"isolation": "overlay", "lower": "/.isolate/lower", "site": SITE,
+                "binds": [rootdir] + [dst for _, dst in shipped_paths()]
+                + (["/etc/resolv.conf"] if spec.network else [])
+                + ([VENV] if spec.layer is not None else []), "cwd": rootdir,
+                "disk": spec.limits().disk, "guest_limits": guest_limits(spec)}
 
     def _configure_layer(self, spec: EnvSpec, instance: Instance) -> None:
         """The agent takes on the dependency layer (images/deps.py), mounted from its disks:
