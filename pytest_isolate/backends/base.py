@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from pytest_isolate.agent.wire import BOOTSTRAP
+from pytest_isolate.agent.wire import BOOTSTRAP, message
 from pytest_isolate.cache import Cache, Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
@@ -215,7 +215,7 @@ class Instance:
     def handshake(self, settings: dict[str, Any], timeout: float) -> None:
         """Send the agent, check its Python, and configure it."""
         self.conn.bootstrap()
-        self.hello, _ = self.conn.call(0, {"op": "hello"}, timeout=timeout)
+        self.hello, _ = self.conn.call(0, message("hello"), timeout=timeout)
         need = required_python()
         have = tuple(self.hello["python"][:2])
         if have < need:
@@ -224,7 +224,7 @@ class Instance:
                 f"but the pytest shipped from the host needs Python >= {need[0]}.{need[1]}; "
                 "use a newer release for this environment or an older pytest on the host"
             )
-        self.conn.call(0, {"op": "configure", "settings": settings}, timeout=timeout)
+        self.conn.call(0, message("configure", settings=settings), timeout=timeout)
 
     def alive(self) -> bool:
         return self.process.alive()

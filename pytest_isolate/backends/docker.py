@@ -87,6 +87,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pytest_isolate.agent.wire import message
 from pytest_isolate.backends import docker_pull, docker_ssh
 from pytest_isolate.backends.base import (
     START_TIMEOUT,
@@ -372,7 +373,7 @@ class ExecAgent:
     def stop(self, grace: float = 3.0) -> None:
         if self._reader.is_alive() and not self.conn.closed:
             with contextlib.suppress(Exception):
-                self.conn.send(0, {"op": "shutdown"})
+                self.conn.send(0, message("shutdown"))
         self._close_input()
         self._reader.join(grace)
         if self._reader.is_alive():

@@ -10,6 +10,7 @@ import shutil
 import signal
 from typing import Any
 
+from pytest_isolate.agent.wire import message
 from pytest_isolate.backends.base import agent_command, need_tool
 from pytest_isolate.backends.qemu.libvirt import LibvirtDriver
 from pytest_isolate.backends.qemu.machine import (
@@ -143,7 +144,7 @@ class QemuBackend(LibvirtDriver, SavedStates):
                     process = VmProcess(vm.proc, vm.qmp, vm.sock, describe, console_log, memory)
                     # the saved machine's agent is already running: check that it answers
                     process.vconn.bootstrapped = True
-                    process.conn.call(0, {"op": "hello"}, timeout=RESTORE_HELLO_TIMEOUT)
+                    process.conn.call(0, message("hello"), timeout=RESTORE_HELLO_TIMEOUT)
                     how = f"restore ({accel})"
                     marks("restored")
                 except IsolateError as exc:
@@ -164,7 +165,7 @@ class QemuBackend(LibvirtDriver, SavedStates):
                     # save the machine with the agent running and idle, before anything
                     # run-specific (settings, project, clock) reaches it
                     process.conn.bootstrap()
-                    process.conn.call(0, {"op": "hello"}, timeout=HANDSHAKE_TIMEOUT)
+                    process.conn.call(0, message("hello"), timeout=HANDSHAKE_TIMEOUT)
                     marks("agent started")
                     self._save_state(spec, vm, key, fields, qemu_log)
                     marks("state saved")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pytest_isolate.agent.wire import message
 from pytest_isolate.backends.base import SITE, Backend, Instance, Launch, RunContext, shipped_paths
 from pytest_isolate.backends.qemu.qmp import QMP_TIMEOUT, Qmp
 from pytest_isolate.cache import Entry
@@ -484,9 +485,10 @@ class QemuBase(Backend):
             launch.marks("agent ready")
             pairs = [w for d in launch.disks for w in (d.serial, d.mountpoint)]
             reply, out = instance.conn.call(
-                0, {"op": "exec", "argv": ["busybox", "sh", "-c", MOUNT_DISKS, "sh",
-                                          str(int(time.time())), *pairs],
-                    "timeout": HANDSHAKE_TIMEOUT}, timeout=HANDSHAKE_TIMEOUT + 5)
+                0, message("exec", argv=["busybox", "sh", "-c", MOUNT_DISKS, "sh",
+                                         str(int(time.time())), *pairs],
+                           timeout=HANDSHAKE_TIMEOUT),
+                timeout=HANDSHAKE_TIMEOUT + 5)
             if reply.get("returncode") != 0:
                 raise IsolateError(f"{describe}: cannot mount the project disk in the VM: "
                                    f"{out.decode(errors='replace').strip()}")
@@ -526,7 +528,7 @@ class QemuBase(Backend):
         settings: dict[str, Any] = {"venv": VENV}
         if layer.project is not None:
             settings["project_layer"] = [PROJECT_LAYER, str(self.run.rootdir)]
-        instance.conn.call(0, {"op": "configure", "settings": settings},
+        instance.conn.call(0, message("configure", settings=settings),
                            timeout=HANDSHAKE_TIMEOUT)
 
     def _wait_port(self, spec: EnvSpec, vm: Vm, qemu_log: Path) -> None:
