@@ -801,17 +801,19 @@ class DockerBackend(Backend):
         label_text = " ".join(f'"{k}"="{v}"' for k, v in labels.items())
         changes = [*(f"ENV {k}={v}" for k, v in system_variables().items()),
                    f"LABEL {label_text}", 'CMD ["python3"]']
-        # the tag inside repo (the API allows it): podman's Docker-compatible API ignores a
-        # separate tag parameter when importing, and would name the image :latest
-        params = {"repo": tag, "fromSrc": "-", "changes": changes}
         stream = TarStream(rootfs, extra)
+        # the client's timeout (60 s) would end the import of a large root filesystem while
+        # the engine still unpacks it: none for this request
+        timeout, api.timeout = api.timeout, None
         try:
-            response = api._post(api._url("/images/create"), params=params, data=iter(stream),
-                                 headers={"Content-Type": "application/tar"}, timeout=None)
-            text = str(api._result(response))
+            # the tag inside repository (the API allows it): podman's Docker-compatible API
+            # ignores a separate tag parameter when importing, and would name the image :latest
+            text = str(api.import_image(src=iter(stream), repository=tag, changes=changes,
+                                        stream_src=True))
         except sdk().errors.APIError as exc:
             raise ProvisionError(f"docker: importing {rootfs} failed: {exc.explanation}") from None
         finally:
+            api.timeout = timeout
             stream.finish()
         for line in text.splitlines():
             if line.strip().startswith("{") and json.loads(line).get("error"):
