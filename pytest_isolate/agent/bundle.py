@@ -27,15 +27,13 @@ SHIPPED = ("wire", "mounts", "harden", "ops", "collect", "workers", "zygote", "s
 _RELATIVE = re.compile(r"^([ \t]*)from \.\w* import (?:\([^)]*\)|[^\n]*)$", re.MULTILINE)
 
 #: Loads AGENT_DIR (argv[1]) as the package ``pytest_isolate_agent`` and runs the
-#: launcher's main on the rest of argv.
+#: launcher's main on the rest of argv.  One line: provisioning logs show argv as one.
 LOADER = (
-    "import importlib.util,sys\n"
-    "d=sys.argv.pop(1)\n"
-    "s=importlib.util.spec_from_file_location('pytest_isolate_agent',d+'/__init__.py',"
-    "submodule_search_locations=[d])\n"
-    "m=importlib.util.module_from_spec(s);sys.modules[s.name]=m;s.loader.exec_module(m)\n"
-    "from pytest_isolate_agent.launcher import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
+    "import importlib.util as u,sys;d=sys.argv.pop(1);"
+    "s=u.spec_from_file_location('pytest_isolate_agent',d+'/__init__.py',"
+    "submodule_search_locations=[d]);"
+    "m=u.module_from_spec(s);sys.modules[s.name]=m;s.loader.exec_module(m);"
+    "from pytest_isolate_agent.launcher import main;sys.exit(main(sys.argv[1:]))"
 )
 
 

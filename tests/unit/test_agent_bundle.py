@@ -127,11 +127,12 @@ def test_the_launcher_runs_without_pytest_isolate(tmp_path: Path) -> None:
     proc = subprocess.run(probe, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "usage: launcher launch CONFIG_JSON" in proc.stderr
+    assert "\n" not in bundle.LOADER  # logs show a command line as one line (provision.log)
     modules = subprocess.run(
-        [*probe[:4], bundle.LOADER.replace("from pytest_isolate_agent.launcher import main\n",
-                                           "import pytest_isolate_agent.launcher\n"
-                                           "print(sorted(m for m in sys.modules if 'isolate' in m))\n"
-                                           "main=lambda a:0\n"), *probe[5:]],
+        [*probe[:4], bundle.LOADER.replace("from pytest_isolate_agent.launcher import main;",
+                                           "import pytest_isolate_agent.launcher;"
+                                           "print(sorted(m for m in sys.modules if 'isolate' in m));"
+                                           "main=lambda a:0;"), *probe[5:]],
         capture_output=True, text=True, timeout=60)
     loaded = modules.stdout.strip()
     assert "pytest_isolate_agent.launcher" in loaded and "'pytest_isolate'" not in loaded, loaded
