@@ -5,7 +5,7 @@ by wire.BOOTSTRAP: ``source()`` joins the shipped modules into it.  Each module 
 file name and line numbers (it is compiled on its own, into one namespace shared by all),
 so a traceback in an agent's log points at the module's own line.  The modules' relative
 imports have nothing to import inside: each becomes ``pass`` on its own line; names are
-therefore unique across the shipped modules (tests/unit/test_protocol.py checks).
+therefore unique across the shipped modules (tests/unit/test_agent_bundle.py checks).
 
 On the host, the namespace backends' launcher runs on the host's Python without site and
 without importing pytest_isolate (whose package imports would cost its start):
