@@ -222,6 +222,45 @@ def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
             bind(src, root + dst, bool(readonly))
 
 
+CLONE_VM = 0x00000100
+CLONE_FILES = 0x00000400
+
+
+def setns(fd: int, nstype: int) -> None:
+    check_errno(libc().setns(fd, nstype), "setns(0x%x)" % nstype)
+
+
+def pause_init() -> Tuple[int, Any]:
+    """Start the first process (PID 1) of the PID namespace that unshare(CLONE_NEWPID)
+    made for the caller's next children, for next to nothing.
+
+    PID 1 only has to exist: while it lives, processes can be forked into the namespace;
+    SIGKILLing it ends every process left there.  So it is libc's pause() run by a clone
+    that shares the caller's memory and descriptor table (CLONE_VM | CLONE_FILES: no page
+    tables copied at its start nor torn down at its end -- a fork of a process that has
+    imported pytest costs milliseconds here), with every signal blocked (it never runs a
+    handler, and pause() never returns into the shared memory).  It reaps nothing: an
+    orphan of the test stays a zombie until the namespace ends with its test.
+
+    Returns its pid and its stack (keep that referenced while the process lives).
+    """
+    lib = libc()
+    stack = ctypes.create_string_buffer(1 << 14)
+    top = (ctypes.addressof(stack) + len(stack)) & ~15
+    lib.clone.restype = ctypes.c_int
+    lib.clone.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    entry = ctypes.cast(lib.pause, ctypes.c_void_p)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = lib.clone(entry, top, CLONE_VM | CLONE_FILES | int(signal.SIGCHLD), None)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "clone(CLONE_VM): %s" % os.strerror(err))
+    return pid, stack
+
+
 def overlay(root: str, lowers: Sequence[str], upper: str, work: str) -> None:
     for d in (root, upper, work):
         os.makedirs(d, exist_ok=True)

@@ -152,6 +152,11 @@ class Agent:
             w.kill_reason = w.kill_reason or w.orphaned
         del self.workers[w.ch]
         if w.zygote:
+            if w.pid is not None:
+                try:  # what it left in its process group (PidNamespaces' PID 1s)
+                    os.killpg(w.pid, signal.SIGKILL)
+                except OSError:
+                    pass
             for other in self.workers.values():
                 if other.via == w.ch and other.orphaned is None:
                     other.orphaned = "its zygote ended (%s)" % (

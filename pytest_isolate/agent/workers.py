@@ -23,6 +23,7 @@ from .mounts import (
     MS_REC,
     mount,
     overlay,
+    pause_init,
     pivot_root,
     populate_root,
     set_pdeathsig,
@@ -100,9 +101,14 @@ class Worker:
                        % reason)
             return
         try:
-            os.kill(self.pid, signal.SIGKILL)
-        except OSError:
-            pass
+            # its process group (a worker leads one): the PID 1s of the PID namespaces it
+            # made too (enter_pid_namespace, PidNamespaces), and with them what is left there
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:  # not leading its group yet (just forked)
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def end_child(body: Callable[[], int]) -> None:
@@ -164,54 +170,12 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
     isolated = agent.settings.get("isolation") == "overlay"
     if not isolated:
         return WorkerServer(agent, sock, ch, req, root=None, zygote=zygote).serve()
-    unshare(CLONE_NEWNS | CLONE_NEWPID)
-    # Inherited mounts may be shared (LXC makes every container mount shared): pivot_root
-    # would fail with EINVAL and the worker's mounts would propagate back to the agent.
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    # Three processes: this one (in the agent's PID namespace), PID 1 of the new namespace,
-    # and the test as PID 1's child.  The kernel drops every signal a namespace's init
-    # sends itself or gets from inside without a handler, so a test running as PID 1
-    # would survive its own kill(0, SIGKILL) or kill(getpid(), SIGKILL) and go on
-    # reporting.  PID 1 only waits (and reaps orphans) and hands the test's wait status
-    # up through a pipe; this process then ends the way the test ended, so the agent
-    # reports "killed by signal N" for a test killed by a signal (or the OOM killer).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test's kill(0, SIGINT) ends us too
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid:
-        sock.close()
-        os.close(w)
-        while True:
-            try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        reported = os.read(r, 64)
-        os.close(r)
-        code = os.waitstatus_to_exitcode(int(reported) if reported else status)
-        if code < 0:
-            import resource
-
-            # the test dumped core already if it was going to; this copy must not
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            try:
-                signal.signal(-code, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass  # SIGKILL, SIGSTOP: no handler to reset
-            os.kill(os.getpid(), -code)
-        return code if code >= 0 else 128 - code
-    os.close(r)
-    set_pdeathsig()
-    test = os.fork()
-    if test:
-        sock.close()
-        while True:
-            child, status = os.waitpid(-1, 0)
-            if child == test:
-                write_all(w, str(status).encode())
-                os._exit(0)
-    os.close(w)
+    if zygote is None or zygote.pids is None:
+        enter_pid_namespace(sock)
+    else:
+        # the zygote forked this process into a PID namespace of its own (PidNamespaces);
+        # the zygote's mounts are private already (Zygote.enter_layer)
+        unshare(CLONE_NEWNS)
     set_pdeathsig()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     ws = zygote.test_ws if zygote is not None else "/.isolate/ws"
@@ -230,6 +194,52 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
         server.root = root
     code = server.serve()
     os._exit(code)
+
+
+def enter_pid_namespace(sock: socket.socket) -> None:
+    """A worker's own PID and mount namespaces, made by the worker itself (a worker the
+    agent forks: reset = "module" or "session"; and a zygote's test workers where the
+    zygote cannot make theirs, see PidNamespaces).  Returns in the test's process.
+
+    Two processes: this one (in the agent's PID namespace) and the test, PID 2 of the
+    new namespace, whose PID 1 is pause_init's (it costs no copy of this process).  The
+    test is not PID 1: the kernel drops every signal a namespace's PID 1 sends itself or
+    gets from inside without a handler, so a test running as PID 1 would survive its own
+    kill(0, SIGKILL) or kill(getpid(), SIGKILL) and go on reporting.  This process waits
+    for the test, ends the namespace (what the test left running ends with its PID 1),
+    and then ends the way the test ended, so the agent reports "killed by signal N" for
+    a test killed by a signal (or the OOM killer).  It closes sock (the test's alone).
+    """
+    unshare(CLONE_NEWNS | CLONE_NEWPID)
+    # Inherited mounts may be shared (LXC makes every container mount shared): pivot_root
+    # would fail with EINVAL and the worker's mounts would propagate back to the agent.
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test's kill(0, SIGINT) ends us too
+    init, _stack = pause_init()
+    test = os.fork()
+    if test == 0:
+        return
+    sock.close()
+    while True:
+        try:
+            _, status = os.waitpid(test, 0)
+            break
+        except InterruptedError:
+            continue
+    os.kill(init, signal.SIGKILL)
+    os.waitpid(init, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        import resource
+
+        # the test dumped core already if it was going to; this copy must not
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        try:
+            signal.signal(-code, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # SIGKILL, SIGSTOP: no handler to reset
+        os.kill(os.getpid(), -code)
+    os._exit(code if code >= 0 else 128 - code)
 
 
 class WorkerServer:

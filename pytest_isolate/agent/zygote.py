@@ -12,11 +12,12 @@ import socket
 import sys
 import threading
 import traceback
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .harden import SYSCALL_NUMBERS, cached_seccomp_program, harden_opts, harden_process, protect_paths
 from .mounts import (
     CLONE_NEWNS,
+    CLONE_NEWPID,
     MS_BIND,
     MS_PRIVATE,
     MS_REC,
@@ -24,9 +25,11 @@ from .mounts import (
     loopback_up,
     mount,
     overlay,
+    pause_init,
     pivot_root,
     populate_root,
     set_pdeathsig,
+    setns,
     size_opt,
     unshare,
 )
@@ -93,6 +96,8 @@ class Zygote:
         self.test_ws = self.WS + "/t"
         self.sigr = self.sigw = -1
         self.running = True
+        #: each test worker's PID namespace (isolated backends)
+        self.pids: Optional[PidNamespaces] = None
 
     def send(self, obj: Dict[str, Any], blob: bytes = b"") -> None:
         self.sock.sendall(encode_frame(self.ch, obj, blob))
@@ -100,6 +105,7 @@ class Zygote:
     def main(self) -> int:
         if self.agent.settings.get("isolation") == "overlay":
             self.enter_layer()
+            self.pids = PidNamespaces.probe()
         self.sigr, self.sigw = os.pipe()
         os.set_blocking(self.sigr, False)
         os.set_blocking(self.sigw, False)
@@ -179,7 +185,11 @@ class Zygote:
                 got, status = pid, int(signal.SIGKILL)
             if got:
                 ch = self.children.pop(pid)
+                if self.pids is not None:
+                    self.pids.ended(pid)
                 self.send(message("reaped", ch=ch, pid=pid, status=status))
+        if self.pids is not None:
+            self.pids.reap()
 
     def op_ping(self, req: Dict[str, Any]) -> None:
         self.send(message("pong", per_test=sorted(self.per_test)))
@@ -194,7 +204,7 @@ class Zygote:
         warnings: List[str] = []
         if item is not None:
             warnings = self.prepare(item)
-        pid = os.fork()
+        pid = self.pids.fork() if self.pids is not None else os.fork()
         if pid == 0:
             def child() -> int:
                 os.setsid()  # a test's kill(0, sig) never reaches the zygote
@@ -403,6 +413,90 @@ class Zygote:
             session._setupstate.teardown_exact(None)
         except BaseException:
             traceback.print_exc()
+
+
+class PidNamespaces:
+    """The PID namespaces of a zygote's test workers, made by the zygote around each fork.
+
+    A test gets a PID namespace of its own: the test sees itself and its children only,
+    and when it ends, everything it left running ends with it.  A worker that makes its
+    own (enter_pid_namespace) costs two more forks and exits of a process that has
+    imported pytest and collected the tests, milliseconds each here; the zygote instead
+    unshares CLONE_NEWPID, starts the namespace's PID 1 for next to nothing (pause_init),
+    forks the test's worker into it (PID 2: not PID 1, whose signals from inside the
+    kernel drops), and SIGKILLs that PID 1 once the worker has been reaped.  The worker is
+    the zygote's own child, so its wait status is the test's.
+
+    unshare(CLONE_NEWPID) changes where the zygote's next children go (and refuses to
+    change it again until it is back), so after each fork the zygote goes back with setns.
+    That takes CAP_SYS_ADMIN over the user namespace that owns the zygote's own PID
+    namespace, which a root mapped after that namespace was made lacks: ``probe`` says
+    whether this zygote can, and where it cannot its workers make their own.
+    SIGKILL to the zygote's process group (the agent: Worker.kill, finish) ends the
+    namespaces' PID 1s, and with them whatever was left in them.
+    """
+
+    def __init__(self, own: int) -> None:
+        #: the zygote's own PID namespace (an open /proc/self/ns/pid)
+        self.own = own
+        #: a test worker's pid -> its namespace's PID 1 (and that one's stack)
+        self.inits: Dict[int, Tuple[int, Any]] = {}
+        #: PID 1s SIGKILLed, not reaped yet
+        self.dying: Dict[int, Any] = {}
+
+    @classmethod
+    def probe(cls) -> "Optional[PidNamespaces]":
+        """PidNamespaces when this process may go back into its own PID namespace."""
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY)
+        try:
+            setns(own, CLONE_NEWPID)  # where its children go already: changes nothing
+        except OSError:
+            os.close(own)
+            return None
+        return cls(own)
+
+    def fork(self) -> int:
+        """os.fork() into a new PID namespace."""
+        unshare(CLONE_NEWPID)
+        try:
+            init = pause_init()
+        except BaseException:
+            setns(self.own, CLONE_NEWPID)
+            raise
+        try:
+            pid = os.fork()
+        except BaseException:
+            setns(self.own, CLONE_NEWPID)
+            self.end(init)
+            raise
+        if pid == 0:
+            os.close(self.own)
+            return 0
+        setns(self.own, CLONE_NEWPID)
+        self.inits[pid] = init
+        return pid
+
+    def end(self, init: Tuple[int, Any]) -> None:
+        try:
+            os.kill(init[0], signal.SIGKILL)
+        except OSError:
+            pass
+        self.dying[init[0]] = init[1]
+
+    def ended(self, pid: int) -> None:
+        """The test worker pid was reaped: end what is left in its namespace."""
+        init = self.inits.pop(pid, None)
+        if init is not None:
+            self.end(init)
+
+    def reap(self) -> None:
+        for pid in list(self.dying):
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got = pid
+            if got:
+                del self.dying[pid]
 
 
 def _kill_session_leftovers() -> None:
