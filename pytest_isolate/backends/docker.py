@@ -79,11 +79,9 @@ import json
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +100,15 @@ from pytest_isolate.cache import Entry
 from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError, ProvisionError
+from pytest_isolate.images.archive import (
+    DOCKER_ARCH,
+    TarStream,
+    docker_arch,
+    write_copy_archive,
+    write_image_archive,
+)
 from pytest_isolate.images.envvars import environment_variables, system_variables
-from pytest_isolate.images.tree import DEFAULT_EXCLUDES, EXCLUDE_OPTION, scan_tree
+from pytest_isolate.images.tree import EXCLUDE_OPTION
 from pytest_isolate.limits import cpu_list, host_cpus
 from pytest_isolate.ownership import Owner
 from pytest_isolate.setup_host import HOST_NEEDS
@@ -152,36 +157,6 @@ del _o,_c,_l
 
 def prelude(readonly: list[str]) -> str:
     return PRELUDE.replace("READONLY", repr(readonly), 1)
-
-
-#: Not copied into a container of a remote engine (caches, version control, virtualenvs):
-#: the same fixed list as a VM's project disk (images/tree.py).
-COPY_EXCLUDE = {p.rstrip("/") for p in DEFAULT_EXCLUDES}
-
-
-def write_copy_archive(out: Any, pairs: list[tuple[str, str]], project: str | None = None,
-                       exclude: tuple[str, ...] = ()) -> None:
-    """Write a tar archive of each host path at its path inside to out, and rewind it.
-
-    The project (rootdir) takes the files a VM's project disk takes (images/tree.py:
-    git's view of a checkout, the fixed list, the exclude option); other paths leave
-    out the fixed list's directories."""
-    import tarfile
-
-    def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        return None if os.path.basename(info.name) in COPY_EXCLUDE else info
-
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for src, dst in pairs:
-            arc = dst.lstrip("/")
-            if src == project and os.path.isdir(src):
-                tar.add(src, arcname=arc, recursive=False)
-                for entry in scan_tree(Path(src), exclude).entries:
-                    tar.add(os.path.join(src, entry.rel), arcname=f"{arc}/{entry.rel}",
-                            recursive=False)
-            else:
-                tar.add(src, arcname=arc, filter=skip)
-    out.seek(0)
 
 
 def sdk() -> Any:
@@ -405,53 +380,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def tar_argv(rootfs: Path, extra: Path, out: str = "-") -> list[str]:
-    """GNU tar (fast, keeps xattrs) of rootfs plus extra/.isolate."""
-    return ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(rootfs),
-            "-cf", out, ".", "-C", str(extra), "./.isolate"]
-
-
-class TarStream:
-    """A tar archive of a root filesystem as an iterator of chunks, checked by finish()."""
-
-    def __init__(self, rootfs: Path, extra: Path) -> None:
-        self.rootfs = rootfs
-        self.proc = subprocess.Popen(tar_argv(rootfs, extra), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-
-    def __iter__(self) -> Iterator[bytes]:
-        assert self.proc.stdout is not None
-        while True:
-            chunk = self.proc.stdout.read(1 << 20)
-            if not chunk:
-                return
-            yield chunk
-
-    def finish(self) -> None:
-        """Wait for tar; raise when it failed or was not read to its end."""
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.proc.stdout.close()  # a reader that stopped early makes tar fail (SIGPIPE)
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        err = self.proc.stderr.read().decode(errors="replace").strip()
-        self.proc.stderr.close()
-        if code != 0:
-            raise ProvisionError(f"tar of {self.rootfs} failed with exit status {code}: {err}")
-
-
-#: Debian architecture -> docker (OCI) architecture and variant.
-DOCKER_ARCH = {"amd64": ("amd64", ""), "arm64": ("arm64", "v8"), "armhf": ("arm", "v7"),
-               "armel": ("arm", "v5"), "i386": ("386", ""), "ppc64el": ("ppc64le", ""),
-               "s390x": ("s390x", ""), "riscv64": ("riscv64", ""), "mips64el": ("mips64le", "")}
-
-
-def docker_arch(arch: str) -> tuple[str, str]:
-    return DOCKER_ARCH.get(arch, (arch, ""))
 
 
 def platform_of(spec: EnvSpec) -> str | None:
@@ -826,43 +754,7 @@ class DockerBackend(Backend):
 
         (The engine's import ignores a platform on older engines and records its own.)
         """
-        import hashlib
-        import io
-        import tarfile
-
-        layer = tmp / "layer.tar"
-        done = subprocess.run(tar_argv(rootfs, extra, str(layer)), capture_output=True,
-                              stdin=subprocess.DEVNULL, check=False)
-        if done.returncode != 0:
-            raise ProvisionError(f"tar of {rootfs} failed with exit status {done.returncode}: "
-                                 f"{done.stderr.decode(errors='replace').strip()}")
-        digest = hashlib.sha256()
-        with open(layer, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        arch, variant = docker_arch(spec.arch)
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        config: dict[str, Any] = {
-            "architecture": arch, "os": "linux", "created": created,
-            "config": {"Env": [f"{k}={v}" for k, v in system_variables().items()],
-                       "Cmd": ["python3"], "Labels": labels},
-            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{digest.hexdigest()}"]},
-            "history": [{"created": created, "created_by": "pytest-isolate (root filesystem)"}],
-        }
-        if variant:
-            config["variant"] = variant
-        config_bytes = json.dumps(config, sort_keys=True).encode()
-        config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
-        manifest = json.dumps([{"Config": config_name, "RepoTags": [tag],
-                                "Layers": ["layer.tar"]}]).encode()
-        archive = tmp / "image.tar"
-        with tarfile.open(archive, "w") as tar:
-            tar.add(layer, arcname="layer.tar")
-            for member, data in ((config_name, config_bytes), ("manifest.json", manifest)):
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        layer.unlink()
+        archive = write_image_archive(rootfs, extra, tmp, tag, spec.arch, labels)
         try:
             with open(archive, "rb") as f:
                 answers = list(self.client().api.load_image(f) or [])
