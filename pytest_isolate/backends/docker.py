@@ -57,13 +57,9 @@ the prelude copies their content into the placeholders (which is what a test's
 fresh root then shows), makes the copied host paths read-only and creates
 /.isolate/ws.
 
-Agent transport.  ``docker exec`` (API: exec create + start with a hijacked
-socket) of the agent's bootstrap with stdin attached.  Without a tty the engine
-multiplexes stdout and stderr on that socket with 8-byte frame headers; a small
-thread demultiplexes it, stdout into a pipe that the framed Connection reads,
-stderr into the agent log.  Writes go straight to the socket (through a pipe and
-a second thread when the socket is not a plain one, e.g. TLS).  The container's
-main process is a python3 that only waits.
+Agent transport.  ``docker exec`` of the agent's bootstrap with stdin attached
+(docker_exec.py: the exec stream, demultiplexed into the framed Connection and the
+agent log).  The container's main process is a python3 that only waits.
 
 Clean up.  Containers are labelled with the run id, env, host name and host pid
 (plus that pid's start time, against pid reuse), removed when the instance
@@ -79,13 +75,11 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.agent.wire import message
 from pytest_isolate.backends import docker_pull, docker_ssh
 from pytest_isolate.backends.base import (
     START_TIMEOUT,
@@ -96,8 +90,8 @@ from pytest_isolate.backends.base import (
     standard_mounts,
 )
 from pytest_isolate.backends.docker_build import with_built_image
+from pytest_isolate.backends.docker_exec import ExecAgent
 from pytest_isolate.cache import Entry
-from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError, ProvisionError
 from pytest_isolate.images.archive import (
@@ -257,129 +251,6 @@ def engine_error(exc: BaseException, endpoint: str | None = None) -> BackendUnav
         return docker_ssh.diagnose(url, origin, exc)
     return BackendUnavailable("docker", f"the docker engine does not answer at {url} (from "
                               f"{origin}) ({exc})", START_ENGINE)
-
-
-class ExecAgent:
-    """The agent as a ``docker exec`` process: what Instance needs (conn, alive, stop)."""
-
-    def __init__(self, client: Any, container_id: str, argv: list[str], env: dict[str, str],
-                 workdir: str, log_path: Path, describe: str) -> None:
-        api = client.api
-        self.api = api
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.exec_id = api.exec_create(container_id, argv, stdin=True, stdout=True, stderr=True,
-                                       tty=False, environment=env, workdir=workdir)["Id"]
-        self.sock = api.exec_start(self.exec_id, socket=True, tty=False)
-        raw = getattr(self.sock, "_sock", self.sock)
-        self.raw = raw
-        if hasattr(raw, "settimeout"):
-            raw.settimeout(None)  # the client's request timeout must not end a quiet agent
-        self._read_r, self._read_w = os.pipe()
-        self._writer: threading.Thread | None = None
-        self._write_r = -1
-        if type(raw) is socket.socket:
-            wfd = raw.fileno()
-        else:  # TLS, ssh, named pipe: bytes must go through the object's own send
-            self._write_r, wfd = os.pipe()
-            self._writer = threading.Thread(target=self._pump_writes, daemon=True,
-                                            name=f"pytest-isolate docker writer {describe}")
-        self._wfd = wfd
-        self.conn = Connection(self._read_r, wfd, describe)
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread
-        self._reader = threading.Thread(target=self._pump_reads, daemon=True,
-                                        name=f"pytest-isolate docker reader {describe}")
-        self._reader.start()
-        if self._writer is not None:
-            self._writer.start()
-
-    def _recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            try:
-                chunk = self.raw.recv(n - len(buf))
-            except OSError:
-                chunk = b""
-            if not chunk:
-                return b""
-            buf += chunk
-        return buf
-
-    def _pump_reads(self) -> None:
-        """Demultiplex the exec stream: stdout -> pipe (the Connection), stderr -> log."""
-        try:
-            while True:
-                header = self._recv(8)
-                if len(header) < 8:
-                    break
-                kind, size = header[0], int.from_bytes(header[4:8], "big")
-                payload = self._recv(size) if size else b""
-                if size and not payload:
-                    break
-                if kind == 1:
-                    with contextlib.suppress(OSError):  # the Connection side is closed: drain
-                        _write_all(self._read_w, payload)
-                else:
-                    self._log.write(payload)
-                    self._log.flush()
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(self._read_w)
-            self._log.close()
-
-    def _pump_writes(self) -> None:
-        try:
-            while True:
-                data = os.read(self._write_r, 1 << 16)
-                if not data:
-                    break
-                self.raw.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                self.raw.shutdown(socket.SHUT_WR)
-            with contextlib.suppress(OSError):
-                os.close(self._write_r)
-
-    def alive(self) -> bool:
-        return self._reader.is_alive() and not self.conn.closed
-
-    def stop(self, grace: float = 3.0) -> None:
-        if self._reader.is_alive() and not self.conn.closed:
-            with contextlib.suppress(Exception):
-                self.conn.send(0, message("shutdown"))
-        self._close_input()
-        self._reader.join(grace)
-        if self._reader.is_alive():
-            with contextlib.suppress(OSError):
-                self.raw.shutdown(socket.SHUT_RDWR)
-            self._reader.join(grace)
-        if self._writer is not None:
-            self._writer.join(grace)
-        with contextlib.suppress(OSError):
-            self.raw.close()
-        with contextlib.suppress(Exception):
-            self.sock.close()
-        with contextlib.suppress(OSError):
-            os.close(self._read_r)
-        self.conn.closed = True
-
-    def _close_input(self) -> None:
-        if self._writer is not None:
-            if self._wfd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(self._wfd)
-                self._wfd = -1
-        else:
-            with contextlib.suppress(OSError):
-                self.raw.shutdown(socket.SHUT_WR)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def platform_of(spec: EnvSpec) -> str | None:
