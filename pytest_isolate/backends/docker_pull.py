@@ -18,6 +18,7 @@ one line when the pull ends. The provision log gets each layer's status changes.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,12 @@ def pinned_digest(image: Any, ref: str) -> str:
     return str(image.id)
 
 
+def says(text: str, words: tuple[str, ...]) -> bool:
+    """Does text hold one of words as whole words? (A registry on port 40335 does not
+    make "dial tcp 127.0.0.1:40335: connection refused" a 403.)"""
+    return any(re.search(rf"\b{re.escape(word)}\b", text) for word in words)
+
+
 def pull_error(spec: EnvSpec, text: str, status: int | None,
                engine: str = "docker") -> ProvisionError:
     """One message naming the reference, where it came from, what went wrong and the fix.
@@ -89,14 +96,14 @@ def pull_error(spec: EnvSpec, text: str, status: int | None,
     if "pull access denied" in lower:  # Docker Hub says this for both cases
         what, fix = (f"registry {registry} refused it",
                      f"it does not exist there, or it needs credentials: check the name, or {login}")
-    elif status in (401, 403) or any(word in lower for word in DENIED):
+    elif status in (401, 403) or says(lower, DENIED):
         what, fix = (f"registry {registry} refused the credentials",
                      f"{login} as a user that may pull it")
-    elif status == 404 or any(word in lower for word in MISSING):
+    elif status == 404 or says(lower, MISSING):
         what, fix = (f"registry {registry} has no such image",
                      f"check the name and the tag or digest (`{engine} pull {ref}` says the "
                      "same), or push the image there")
-    elif any(word in lower for word in UNREACHABLE):
+    elif says(lower, UNREACHABLE):
         what = f"registry {registry} is unreachable"
         fix = ("add it to the engine's insecure-registries (daemon.json) or serve it over "
                "https" if "http response to https" in lower else
