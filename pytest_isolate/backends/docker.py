@@ -1,8 +1,10 @@
 """docker: one container per environment, driven through the Docker SDK for Python.
 
 The engine is reached the way the docker CLI reaches it (``DOCKER_HOST``,
-``DOCKER_TLS_VERIFY`` / ``DOCKER_CERT_PATH``, else the current docker context).
-The SDK is imported on first use only.
+``DOCKER_TLS_VERIFY`` / ``DOCKER_CERT_PATH``, else the current docker context), through
+docker_engine.py's ``Engine``: the one place where the SDK's errors become ours, in the
+engine's own name (the podman backend drives this code too).  The SDK is imported on
+first use only.
 
 Images.  No registry is needed for the default image: the cached Debian
 root filesystem (images/rootfs.py) streamed as a tar archive into the engine's
@@ -11,8 +13,8 @@ filesystem's key and this module's image format; it is made once and found
 again by its tag (or, under another env's name, by its ``pytest-isolate.key``
 label).  A foreign architecture (``arch = "arm64"`` on amd64) is loaded instead
 (``docker load`` of a one-layer image whose config names the architecture, since
-older engines ignore the platform of an import) and runs through the host's
-binfmt qemu-user.  A spec that names an image (``image = REF``) uses the engine's
+older engines ignore the platform of an import; images/archive.py writes it) and runs
+through the host's binfmt qemu-user.  A spec that names an image (``image = REF``) uses the engine's
 image of that reference, pulled when the engine lacks it (docker_pull.py: progress,
 credentials, one message per failure), pinned by its digest in a cache record
 (``docker-pin``) that also holds the python3 version a throwaway container found in it
@@ -57,13 +59,9 @@ the prelude copies their content into the placeholders (which is what a test's
 fresh root then shows), makes the copied host paths read-only and creates
 /.isolate/ws.
 
-Agent transport.  ``docker exec`` (API: exec create + start with a hijacked
-socket) of the agent's bootstrap with stdin attached.  Without a tty the engine
-multiplexes stdout and stderr on that socket with 8-byte frame headers; a small
-thread demultiplexes it, stdout into a pipe that the framed Connection reads,
-stderr into the agent log.  Writes go straight to the socket (through a pipe and
-a second thread when the socket is not a plain one, e.g. TLS).  The container's
-main process is a python3 that only waits.
+Agent transport.  ``docker exec`` of the agent's bootstrap with stdin attached
+(docker_exec.py: the exec stream, demultiplexed into the framed Connection and the
+agent log).  The container's main process is a python3 that only waits.
 
 Clean up.  Containers are labelled with the run id, env, host name and host pid
 (plus that pid's start time, against pid reuse), removed when the instance
@@ -78,17 +76,12 @@ import contextlib
 import json
 import os
 import re
-import socket
-import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.agent.wire import message
-from pytest_isolate.backends import docker_pull, docker_ssh
+from pytest_isolate.backends import docker_pull
 from pytest_isolate.backends.base import (
     START_TIMEOUT,
     Backend,
@@ -98,27 +91,42 @@ from pytest_isolate.backends.base import (
     standard_mounts,
 )
 from pytest_isolate.backends.docker_build import with_built_image
+from pytest_isolate.backends.docker_engine import (
+    LABEL,
+    Engine,
+    engine_error,
+    make_client,
+    network_mode_of,
+    owner_gone,
+    owner_labels,
+    remove_container,
+    remove_images,
+    repository,
+    sdk,
+)
+from pytest_isolate.backends.docker_exec import ExecAgent
 from pytest_isolate.cache import Entry
-from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError, ProvisionError
+from pytest_isolate.images.archive import (
+    DOCKER_ARCH,
+    TarStream,
+    docker_arch,
+    write_copy_archive,
+    write_image_archive,
+)
 from pytest_isolate.images.envvars import environment_variables, system_variables
-from pytest_isolate.images.tree import DEFAULT_EXCLUDES, EXCLUDE_OPTION, scan_tree
+from pytest_isolate.images.tree import EXCLUDE_OPTION
 from pytest_isolate.limits import cpu_list, host_cpus
-from pytest_isolate.ownership import Owner
 from pytest_isolate.setup_host import HOST_NEEDS
 from pytest_isolate.spec import EnvSpec, content_hash
 
 #: Bump when the way images are made changes, so old tags are not reused.
 IMAGE_FORMAT = 1
-LABEL = "pytest-isolate"
 #: The cache entries that stand for images on an engine (see DockerBackend._record_image).
 IMAGE_KIND = "docker-image"
 #: The cache entries that pin a user's image (``image = REF``): its digest, id and python3.
 PIN_KIND = "docker-pin"
-INSTALL_SDK = "install the Docker SDK for Python: pip install 'pytest-isolate-env[docker]'"
-START_ENGINE = ("start it with `dockerd --bridge=none --iptables=false --ip-masq=false &` "
-                "(as root), or point DOCKER_HOST at a running engine")
 
 #: What the container's main process runs: nothing, quietly, until it is removed.
 MAIN_PROCESS = (
@@ -154,306 +162,6 @@ def prelude(readonly: list[str]) -> str:
     return PRELUDE.replace("READONLY", repr(readonly), 1)
 
 
-#: Not copied into a container of a remote engine (caches, version control, virtualenvs):
-#: the same fixed list as a VM's project disk (images/tree.py).
-COPY_EXCLUDE = {p.rstrip("/") for p in DEFAULT_EXCLUDES}
-
-
-def write_copy_archive(out: Any, pairs: list[tuple[str, str]], project: str | None = None,
-                       exclude: tuple[str, ...] = ()) -> None:
-    """Write a tar archive of each host path at its path inside to out, and rewind it.
-
-    The project (rootdir) takes the files a VM's project disk takes (images/tree.py:
-    git's view of a checkout, the fixed list, the exclude option); other paths leave
-    out the fixed list's directories."""
-    import tarfile
-
-    def skip(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        return None if os.path.basename(info.name) in COPY_EXCLUDE else info
-
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for src, dst in pairs:
-            arc = dst.lstrip("/")
-            if src == project and os.path.isdir(src):
-                tar.add(src, arcname=arc, recursive=False)
-                for entry in scan_tree(Path(src), exclude).entries:
-                    tar.add(os.path.join(src, entry.rel), arcname=f"{arc}/{entry.rel}",
-                            recursive=False)
-            else:
-                tar.add(src, arcname=arc, filter=skip)
-    out.seek(0)
-
-
-def sdk() -> Any:
-    """The docker module, imported on first use (plugin import stays cheap)."""
-    try:
-        import docker
-    except ImportError:
-        raise BackendUnavailable("docker", "the Docker SDK for Python is not installed",
-                                 INSTALL_SDK) from None
-    return docker
-
-
-def remove_images(key: str, endpoint: str | None) -> str | None:
-    """Remove the images labelled with key from the engine at endpoint (None: the default
-    engine); None when done, else why not (an image in use by a container is kept)."""
-    try:
-        client = make_client(endpoint)
-        images = client.images.list(filters={"label": f"{LABEL}.key={key}"})
-        for image in images:
-            for tag in image.tags or [image.id]:
-                client.images.remove(tag, noprune=False)
-    except Exception as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"its image could not be removed from the engine ({text})"
-    return None
-
-
-def engine_target(endpoint: str | None = None) -> tuple[str, str, Any]:
-    """The engine's address, where it came from (for messages), and the TLS settings of a
-    context: endpoint (a pool host), else what the docker CLI would use: DOCKER_HOST, else
-    the current context, else the default socket."""
-    if endpoint:
-        return endpoint, "a [tool.pytest-isolate.hosts] entry of pyproject.toml", None
-    if os.environ.get("DOCKER_HOST"):
-        return os.environ["DOCKER_HOST"], "the DOCKER_HOST environment variable", None
-    try:
-        from docker.context import ContextAPI
-
-        ctx = ContextAPI.get_current_context()
-    except Exception:
-        ctx = None
-    if ctx is not None and ctx.name != "default" and getattr(ctx, "Host", None):
-        return str(ctx.Host), f"the current docker context {ctx.name!r}", ctx.TLSConfig or False
-    return "unix:///var/run/docker.sock", "the default socket", None
-
-
-def make_client(endpoint: str | None = None) -> Any:
-    """A client for endpoint (a pool host), else for the engine the docker CLI would use."""
-    docker = sdk()
-    url, origin, tls = engine_target(endpoint)
-    if docker_ssh.is_ssh(url):
-        return docker_ssh.connect(docker, url, origin)
-    if endpoint:
-        return docker.DockerClient(base_url=endpoint)
-    if tls is not None:
-        return docker.DockerClient(base_url=url, tls=tls)
-    return docker.from_env()
-
-
-def repository(env: str) -> str:
-    """A valid image repository name for env (lower case, restricted characters)."""
-    name = re.sub(r"[^a-z0-9._-]+", "-", env.lower()).strip("._-") or "env"
-    return f"pytest-isolate/{name}"
-
-
-def owner_labels() -> dict[str, str]:
-    """This process as the owner of a container: its pid and start time, and the host they
-    are valid on."""
-    owner = Owner.me()
-    start = "" if owner.start is None else str(owner.start)
-    return {f"{LABEL}.pid": str(owner.pid), f"{LABEL}.pidstart": start,
-            f"{LABEL}.host": socket.gethostname()}
-
-
-def remove_container(container: Any) -> None:
-    """Remove a container and its anonymous volumes, whatever state it is in; never raises
-    (what cannot be removed now is reaped by a later run: its labels name its owner)."""
-    with contextlib.suppress(Exception):
-        container.remove(force=True, v=True)
-
-
-def owner_gone(labels: dict[str, str]) -> bool:
-    """Is the host process that made a container (same host) no longer running?"""
-    if labels.get(f"{LABEL}.host") != socket.gethostname():
-        return False  # another host's process: its pid means nothing here
-    owner = Owner.from_fields(labels.get(f"{LABEL}.pid"), labels.get(f"{LABEL}.pidstart"))
-    return owner is not None and not owner.alive()
-
-
-def engine_endpoint(endpoint: str | None = None) -> str:
-    """Where the client looks for the engine."""
-    return engine_target(endpoint)[0]
-
-
-def engine_error(exc: BaseException, endpoint: str | None = None) -> BackendUnavailable:
-    url, origin, _ = engine_target(endpoint)
-    if docker_ssh.is_ssh(url):
-        return docker_ssh.diagnose(url, origin, exc)
-    return BackendUnavailable("docker", f"the docker engine does not answer at {url} (from "
-                              f"{origin}) ({exc})", START_ENGINE)
-
-
-class ExecAgent:
-    """The agent as a ``docker exec`` process: what Instance needs (conn, alive, stop)."""
-
-    def __init__(self, client: Any, container_id: str, argv: list[str], env: dict[str, str],
-                 workdir: str, log_path: Path, describe: str) -> None:
-        api = client.api
-        self.api = api
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.exec_id = api.exec_create(container_id, argv, stdin=True, stdout=True, stderr=True,
-                                       tty=False, environment=env, workdir=workdir)["Id"]
-        self.sock = api.exec_start(self.exec_id, socket=True, tty=False)
-        raw = getattr(self.sock, "_sock", self.sock)
-        self.raw = raw
-        if hasattr(raw, "settimeout"):
-            raw.settimeout(None)  # the client's request timeout must not end a quiet agent
-        self._read_r, self._read_w = os.pipe()
-        self._writer: threading.Thread | None = None
-        self._write_r = -1
-        if type(raw) is socket.socket:
-            wfd = raw.fileno()
-        else:  # TLS, ssh, named pipe: bytes must go through the object's own send
-            self._write_r, wfd = os.pipe()
-            self._writer = threading.Thread(target=self._pump_writes, daemon=True,
-                                            name=f"pytest-isolate docker writer {describe}")
-        self._wfd = wfd
-        self.conn = Connection(self._read_r, wfd, describe)
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread
-        self._reader = threading.Thread(target=self._pump_reads, daemon=True,
-                                        name=f"pytest-isolate docker reader {describe}")
-        self._reader.start()
-        if self._writer is not None:
-            self._writer.start()
-
-    def _recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            try:
-                chunk = self.raw.recv(n - len(buf))
-            except OSError:
-                chunk = b""
-            if not chunk:
-                return b""
-            buf += chunk
-        return buf
-
-    def _pump_reads(self) -> None:
-        """Demultiplex the exec stream: stdout -> pipe (the Connection), stderr -> log."""
-        try:
-            while True:
-                header = self._recv(8)
-                if len(header) < 8:
-                    break
-                kind, size = header[0], int.from_bytes(header[4:8], "big")
-                payload = self._recv(size) if size else b""
-                if size and not payload:
-                    break
-                if kind == 1:
-                    with contextlib.suppress(OSError):  # the Connection side is closed: drain
-                        _write_all(self._read_w, payload)
-                else:
-                    self._log.write(payload)
-                    self._log.flush()
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(self._read_w)
-            self._log.close()
-
-    def _pump_writes(self) -> None:
-        try:
-            while True:
-                data = os.read(self._write_r, 1 << 16)
-                if not data:
-                    break
-                self.raw.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                self.raw.shutdown(socket.SHUT_WR)
-            with contextlib.suppress(OSError):
-                os.close(self._write_r)
-
-    def alive(self) -> bool:
-        return self._reader.is_alive() and not self.conn.closed
-
-    def stop(self, grace: float = 3.0) -> None:
-        if self._reader.is_alive() and not self.conn.closed:
-            with contextlib.suppress(Exception):
-                self.conn.send(0, message("shutdown"))
-        self._close_input()
-        self._reader.join(grace)
-        if self._reader.is_alive():
-            with contextlib.suppress(OSError):
-                self.raw.shutdown(socket.SHUT_RDWR)
-            self._reader.join(grace)
-        if self._writer is not None:
-            self._writer.join(grace)
-        with contextlib.suppress(OSError):
-            self.raw.close()
-        with contextlib.suppress(Exception):
-            self.sock.close()
-        with contextlib.suppress(OSError):
-            os.close(self._read_r)
-        self.conn.closed = True
-
-    def _close_input(self) -> None:
-        if self._writer is not None:
-            if self._wfd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(self._wfd)
-                self._wfd = -1
-        else:
-            with contextlib.suppress(OSError):
-                self.raw.shutdown(socket.SHUT_WR)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def tar_argv(rootfs: Path, extra: Path, out: str = "-") -> list[str]:
-    """GNU tar (fast, keeps xattrs) of rootfs plus extra/.isolate."""
-    return ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(rootfs),
-            "-cf", out, ".", "-C", str(extra), "./.isolate"]
-
-
-class TarStream:
-    """A tar archive of a root filesystem as an iterator of chunks, checked by finish()."""
-
-    def __init__(self, rootfs: Path, extra: Path) -> None:
-        self.rootfs = rootfs
-        self.proc = subprocess.Popen(tar_argv(rootfs, extra), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-
-    def __iter__(self) -> Iterator[bytes]:
-        assert self.proc.stdout is not None
-        while True:
-            chunk = self.proc.stdout.read(1 << 20)
-            if not chunk:
-                return
-            yield chunk
-
-    def finish(self) -> None:
-        """Wait for tar; raise when it failed or was not read to its end."""
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.proc.stdout.close()  # a reader that stopped early makes tar fail (SIGPIPE)
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        err = self.proc.stderr.read().decode(errors="replace").strip()
-        self.proc.stderr.close()
-        if code != 0:
-            raise ProvisionError(f"tar of {self.rootfs} failed with exit status {code}: {err}")
-
-
-#: Debian architecture -> docker (OCI) architecture and variant.
-DOCKER_ARCH = {"amd64": ("amd64", ""), "arm64": ("arm64", "v8"), "armhf": ("arm", "v7"),
-               "armel": ("arm", "v5"), "i386": ("386", ""), "ppc64el": ("ppc64le", ""),
-               "s390x": ("s390x", ""), "riscv64": ("riscv64", ""), "mips64el": ("mips64le", "")}
-
-
-def docker_arch(arch: str) -> tuple[str, str]:
-    return DOCKER_ARCH.get(arch, (arch, ""))
-
-
 def platform_of(spec: EnvSpec) -> str | None:
     if not spec.foreign:
         return None
@@ -461,47 +169,30 @@ def platform_of(spec: EnvSpec) -> str | None:
     return f"linux/{arch}" + (f"/{variant}" if variant else "")
 
 
-def image_of(client: Any, spec: EnvSpec, progress: Any, log: Path) -> tuple[Any, float | None]:
+def image_of(engine: Engine, spec: EnvSpec, progress: Any, log: Path) -> tuple[Any, float | None]:
     """The engine's image of spec.image, pulled when missing (or always, with the option
     ``pull = "always"``), and the seconds a pull took (None: no pull); ProvisionError when
     it is for another arch than spec's."""
-    docker = sdk()
     pulled = None
     if spec.option("pull", "missing") == "always":
-        pulled = docker_pull.pull(client, spec, platform_of(spec), progress, log)
-    try:
-        image = client.images.get(spec.image)
-    except docker.errors.ImageNotFound:
-        if pulled is not None:
-            raise ProvisionError(f"docker: image {spec.image!r} is missing right after it was "
-                                 "pulled", log_path=str(log)) from None
-        pulled = docker_pull.pull(client, spec, platform_of(spec), progress, log)
-        image = client.images.get(spec.image)
+        pulled = docker_pull.pull(engine, spec, platform_of(spec), progress, log)
+    image = engine.image(str(spec.image))
+    if image is None and pulled is None:
+        pulled = docker_pull.pull(engine, spec, platform_of(spec), progress, log)
+        image = engine.image(str(spec.image))
+    if image is None:
+        raise ProvisionError(f"{engine.name}: image {spec.image!r} is missing right after it "
+                             "was pulled", log_path=str(log))
     want = docker_arch(spec.arch)[0]
     have = image.attrs.get("Architecture")
     if have and have != want:
         debian = next((d for d, (a, _) in DOCKER_ARCH.items() if a == have), have)
         raise ProvisionError(
-            f"docker: image {spec.image!r} (from {spec.source('image')}) is for {have}, but "
+            f"{engine.name}: image {spec.image!r} (from {spec.source('image')}) is for {have}, but "
             f"environment {spec.name!r} wants arch {want!r} ({spec.source('arch')}); set "
             f"arch = {debian!r} for it, or name an image made for {want} (a multi-platform "
             "image is pulled for the environment's arch)")
     return image, pulled
-
-
-def network_mode_of(client: Any, spec: EnvSpec) -> str:
-    """The engine's network for spec's containers (and builds): none unless it asks."""
-    if not spec.network:
-        return "none"
-    wanted = spec.option("docker_network")
-    if wanted:
-        return str(wanted)
-    try:
-        names = {n.name for n in client.networks.list()}
-    except Exception:
-        names = set()
-    # an engine started with --bridge=none has no default bridge: share the host's network
-    return "bridge" if "bridge" in names else "host"
 
 
 def check_python_version(spec: EnvSpec, found: str) -> None:
@@ -541,19 +232,12 @@ class DockerBackend(Backend):
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)
-        self._client: Any = None
+        self.engine = Engine(self.name, self.new_client, self.engine_unavailable)
         self._info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ engine
     def client(self) -> Any:
-        if self._client is None:
-            try:
-                self._client = self.new_client()
-            except BackendUnavailable:
-                raise
-            except Exception as exc:
-                raise self.engine_unavailable(exc) from None
-        return self._client
+        return self.engine.client
 
     def new_client(self) -> Any:
         """A client of this backend's engine (a pool host's endpoint, else the docker CLI's)."""
@@ -574,15 +258,14 @@ class DockerBackend(Backend):
 
     def check(self, spec: EnvSpec) -> None:
         client = self.client()
-        try:
+        with self.engine.answering():
             client.ping()
             if not self._info:
                 self._info = client.info()
-        except Exception as exc:
-            raise self.engine_unavailable(exc) from None
         if self._info.get("OSType", "linux") != "linux":
-            raise BackendUnavailable(self.name, f"the docker engine runs {self._info.get('OSType')} "
-                                     "containers", "switch the engine to Linux containers")
+            raise BackendUnavailable(self.name, f"the {self.name} engine runs "
+                                     f"{self._info.get('OSType')} containers",
+                                     "switch the engine to Linux containers")
         self.reap_once()  # now: the first contact with the engine, before anything is built
         if not spec.from_image:
             from pytest_isolate.namespaces import check_rootfs_builder
@@ -610,7 +293,7 @@ class DockerBackend(Backend):
                     container.remove(force=True, v=True)
                     removed.append(container.name)
         if removed:
-            self.run.progress(f"docker: removed {len(removed)} container(s) left by killed runs")
+            self.run.progress(f"{self.name}: removed {len(removed)} container(s) left by killed runs")
         return removed
 
     def labels(self, spec: EnvSpec) -> dict[str, str]:
@@ -626,22 +309,20 @@ class DockerBackend(Backend):
 
     # ------------------------------------------------------------------ images
     def find_image(self, tag: str, key: str) -> Any:
-        docker = sdk()
-        images = self.client().images
-        try:
-            return images.get(tag)
-        except docker.errors.ImageNotFound:
-            pass
+        image = self.engine.image(tag)
+        if image is not None:
+            return image
         # the label alone is not ours: an image built FROM one of ours (a user's Dockerfile,
         # a pushed derivative) inherits it; only an image tagged in our repositories is
-        same = [image for image in images.list(filters={"label": f"{LABEL}.key={key}"})
-                if any("pytest-isolate/" in t and t.endswith(f":{key}")
-                       for t in image.tags)]
-        if same:
+        with self.engine.calls(f"looking for an image labelled {LABEL}.key={key}"):
+            labelled = self.client().images.list(filters={"label": f"{LABEL}.key={key}"})
+            same = [image for image in labelled
+                    if any("pytest-isolate/" in t and t.endswith(f":{key}") for t in image.tags)]
+            if not same:
+                return None
             repo, _, name = tag.rpartition(":")
             same[0].tag(repo, name)
-            return images.get(tag)
-        return None
+        return self.engine.image(tag)
 
     def provision(self, spec: EnvSpec) -> Entry:
         log = self.run.log_path(spec.name, "provision.log")
@@ -688,8 +369,8 @@ class DockerBackend(Backend):
                     build()
                     image = self.find_image(tag, key)
                     if image is None:
-                        raise ProvisionError(f"docker: image {tag} is missing right after it was made",
-                                             log_path=str(log))
+                        raise ProvisionError(f"{self.name}: image {tag} is missing right after "
+                                             "it was made", log_path=str(log))
         record = self._record_image(spec, key, tag, image, log)
         # the session holds the record (Cache.hold): `cache gc` keeps the image meanwhile
         return Entry("docker", key, record.path if record is not None else path,
@@ -715,7 +396,7 @@ class DockerBackend(Backend):
             return None
 
     def _base_image(self, spec: EnvSpec, log: Path) -> tuple[Any, float | None]:
-        return image_of(self.client(), spec, self.run.progress, log)
+        return image_of(self.engine, spec, self.run.progress, log)
 
     def _pin(self, spec: EnvSpec, image: Any, digest: str, log: Path) -> Entry:
         """The cache's record of spec.image as this run uses it: its digest and id (a
@@ -744,37 +425,45 @@ class DockerBackend(Backend):
                f"{python!r} (e.g. python:3.12-slim, or a Debian or Alpine image built with it "
                "installed), or leave `image` unset to use the Debian image pytest-isolate builds")
         where = f"image {spec.image!r} (from {spec.source('image')})"
-        self.run.progress(f"docker: checking for {python} in {spec.image}")
+        code, out = self._probe_python(spec, image, python, where, fix)
+        parts = out.splitlines()[-1].split(".") if code == 0 and out else []
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ProvisionError(f"{self.name}: {python} in {where} does not run (exit status "
+                                 f"{code}): {out[-2000:]}; {fix}")
+        if tuple(int(p) for p in parts[:2]) < MIN_PYTHON:
+            raise ProvisionError(f"{self.name}: {where} has Python {out.splitlines()[-1]} as "
+                                 f"{python!r}, too old for the agent; {fix}")
+        return ".".join(parts)
+
+    def _probe_python(self, spec: EnvSpec, image: Any, python: str, where: str,
+                      fix: str) -> tuple[int, str]:
+        """Exit status and output of python printing its version in a throwaway container."""
+        def refused(text: str, status: int | None) -> ProvisionError:
+            # the engine refuses to start a container whose entrypoint is not there
+            if "not found" in text or "no such file" in text.lower():
+                return ProvisionError(f"{self.name}: {where} has no {python} (the agent that "
+                                      f"runs tests inside needs one); {fix}")
+            return ProvisionError(f"{self.name}: cannot run {python} in {where}: {text}")
+
+        self.run.progress(f"{self.name}: checking for {python} in {spec.image}")
         probe = ["-c", "import sys;print('%d.%d.%d'%sys.version_info[:3])"]
         container = self._create(spec, image.id, [], purpose="check", command=probe)
         try:
-            try:
+            with self.engine.calls(f"starting {python} in {where}", refused):
                 container.start()
-            except sdk().errors.APIError as exc:
-                text = str(exc.explanation or exc)
-                if "not found" in text or "no such file" in text.lower():
-                    raise ProvisionError(f"docker: {where} has no {python} (the agent that runs "
-                                         f"tests inside needs one); {fix}") from None
-                raise ProvisionError(f"docker: cannot run {python} in {where}: {text}") from None
-            code = int(container.wait(timeout=START_TIMEOUT).get("StatusCode", -1))
-            out = container.logs(stdout=True, stderr=True).decode(errors="replace").strip()
+            with self.engine.calls(f"checking for {python} in {where}"):
+                code = int(container.wait(timeout=START_TIMEOUT).get("StatusCode", -1))
+                out = container.logs(stdout=True, stderr=True).decode(errors="replace").strip()
         finally:
             remove_container(container)
-        parts = out.splitlines()[-1].split(".") if code == 0 and out else []
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise ProvisionError(f"docker: {python} in {where} does not run (exit status "
-                                 f"{code}): {out[-2000:]}; {fix}")
-        if tuple(int(p) for p in parts[:2]) < MIN_PYTHON:
-            raise ProvisionError(f"docker: {where} has Python {out.splitlines()[-1]} as "
-                                 f"{python!r}, too old for the agent; {fix}")
-        return ".".join(parts)
+        return code, out
 
     def _import_rootfs(self, spec: EnvSpec, rootfs: Entry, key: str, tag: str, log: Path) -> None:
         """Make the image from the root filesystem: import (native) or load (foreign arch)."""
         import tempfile
 
         how = "load" if spec.foreign else "import"
-        self.run.progress(f"docker: making image {tag} from {rootfs.data} ({how})")
+        self.run.progress(f"{self.name}: making image {tag} from {rootfs.data} ({how})")
         labels = {f"{LABEL}.key": key, f"{LABEL}.rootfs": rootfs.key}
         started = time.monotonic()
         # named like a cache build directory, so `cache gc` removes what a killed run left
@@ -793,7 +482,7 @@ class DockerBackend(Backend):
                     self.client().images.remove(tag, force=True)
                 raise
         with open(log, "a") as f:
-            f.write(f"docker {how} of {rootfs.data} as {tag}: {time.monotonic() - started:.1f}s\n"
+            f.write(f"{self.name} {how} of {rootfs.data} as {tag}: {time.monotonic() - started:.1f}s\n"
                     f"{text}\n")
 
     def _import(self, rootfs: Path, extra: Path, tag: str, labels: dict[str, str]) -> str:
@@ -808,16 +497,16 @@ class DockerBackend(Backend):
         try:
             # the tag inside repository (the API allows it): podman's Docker-compatible API
             # ignores a separate tag parameter when importing, and would name the image :latest
-            text = str(api.import_image(src=iter(stream), repository=tag, changes=changes,
-                                        stream_src=True))
-        except sdk().errors.APIError as exc:
-            raise ProvisionError(f"docker: importing {rootfs} failed: {exc.explanation}") from None
+            with self.engine.calls(f"importing {rootfs}"):
+                text = str(api.import_image(src=iter(stream), repository=tag, changes=changes,
+                                            stream_src=True))
         finally:
             api.timeout = timeout
             stream.finish()
         for line in text.splitlines():
             if line.strip().startswith("{") and json.loads(line).get("error"):
-                raise ProvisionError(f"docker: importing {rootfs} failed: {json.loads(line)['error']}")
+                raise ProvisionError(f"{self.name}: importing {rootfs} failed: "
+                                     f"{json.loads(line)['error']}")
         return text
 
     def _load(self, spec: EnvSpec, rootfs: Path, extra: Path, tmp: Path, tag: str,
@@ -826,52 +515,12 @@ class DockerBackend(Backend):
 
         (The engine's import ignores a platform on older engines and records its own.)
         """
-        import hashlib
-        import io
-        import tarfile
-
-        layer = tmp / "layer.tar"
-        done = subprocess.run(tar_argv(rootfs, extra, str(layer)), capture_output=True,
-                              stdin=subprocess.DEVNULL, check=False)
-        if done.returncode != 0:
-            raise ProvisionError(f"tar of {rootfs} failed with exit status {done.returncode}: "
-                                 f"{done.stderr.decode(errors='replace').strip()}")
-        digest = hashlib.sha256()
-        with open(layer, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        arch, variant = docker_arch(spec.arch)
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        config: dict[str, Any] = {
-            "architecture": arch, "os": "linux", "created": created,
-            "config": {"Env": [f"{k}={v}" for k, v in system_variables().items()],
-                       "Cmd": ["python3"], "Labels": labels},
-            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{digest.hexdigest()}"]},
-            "history": [{"created": created, "created_by": "pytest-isolate (root filesystem)"}],
-        }
-        if variant:
-            config["variant"] = variant
-        config_bytes = json.dumps(config, sort_keys=True).encode()
-        config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
-        manifest = json.dumps([{"Config": config_name, "RepoTags": [tag],
-                                "Layers": ["layer.tar"]}]).encode()
-        archive = tmp / "image.tar"
-        with tarfile.open(archive, "w") as tar:
-            tar.add(layer, arcname="layer.tar")
-            for member, data in ((config_name, config_bytes), ("manifest.json", manifest)):
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        layer.unlink()
-        try:
-            with open(archive, "rb") as f:
-                answers = list(self.client().api.load_image(f) or [])
-        except sdk().errors.APIError as exc:
-            raise ProvisionError(f"docker: loading the image of {rootfs} failed: "
-                                 f"{exc.explanation}") from None
+        archive = write_image_archive(rootfs, extra, tmp, tag, spec.arch, labels)
+        with self.engine.calls(f"loading the image of {rootfs}"), open(archive, "rb") as f:
+            answers = list(self.client().api.load_image(f) or [])
         for answer in answers:
             if isinstance(answer, dict) and answer.get("error"):
-                raise ProvisionError(f"docker: loading the image of {rootfs} failed: "
+                raise ProvisionError(f"{self.name}: loading the image of {rootfs} failed: "
                                      f"{answer['error']}")
         return "\n".join(json.dumps(a) for a in answers)
 
@@ -881,28 +530,34 @@ class DockerBackend(Backend):
         binds = [] if copy else [[rootdir, rootdir, False]]
         container = self._create(spec, base.id, binds, purpose="setup")
         try:
-            container.start()
-            if copy:
-                self._copy_in(container, [(rootdir, rootdir)], spec)
-            env = environment_variables(spec)
-            with open(log, "ab") as f:
-                for index, command in enumerate(spec.setup):
-                    label = f"setup command {index + 1} of {spec.name!r} ({command!r})"
-                    self.run.progress(f"docker: {label}")
-                    f.write(f"$ {command}\n".encode())
-                    result = container.exec_run(["/bin/sh", "-c", command], environment=env,
-                                                workdir=rootdir, demux=False)
-                    f.write(result.output or b"")
-                    f.flush()
-                    if result.exit_code != 0:
-                        raise ProvisionError(f"docker: {label} failed with exit status "
-                                             f"{result.exit_code}", (result.output or b"")
-                                             .decode(errors="replace")[-4000:], str(log))
-            repo, _, name = tag.rpartition(":")
-            container.commit(repository=repo, tag=name,
-                             changes=[f'LABEL "{LABEL}.key"="{key}"'])
+            with self.engine.calls(f"running the setup commands of {spec.name!r}"):
+                container.start()
+                if copy:
+                    self._copy_in(container, [(rootdir, rootdir)], spec)
+                self._run_setup(container, spec, rootdir, log)
+                repo, _, name = tag.rpartition(":")
+                container.commit(repository=repo, tag=name,
+                                 changes=[f'LABEL "{LABEL}.key"="{key}"'])
         finally:
             remove_container(container)
+
+    def _run_setup(self, container: Any, spec: EnvSpec, rootdir: str, log: Path) -> None:
+        """Each setup command in container, its output in the provision log; ProvisionError
+        with the output's tail at the first that fails."""
+        env = environment_variables(spec)
+        with open(log, "ab") as f:
+            for index, command in enumerate(spec.setup):
+                label = f"setup command {index + 1} of {spec.name!r} ({command!r})"
+                self.run.progress(f"{self.name}: {label}")
+                f.write(f"$ {command}\n".encode())
+                result = container.exec_run(["/bin/sh", "-c", command], environment=env,
+                                            workdir=rootdir, demux=False)
+                f.write(result.output or b"")
+                f.flush()
+                if result.exit_code != 0:
+                    raise ProvisionError(f"{self.name}: {label} failed with exit status "
+                                         f"{result.exit_code}", (result.output or b"")
+                                         .decode(errors="replace")[-4000:], str(log))
 
     # ------------------------------------------------------------------ containers
     def _create(self, spec: EnvSpec, image: str, binds: list[list[Any]], purpose: str,
@@ -925,7 +580,7 @@ class DockerBackend(Backend):
                 if self.local_engine():  # a remote engine's CPUs are not ours to count
                     cpus = host_cpus(limits.cpu_count() or 1)
                     resources["cpuset_cpus"] = cpu_list(cpus)
-        try:
+        with self.engine.calls(f"creating a container of {image}"):
             return self.client().containers.create(
                 image, entrypoint=[spec.option("python", "python3")],
                 command=command or ["-c", MAIN_PROCESS],
@@ -935,8 +590,6 @@ class DockerBackend(Backend):
                 platform=platform_of(spec), detach=True, stdin_open=False, tty=False,
                 **resources, **self.create_options(),
             )
-        except docker.errors.APIError as exc:
-            raise ProvisionError(f"docker: cannot create a container of {image}: {exc}") from None
 
     def transfer(self, spec: EnvSpec) -> str:
         """How host paths reach a container: "bind" (local engine) or "copy" (remote engine)."""
@@ -951,9 +604,11 @@ class DockerBackend(Backend):
         exclude = tuple(str(p) for p in (spec.option("exclude", ()) or ()))
         with tempfile.TemporaryFile(prefix="pytest-isolate-copy-") as archive:
             write_copy_archive(archive, pairs, str(self.run.rootdir), exclude)
-            if not container.put_archive("/", archive):
-                raise ProvisionError(f"docker: copying {[src for src, _ in pairs]} into the "
-                                     "container failed")
+            doing = f"copying {[src for src, _ in pairs]} into the container"
+            with self.engine.calls(doing):
+                copied = container.put_archive("/", archive)
+            if not copied:
+                raise ProvisionError(f"{self.name}: {doing} failed")
 
     def launch(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
                image: Entry) -> Launch:
@@ -968,16 +623,18 @@ class DockerBackend(Backend):
         container = self._create(spec, image.manifest["image"], [] if copy else binds, purpose="run")
         stack.callback(remove_container, container)
         stack.callback(self._save_log, container, container_log)  # unwound first: before removal
-        container.start()
+        with self.engine.calls(f"starting container {container.name}"):
+            container.start()
         readonly: list[str] = []
         if copy:
             self._copy_in(container, [(src, dst) for src, dst, _ in binds], spec)
             readonly = [dst for _, dst, ro in binds if ro]
         argv = agent_command(spec)
         argv[-1] = prelude(readonly) + argv[-1]
-        process = ExecAgent(self.client(), container.id, argv,
-                            environment_variables(spec, pycache=not copy),
-                            rootdir, agent_log, f"environment {spec.name!r}")
+        with self.engine.calls(f"starting the agent in container {container.name}"):
+            process = ExecAgent(self.client(), container.id, argv,
+                                environment_variables(spec, pycache=not copy),
+                                rootdir, agent_log, f"environment {spec.name!r}")
         logs = {"agent": agent_log, "container": container_log, "provision": provision_log}
         return Launch(process, logs, agent_settings(self.run, spec, mounts, lower="/"))
 
@@ -987,7 +644,7 @@ class DockerBackend(Backend):
             state = container.attrs.get("State", {})
             out = container.logs(stdout=True, stderr=True, timestamps=True)
         except Exception as exc:
-            state, out = {}, f"(docker logs unavailable: {exc})\n".encode()
+            state, out = {}, f"({self.name} logs unavailable: {exc})\n".encode()
         with open(path, "ab") as f:
             f.write(f"container {container.name} ({container.short_id}) image "
                     f"{container.attrs.get('Config', {}).get('Image')}\n".encode())

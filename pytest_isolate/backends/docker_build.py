@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pytest_isolate.backends.docker_engine import network_mode_of
 from pytest_isolate.errors import ProvisionError
 from pytest_isolate.progress import Heartbeat
 from pytest_isolate.spec import EnvSpec
@@ -90,8 +91,6 @@ def build(client: Any, spec: EnvSpec, dockerfile: Path, context: Path, args: dic
           tag: str, progress: Any, log: Path) -> None:
     """docker build, its output in the environment's provision log, a heartbeat while it
     runs; ProvisionError with the build's last lines when it fails."""
-    from pytest_isolate.backends.docker import network_mode_of  # (docker imports this module)
-
     network_mode = network_mode_of(client, spec)
     started = time.monotonic()
     where = f"dockerfile {spec.dockerfile!r} (from {spec.source('dockerfile')})"

@@ -18,11 +18,13 @@ one line when the pull ends. The provision log gets each layer's status changes.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pytest_isolate.backends.docker_engine import Engine
 from pytest_isolate.errors import ProvisionError
 from pytest_isolate.progress import Heartbeat
 from pytest_isolate.sizes import format_size
@@ -73,11 +75,19 @@ def pinned_digest(image: Any, ref: str) -> str:
     return str(image.id)
 
 
-def pull_error(spec: EnvSpec, text: str, status: int | None) -> ProvisionError:
+def says(text: str, words: tuple[str, ...]) -> bool:
+    """Does text hold one of words as whole words? (A registry on port 40335 does not
+    make "dial tcp 127.0.0.1:40335: connection refused" a 403.)"""
+    return any(re.search(rf"\b{re.escape(word)}\b", text) for word in words)
+
+
+def pull_error(spec: EnvSpec, text: str, status: int | None,
+               engine: str = "docker") -> ProvisionError:
     """One message naming the reference, where it came from, what went wrong and the fix.
 
     Its first line says what and where (a run repeats that line for the environment's
-    later tests); the engine's words and the fix follow on the next line, shown once."""
+    later tests); the engine's words and the fix follow on the next line, shown once.
+    engine: the engine's name ("docker", "podman"), which the message and the fix say."""
     ref = str(spec.image)
     registry = split_reference(ref)[2]
     lower = text.lower()
@@ -86,30 +96,32 @@ def pull_error(spec: EnvSpec, text: str, status: int | None) -> ProvisionError:
     if "pull access denied" in lower:  # Docker Hub says this for both cases
         what, fix = (f"registry {registry} refused it",
                      f"it does not exist there, or it needs credentials: check the name, or {login}")
-    elif status in (401, 403) or any(word in lower for word in DENIED):
+    elif status in (401, 403) or says(lower, DENIED):
         what, fix = (f"registry {registry} refused the credentials",
                      f"{login} as a user that may pull it")
-    elif status == 404 or any(word in lower for word in MISSING):
+    elif status == 404 or says(lower, MISSING):
         what, fix = (f"registry {registry} has no such image",
-                     f"check the name and the tag or digest (`docker pull {ref}` says the "
+                     f"check the name and the tag or digest (`{engine} pull {ref}` says the "
                      "same), or push the image there")
-    elif any(word in lower for word in UNREACHABLE):
+    elif says(lower, UNREACHABLE):
         what = f"registry {registry} is unreachable"
         fix = ("add it to the engine's insecure-registries (daemon.json) or serve it over "
                "https" if "http response to https" in lower else
-               "check the address and the network (or proxy) of the docker engine, or load "
-               "the image into the engine (docker load): an image it has is not pulled")
+               f"check the address and the network (or proxy) of the {engine} engine, or load "
+               f"the image into the engine ({engine} load): an image it has is not pulled")
     else:
-        what, fix = "the engine refused the pull", f"`docker pull {ref}` shows the same error"
-    return ProvisionError(f"docker: pulling image {ref!r} (from {spec.source('image')}) "
+        what, fix = "the engine refused the pull", f"`{engine} pull {ref}` shows the same error"
+    return ProvisionError(f"{engine}: pulling image {ref!r} (from {spec.source('image')}) "
                           f"failed: {what}\nthe engine said: {text}\nfix: {fix}")
 
 
 class PullProgress:
     """Layers and bytes of a pull, from the engine's event stream."""
 
-    def __init__(self, ref: str, progress: Callable[[str], None], log: Any) -> None:
+    def __init__(self, ref: str, progress: Callable[[str], None], log: Any,
+                 engine: str = "docker") -> None:
         self.ref = ref
+        self.engine = engine
         self.progress = progress
         self.log = log
         self.started = time.monotonic()
@@ -137,7 +149,7 @@ class PullProgress:
         now = time.monotonic()
         if now - self.last_beat >= HEARTBEAT_SECONDS:
             self.last_beat = now
-            self.progress(Heartbeat(f"docker: pulling {self.ref}: {now - self.started:.0f}s: "
+            self.progress(Heartbeat(f"{self.engine}: pulling {self.ref}: {now - self.started:.0f}s: "
                                     f"{self.summary()}"))
 
     def summary(self) -> str:
@@ -151,28 +163,28 @@ class PullProgress:
         return f"{done} of {len(self.layers)} layers{size}"
 
 
-def pull(client: Any, spec: EnvSpec, platform: str | None, progress: Callable[[str], None],
+def pull(engine: Engine, spec: EnvSpec, platform: str | None, progress: Callable[[str], None],
          log_path: Path) -> float:
     """Pull spec.image onto the engine; the seconds it took. Raises ProvisionError."""
-    import docker
-
     ref = str(spec.image)
     repo, tag, _ = split_reference(ref)
-    progress(f"docker: pulling {ref} (from {spec.source('image')})")
+    progress(f"{engine.name}: pulling {ref} (from {spec.source('image')})")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def refused(text: str, status: int | None) -> ProvisionError:
+        return pull_error(spec, text, status, engine.name)
+
     with open(log_path, "a") as log:
-        log.write(f"docker pull {ref}\n")
-        tracker = PullProgress(ref, progress, log)
-        try:
-            for event in client.api.pull(repo, tag=tag, stream=True, decode=True,
-                                         platform=platform):
+        log.write(f"{engine.name} pull {ref}\n")
+        tracker = PullProgress(ref, progress, log, engine.name)
+        with engine.calls(f"pulling {ref}", refused):
+            for event in engine.client.api.pull(repo, tag=tag, stream=True, decode=True,
+                                                platform=platform):
                 if isinstance(event, dict) and event.get("error"):
-                    raise pull_error(spec, str(event["error"]), None)
+                    raise refused(str(event["error"]), None)
                 if isinstance(event, dict):
                     tracker.event(event)
-        except docker.errors.APIError as exc:
-            raise pull_error(spec, str(exc.explanation or exc), exc.status_code) from None
         seconds = time.monotonic() - tracker.started
         log.write(f"pulled {ref} in {seconds:.1f}s\n")
-    progress(f"docker: pulled {ref} ({tracker.summary()}) in {seconds:.1f}s")
+    progress(f"{engine.name}: pulled {ref} ({tracker.summary()}) in {seconds:.1f}s")
     return seconds

@@ -32,8 +32,9 @@ PYTHON_DIRS = ("usr/local/bin", "usr/bin", "bin")
 def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any,
                            rootdir: Path) -> Entry:
     """The cache entry whose data directory is the root filesystem of spec.image."""
-    from pytest_isolate.backends import docker as engine
+    from pytest_isolate.backends.docker import check_python_version, image_of
     from pytest_isolate.backends.docker_build import with_built_image
+    from pytest_isolate.backends.docker_engine import Engine, engine_error, make_client
     from pytest_isolate.backends.docker_pull import pinned_digest
 
     if spec.setup:
@@ -45,14 +46,14 @@ def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any,
                              f"{spec.source('image')}) keeps its owners and devices, which "
                              "needs root; run as root, or use backend = \"docker\"")
     try:
-        client = engine.make_client()
+        client = make_client()
         client.ping()
     except Exception as exc:
         raise ProvisionError(f"{spec.backend}: image {spec.image!r} (from "
                              f"{spec.source('image')}) comes from the docker engine, which "
-                             f"does not answer: {engine.engine_error(exc)}") from None
+                             f"does not answer: {engine_error(exc)}") from None
     spec = with_built_image(client, spec, rootdir, progress, log)
-    image, _ = engine.image_of(client, spec, progress, log)
+    image, _ = image_of(Engine("docker", lambda: client, engine_error), spec, progress, log)
     digest = pinned_digest(image, str(spec.image))
     key = content_hash({"digest": digest, "id": image.id, "format": FORMAT})
 
@@ -70,7 +71,7 @@ def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any,
 
     entry: Entry = cache.get_or_build(KIND, key, build, {"env": spec.name, "image": spec.image},
                                       log)
-    engine.check_python_version(spec, str(entry.manifest.get("python") or ""))
+    check_python_version(spec, str(entry.manifest.get("python") or ""))
     return entry
 
 

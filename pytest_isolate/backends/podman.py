@@ -26,7 +26,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pytest_isolate.backends.docker import DockerBackend, sdk
+from pytest_isolate.backends.docker import DockerBackend
+from pytest_isolate.backends.docker_engine import sdk
 from pytest_isolate.errors import BackendUnavailable
 from pytest_isolate.setup_host import HOST_NEEDS
 

@@ -27,9 +27,10 @@ import pytest
 from shared_support import wait_for
 
 from pytest_isolate.backends.base import RunContext, shipped_paths
-from pytest_isolate.backends.docker import DockerBackend, docker_arch
+from pytest_isolate.backends.docker import DockerBackend
 from pytest_isolate.environment import Environment
 from pytest_isolate.errors import BackendUnavailable, ProvisionError
+from pytest_isolate.images.archive import docker_arch
 from pytest_isolate.spec import ARCH_MACHINES, EnvSpec, host_arch
 
 pytestmark = pytest.mark.integration

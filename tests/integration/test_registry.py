@@ -32,7 +32,8 @@ from integration_support import free_port, stop, wait_for_log
 from shared_support import output, run_pytest
 
 from pytest_isolate.backends.base import RunContext
-from pytest_isolate.backends.docker import LABEL, DockerBackend
+from pytest_isolate.backends.docker import DockerBackend
+from pytest_isolate.backends.docker_engine import LABEL
 from pytest_isolate.errors import ProvisionError
 from pytest_isolate.spec import EnvSpec
 

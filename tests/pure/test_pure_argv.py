@@ -18,11 +18,11 @@ from pytest_isolate import config
 from pytest_isolate.agent.bundle import AGENT_DIR, LOADER
 from pytest_isolate.backends import BUILTIN_BACKENDS
 from pytest_isolate.backends.base import Mount, RunContext
-from pytest_isolate.backends.docker import tar_argv
 from pytest_isolate.backends.lxc import LxcBackend
 from pytest_isolate.backends.qemu import QemuBackend
 from pytest_isolate.backends.qemu.machine import VmFiles
 from pytest_isolate.cache import Cache
+from pytest_isolate.images.archive import tar_argv
 from pytest_isolate.namespaces import launcher_argv
 from pytest_isolate.spec import EnvSpec
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_isolate.backends.docker import engine_target, make_client
+from pytest_isolate.backends.docker_engine import engine_target, make_client
 from pytest_isolate.errors import BackendUnavailable
 
 pytest.importorskip("docker")

@@ -46,6 +46,10 @@ CASES = [
      "'docker login': denied: requested access to the resource is denied", 404,
      "registry 127.0.0.1:5000 refused it", "it does not exist there, or it needs credentials"),
     ("something new", 500, "the engine refused the pull", f"`docker pull {REF}`"),
+    # podman's words for a registry on a port whose digits hold "403": not a refusal
+    ('initializing source docker://127.0.0.1:40335/team/app:1: pinging container registry '
+     '127.0.0.1:40335: Get "https://127.0.0.1:40335/v2/": dial tcp 127.0.0.1:40335: connect: '
+     'connection refused', 500, "registry 127.0.0.1:5000 is unreachable", "docker load"),
 ]
 
 
