@@ -17,8 +17,10 @@ once.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import platform
 import re
 import subprocess
 import threading
@@ -95,6 +97,20 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+#: kcmp(2)'s number here, and its "same address space" type
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+_KCMP_VM = 1
+
+
+def _same_memory(pid: int, other: int) -> bool:
+    """pid shares other's memory: a PID namespace's PID 1 that the agent starts as a
+    clone with CLONE_VM (agent.mounts.pause_init): counted once, as the other."""
+    if _SYS_KCMP is None:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.syscall(_SYS_KCMP, pid, other, _KCMP_VM, 0, 0)) == 0
+
+
 def _descends(pid: int, root: int, procs: dict[int, Proc]) -> bool:
     seen = 0
     while pid > 1 and seen < 64:
@@ -161,7 +177,8 @@ class Sampler:
 
     def sample(self) -> None:
         procs = _processes()
-        ours = [p for p in procs.values() if p.agent_like and self._ours(p.pid, procs)]
+        ours = [p for p in procs.values() if p.agent_like and self._ours(p.pid, procs)
+                and not _same_memory(p.pid, p.ppid)]
         agents = [p for p in ours if not procs.get(p.ppid, Proc(0, 0, False)).agent_like]
         workers = [p for p in ours if p not in agents]
         peak = self.peak

@@ -98,7 +98,6 @@ class Agent:
         os.set_blocking(self.sigr, False)
         signal.set_wakeup_fd(self.sigw)
         signal.signal(signal.SIGCHLD, lambda s, f: None)
-        self.exited: Dict[int, int] = {}
         #: where reports go: channel 0 here, the worker's socket in a worker
         self.current_sender: Callable[..., None] = lambda obj, blob=b"": self.send(0, obj, blob)
 
@@ -114,7 +113,9 @@ class Agent:
                 return
             if pid == 0:
                 return
-            self.exited[pid] = status
+            for w in self.workers.values():
+                if w.pid == pid and not w.via:  # our own child (a zygote's are its to reap)
+                    w.status = status
 
     def serve(self) -> None:
         while self.running:
@@ -138,19 +139,21 @@ class Agent:
                     w.pump(self)
                 if w.deadline and time.monotonic() >= w.deadline and w.kill_reason is None:
                     w.kill("timeout: the test ran longer than %ss" % w.timeout, self)
-                if w.fd < 0 and (w.pid in self.exited or w.orphaned):
+                if w.fd < 0 and (w.status is not None or w.orphaned):
                     self.finish(w)
         for w in list(self.workers.values()):
             w.kill("agent shutting down")
 
     def finish(self, w: "Worker") -> None:
         # a zygote's worker that will never be reaped ended with its zygote (SIGKILL)
-        if w.pid is not None and w.pid in self.exited:
-            status = self.exited.pop(w.pid)
+        if w.status is not None:
+            status = w.status
         else:
             status = int(signal.SIGKILL)
             w.kill_reason = w.kill_reason or w.orphaned
         del self.workers[w.ch]
+        if w.pidfd >= 0:
+            os.close(w.pidfd)
         if w.zygote:
             if w.pid is not None:
                 try:  # what it left in its process group (PidNamespaces' PID 1s)
@@ -170,16 +173,22 @@ class Agent:
                 reason = "%s: out of memory (the kernel's OOM killer ran)" % reason
         self.send(w.ch, message("exit", code=code, reason=reason))
 
-    def zygote_event(self, obj: Dict[str, Any]) -> None:
-        """A zygote forked a test worker, or reaped one (its pid is in our PID namespace)."""
+    def zygote_event(self, obj: Dict[str, Any], pidfd: int = -1) -> None:
+        """A zygote forked a test worker (pidfd: a pidfd of it, or -1), or reaped one.
+        The pid is in the zygote's PID namespace, which need not be ours (Zygote.main):
+        the worker is killed through its pidfd where there is one."""
         w = self.workers.get(int(obj["ch"]))
+        if w is None:
+            if pidfd >= 0:
+                os.close(pidfd)
+            return
         if obj["op"] == "forked":
-            if w is not None:
-                w.pid = int(obj["pid"])
-                if w.kill_reason is not None:  # timed out while the zygote set up
-                    w.kill(w.kill_reason, self)
+            w.pid = int(obj["pid"])
+            w.pidfd = pidfd
+            if w.kill_reason is not None:  # timed out while the zygote set up
+                w.kill(w.kill_reason, self)
         else:
-            self.exited[int(obj["pid"])] = int(obj["status"])
+            w.status = int(obj["status"])
 
     def route(self, ch: int, obj: Dict[str, Any], blob: bytes) -> None:
         if ch:

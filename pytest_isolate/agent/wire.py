@@ -88,7 +88,7 @@ MESSAGES = {op: frozenset(fields.split()) for op, fields in (
     ("exit", "code reason"),
     ("pong", "per_test"),
     ("advanced", ""),
-    ("forked", "ch pid"),
+    ("forked", "ch pid pidfd"),
     ("reaped", "ch pid status"),
     ("pty-started", ""),
     ("pty-out", ""),

@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 from .harden import harden_opts, harden_process, protect_paths
 from .mounts import (
@@ -58,6 +58,12 @@ class Worker:
         self.via = 0
         #: why a worker of a zygote will never be reaped (the zygote is gone)
         self.orphaned: Optional[str] = None
+        #: its wait status, once reaped (by the agent, or by its zygote)
+        self.status: Optional[int] = None
+        #: a zygote's worker: a pidfd of it, sent with "forked" (-1: none)
+        self.pidfd = -1
+        #: a zygote: the pidfds it sent, not yet matched to their "forked"
+        self.pidfds: "collections.deque[int]" = collections.deque()
 
     def forward(self, obj: Dict[str, Any], blob: bytes) -> None:
         if self.fd < 0:
@@ -69,7 +75,11 @@ class Worker:
 
     def pump(self, agent: Agent) -> None:
         try:
-            data = self.sock.recv(1 << 20)
+            if self.zygote:
+                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 16)
+                self.pidfds.extend(fds)
+            else:
+                data = self.sock.recv(1 << 20)
         except OSError:
             data = b""
         if not data:
@@ -83,7 +93,8 @@ class Worker:
             return
         for _, obj, blob in frames:
             if self.zygote and obj["op"] in ("forked", "reaped"):
-                agent.zygote_event(obj)
+                pidfd = self.pidfds.popleft() if obj.get("pidfd") and self.pidfds else -1
+                agent.zygote_event(obj, pidfd)
                 continue
             if obj["op"] in ("done", "exit"):
                 self.deadline = None
@@ -99,6 +110,12 @@ class Worker:
             if z is not None:
                 z.kill("a test's set-up of session/module fixtures ran out of time (%s)"
                        % reason)
+            return
+        if self.pidfd >= 0:  # a zygote's worker, whose pid may be of another namespace
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
             return
         try:
             # its process group (a worker leads one): the PID 1s of the PID namespaces it
@@ -220,19 +237,29 @@ def enter_pid_namespace(sock: socket.socket) -> None:
     if test == 0:
         return
     sock.close()
-    while True:
-        try:
-            _, status = os.waitpid(test, 0)
-            break
-        except InterruptedError:
-            continue
+    status = wait_for(test)
     os.kill(init, signal.SIGKILL)
     os.waitpid(init, 0)
+    end_like(status)
+
+
+def wait_for(pid: int) -> int:
+    """pid's wait status (pid: a child)."""
+    while True:
+        try:
+            return os.waitpid(pid, 0)[1]
+        except InterruptedError:
+            continue
+
+
+def end_like(status: int) -> NoReturn:
+    """End this process the way the one whose wait status this is ended (the same exit
+    code, or killed by the same signal), so that whoever waits for this one sees that."""
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         import resource
 
-        # the test dumped core already if it was going to; this copy must not
+        # the other dumped core already if it was going to; this copy must not
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         try:
             signal.signal(-code, signal.SIG_DFL)

@@ -34,7 +34,7 @@ from .mounts import (
     unshare,
 )
 from .wire import FrameDecoder, drain, encode_frame, error_message, message
-from .workers import end_child, worker_main
+from .workers import end_child, end_like, wait_for, worker_main
 
 if TYPE_CHECKING:
     from .server import Agent
@@ -104,8 +104,12 @@ class Zygote:
 
     def main(self) -> int:
         if self.agent.settings.get("isolation") == "overlay":
+            pids = PidNamespaces.probe()
+            if pids is None and hasattr(os, "pidfd_open"):
+                self.own_pid_namespace()
+                pids = PidNamespaces.probe()
             self.enter_layer()
-            self.pids = PidNamespaces.probe()
+            self.pids = pids
         self.sigr, self.sigw = os.pipe()
         os.set_blocking(self.sigr, False)
         os.set_blocking(self.sigw, False)
@@ -118,6 +122,22 @@ class Zygote:
             self.teardown_all()
             _kill_session_leftovers()
         return 0
+
+    def own_pid_namespace(self) -> None:
+        """Go on as PID 1 of a PID namespace of our own (see PidNamespaces: one that the
+        user namespace we run in owns, so that we may go back into it after each test
+        worker's).  The process the agent forked stays, waits and ends the way we end;
+        our pids are not the agent's from here on ("forked" sends a pidfd).  What the
+        fixtures held here start runs in this namespace, and ends with it."""
+        unshare(CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:
+            set_pdeathsig()
+            return
+        self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        end_like(wait_for(pid))
 
     def enter_layer(self) -> None:
         s = self.agent.settings
@@ -224,7 +244,21 @@ class Zygote:
         self.children[pid] = ch
         if item is not None:
             item._report_sections = []  # the worker reports what the set-up printed
-        self.send(message("forked", ch=ch, pid=pid))
+        self.send_forked(ch, pid)
+
+    def send_forked(self, ch: int, pid: int) -> None:
+        """"forked", with a pidfd of the worker where the kernel makes one: our pids need
+        not be the agent's (main), a pidfd names the process in any namespace."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # Python < 3.9, Linux < 5.3
+            self.send(message("forked", ch=ch, pid=pid, pidfd=False))
+            return
+        try:
+            frame = encode_frame(self.ch, message("forked", ch=ch, pid=pid, pidfd=True))
+            socket.send_fds(self.sock, [frame], [pidfd])
+        finally:
+            os.close(pidfd)
 
     # -- pytest's scopes
     def prepare(self, item: Any) -> List[str]:
