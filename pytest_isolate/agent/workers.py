@@ -130,15 +130,26 @@ class Worker:
 
 def end_child(body: Callable[[], int]) -> None:
     """In a forked child: run body and end the process with its code (70 when it raised;
-    the traceback goes to the log).  A child never returns into its parent's stack."""
+    the traceback goes to the log).  A child never returns into its parent's stack.
+
+    A KeyboardInterrupt that escapes body ends the process by SIGINT, as CPython ends a
+    program: a test that sends SIGINT to its process group is reported "killed by
+    signal 2", whether or not another process of the worker's took the signal too."""
     code = 70
+    interrupted = False
     try:
         code = body()
+    except KeyboardInterrupt:
+        interrupted = True
+        traceback.print_exc()
     except BaseException:
         traceback.print_exc()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        if interrupted:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
 
 
