@@ -32,8 +32,10 @@ from pytest_isolate.channel import Connection
 from pytest_isolate.config import Option
 from pytest_isolate.errors import BackendUnavailable, IsolateError
 from pytest_isolate.images.envvars import PYCACHE
+from pytest_isolate.namespaces import MAP_ROOT_OPTION
 from pytest_isolate.setup_host import HostNeeds
 from pytest_isolate.spec import EnvSpec
+from pytest_isolate.system import safe_name
 
 if TYPE_CHECKING:
     from pytest_isolate.limits import HostCgroup
@@ -462,6 +464,31 @@ class RootfsBackend(Backend):
         from pytest_isolate.images.rootfs import provision_rootfs
 
         return provision_rootfs(spec, self.run.cache, log, self.run.rootdir, self.run.progress)
+
+
+class HostRootBackend(RootfsBackend):
+    """A root filesystem backend that runs as the host's root (lxc, schroot): the
+    environment's root is mapped to an unprivileged host uid unless ``map_root = false``,
+    and each instance is named after the run, for the reaper (``instance_name``)."""
+
+    needs_root = True
+    options: ClassVar[Mapping[str, Option] | None] = {"map_root": MAP_ROOT_OPTION}
+    #: the start of every instance's name (what the reapers look for)
+    PREFIX: ClassVar[str] = "pytest-isolate-"
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(run)
+        self._instances = 0
+
+    def require_root(self, why: str) -> None:
+        if os.geteuid() != 0:
+            raise BackendUnavailable(
+                self.name, why, "run pytest as root, or use the chroot backend (works without root)")
+
+    def instance_name(self, spec: EnvSpec) -> str:
+        """A name for spec's next instance: the prefix, the run, the environment, a count."""
+        self._instances += 1
+        return f"{self.PREFIX}{safe_name(self.run.run_id)}-{safe_name(spec.name)}-{self._instances}"
 
 
 def need_tool(backend: str, tool: str, package: str) -> str:

@@ -65,14 +65,13 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from pytest_isolate.backends.base import (
     START_TIMEOUT,
+    HostRootBackend,
     Launch,
     LiveSet,
     Mount,
-    RootfsBackend,
     agent_command,
     agent_settings,
     need_tool,
@@ -80,11 +79,10 @@ from pytest_isolate.backends.base import (
 )
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import AgentProcess
-from pytest_isolate.errors import BackendUnavailable, IsolateError
+from pytest_isolate.errors import IsolateError
 from pytest_isolate.images.envvars import PYCACHE, environment_variables
 from pytest_isolate.limits import Limits, cgroup_v2, cgroup_values, host_cpus
 from pytest_isolate.namespaces import (
-    MAP_ROOT_OPTION,
     agent_map_request,
     wanted_root_map,
     where_root_is,
@@ -95,7 +93,7 @@ from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import command_lines, fstab_path, safe_name
 from pytest_isolate.system import run_quiet as _run
 
-PREFIX = "pytest-isolate-"
+PREFIX = HostRootBackend.PREFIX
 LABEL = "pytest-isolate.json"
 SECCOMP_PROFILE = Path("/usr/share/lxc/config/common.seccomp")
 CAP_DROP = "mac_admin mac_override sys_time sys_module sys_rawio"
@@ -197,22 +195,13 @@ def leftover_cgroups(runs_dir: Path) -> list[str]:
 LIVE: LiveSet[Path] = LiveSet(destroy_container)
 
 
-class LxcBackend(RootfsBackend):
+class LxcBackend(HostRootBackend):
     name = "lxc"
-    needs_root = True
     supports_snapshot = True
     host_needs = HOST_NEEDS["lxc"]
-    options = {"map_root": MAP_ROOT_OPTION}
-
-    def __init__(self, run: Any) -> None:
-        super().__init__(run)
-        self._count = 0
 
     def check(self, spec: EnvSpec) -> None:
-        if os.geteuid() != 0:
-            raise BackendUnavailable(
-                self.name, "the lxc backend runs privileged containers and needs root",
-                "run pytest as root, or use the chroot backend (works without root)")
+        self.require_root("the lxc backend runs privileged containers and needs root")
         for tool in TOOLS:
             need_tool(self.name, tool, "lxc")
         self.check_rootfs(spec)
@@ -280,9 +269,8 @@ class LxcBackend(RootfsBackend):
                 f"lxc: the overlay rootfs ({image.data}) and the run directory ({self.lxcpath}) "
                 "must not contain ':' (LXC's overlay:LOWER:UPPER syntax); choose another "
                 "--isolate-cache-dir")
-        self._count += 1
         mounts = standard_mounts(self.run, spec, image)
-        name = f"{PREFIX}{safe_name(self.run.run_id)}-{safe_name(spec.name)}-{self._count}"
+        name = self.instance_name(spec)
         lxcpath = self.lxcpath
         cdir = lxcpath / name
         lxc_log = self.run.log_path(spec.name, "lxc.log")

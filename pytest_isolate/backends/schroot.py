@@ -69,9 +69,9 @@ from pytest_isolate.agent.bundle import AGENT_DIR
 from pytest_isolate.backends.base import (
     SITE,
     START_TIMEOUT,
+    HostRootBackend,
     Launch,
     LiveSet,
-    RootfsBackend,
     agent_command,
     agent_settings,
     layer_mounts,
@@ -85,7 +85,6 @@ from pytest_isolate.channel import AgentProcess
 from pytest_isolate.errors import BackendUnavailable, IsolateError
 from pytest_isolate.images.envvars import PYCACHE, environment_variables
 from pytest_isolate.namespaces import (
-    MAP_ROOT_OPTION,
     agent_map_request,
     wanted_root_map,
     where_root_is,
@@ -96,7 +95,7 @@ from pytest_isolate.spec import EnvSpec
 from pytest_isolate.system import fstab_path, safe_name
 from pytest_isolate.system import run_quiet as _run
 
-PREFIX = "pytest-isolate-"
+PREFIX = HostRootBackend.PREFIX
 SCHROOT_DIR = Path("/etc/schroot")
 CHROOT_D = SCHROOT_DIR / "chroot.d"
 OWNER_TAG = "# pytest-isolate owner: "
@@ -241,23 +240,14 @@ def _end_definition(name: str, held: tuple[list[str], str]) -> None:
 LIVE: LiveSet[tuple[list[str], str]] = LiveSet(_end_definition)
 
 
-class SchrootBackend(RootfsBackend):
+class SchrootBackend(HostRootBackend):
     name = "schroot"
-    needs_root = True
     supports_snapshot = True
     host_needs = HOST_NEEDS["schroot"]
-    options = {"map_root": MAP_ROOT_OPTION}
-
-    def __init__(self, run: Any) -> None:
-        super().__init__(run)
-        self._count = 0
 
     def check(self, spec: EnvSpec) -> None:
-        if os.geteuid() != 0:
-            raise BackendUnavailable(
-                self.name, "schroot needs root (the plugin writes its chroot definitions to "
-                f"{CHROOT_D} and starts sessions as root)",
-                "run pytest as root, or use the chroot backend (works without root)")
+        self.require_root("schroot needs root (the plugin writes its chroot definitions to "
+                          f"{CHROOT_D} and starts sessions as root)")
         need_tool(self.name, "schroot", "schroot")
         need_tool(self.name, "unshare", "util-linux")
         if not CHROOT_D.is_dir():
@@ -344,8 +334,7 @@ class SchrootBackend(RootfsBackend):
     # ------------------------------------------------------------ start
     def launch(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
                image: Entry) -> Launch:
-        self._count += 1
-        name = f"{PREFIX}{safe_name(self.run.run_id)}-{safe_name(spec.name)}-{self._count}"
+        name = self.instance_name(spec)
         session = f"{name}-s1"
         workdir = self.run.work_dir / name
         log = self.run.log_path(spec.name, "schroot.log")
