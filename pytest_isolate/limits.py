@@ -168,7 +168,7 @@ class HostCgroup:
         self.v2 = v2
 
     @classmethod
-    def create(cls, limits: Limits, describe: str) -> HostCgroup | None:
+    def create(cls, limits: Limits, label: str) -> HostCgroup | None:
         if not limits.needs_cgroup:
             return None
         v2 = cgroup_v2()
@@ -184,7 +184,7 @@ class HostCgroup:
         except OSError as exc:
             group.remove()
             raise IsolateError(
-                f"{describe}: cannot apply the resource limits "
+                f"{label}: cannot apply the resource limits "
                 f"({', '.join(sorted(values))}): {exc}; limits on this backend need "
                 "write access to the cgroup filesystem (run as root), or remove the keys "
                 "memory, cpus and pids from the environment") from None

@@ -25,7 +25,7 @@ class ExecAgent:
     """The agent as a ``docker exec`` process: what Instance needs (conn, alive, stop)."""
 
     def __init__(self, client: Any, container_id: str, argv: list[str], env: dict[str, str],
-                 workdir: str, log_path: Path, describe: str) -> None:
+                 workdir: str, log_path: Path, label: str) -> None:
         api = client.api
         self.api = api
         self.log_path = log_path
@@ -45,12 +45,12 @@ class ExecAgent:
         else:  # TLS, ssh, named pipe: bytes must go through the object's own send
             self._write_r, wfd = os.pipe()
             self._writer = threading.Thread(target=self._pump_writes, daemon=True,
-                                            name=f"pytest-isolate docker writer {describe}")
+                                            name=f"pytest-isolate docker writer {label}")
         self._wfd = wfd
-        self.conn = Connection(self._read_r, wfd, describe)
+        self.conn = Connection(self._read_r, wfd, label)
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed by the reader thread
         self._reader = threading.Thread(target=self._pump_reads, daemon=True,
-                                        name=f"pytest-isolate docker reader {describe}")
+                                        name=f"pytest-isolate docker reader {label}")
         self._reader.start()
         if self._writer is not None:
             self._writer.start()

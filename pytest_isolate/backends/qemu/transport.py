@@ -51,9 +51,9 @@ class VmConnection(Connection):
     When the stream ends, the error names what the console shows killed the guest
     (only what this machine wrote: the console log is shared by a run's machines)."""
 
-    def __init__(self, rfd: int, wfd: int, describe: str, console: Path | None = None,
+    def __init__(self, rfd: int, wfd: int, label: str, console: Path | None = None,
                  memory_mib: int | None = None) -> None:
-        super().__init__(rfd, wfd, describe)
+        super().__init__(rfd, wfd, label)
         self.bootstrapped = False
         self.console = console
         self.memory_mib = memory_mib
@@ -100,13 +100,13 @@ class VmProcess:
     """
 
     def __init__(self, proc: subprocess.Popen[bytes], qmp: Qmp, sock: socket.socket,
-                 describe: str, log_path: Path, memory_mib: int | None = None) -> None:
+                 label: str, log_path: Path, memory_mib: int | None = None) -> None:
         self.proc = proc
         self.qmp = qmp
         self.sock = sock
         self.log_path = log_path
         fd = sock.fileno()
-        self.vconn = VmConnection(fd, fd, describe, log_path, memory_mib)
+        self.vconn = VmConnection(fd, fd, label, log_path, memory_mib)
         self.conn: Connection = self.vconn
 
     def alive(self) -> bool:
@@ -130,12 +130,12 @@ class VmProcess:
 class LibvirtProcess:
     """The Transport of a libvirt domain."""
 
-    def __init__(self, dom: Any, sock: socket.socket, describe: str, name: str,
+    def __init__(self, dom: Any, sock: socket.socket, label: str, name: str,
                  local: bool, console: Path | None = None, memory_mib: int | None = None,
                  ) -> None:
         self.dom = dom
         self.sock = sock
-        self.conn: Connection = VmConnection(sock.fileno(), sock.fileno(), describe, console,
+        self.conn: Connection = VmConnection(sock.fileno(), sock.fileno(), label, console,
                                              memory_mib)
         self.name = name
         self.local = local
