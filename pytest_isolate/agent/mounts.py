@@ -15,7 +15,7 @@ import platform
 import signal
 import socket
 import struct
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -261,11 +261,119 @@ def pause_init() -> Tuple[int, Any]:
     return pid, stack
 
 
+class PidNamespaces:
+    """The PID namespaces of a zygote's test workers, made by the zygote around each fork.
+
+    A test gets a PID namespace of its own: the test sees itself and its children only,
+    and when it ends, everything it left running ends with it.  A worker that makes its
+    own (workers.enter_pid_namespace) costs one more fork and exit of a process that has
+    imported pytest and collected the tests, milliseconds here; the zygote instead
+    unshares CLONE_NEWPID, starts the namespace's PID 1 for next to nothing (pause_init),
+    forks the test's worker into it (PID 2: not PID 1, whose signals from inside the
+    kernel drops), and SIGKILLs that PID 1 once the worker has been reaped.  The worker is
+    the zygote's own child, so its wait status is the test's.
+
+    unshare(CLONE_NEWPID) changes where the zygote's next children go (and refuses to
+    change it again until it is back), so after each fork the zygote goes back with setns.
+    That takes CAP_SYS_ADMIN over the user namespace that owns the zygote's own PID
+    namespace, which a root mapped after that namespace was made lacks: ``probe`` says
+    whether this zygote can; where it cannot, it first goes on as PID 1 of a namespace of
+    its own (Zygote.own_pid_namespace), and only without pidfds do its workers make theirs.
+    SIGKILL to the zygote's process group (the agent: Worker.kill, finish) ends the
+    namespaces' PID 1s, and with them whatever was left in them.
+    """
+
+    def __init__(self, own: int) -> None:
+        #: the zygote's own PID namespace (an open /proc/self/ns/pid)
+        self.own = own
+        #: a test worker's pid -> its namespace's PID 1 (and that one's stack)
+        self.inits: Dict[int, Tuple[int, Any]] = {}
+        #: PID 1s SIGKILLed, not reaped yet
+        self.dying: Dict[int, Any] = {}
+
+    @classmethod
+    def probe(cls) -> "Optional[PidNamespaces]":
+        """PidNamespaces when this process may go back into its own PID namespace."""
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY)
+        try:
+            setns(own, CLONE_NEWPID)  # where its children go already: changes nothing
+        except OSError:
+            os.close(own)
+            return None
+        return cls(own)
+
+    def fork(self) -> int:
+        """os.fork() into a new PID namespace."""
+        unshare(CLONE_NEWPID)
+        try:
+            init = pause_init()
+        except BaseException:
+            setns(self.own, CLONE_NEWPID)
+            raise
+        try:
+            pid = os.fork()
+        except BaseException:
+            setns(self.own, CLONE_NEWPID)
+            self.end(init)
+            raise
+        if pid == 0:
+            os.close(self.own)
+            return 0
+        setns(self.own, CLONE_NEWPID)
+        self.inits[pid] = init
+        return pid
+
+    def end(self, init: Tuple[int, Any]) -> None:
+        try:
+            os.kill(init[0], signal.SIGKILL)
+        except OSError:
+            pass
+        self.dying[init[0]] = init[1]
+
+    def ended(self, pid: int) -> None:
+        """The test worker pid was reaped: end what is left in its namespace."""
+        init = self.inits.pop(pid, None)
+        if init is not None:
+            self.end(init)
+
+    def reap(self) -> None:
+        for pid in list(self.dying):
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got = pid
+            if got:
+                del self.dying[pid]
+
+
 def overlay(root: str, lowers: Sequence[str], upper: str, work: str) -> None:
     for d in (root, upper, work):
         os.makedirs(d, exist_ok=True)
     mount("overlay", root, "overlay", 0,
           "lowerdir=%s,upperdir=%s,workdir=%s" % (":".join(lowers), upper, work))
+
+
+def session_root(lower: str, ws: str, binds: Sequence[str], disk: Optional[int]) -> Tuple[str, List[str]]:
+    """A zygote's root, not entered yet (the caller protects it and pivots): in a mount
+    namespace of the caller's own, an overlay of a session layer (ws/session/upper, on a
+    tmpfs at ws) over lower, with the standard mounts and binds, the layers at ws and
+    lower at /.isolate/pristine inside.  Returns the root and the lower layers of each
+    test worker's root: [the session layer, the pristine root]."""
+    unshare(CLONE_NEWNS)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(disk))
+    upper = ws + "/session/upper"
+    root = ws + "/root"
+    overlay(root, [lower], upper, ws + "/session/work")
+    populate_root(root, [[p, p, False] for p in binds], "/dev", fresh_dev=False, size=disk,
+                  tmp=False)
+    # the layers at the same paths inside (a plain bind: not the root mounted in ws)
+    os.makedirs(root + ws, exist_ok=True)
+    mount(ws, root + ws, None, MS_BIND)
+    # the pristine root at a path of its own (lower may be "/" itself: docker)
+    pristine = "/.isolate/pristine"
+    bind(lower, root + pristine, readonly=True)
+    return root, [upper, pristine]
 
 
 # --------------------------------------------------------------------------

@@ -16,21 +16,12 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .harden import SYSCALL_NUMBERS, cached_seccomp_program, harden_opts, harden_process, protect_paths
 from .mounts import (
-    CLONE_NEWNS,
     CLONE_NEWPID,
-    MS_BIND,
-    MS_PRIVATE,
-    MS_REC,
-    bind,
+    PidNamespaces,
     loopback_up,
-    mount,
-    overlay,
-    pause_init,
     pivot_root,
-    populate_root,
+    session_root,
     set_pdeathsig,
-    setns,
-    size_opt,
     unshare,
 )
 from .wire import FrameDecoder, drain, encode_frame, error_message, message
@@ -141,28 +132,12 @@ class Zygote:
 
     def enter_layer(self) -> None:
         s = self.agent.settings
-        lower = s["lower"]
-        unshare(CLONE_NEWNS)
-        mount(None, "/", None, MS_REC | MS_PRIVATE)
-        ws = self.WS
-        mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(s.get("disk")))
-        upper = ws + "/session/upper"
-        root = ws + "/root"
-        overlay(root, [lower], upper, ws + "/session/work")
-        binds = [[p, p, False] for p in s.get("binds", [])]
-        populate_root(root, binds, "/dev", fresh_dev=False, size=s.get("disk"), tmp=False)
+        root, self.lowers = session_root(s["lower"], self.WS, s.get("binds", []), s.get("disk"))
         if harden_opts(s) is not None:
             protect_paths(root)
-        # the layers at the same paths inside (a plain bind: not the root mounted in ws)
-        os.makedirs(root + ws, exist_ok=True)
-        mount(ws, root + ws, None, MS_BIND)
-        # the pristine root at a path of its own (lower may be "/" itself: docker)
-        pristine = "/.isolate/pristine"
-        bind(lower, root + pristine, readonly=True)
         os.makedirs(self.test_ws, exist_ok=True)
         pivot_root(root, allow_move=True)
         os.chdir(s.get("cwd") or "/")
-        self.lowers = [upper, pristine]
         try:  # a fixture's server on 127.0.0.1 (a container "without network" has lo down)
             loopback_up()
         except OSError:
@@ -447,90 +422,6 @@ class Zygote:
             session._setupstate.teardown_exact(None)
         except BaseException:
             traceback.print_exc()
-
-
-class PidNamespaces:
-    """The PID namespaces of a zygote's test workers, made by the zygote around each fork.
-
-    A test gets a PID namespace of its own: the test sees itself and its children only,
-    and when it ends, everything it left running ends with it.  A worker that makes its
-    own (enter_pid_namespace) costs two more forks and exits of a process that has
-    imported pytest and collected the tests, milliseconds each here; the zygote instead
-    unshares CLONE_NEWPID, starts the namespace's PID 1 for next to nothing (pause_init),
-    forks the test's worker into it (PID 2: not PID 1, whose signals from inside the
-    kernel drops), and SIGKILLs that PID 1 once the worker has been reaped.  The worker is
-    the zygote's own child, so its wait status is the test's.
-
-    unshare(CLONE_NEWPID) changes where the zygote's next children go (and refuses to
-    change it again until it is back), so after each fork the zygote goes back with setns.
-    That takes CAP_SYS_ADMIN over the user namespace that owns the zygote's own PID
-    namespace, which a root mapped after that namespace was made lacks: ``probe`` says
-    whether this zygote can, and where it cannot its workers make their own.
-    SIGKILL to the zygote's process group (the agent: Worker.kill, finish) ends the
-    namespaces' PID 1s, and with them whatever was left in them.
-    """
-
-    def __init__(self, own: int) -> None:
-        #: the zygote's own PID namespace (an open /proc/self/ns/pid)
-        self.own = own
-        #: a test worker's pid -> its namespace's PID 1 (and that one's stack)
-        self.inits: Dict[int, Tuple[int, Any]] = {}
-        #: PID 1s SIGKILLed, not reaped yet
-        self.dying: Dict[int, Any] = {}
-
-    @classmethod
-    def probe(cls) -> "Optional[PidNamespaces]":
-        """PidNamespaces when this process may go back into its own PID namespace."""
-        own = os.open("/proc/self/ns/pid", os.O_RDONLY)
-        try:
-            setns(own, CLONE_NEWPID)  # where its children go already: changes nothing
-        except OSError:
-            os.close(own)
-            return None
-        return cls(own)
-
-    def fork(self) -> int:
-        """os.fork() into a new PID namespace."""
-        unshare(CLONE_NEWPID)
-        try:
-            init = pause_init()
-        except BaseException:
-            setns(self.own, CLONE_NEWPID)
-            raise
-        try:
-            pid = os.fork()
-        except BaseException:
-            setns(self.own, CLONE_NEWPID)
-            self.end(init)
-            raise
-        if pid == 0:
-            os.close(self.own)
-            return 0
-        setns(self.own, CLONE_NEWPID)
-        self.inits[pid] = init
-        return pid
-
-    def end(self, init: Tuple[int, Any]) -> None:
-        try:
-            os.kill(init[0], signal.SIGKILL)
-        except OSError:
-            pass
-        self.dying[init[0]] = init[1]
-
-    def ended(self, pid: int) -> None:
-        """The test worker pid was reaped: end what is left in its namespace."""
-        init = self.inits.pop(pid, None)
-        if init is not None:
-            self.end(init)
-
-    def reap(self) -> None:
-        for pid in list(self.dying):
-            try:
-                got, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                got = pid
-            if got:
-                del self.dying[pid]
 
 
 def _kill_session_leftovers() -> None:
