@@ -202,7 +202,7 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
         enter_pid_namespace(sock)
     else:
         # the zygote forked this process into a PID namespace of its own (PidNamespaces);
-        # the zygote's mounts are private already (Zygote.enter_layer)
+        # the zygote's mounts are private already (session_root)
         unshare(CLONE_NEWNS)
     set_pdeathsig()
     signal.signal(signal.SIGINT, signal.default_int_handler)
