@@ -257,8 +257,35 @@ def pause_init() -> Tuple[int, Any]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if pid < 0:
         err = ctypes.get_errno()
+        if err == errno.EINVAL:  # qemu-user (a foreign architecture) clones memory for threads only
+            return forked_init(), None
         raise OSError(err, "clone(CLONE_VM): %s" % os.strerror(err))
     return pid, stack
+
+
+def forked_init() -> int:
+    """PID 1 as a fork, where a clone sharing memory is refused: it closes what it
+    inherited, and reaps orphans until it is killed."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2:
+                try:
+                    os.close(int(name))
+                except OSError:
+                    pass
+        while True:
+            signal.sigwait({signal.SIGCHLD})
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            except ChildProcessError:
+                pass
+    finally:
+        os._exit(0)
 
 
 class PidNamespaces:

@@ -197,9 +197,13 @@ class Zygote:
         ch = int(req["ch"])
         item = self.agent.items.get(req.get("nodeid") or "")
         warnings: List[str] = []
-        if item is not None:
-            warnings = self.prepare(item)
-        pid = self.pids.fork() if self.pids is not None else os.fork()
+        try:
+            if item is not None:
+                warnings = self.prepare(item)
+            pid = self.pids.fork() if self.pids is not None else os.fork()
+        except Exception as exc:
+            self.not_forked(fd, ch, exc)
+            return
         if pid == 0:
             def child() -> int:
                 os.setsid()  # a test's kill(0, sig) never reaches the zygote
@@ -220,6 +224,16 @@ class Zygote:
         if item is not None:
             item._report_sections = []  # the worker reports what the set-up printed
         self.send_forked(ch, pid)
+
+    def not_forked(self, fd: int, ch: int, exc: Exception) -> None:
+        """The worker for channel ch could not be forked (no process left under a pids
+        limit, a bug): its channel says why, and ends as a worker that exited 70 would."""
+        with socket.socket(fileno=fd) as sock:
+            try:
+                sock.sendall(encode_frame(ch, error_message(exc)))
+            except OSError:
+                pass
+        self.send(message("reaped", ch=ch, pid=0, status=70 << 8))
 
     def send_forked(self, ch: int, pid: int) -> None:
         """"forked", with a pidfd of the worker where the kernel makes one: our pids need
