@@ -19,10 +19,10 @@ ORPHAN = """
     import pytest
 
     ENV = {env!r}
-    # a process that, still alive 1.5 s after its start, writes a file into the project
+    # a process that, still alive 2.5 s after its start, writes a file into the project
     # (writable here); the test that starts it ends long before that
     WITNESS = (
-        "import os, time; time.sleep(1.5); "
+        "import os, time; time.sleep(2.5); "
         "open(os.path.join(%r, 'survived-' + str(os.getpid())), 'w').close()" % os.getcwd()
     )
 
@@ -35,8 +35,8 @@ ORPHAN = """
 
     @pytest.mark.isolate(ENV)
     def test_b_outlives_it():
-        # the environment (and the zygote) stay up well past the witness's 1.5 s
-        time.sleep(3)
+        # the environment (and the zygote) stay up well past the witness's 2.5 s
+        time.sleep(5)
         assert os.getpid() == 2
 """
 
