@@ -100,6 +100,7 @@ def _pss_kb(pid: int) -> int:
 #: kcmp(2)'s number here, and its "same address space" type
 _SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
 _KCMP_VM = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def _same_memory(pid: int, other: int) -> bool:
@@ -107,8 +108,7 @@ def _same_memory(pid: int, other: int) -> bool:
     clone with CLONE_VM (agent.mounts.pause_init): counted once, as the other."""
     if _SYS_KCMP is None:
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.syscall(_SYS_KCMP, pid, other, _KCMP_VM, 0, 0)) == 0
+    return int(_LIBC.syscall(_SYS_KCMP, pid, other, _KCMP_VM, 0, 0)) == 0
 
 
 def _descends(pid: int, root: int, procs: dict[int, Proc]) -> bool:

@@ -81,11 +81,6 @@ def make_client(endpoint: str | None = None) -> Any:
     return docker.from_env()
 
 
-def engine_endpoint(endpoint: str | None = None) -> str:
-    """Where the client looks for the engine."""
-    return engine_target(endpoint)[0]
-
-
 def engine_error(exc: BaseException, endpoint: str | None = None) -> BackendUnavailable:
     """The docker engine does not answer: where it was looked for and how to start it."""
     url, origin, _ = engine_target(endpoint)

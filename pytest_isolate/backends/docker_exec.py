@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.agent.wire import message
+from pytest_isolate.agent.wire import message, write_all
 from pytest_isolate.channel import Connection
 
 
@@ -80,7 +80,7 @@ class ExecAgent:
                     break
                 if kind == 1:
                     with contextlib.suppress(OSError):  # the Connection side is closed: drain
-                        _write_all(self._read_w, payload)
+                        write_all(self._read_w, payload)
                 else:
                     self._log.write(payload)
                     self._log.flush()
@@ -136,9 +136,3 @@ class ExecAgent:
         else:
             with contextlib.suppress(OSError):
                 self.raw.shutdown(socket.SHUT_WR)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
