@@ -99,7 +99,7 @@ ENV_KEYS: dict[str, str] = {
 DEPS_KEYS = ("package", "extras", "dependency_groups", "deps", "installer")
 PACKAGE_MODES = ("editable", "wheel", "skip")
 INSTALLERS = ("auto", "uv", "pip")
-TOP_KEYS = {"cache_dir": _STR, "timeout": _NUM, "reset": _STR, "strict": _BOOL,
+TOP_KEYS = {"cache_dir": _STR, "timeout": _NUM, "reset": _STR, "strict": _BOOL, "warm": _NUM,
             "envs": "a table", "hosts": "a table", **{k: ENV_KEYS[k] for k in DEPS_KEYS}}
 
 

@@ -44,6 +44,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--isolate-keep-failed", action="store_true", default=False,
                     help="keep the environment of each failed test and, at the end of the "
                     "run, open a shell in it as the test left it (needs a terminal)")
+    group.addoption("--isolate-warm", metavar="SECONDS", default=None,
+                    help="keep a started environment waiting for the next run, for SECONDS "
+                    "without a run (0: off, the default); the next run's first test starts "
+                    "without the environment's start-up")
     group.addoption("--isolate-report", metavar="PATH", default=None,
                     help="write a JSON report of environments, cache hits and phase timings")
     # typed where every supported pytest has the type (float: pytest >= 8.4); a value
@@ -55,6 +59,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("isolate_reset", "test | module | session", default=None)
     parser.addini("isolate_strict", "unavailable backends fail instead of skip", type="bool",
                   default=None)
+    parser.addini("isolate_warm", "seconds a started environment waits for the next run "
+                  "(0: off)", default=None)
 
 
 def _check_name_clash() -> None:

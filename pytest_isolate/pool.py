@@ -242,12 +242,41 @@ class InstancePool:
             self.progress(f"built {spec.summary()} in {entry.build_seconds:.1f}s")
         with timer.phase("start"):
             started = time.perf_counter()
-            inst = backend.start(spec, entry)
+            inst = self.start(spec, entry, backend, stats)
             stats.start += time.perf_counter() - started
             stats.starts += 1
             stats.root = inst.root or stats.root
         stats.logs = {k: str(v) for k, v in inst.logs.items()}
         self.instances[name] = inst
+        return inst
+
+    def start(self, spec: EnvSpec, entry: Any, backend: Backend, stats: EnvStats) -> Instance:
+        """A started instance of spec: a keeper's spare when warm environments are on
+        (warm.py) and one is waiting, else started here -- and then a keeper is started
+        for the next run."""
+        if self.settings.warm <= 0 or not type(backend).supports_warm:
+            return backend.start(spec, entry)
+        from pytest_isolate import warm
+
+        ref = self.settings.backend_refs[spec.backend]
+        key = warm.key_of(spec, entry, ref, backend.endpoint, self.config.rootpath)
+        try:
+            inst = warm.take(self.cache.root, key, spec)
+        except PermissionError as exc:  # a socket directory others can reach
+            self.progress(f"{spec.name}: no warm environment: {exc}")
+            return backend.start(spec, entry)
+        if inst is not None:
+            stats.warm = True
+            return inst
+        inst = backend.start(spec, entry)
+        desc = warm.Description(
+            key=key, backend_ref=ref, endpoint=backend.endpoint, spec=spec, entry=entry,
+            rootdir=self.config.rootpath, cache_root=self.cache.root,
+            cache_where=self.settings.cache_where, strict=self.settings.strict,
+            idle=self.settings.warm)
+        if not warm.spawn_keeper(desc):
+            self.progress(f"{spec.name}: no warm environment: its backend {ref!r} cannot be "
+                          "passed to another process")
         return inst
 
     def layer_plan(self, name: str) -> Any:

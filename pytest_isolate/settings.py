@@ -21,7 +21,8 @@ from pytest_isolate.spec import EnvSpec
 #: what the typed ini options take, for the error when pytest cannot convert a value
 INI_EXPECTED = {"isolate_strict": "true or false",
                 "isolate_timeout": "a positive number of seconds"}
-INI_NAMES = ("isolate_cache_dir", "isolate_timeout", "isolate_reset", "isolate_strict")
+INI_NAMES = ("isolate_cache_dir", "isolate_timeout", "isolate_reset", "isolate_strict",
+             "isolate_warm")
 DEFAULT_TIMEOUT = 300.0
 
 
@@ -45,6 +46,8 @@ class Settings:
     #: the environments of tests without a marker (--isolate-env)
     default_envs: list[str]
     keep_failed: bool
+    #: seconds a started environment waits for the next run (0: not kept; see warm.py)
+    warm: float = 0.0
 
     def backend_class(self, name: str) -> Any:
         return backend_class(self.backend_refs, name)
@@ -82,6 +85,14 @@ def load_settings(config: pytest.Config) -> Settings:
     if reset not in ("test", "module", "session"):
         raise ConfigError(f"{where}: unsupported reset {reset!r}; supported: test, module, session")
     strict, _ = setting("isolate_strict", False)
+    warm, where = setting("isolate_warm", 0)
+    try:
+        warm = float(warm)
+        if warm < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: warm must be a number of seconds (0: off), "
+                          f"got {warm!r}") from None
     cache_root, cache_where = _cache_dir(config, setting("isolate_cache_dir", None))
     default_envs: list[str] = []
     if config.getoption("isolate_env"):
@@ -91,7 +102,7 @@ def load_settings(config: pytest.Config) -> Settings:
         pool_hosts=pool_hosts, timeout=timeout, reset=str(reset),
         strict=strict in (True, "true", "True", "1", "yes"), cache_root=cache_root,
         cache_where=cache_where, default_envs=default_envs,
-        keep_failed=bool(config.getoption("isolate_keep_failed")))
+        keep_failed=bool(config.getoption("isolate_keep_failed")), warm=warm)
 
 
 def _setting(config: pytest.Config, table: dict[str, Any], pyproject: Path, flag: str,

@@ -57,6 +57,8 @@ class EnvStats:
     digest: str = ""
     #: where root inside lives on the host, as the backend says (chroot: a mapped uid)
     root: str = ""
+    #: its instance was a warm keeper's spare (--isolate-warm), not started by this run
+    warm: bool = False
 
 
 @dataclasses.dataclass

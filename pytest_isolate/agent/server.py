@@ -263,6 +263,21 @@ class Agent:
                                  "running tests (see the agent log)" % (code,)))
         # the session ended: either the host shut us down, or the stream ended.
 
+    def op_preload(self, req: Dict[str, Any], blob: bytes) -> None:
+        """Import pytest and its built-in plugins now, before a run asks for pytest (a
+        warm environment waits for its run so, see the host's pytest_isolate/warm.py)."""
+        import importlib
+
+        import pytest  # noqa: F401
+        from _pytest.config import default_plugins
+
+        for name in default_plugins:
+            try:
+                importlib.import_module("_pytest." + name)
+            except ImportError:
+                pass
+        self.send(0, message("ok"))
+
     def op_exec(self, req: Dict[str, Any], blob: bytes) -> None:
         reply, out = run_command(req, blob)
         self.send(0, reply, out)

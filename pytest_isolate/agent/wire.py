@@ -61,6 +61,7 @@ MESSAGES = {op: frozenset(fields.split()) for op, fields in (
     ("worker", "ch kind zygote nodeid"),
     ("shutdown", ""),
     ("exec", "argv env cwd timeout"),
+    ("preload", ""),
     # the host to a worker
     ("runtest", "nodeid next timeout debug rows cols"),
     ("put", "path"),

@@ -325,6 +325,10 @@ class Backend(abc.ABC):
     #: The first start() reaps what killed runs left (reap_once); False where nothing
     #: outlives an instance but what the backend reaps at a point of its own.
     reaps_at_start: ClassVar[bool] = True
+    #: A started instance can wait in a keeper process for a later run, which takes over
+    #: its agent's stream (warm.py): the stream is file descriptors that work in another
+    #: process, and the instance needs nothing of the run that takes it.
+    supports_warm: ClassVar[bool] = False
 
     @classmethod
     def remove_external(cls, key: str, manifest: dict[str, Any]) -> str | None:

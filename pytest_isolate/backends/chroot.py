@@ -39,6 +39,7 @@ class ChrootBackend(RootfsBackend):
     name = "chroot"
     needs_root = False
     supports_snapshot = True
+    supports_warm = True
     host_needs = HOST_NEEDS["chroot"]
     options = {"map_root": MAP_ROOT_OPTION}
     #: nothing outlives the namespaces but a limits cgroup: host_cgroup reaps those

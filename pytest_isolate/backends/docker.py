@@ -211,6 +211,7 @@ class DockerBackend(Backend):
     name = "docker"
     needs_root = False  # root, or membership of the engine's group
     supports_snapshot = True
+    supports_warm = True
     supports_images = True
     host_needs = HOST_NEEDS["docker"]
     options = {

@@ -1,6 +1,7 @@
 """The command line: ``pytest-isolate doctor | setup | envs | cache ls|gc|rm | shell ENV |
-completion SHELL`` -- the parser and the entry point here, one module per command over
-the core's APIs (cache.py, envs.py, doctor.py, setup.py, shell.py, completion.py), and
+warm | completion SHELL`` -- the parser and the entry point here, one module per command
+over the core's APIs (cache.py, envs.py, doctor.py, setup.py, shell.py, warm.py,
+completion.py), and
 common.py for what they share: the project read by pytest's own rootdir and inifile
 rules, the cache's location, the one backend loader, output helpers.
 
@@ -34,6 +35,7 @@ from pytest_isolate.cli.doctor import cmd_doctor
 from pytest_isolate.cli.envs import cmd_envs
 from pytest_isolate.cli.setup import cmd_setup
 from pytest_isolate.cli.shell import cmd_shell
+from pytest_isolate.cli.warm import cmd_warm
 
 Handler = Callable[[argparse.Namespace, Project], int]
 #: a command that needs no project (completion): it works in any directory
@@ -167,6 +169,18 @@ def build_parser() -> Parser:
                    help="run this command instead of a shell; put it after `--` when it has "
                         "options of its own: shell ENV -- sh -c 'echo hi'")
     p.set_defaults(handler=cmd_shell)
+
+    p = sub.add_parser("warm", parents=[common],
+                       help="the warm environments kept for the next run (--isolate-warm)",
+                       description="List the keepers of warm environments that pytest "
+                                   "--isolate-warm SECONDS (or the isolate_warm ini key, or "
+                                   "[tool.pytest-isolate] warm) started for this cache: each "
+                                   "holds a started instance of one environment for the next "
+                                   "run with the same key, and ends after SECONDS without one. "
+                                   "--stop ends them now, with their instances.")
+    p.add_argument("--stop", action="store_true", help="end every keeper of this cache")
+    p.add_argument("--json", action="store_true", help="print a JSON document instead")
+    p.set_defaults(handler=cmd_warm)
 
     p = sub.add_parser("completion", help="print the shell completion script (bash, zsh, fish)",
                        description="Print the script that makes TAB complete pytest-isolate's "
