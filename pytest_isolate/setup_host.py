@@ -126,6 +126,20 @@ BINFMT_DIR = "/proc/sys/fs/binfmt_misc"
 DOCKERD_LOG = "/var/log/pytest-isolate-dockerd.log"
 
 
+def podman_target(endpoint: str | None) -> tuple[str, str]:
+    """The podman service's URL and where it came from (the podman backend's, and the one
+    setup starts): endpoint (a pool host), CONTAINER_HOST, else the rootful socket as root
+    and the user's own ($XDG_RUNTIME_DIR/podman/podman.sock) otherwise."""
+    if endpoint:
+        return endpoint, "a [tool.pytest-isolate.hosts] entry of pyproject.toml"
+    if os.environ.get("CONTAINER_HOST"):
+        return os.environ["CONTAINER_HOST"], "the CONTAINER_HOST environment variable"
+    if os.geteuid() == 0:
+        return f"unix://{PODMAN_SOCKET}", "the rootful default socket"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return f"unix://{runtime}/podman/podman.sock", "the rootless default socket"
+
+
 def podman_service(url: str) -> tuple[str, ...]:
     """podman's Docker-compatible service at url where there is no systemd (none to manage
     cgroups or take events): cgroupfs, events to a file.  The same for a rootless user."""
@@ -615,8 +629,6 @@ def gather_state(request: Request) -> HostState:
         userns = True
     docker = "docker" in request.backends
     qemu = "qemu" in request.backends
-    from pytest_isolate.backends.podman import podman_target
-
     podman_url, podman_from = podman_target(None)
     return HostState(
         os_name=release.get("PRETTY_NAME", "an unknown system"),

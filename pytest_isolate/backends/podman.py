@@ -43,22 +43,10 @@ from typing import Any
 from pytest_isolate.backends.docker import DockerBackend
 from pytest_isolate.backends.docker_engine import sdk
 from pytest_isolate.errors import BackendUnavailable
-from pytest_isolate.setup_host import HOST_NEEDS
+from pytest_isolate.setup_host import HOST_NEEDS, PODMAN_SOCKET, podman_target
 
 #: Where podman's rootful service listens (the podman.socket unit's path).
-ROOTFUL_SOCKET = "/run/podman/podman.sock"
-
-
-def podman_target(endpoint: str | None) -> tuple[str, str]:
-    """The service's URL and where it came from."""
-    if endpoint:
-        return endpoint, "a [tool.pytest-isolate.hosts] entry of pyproject.toml"
-    if os.environ.get("CONTAINER_HOST"):
-        return os.environ["CONTAINER_HOST"], "the CONTAINER_HOST environment variable"
-    if os.geteuid() == 0:
-        return f"unix://{ROOTFUL_SOCKET}", "the rootful default socket"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    return f"unix://{runtime}/podman/podman.sock", "the rootless default socket"
+ROOTFUL_SOCKET = PODMAN_SOCKET
 
 
 def start_command(url: str) -> str:
