@@ -124,8 +124,30 @@ BINFMT_NAMES = {"arm64": "aarch64", "armhf": "arm", "armel": "arm", "i386": "i38
 NATIVE = {"amd64": {"amd64", "i386"}, "arm64": {"arm64"}}
 BINFMT_DIR = "/proc/sys/fs/binfmt_misc"
 DOCKERD_LOG = "/var/log/pytest-isolate-dockerd.log"
-PODMAN_SERVICE = ("podman", "--cgroup-manager=cgroupfs", "--events-backend=file", "system",
-                  "service", "--time=0", f"unix://{PODMAN_SOCKET}")
+
+
+def podman_target(endpoint: str | None) -> tuple[str, str]:
+    """The podman service's URL and where it came from (the podman backend's, and the one
+    setup starts): endpoint (a pool host), CONTAINER_HOST, else the rootful socket as root
+    and the user's own ($XDG_RUNTIME_DIR/podman/podman.sock) otherwise."""
+    if endpoint:
+        return endpoint, "a [tool.pytest-isolate.hosts] entry of pyproject.toml"
+    if os.environ.get("CONTAINER_HOST"):
+        return os.environ["CONTAINER_HOST"], "the CONTAINER_HOST environment variable"
+    if os.geteuid() == 0:
+        return f"unix://{PODMAN_SOCKET}", "the rootful default socket"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    return f"unix://{runtime}/podman/podman.sock", "the rootless default socket"
+
+
+def podman_service(url: str) -> tuple[str, ...]:
+    """podman's Docker-compatible service at url where there is no systemd (none to manage
+    cgroups or take events): cgroupfs, events to a file.  The same for a rootless user."""
+    return ("podman", "--cgroup-manager=cgroupfs", "--events-backend=file", "system",
+            "service", "--time=0", url)
+
+
+PODMAN_SERVICE = podman_service(f"unix://{PODMAN_SOCKET}")
 PODMAN_LOG = "/var/log/pytest-isolate-podman.log"
 PODMAN_CONF = "/run/podman/pytest-isolate-containers.conf"
 #: Answers when the service does (podman's own client through the same socket).
@@ -157,9 +179,12 @@ class Step:
     #: after the command: repeat this until it succeeds, for at most wait_seconds
     wait: tuple[str, ...] = ()
     wait_seconds: float = 0.0
+    #: run as the user who runs setup, never through sudo (a rootless user's own service)
+    own: bool = False
 
     def shell(self, prefix: Sequence[str] = ()) -> str:
         """The step as one shell line (what --dry-run prints)."""
+        prefix = () if self.own else prefix
         env = [f"{k}={shlex.quote(v)}" for k, v in self.env]
         if env and (prefix or self.background_log):  # after sudo or nohup: env(1) sets them
             env = ["env", *env]
@@ -197,6 +222,13 @@ class HostState:
     docker_answers: bool = False
     docker_host: str = ""
     podman_answers: bool = False
+    #: the podman service the podman backend would use here: the rootful socket as root,
+    #: else the user's own (backends/podman.py), or CONTAINER_HOST's
+    podman_url: str = f"unix://{PODMAN_SOCKET}"
+    podman_from: str = "the rootful default socket"
+    #: the runtime directory of the user's own podman socket exists and is theirs
+    runtime_dir_ok: bool = True
+    user_name: str = "root"
     libvirt_answers: bool = False
     libvirtd_running: bool = False
     virtlogd_running: bool = False
@@ -329,6 +361,42 @@ def _installed(pkg: str, state: HostState) -> bool:
     return pkg in state.installed or any(a in state.installed for a in ALTERNATIVES.get(pkg, ()))
 
 
+def _plan_own_podman(state: HostState, steps: list[Step], problems: list[str],
+                     notes: list[str]) -> None:
+    """The podman service of a user who is not root (rootless podman: the user's own,
+    started without sudo), or a CONTAINER_HOST that does not answer."""
+    if state.podman_from == "the CONTAINER_HOST environment variable":
+        notes.append(f"CONTAINER_HOST={state.podman_url} does not answer; setup starts the "
+                     "default services only: start that one yourself")
+        return
+    url = state.podman_url
+    socket = PurePosixPath(url.removeprefix("unix://"))
+    probe = ("podman", "--url", url, "info")
+    notes.append("podman runs rootless here (you are not root): your own service, started "
+                 "without sudo; its images live under your home (~/.local/share/containers); "
+                 "on cgroup v1 a rootless engine cannot apply memory, cpus or pids limits")
+    if state.systemd:
+        steps.append(Step(("systemctl", "--user", "start", "podman.socket"), "start your "
+                          "podman service (rootless)", wait=probe, wait_seconds=30, own=True))
+        return
+    runtime = socket.parent.parent
+    if not state.runtime_dir_ok:
+        problems.append(f"rootless podman needs a runtime directory of yours at {runtime} "
+                        "(a login session makes it; there is none here): as root, run `install "
+                        f"-d -m 0700 -o {state.user_name} {runtime}`, or export XDG_RUNTIME_DIR="
+                        "a directory of yours (mode 0700), then run setup again; the service "
+                        f"is then: mkdir -p {socket.parent} && "
+                        f"{' '.join(podman_service(url))} &")
+        return
+    steps.append(Step(("mkdir", "-p", str(socket.parent)), "the directory of your podman "
+                      "socket", own=True))
+    steps.append(Step(podman_service(url), "start your podman service (rootless; no systemd "
+                      "here: cgroupfs, events to a file)",
+                      env=(("XDG_RUNTIME_DIR", str(runtime)),),
+                      background_log=str(socket.parent / "pytest-isolate-podman.log"),
+                      wait=probe, wait_seconds=30, own=True))
+
+
 def plan(request: Request, state: HostState) -> Plan:
     """The steps that bring this host to what the request needs; none when it is there."""
     steps: list[Step] = []
@@ -378,7 +446,9 @@ def plan(request: Request, state: HostState) -> Plan:
                               wait_seconds=60))
 
     if "podman" in request.backends and not state.podman_answers:
-        if state.systemd:
+        if state.podman_from != "the rootful default socket":
+            _plan_own_podman(state, steps, problems, notes)
+        elif state.systemd:
             steps.append(Step(("systemctl", "start", "podman.socket"), "start podman's service",
                               wait=PODMAN_PROBE, wait_seconds=30))
         else:
@@ -448,6 +518,21 @@ def plan(request: Request, state: HostState) -> Plan:
 
 # --------------------------------------------------------------------------
 # Reading the machine
+
+
+def _own_dir(path: PurePosixPath) -> bool:
+    """Is path a directory of this user's (a rootless runtime directory)?"""
+    try:
+        return Path(path).is_dir() and Path(path).stat().st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _run_ok(argv: Sequence[str], timeout: float = 15) -> bool:
@@ -544,6 +629,7 @@ def gather_state(request: Request) -> HostState:
         userns = True
     docker = "docker" in request.backends
     qemu = "qemu" in request.backends
+    podman_url, podman_from = podman_target(None)
     return HostState(
         os_name=release.get("PRETTY_NAME", "an unknown system"),
         apt=bool(like & {"debian", "ubuntu"}) and shutil.which("apt-get") is not None,
@@ -556,7 +642,12 @@ def gather_state(request: Request) -> HostState:
         binfmt_enabled=frozenset(enabled),
         docker_answers=docker and _run_ok(["docker", "info"], timeout=20),
         docker_host=os.environ.get("DOCKER_HOST", ""),
-        podman_answers="podman" in request.backends and _run_ok(list(PODMAN_PROBE), timeout=20),
+        podman_answers="podman" in request.backends and _run_ok(
+            ["podman", "--url", podman_url, "info"], timeout=20),
+        podman_url=podman_url,
+        podman_from=podman_from,
+        runtime_dir_ok=_own_dir(PurePosixPath(podman_url.removeprefix("unix://")).parent.parent),
+        user_name=_user_name(),
         libvirt_answers=qemu and _run_ok(VIRSH_PROBE, timeout=15),
         libvirtd_running=qemu and _process_running("libvirtd"),
         virtlogd_running=qemu and _process_running("virtlogd"),
@@ -582,10 +673,12 @@ def _wait(argv: Sequence[str], seconds: float) -> bool:
         time.sleep(1)
 
 
-def execute(steps: Sequence[Step], prefix: Sequence[str], say: Callable[[str], None]) -> None:
-    """Run the steps in order; the first that fails raises SetupError."""
+def execute(steps: Sequence[Step], outer: Sequence[str], say: Callable[[str], None]) -> None:
+    """Run the steps in order (through the prefix outer, sudo, unless a step is the user's
+    own); the first that fails raises SetupError."""
     for i, step in enumerate(steps, 1):
         say(f"==> [{i}/{len(steps)}] {step.reason}")
+        prefix = [] if step.own else list(outer)
         if step.unless and _run_ok([*prefix, *step.unless]):
             say("    already done")
             continue

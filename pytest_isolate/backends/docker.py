@@ -9,7 +9,9 @@ first use only.
 Images.  No registry is needed for the default image: the cached Debian
 root filesystem (images/rootfs.py) streamed as a tar archive into the engine's
 image import, tagged ``pytest-isolate/<env>:<key>`` where the key hashes the root
-filesystem's key and this module's image format; it is made once and found
+filesystem's key, this module's image format and the engine reached (EngineFacts.identity:
+dockerd's engine ID, podman's host and storage directory -- DOCKER_HOST may well name
+podman's socket, whose images are not dockerd's); it is made once and found
 again by its tag (or, under another env's name, by its ``pytest-isolate.key``
 label).  A foreign architecture (``arch = "arm64"`` on amd64) is loaded instead
 (``docker load`` of a one-layer image whose config names the architecture, since
@@ -94,7 +96,10 @@ from pytest_isolate.backends.docker_build import with_built_image
 from pytest_isolate.backends.docker_engine import (
     LABEL,
     Engine,
+    EngineFacts,
     engine_error,
+    engine_facts,
+    engine_target,
     make_client,
     network_mode_of,
     owner_gone,
@@ -235,6 +240,7 @@ class DockerBackend(Backend):
         super().__init__(run)
         self.engine = Engine(self.name, self.new_client, self.engine_unavailable)
         self._info: dict[str, Any] = {}
+        self._facts: EngineFacts | None = None
 
     # ------------------------------------------------------------------ engine
     def client(self) -> Any:
@@ -244,10 +250,37 @@ class DockerBackend(Backend):
         """A client of this backend's engine (a pool host's endpoint, else the docker CLI's)."""
         return make_client(self.endpoint)
 
+    def engine_where(self) -> tuple[str, str]:
+        """The engine's address and where it came from (for messages)."""
+        url, origin, _ = engine_target(self.endpoint)
+        return url, origin
+
+    def engine_url(self) -> str | None:
+        """What `cache gc` reaches this engine by to remove an image made here (None: the
+        docker CLI's engine; a context's TLS settings are not recorded)."""
+        url = self.engine_where()[0]
+        return self.endpoint or (url if url.startswith("unix://") else None)
+
+    def facts(self) -> EngineFacts:
+        """What the engine is (asked once: one info and one version call)."""
+        if self._facts is None:
+            client = self.client()
+            with self.engine.answering():
+                if not self._info:
+                    self._info = client.info()
+                self._facts = engine_facts(client, self._info)
+        return self._facts
+
     def engine_key(self) -> dict[str, str]:
-        """Added to the cache keys of images made on this kind of engine (none for docker:
-        its keys stay what they were; another engine's images are its own entries)."""
-        return {}
+        """Added to the cache keys of the images made here: the engine actually reached, so
+        that two engines (dockerd, podman rootful or rootless, behind DOCKER_HOST or not)
+        never share an image record; another engine's images are its own entries."""
+        return {"engine": self.facts().identity}
+
+    def describe_engine(self) -> str:
+        """The engine as messages and the report show it."""
+        url, origin = self.engine_where()
+        return f"{self.facts().describe()} at {url} (from {origin})"
 
     def engine_unavailable(self, exc: BaseException) -> BackendUnavailable:
         """The engine does not answer: what is wrong and how to start it."""
@@ -263,6 +296,12 @@ class DockerBackend(Backend):
             client.ping()
             if not self._info:
                 self._info = client.info()
+        first = self._facts is None
+        facts = self.facts()
+        if first and facts.podman and self.name != "podman":
+            self.run.progress(f"{self.name}: the engine is {self.describe_engine()}: podman's "
+                              "Docker-compatible service (images made there are its own; "
+                              "backend = \"podman\" is the same code with podman's defaults)")
         if self._info.get("OSType", "linux") != "linux":
             raise BackendUnavailable(self.name, f"the {self.name} engine runs "
                                      f"{self._info.get('OSType')} containers",
@@ -325,7 +364,26 @@ class DockerBackend(Backend):
             same[0].tag(repo, name)
         return self.engine.image(tag)
 
+    def check_limits(self, spec: EnvSpec) -> None:
+        """ProvisionError where the engine would silently run spec's containers without its
+        limits: rootless podman on cgroup v1 has no cgroup of its own to limit them in, and
+        only warns ("Resource limits are not supported and ignored on cgroups V1 rootless
+        systems").  (On cgroup v2 the engine itself refuses what is not delegated to it.)"""
+        limits = spec.limits()
+        facts = self.facts()
+        if not (limits.needs_cgroup and facts.rootless and facts.cgroup_version == "1"):
+            return
+        keys = [k for k in ("memory", "cpus", "pids") if getattr(limits, k) is not None]
+        raise ProvisionError(
+            f"{self.name}: environment {spec.name!r}: cannot apply the resource limits "
+            f"({', '.join(keys)}): the engine is {self.describe_engine()} on cgroup v1, where a "
+            "rootless engine has no cgroup to limit containers in and would run them "
+            "unlimited; limits need a rootful engine (run as root, or point the backend at "
+            "one) or cgroup v2 with the controllers delegated to the user, or remove the keys "
+            f"{', '.join(keys)} from the environment")
+
     def provision(self, spec: EnvSpec) -> Entry:
+        self.check_limits(spec)
         log = self.run.log_path(spec.name, "provision.log")
         spec = with_built_image(self.client(), spec, self.run.rootdir, self.run.progress, log)
         if spec.image is None:
@@ -385,9 +443,11 @@ class DockerBackend(Backend):
         (the images themselves live in the engine, not in the cache directory)."""
         def build(data: Path, log_path: Path) -> dict[str, Any]:
             data.mkdir(parents=True)
+            engine = self.engine_url()
             (data / "image.json").write_text(json.dumps(
-                {"tag": tag, "id": image.id, "engine": self.endpoint}))
-            return {"image": tag, "engine": self.endpoint, "external_backend": self.name,
+                {"tag": tag, "id": image.id, "engine": engine,
+                 "engine_identity": self.facts().identity}))
+            return {"image": tag, "engine": engine, "external_backend": self.name,
                     "external_size": int(image.attrs.get("Size") or 0)}
 
         try:
@@ -637,7 +697,16 @@ class DockerBackend(Backend):
                                 environment_variables(spec, pycache=not copy),
                                 rootdir, agent_log, f"environment {spec.name!r}")
         logs = {"agent": agent_log, "container": container_log, "provision": provision_log}
-        return Launch(process, logs, agent_settings(self.run, spec, mounts, lower="/"))
+        return Launch(process, logs, agent_settings(self.run, spec, mounts, lower="/"),
+                      root=self.where_root_is)
+
+    def where_root_is(self, hello: dict[str, Any]) -> str:
+        """Where root inside lives, from the agent's uid map, and the engine that holds it."""
+        uid_map = hello.get("uid_map") or []
+        if len(uid_map) >= 2 and uid_map[0] == 0 and uid_map[1] != 0:
+            return f"uid {uid_map[1]} of the engine's host (a user namespace of " \
+                   f"{self.describe_engine()})"
+        return f"the engine's root ({self.describe_engine()})"
 
     def _save_log(self, container: Any, path: Path) -> None:
         try:

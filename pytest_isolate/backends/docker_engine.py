@@ -19,6 +19,7 @@ answer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import socket
@@ -156,6 +157,53 @@ class Engine:
                 return self.client.images.get(ref)
             except docker.errors.ImageNotFound:
                 return None
+
+
+#: What podman's Docker-compatible API names itself among the components of its version.
+PODMAN_ENGINE = "Podman Engine"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineFacts:
+    """What an engine says it is: learnt once per backend object (one version and one info
+    call, plus podman's own info for its rootless flag), so that images are keyed by the
+    engine actually reached and messages say which one that is."""
+
+    #: "Podman Engine" or "Docker Engine" (dockerd's version names no product of its own)
+    product: str
+    version: str
+    #: what keys this engine's images in the cache: dockerd's engine ID; for podman, whose
+    #: ID is a new random one each call, the host name and its image storage directory
+    identity: str
+    rootless: bool
+    cgroup_version: str
+
+    @property
+    def podman(self) -> bool:
+        return self.product == PODMAN_ENGINE
+
+    def describe(self) -> str:
+        """What messages and the report call it ("Podman Engine 4.3.1, rootless")."""
+        return f"{self.product} {self.version}" + (", rootless" if self.rootless else "")
+
+
+def engine_facts(client: Any, info: dict[str, Any]) -> EngineFacts:
+    """The facts of the engine client talks to (info: its client.info(), already fetched)."""
+    version = client.version()
+    components = [str(c.get("Name")) for c in version.get("Components") or []]
+    options = " ".join(str(o) for o in info.get("SecurityOptions") or [])
+    storage = f"{info.get('Name', '')}:{info.get('DockerRootDir', '')}"
+    if PODMAN_ENGINE in components:
+        rootless = "rootless" in options
+        with contextlib.suppress(Exception):  # podman's own API says it where the compat one does not
+            answer = client.api._result(client.api._get(client.api._url("/libpod/info")), True)
+            rootless = bool(answer["host"]["security"]["rootless"])
+        return EngineFacts(PODMAN_ENGINE, str(version.get("Version", "")), f"podman:{storage}",
+                           rootless, str(info.get("CgroupVersion") or ""))
+    product = str((version.get("Platform") or {}).get("Name") or "") or "Docker Engine"
+    return EngineFacts(product, str(version.get("Version", "")),
+                       f"docker:{info.get('ID') or storage}", "name=rootless" in options,
+                       str(info.get("CgroupVersion") or ""))
 
 
 def network_mode_of(client: Any, spec: EnvSpec) -> str:

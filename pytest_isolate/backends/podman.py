@@ -5,8 +5,8 @@ image import, containers with labels, limits and no network, the agent over an e
 stream, copying files in, reaping by label -- goes through the Docker SDK unchanged against
 ``podman system service`` (the whole conformance suite passes there), so one code path
 serves both engines, and the podman bindings would be a second SDK to install and track.
-What differs is small and lives here: where the socket is, how to start the service, and
-the image cache keys (another engine's images are its own).
+What differs is small and lives here: where the socket is and how to start the service
+(the image cache keys name the engine reached in both backends: DockerBackend.engine_key).
 
 Limits: rootful podman gives every container fixed open-files and process limits
 (``default_ulimits``, 1048576 unless containers.conf says otherwise), and starting a
@@ -18,7 +18,21 @@ containers.conf of ours with ``default_ulimits = []``, which gives Docker's beha
 The service: ``CONTAINER_HOST`` (podman's own variable) or a pool host's ``podman = URL``,
 else the rootful socket ``/run/podman/podman.sock`` as root and
 ``$XDG_RUNTIME_DIR/podman/podman.sock`` otherwise (rootless podman).  ``pytest-isolate
-setup --backends podman`` starts it where it does not answer.
+setup --backends podman`` starts it where it does not answer (not as root: the user's own
+service, without sudo).
+
+Rootless (tests/integration/test_podman_rootless.py, no systemd, cgroup v1, podman 4.3):
+the user's service keeps its images under ~/.local/share/containers (podman chose the vfs
+driver there: each container is a copy of its image), root inside is the user's uid
+outside (the report's ``root`` says so), the agent's namespaces and mounts work in the
+user namespace, and containers have no network (no slirp4netns needed). Without systemd
+the service must use cgroupfs (setup starts it so). What cannot work there: limits. On
+cgroup v1 an unprivileged user cannot have a cgroup of its own, and podman then only warns
+("Resource limits are not supported and ignored on cgroups V1 rootless systems") and runs
+the container unlimited; DockerBackend.check_limits makes ``memory``, ``cpus`` and
+``pids`` an error there instead. Podman keeps the runtime directory it first saw in its
+database (~/.local/share/containers/storage/libpod), so a service started later with
+another XDG_RUNTIME_DIR still uses the first one.
 """
 
 from __future__ import annotations
@@ -29,22 +43,10 @@ from typing import Any
 from pytest_isolate.backends.docker import DockerBackend
 from pytest_isolate.backends.docker_engine import sdk
 from pytest_isolate.errors import BackendUnavailable
-from pytest_isolate.setup_host import HOST_NEEDS
+from pytest_isolate.setup_host import HOST_NEEDS, PODMAN_SOCKET, podman_target
 
 #: Where podman's rootful service listens (the podman.socket unit's path).
-ROOTFUL_SOCKET = "/run/podman/podman.sock"
-
-
-def podman_target(endpoint: str | None) -> tuple[str, str]:
-    """The service's URL and where it came from."""
-    if endpoint:
-        return endpoint, "a [tool.pytest-isolate.hosts] entry of pyproject.toml"
-    if os.environ.get("CONTAINER_HOST"):
-        return os.environ["CONTAINER_HOST"], "the CONTAINER_HOST environment variable"
-    if os.geteuid() == 0:
-        return f"unix://{ROOTFUL_SOCKET}", "the rootful default socket"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    return f"unix://{runtime}/podman/podman.sock", "the rootless default socket"
+ROOTFUL_SOCKET = PODMAN_SOCKET
 
 
 def start_command(url: str) -> str:
@@ -68,8 +70,11 @@ class PodmanBackend(DockerBackend):
         return BackendUnavailable(self.name, f"the podman service does not answer at {url} "
                                   f"(from {origin}) ({exc})", start_command(url))
 
-    def engine_key(self) -> dict[str, str]:
-        return {"engine": self.name}
+    def engine_where(self) -> tuple[str, str]:
+        return podman_target(self.endpoint)
+
+    def engine_url(self) -> str | None:
+        return podman_target(self.endpoint)[0]
 
     def local_engine(self) -> bool:
         return podman_target(self.endpoint)[0].startswith("unix://")

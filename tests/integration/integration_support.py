@@ -1,5 +1,5 @@
-"""Helpers of the integration tests that start a daemon (sshd, a registry) for a test; running
-an inner pytest is shared_support's.
+"""Helpers of the integration tests that start a daemon (sshd, a registry) for a test, or
+run pytest as the unprivileged user; running an inner pytest is shared_support's.
 
 A module of its own (imported by name: pytest's prepend import mode puts this directory on
 sys.path).
@@ -7,8 +7,11 @@ sys.path).
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from shared_support import wait_for
@@ -36,3 +39,34 @@ def wait_for_log(proc: subprocess.Popen[bytes], log: Path, text: str, what: str,
     """Wait until a daemon a test started writes text to its log (it listens)."""
     wait_for(f"{what} to start listening ({text!r} in {log})", lambda: text in log.read_text(),
              seconds, proc, explain=lambda: log.read_text()[-3000:])
+
+
+#: The unprivileged user scripts/setup.sh (`pytest-isolate setup`) creates.
+USER = "pytest-isolate-user"
+
+
+def stage_for_user(root: Path, modules: Sequence[str] = ()) -> None:
+    """A world-readable copy of the package (root/src) and of its pure-Python dependencies
+    plus modules (root/site), for Debian's own python3 run as USER (who cannot read the
+    project's virtualenv)."""
+    import importlib
+
+    import filelock
+
+    import pytest_isolate
+    from pytest_isolate.backends.base import shipped_paths
+
+    shutil.copytree(Path(pytest_isolate.__file__).parent, root / "src" / "pytest_isolate",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    site = root / "site"
+    site.mkdir()
+    deps = [(src, Path(dst).name) for src, dst in shipped_paths()]
+    for module in [filelock.__name__, *modules]:
+        deps.append((str(Path(str(importlib.import_module(module).__file__)).parent), module))
+    for src, name in deps:
+        if os.path.isdir(src):
+            shutil.copytree(src, site / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, site / name)
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+    os.chmod(root, 0o755)

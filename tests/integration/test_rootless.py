@@ -18,11 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from integration_support import USER, stage_for_user
 
-import pytest_isolate
-from pytest_isolate.backends.base import shipped_paths
-
-USER = "pytest-isolate-user"
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="the whole run is already unprivileged"),
@@ -38,26 +35,12 @@ def staging(pytestconfig: pytest.Config) -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="pytest-isolate-rootless-", dir="/tmp"))
     try:
         repo = pytestconfig.rootpath
-        shutil.copytree(Path(pytest_isolate.__file__).parent, root / "src" / "pytest_isolate",
-                        ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(repo / "tests" / "conformance", root / "tests" / "conformance",
                         ignore=shutil.ignore_patterns("__pycache__"))
         (root / "pyproject.toml").write_text(
             '[tool.pytest.ini_options]\naddopts = "-p pytester"\n'
             'markers = ["integration: real backends"]\n')
-        import filelock
-
-        site = root / "site"
-        site.mkdir()
-        deps = [(src, Path(dst).name) for src, dst in shipped_paths()]
-        deps.append((str(Path(filelock.__file__).parent), "filelock"))
-        for src, name in deps:
-            if os.path.isdir(src):
-                shutil.copytree(src, site / name, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, site / name)
-        subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
-        os.chmod(root, 0o755)
+        stage_for_user(root)
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -284,6 +284,39 @@ def test_podman_service_gives_containers_the_services_limits() -> None:
     assert plan(Request(backends=("podman",), packages=False), answering).empty
 
 
+def test_a_user_who_is_not_root_gets_a_rootless_podman_service_of_their_own() -> None:
+    """Not root: podman is rootless, so setup starts the user's own service at the socket
+    the backend will use ($XDG_RUNTIME_DIR/podman/podman.sock), without sudo; without a
+    runtime directory of theirs (no login session) it says how to get one and how to start
+    the service, and starts nothing."""
+    url = "unix:///run/user/1001/podman/podman.sock"
+    user = dataclasses.replace(FRESH, root=False, sudo=True, podman_url=url,
+                               podman_from="the rootless default socket", user_name="alice")
+    request = Request(backends=("podman",), packages=False)
+    p = plan(request, user)
+    assert [s.argv[0] for s in p.steps] == ["mkdir", "podman"], p.steps
+    assert all(s.own for s in p.steps), p.steps
+    assert p.steps[0].shell(["sudo"]) == "mkdir -p /run/user/1001/podman"
+    service = p.steps[1]
+    assert service.argv[-1] == url and "--cgroup-manager=cgroupfs" in service.argv
+    assert dict(service.env) == {"XDG_RUNTIME_DIR": "/run/user/1001"}
+    assert service.wait == ("podman", "--url", url, "info")
+    assert not service.shell(["sudo"]).startswith("nohup sudo"), service.shell(["sudo"])
+    assert any("rootless" in n and "without sudo" in n for n in p.notes), p.notes
+
+    no_session = plan(request, dataclasses.replace(user, runtime_dir_ok=False))
+    assert no_session.steps == [] and len(no_session.problems) == 1, no_session
+    problem = no_session.problems[0]
+    assert "install -d -m 0700 -o alice /run/user/1001" in problem, problem
+    assert f"mkdir -p /run/user/1001/podman && podman --cgroup-manager=cgroupfs " \
+           f"--events-backend=file system service --time=0 {url} &" in problem, problem
+
+    with_systemd = plan(request, dataclasses.replace(user, systemd=True))
+    assert argvs(with_systemd.steps) == [("systemctl", "--user", "start", "podman.socket")]
+    assert with_systemd.steps[0].own
+    assert plan(request, dataclasses.replace(user, podman_answers=True)).empty
+
+
 def test_each_backend_declares_what_setup_installs_and_doctor_probes() -> None:
     """One home for a backend's host needs (issue 12): the class's host_needs is the table
     setup plans from, and doctor probes its commands, services and modules."""
