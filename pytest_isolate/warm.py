@@ -119,7 +119,8 @@ def key_of(spec: EnvSpec, entry: Entry, backend_ref: Any, endpoint: str | None,
         "spec": repr(spec), "sources": sorted(spec.sources.items()),
         "layer": repr(spec.layer), "entry": [entry.kind, entry.key, str(entry.path)],
         "backend": ref, "endpoint": endpoint, "rootdir": str(rootdir),
-        "python": [sys.executable, sys.version], "pytest": pytest.__version__,
+        # the venv and the interpreter (its python and python3 links are the same one)
+        "python": [sys.prefix, os.path.realpath(sys.executable), sys.version], "pytest": pytest.__version__,
         "code": code_stamp(), "uid": os.geteuid(), "env": sorted(env.items()),
     }
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
@@ -355,6 +356,7 @@ class Keeper:
         inst = self.lent.pop(client)
         client.close()
         inst.stop()
+        self.deadline = time.monotonic() + self.desc.idle  # idle from the run's end
         self.say("stopped a returned instance")
 
     def serve(self) -> None:
@@ -369,11 +371,16 @@ class Keeper:
         listener.listen(8)
         try:
             while self.running:
-                if self.spare is None:
+                if self.spare is None and not self.lent:
+                    # the next spare starts once the run is done with the last one: it
+                    # would take CPU from that run (which then waits on it) for a start
+                    # that only the run after it needs
                     self.start_spare()
                     continue
                 self.write_status()
-                watched: list[Any] = [listener, self.spare.conn.rfd, *self.lent]
+                watched: list[Any] = [listener, *self.lent]
+                if self.spare is not None:
+                    watched.append(self.spare.conn.rfd)
                 wait = max(0.0, self.deadline - time.monotonic())
                 if not self.lent and wait == 0.0:
                     self.say("idle: ending")
