@@ -2,14 +2,17 @@
 
     .venv/bin/python bench/bench_fixtures.py [--backends chroot,docker,lxc,schroot]
                                              [--tests 5] [--repeats 3] [--setup 1.0]
+                                             [--no-warm]
 
 Generates a throw-away project whose conftest has a session-scoped fixture that
 sleeps --setup seconds, used by --tests trivial tests, and times the whole
 ``pytest`` process: locally (no isolation), inside each backend with a clean
 state per test (the default reset = "test": the zygote sets the fixture up once),
-and inside with ``--isolate-reset session`` for reference.  Medians over
+inside with ``--isolate-reset session`` for reference, and with warm environments
+(``--isolate-warm``: the run takes a keeper's spare, started before it; each timed
+run waits until the spare is ready, as a user's next run finds it).  Medians over
 --repeats interleaved runs; the ratio to the local run is the issue's figure
-(target <= 1.2x).  Caches must be warm (one untimed run per backend first).
+(target <= 1.2x).  Caches must be warm (one untimed run per subject first).
 Results: bench/results/fixtures.json.
 """
 
@@ -27,6 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from run import WARM_SECONDS, stop_keepers, user_environ, wait_for_spare  # noqa: E402
+
 PYTEST = Path(sys.executable).parent / "pytest"
 TARGET = 1.2
 
@@ -58,7 +65,8 @@ def write_project(root: Path, n: int, setup: float) -> None:
 def timed(project: Path, args: Sequence[str], n: int) -> float:
     argv = [str(PYTEST), "-p", "no:cacheprovider", "-q", "--isolate-strict", *args]
     started = time.monotonic()
-    proc = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=900,
+                          env=user_environ())
     wall = time.monotonic() - started
     if proc.returncode != 0 or f"{n} passed" not in proc.stdout:
         raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
@@ -72,31 +80,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--setup", type=float, default=1.0, help="seconds the fixture's set-up takes")
     p.add_argument("--output", type=Path, default=BENCH / "results" / "fixtures.json")
+    p.add_argument("--no-warm", action="store_true",
+                   help="skip the runs that take a keeper's spare (--isolate-warm)")
     args = p.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     subjects: dict[str, list[str]] = {"local": []}
     for b in backends:
         subjects[b] = ["--isolate-env", b]
         subjects[f"{b} reset=session"] = ["--isolate-env", b, "--isolate-reset", "session"]
+        if not args.no_warm:
+            subjects[f"{b} warm"] = ["--isolate-env", b, f"--isolate-warm={WARM_SECONDS}"]
     samples: dict[str, list[float]] = {s: [] for s in subjects}
     with tempfile.TemporaryDirectory(prefix="isolate-bench-fixtures-") as tmp:
         project = Path(tmp)
         write_project(project, args.tests, args.setup)
-        for b in backends:  # warm the caches, untimed
-            timed(project, subjects[b], args.tests)
-        for _ in range(args.repeats):
-            for name, extra in subjects.items():
-                samples[name].append(timed(project, extra, args.tests))
+        for name, extra in subjects.items():  # warm the caches (and start keepers), untimed
+            if name != "local":
+                timed(project, extra, args.tests)
+        try:
+            for _ in range(args.repeats):
+                for name, extra in subjects.items():
+                    if name.endswith(" warm"):  # as a user's next run finds it
+                        wait_for_spare(project, name.split()[0])
+                    samples[name].append(timed(project, extra, args.tests))
+        finally:
+            stop_keepers(project)
     local = statistics.median(samples["local"])
     print(f"{args.tests} tests using one {args.setup:g} s session fixture; whole pytest process, "
           f"median of {args.repeats}; load {os.getloadavg()[0]:.2f}")
-    print(f"{'subject':<26}{'wall':>8}{'vs local':>10}  verdict (<= {TARGET}x, reset=test)")
+    print(f"{'subject':<26}{'wall':>8}{'vs local':>10}  verdict (<= {TARGET}x, reset=test; "
+          "warm: reset=test with --isolate-warm)")
     result = {"tests": args.tests, "setup": args.setup, "samples": samples, "medians": {}}
     for name, values in samples.items():
         med = statistics.median(values)
         ratio = med / local
         result["medians"][name] = med
-        verdict = "" if name == "local" or "reset=" in name else (
+        verdict = "" if name == "local" or "reset=session" in name else (
             "PASS" if ratio <= TARGET else "MISS")
         print(f"{name:<26}{med:>7.2f}s{ratio:>9.2f}x  {verdict}")
     args.output.parent.mkdir(parents=True, exist_ok=True)

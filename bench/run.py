@@ -60,6 +60,44 @@ NAIVE_RATIO_TARGET = 10.0
 SLEEP = 1.5
 
 
+#: The name suffix of the first-result subjects whose environment is a keeper's spare.
+WARM = "+warm"
+#: --isolate-warm for those runs: outlives the benchmark's gaps between them.
+WARM_SECONDS = 300
+
+
+def user_environ() -> dict[str, str]:
+    """The benchmark's environment for the pytest runs it times, as a user's shell has it:
+    without PYTHONDONTWRITEBYTECODE (set in some CI shells), whose every run compiles the
+    host's plugins again, which no user's second run does."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def project_keepers(project: Path) -> list[dict[str, Any]]:
+    from pytest_isolate import config, warm
+
+    cache = os.environ.get("PYTEST_ISOLATE_CACHE_DIR") or config.default_cache_dir()
+    return [k for k in warm.keepers(Path(cache))
+            if k["rootdir"] == str(project)]
+
+
+def wait_for_spare(project: Path, backend: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(k["backend"] == backend and k["spare"] and not k["lent"]
+               for k in project_keepers(project)):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"bench: no spare of {backend} within {timeout:g}s")
+
+
+def stop_keepers(project: Path) -> None:
+    from pytest_isolate import warm
+
+    for status in project_keepers(project):
+        warm.stop_keeper(status)
+
+
 # ---------------------------------------------------------------- the project
 
 def write_project(root: Path, backends: Sequence[str], n: int,
@@ -128,7 +166,7 @@ def run_pytest(project: Path, args: Sequence[str], tmp: Path, isolate_report: bo
     argv = [str(PYTEST), "-p", "no:cacheprovider", "-p", CLOCK_PLUGIN, "-q", *args]
     if isolate_report:
         argv += ["--isolate-report", str(report), "--isolate-strict"]
-    env = dict(os.environ, ISOLATE_BENCH_CLOCK=str(clock),
+    env = dict(user_environ(), ISOLATE_BENCH_CLOCK=str(clock),
                PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")])))
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, cwd=project, env=env, stdin=subprocess.DEVNULL,
@@ -212,6 +250,19 @@ class Samples:
             if value is not None:
                 into.append(value)
 
+    def add_first(self, one: Run) -> None:
+        """Only the first result of a one-test run and its phases (a warm subject)."""
+        self.first_result.append(one.first_result)
+        self.wall_one.append(one.wall)
+        self.startup.append(one.marks.get("configure", 0.0))
+        self.collect.append(one.marks.get("collected", 0.0) - one.marks.get("configure", 0.0))
+        if one.report and one.report.get("tests"):
+            phases = one.report["tests"][0]["phases"]
+            self.provision.append(phases.get("provision", 0.0))
+            self.env_start.append(phases.get("start", 0.0))
+            self.sync.append(phases.get("sync", 0.0))
+            self.first_run.append(phases.get("run", 0.0))
+
     def medians(self) -> dict[str, float | None]:
         return {f.name: median(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
@@ -282,6 +333,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a fast smoke run: --tests 30 --repeats 1 --naive 5")
     p.add_argument("--no-memory", action="store_true", help="skip the memory sampling runs")
+    p.add_argument("--no-warm", action="store_true",
+                   help="skip the first-result runs with warm environments (--isolate-warm)")
     p.add_argument("--output", type=Path, default=BENCH / "results" / "latest.json")
     p.add_argument("--keep", action="store_true", help="keep the generated project")
     p.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE",
@@ -331,6 +384,13 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
     def many(name: str, isolate: bool = True) -> Run:
         return run_pytest(project, [f"{name}_many_test.py"], tmp, isolate)
 
+    def one_warm(name: str) -> Run:
+        """One test taken from the keeper's spare (waited for, as a user's next run
+        finds it a few seconds after the last one)."""
+        wait_for_spare(project, name)
+        return run_pytest(project, [f"{name}_one_test.py", f"--isolate-warm={WARM_SECONDS}"],
+                          tmp)
+
     # Warm every cache (built images, the host's bytecode, the page cache) first.
     log("warm-up: local")
     for run in (one("local", False), many("local", False)):
@@ -353,13 +413,23 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
         if b == "docker":
             docker_report = run.report
 
+    warm = [] if args.no_warm else list(backends)
+    for b in warm:  # a cold run that leaves the keeper the timed runs take spares from
+        log(f"warm-up: {b} with --isolate-warm (starts its keeper)")
+        run = run_pytest(project, [f"{b}_one_test.py", f"--isolate-warm={WARM_SECONDS}"], tmp)
+        problem = run.problem(1)
+        if problem:
+            raise SystemExit(f"bench: {b} with --isolate-warm failed: {problem}")
+
     samples: dict[str, Samples] = {name: Samples() for name in ("local", *backends)}
+    samples.update({f"{b}{WARM}": Samples() for b in warm})
     bare: list[float] = []
     bare_argv = [str(PYTEST), "-p", "no:cacheprovider", "--co", "-q", "local_one_test.py"]
     for r in range(args.repeats):
         log(f"repeat {r + 1}/{args.repeats}: local, bare --co, {', '.join(backends)}")
         t0 = time.monotonic()
-        subprocess.run(bare_argv, cwd=project, capture_output=True, check=True)
+        subprocess.run(bare_argv, cwd=project, capture_output=True, check=True,
+                       env=user_environ())
         bare.append(time.monotonic() - t0)
         for name in ("local", *backends):
             isolate = name != "local"
@@ -368,6 +438,16 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
             if problem:
                 raise SystemExit(f"bench: {name} failed in repeat {r + 1}: {problem}")
             samples[name].add(r1, rn, n)
+        for b in warm:
+            run = one_warm(b)
+            problem = run.problem(1)
+            if problem is None and not (run.report or {}).get("environments", {}).get(
+                    b, {}).get("warm"):
+                problem = "the run did not take the keeper's spare"
+            if problem:
+                raise SystemExit(f"bench: {b}{WARM} failed in repeat {r + 1}: {problem}")
+            samples[f"{b}{WARM}"].add_first(run)
+    stop_keepers(project)
 
     naive: dict[str, list[float]] = {}
     image = docker_image(docker_report) if "docker" in backends else None
@@ -419,9 +499,9 @@ def render(args: argparse.Namespace, backends: list[str], failed: dict[str, str]
                  sec(_rest(local))])
     rows.append(["bare pytest --co -q", sec(median(bare)), sec(min(bare)), "", "", "", "", "", "",
                  "", "", "", ""])
-    for b in backends:
+    for b in [*backends, *(f"{b}{WARM}" for b in backends if f"{b}{WARM}" in med)]:
         m = med[b]
-        kind, bound = FIRST_RESULT_TARGET[b]
+        kind, bound = FIRST_RESULT_TARGET[b.removesuffix(WARM)]
         base = local["first_result"]
         limit = bound if kind == "s" else (None if base is None else bound * base)
         v = verdict(m["first_result"], limit) if limit is not None else "-"
