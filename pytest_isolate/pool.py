@@ -122,6 +122,8 @@ class InstancePool:
         self.kept: list[KeptWorker] = []
         #: releases of the shared locks on the cache entries this run uses
         self.holds: dict[str, Callable[[], None]] = {}
+        #: why warm environments are not used, said once (warm_refused)
+        self.warm_said = False
         self._cache: Cache | None = None
 
     @property
@@ -205,6 +207,10 @@ class InstancePool:
         spec = self.settings.specs[name]
         if name in self.unavailable:
             raise self.unavailable[name]
+        inst = self.warm_instance(name, spec, timer)
+        if inst is not None:
+            self.instances[name] = inst
+            return inst
         try:
             pool_host, backend = self.placed_backend(name, spec)
         except BackendUnavailable as exc:
@@ -242,7 +248,7 @@ class InstancePool:
             self.progress(f"built {spec.summary()} in {entry.build_seconds:.1f}s")
         with timer.phase("start"):
             started = time.perf_counter()
-            inst = self.start(spec, entry, backend, stats)
+            inst = self.start(name, spec, entry, backend)
             stats.start += time.perf_counter() - started
             stats.starts += 1
             stats.root = inst.root or stats.root
@@ -250,33 +256,100 @@ class InstancePool:
         self.instances[name] = inst
         return inst
 
-    def start(self, spec: EnvSpec, entry: Any, backend: Backend, stats: EnvStats) -> Instance:
-        """A started instance of spec: a keeper's spare when warm environments are on
-        (warm.py) and one is waiting, else started here -- and then a keeper is started
-        for the next run."""
-        if self.settings.warm <= 0 or not type(backend).supports_warm:
+    # ------------------------------------------------------------ warm environments
+    def warm_key(self, name: str, spec: EnvSpec, entry: Any = None) -> str | None:
+        """The key of environment name's warm instances (warm.py), None when it has none:
+        warm environments off, a backend without them, a pool of hosts to place it on, or
+        (entry None) an image, whose key needs the digest its provisioning pins."""
+        if self.settings.warm <= 0 or self.settings.pool_hosts:
+            return None
+        if not getattr(self.settings.backend_class(spec.backend), "supports_warm", False):
+            return None
+        if spec.from_image and entry is None:
+            return None
+        from pytest_isolate import warm
+
+        layer: list[Any] = []
+        try:
+            plan = self.layer_plan(name) if name in self.bound else None
+        except IsolateError:
+            return None  # said by the run's own provisioning, with its test
+
+        if plan is not None:
+            from pytest_isolate.images.deps import choose_installer, host_index_config
+
+            layer = [repr(plan), host_index_config().key_fields(), choose_installer(spec)[0]]
+        image = [entry.kind, entry.key, str(entry.path)] if spec.from_image else []
+        return warm.key_of(spec, self.settings.backend_refs[spec.backend], None,
+                           self.config.rootpath, [layer, image])
+
+    def warm_instance(self, name: str, spec: EnvSpec, timer: PhaseTimer) -> Instance | None:
+        """A keeper's spare of environment name, taken before anything else is done here:
+        its keeper checked the backend, provisioned and started it (warm.py); None when
+        there is none to take (the run goes on as without warm environments)."""
+        key = self.warm_key(name, spec)
+        if key is None:
+            return None
+        from pytest_isolate import warm
+
+        with timer.phase("start"):
+            started = time.perf_counter()
+            try:
+                taken = warm.take(self.cache.root, key, spec)
+            except PermissionError as exc:  # a socket directory others can enter
+                self.warm_refused(str(exc))
+                return None
+            if taken is None:
+                return None
+            inst, meta = taken
+            stats = self.report.envs.setdefault(
+                name, EnvStats(name, spec.backend, spec.arch, spec.release))
+            stats.warm = True
+            stats.key = str(meta.get("entry_key", ""))
+            stats.cache_hit = True if stats.cache_hit is None else stats.cache_hit
+            stats.start += time.perf_counter() - started
+            stats.starts += 1
+            stats.root = inst.root or stats.root
+            stats.logs = {k: str(v) for k, v in inst.logs.items()}
+        return inst
+
+    def warm_refused(self, why: str) -> None:
+        if not self.warm_said:
+            self.warm_said = True
+            self.progress(f"no warm environments: {why}")
+
+    def start(self, name: str, spec: EnvSpec, entry: Any, backend: Backend) -> Instance:
+        """A started instance of spec; with warm environments, an image's spare when one
+        waits (its key needs the entry), and a keeper left for the next run."""
+        key = self.warm_key(name, self.settings.specs[name], entry)
+        if key is None:
             return backend.start(spec, entry)
         from pytest_isolate import warm
 
-        ref = self.settings.backend_refs[spec.backend]
-        key = warm.key_of(spec, entry, ref, backend.endpoint, self.config.rootpath)
-        try:
-            inst = warm.take(self.cache.root, key, spec)
-        except PermissionError as exc:  # a socket directory others can reach
-            self.progress(f"{spec.name}: no warm environment: {exc}")
-            return backend.start(spec, entry)
-        if inst is not None:
-            stats.warm = True
-            return inst
+        if spec.from_image:
+            try:
+                taken = warm.take(self.cache.root, key, spec)
+            except PermissionError as exc:
+                self.warm_refused(str(exc))
+                return backend.start(spec, entry)
+            if taken is not None:
+                self.report.envs[name].warm = True
+                return taken[0]
         inst = backend.start(spec, entry)
+        ref = self.settings.backend_refs[spec.backend]
         desc = warm.Description(
             key=key, backend_ref=ref, endpoint=backend.endpoint, spec=spec, entry=entry,
             rootdir=self.config.rootpath, cache_root=self.cache.root,
             cache_where=self.settings.cache_where, strict=self.settings.strict,
             idle=self.settings.warm)
-        if not warm.spawn_keeper(desc):
-            self.progress(f"{spec.name}: no warm environment: its backend {ref!r} cannot be "
-                          "passed to another process")
+        try:
+            spawned = warm.spawn_keeper(desc)
+        except PermissionError as exc:
+            self.warm_refused(str(exc))
+            return inst
+        if not spawned:
+            self.warm_refused(f"the backend {ref!r} of {name!r} cannot be passed to another "
+                              "process")
         return inst
 
     def layer_plan(self, name: str) -> Any:

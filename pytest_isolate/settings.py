@@ -85,14 +85,14 @@ def load_settings(config: pytest.Config) -> Settings:
     if reset not in ("test", "module", "session"):
         raise ConfigError(f"{where}: unsupported reset {reset!r}; supported: test, module, session")
     strict, _ = setting("isolate_strict", False)
-    warm, where = setting("isolate_warm", 0)
+    raw_warm, where = setting("isolate_warm", 0)
     try:
-        warm = float(warm)
+        warm = float(raw_warm)
         if warm < 0:
             raise ValueError
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: warm must be a number of seconds (0: off), "
-                          f"got {warm!r}") from None
+                          f"got {raw_warm!r}") from None
     cache_root, cache_where = _cache_dir(config, setting("isolate_cache_dir", None))
     default_envs: list[str] = []
     if config.getoption("isolate_env"):

@@ -12,11 +12,14 @@ socket for the next run of the same key.
   instance as if it had started it.  When the run ends (or its process dies), the keeper
   stops that instance and starts the next spare.  No instance serves two runs, so every
   run starts from an environment no test has touched, exactly like a cold start.
-- **The key** is a hash of everything the start depends on: the resolved spec (with its
-  dependency layer), the cache entry, the backend and its endpoint, the project's root,
-  the host's Python, pytest and pytest-isolate (its files' sizes and times, so an edited
-  checkout never meets an older keeper), the user and the environment variables.  Another
-  key is another keeper; nothing is reused across keys.
+- **The key** is a hash of everything the start depends on, all known before anything
+  is provisioned, so that a run takes its spare without contacting an engine or reading
+  the cache: the resolved spec, what makes its dependency layer (the plan's files and the
+  index settings), the backend, the project's root, the host's Python, pytest and
+  pytest-isolate (its files' sizes and times, so an edited checkout never meets an older
+  keeper), the user and the environment variables.  An image's key also names the cache
+  entry that pins its digest, so a run provisions it first (a moved tag is a new key).
+  Another key is another keeper; nothing is reused across keys.
 - **Who can reach it.**  The sockets live in ``<cache>/warm``, a directory of mode 0700
   owned by the user (a run refuses to use one that is not); the keeper hands an instance
   only to a peer of its own uid (SO_PEERCRED).
@@ -107,21 +110,24 @@ class Description:
     idle: float
 
 
-def key_of(spec: EnvSpec, entry: Entry, backend_ref: Any, endpoint: str | None,
-           rootdir: Path) -> str:
-    """The key of the instances a keeper serves (see the module's docstring)."""
+def key_of(spec: EnvSpec, backend_ref: Any, endpoint: str | None, rootdir: Path,
+           inputs: Any) -> str:
+    """The key of the instances a keeper serves (see the module's docstring): spec as
+    resolved (without its dependency layer: inputs names what makes that, and for an image
+    the cache entry that pins its digest), the backend, the project, the host's Python,
+    pytest and pytest-isolate, the user and the environment variables."""
     import pytest
 
     env = {k: v for k, v in os.environ.items() if k not in VOLATILE_ENV}
     ref = backend_ref if isinstance(backend_ref, str) else (
         f"{backend_ref.__module__}:{backend_ref.__qualname__}")
     parts = {
-        "spec": repr(spec), "sources": sorted(spec.sources.items()),
-        "layer": repr(spec.layer), "entry": [entry.kind, entry.key, str(entry.path)],
+        "spec": repr(spec), "sources": sorted(spec.sources.items()), "inputs": inputs,
         "backend": ref, "endpoint": endpoint, "rootdir": str(rootdir),
         # the venv and the interpreter (its python and python3 links are the same one)
-        "python": [sys.prefix, os.path.realpath(sys.executable), sys.version], "pytest": pytest.__version__,
-        "code": code_stamp(), "uid": os.geteuid(), "env": sorted(env.items()),
+        "python": [sys.prefix, os.path.realpath(sys.executable), sys.version],
+        "pytest": pytest.__version__, "code": code_stamp(), "uid": os.geteuid(),
+        "env": sorted(env.items()),
     }
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
@@ -153,8 +159,9 @@ class Borrowed:
         self.sock.close()
 
 
-def take(cache_root: Path, key: str, spec: EnvSpec) -> Instance | None:
-    """The spare instance of key's keeper, or None when there is none to take now."""
+def take(cache_root: Path, key: str, spec: EnvSpec) -> tuple[Instance, dict[str, Any]] | None:
+    """The spare instance of key's keeper and what the keeper says of it (the cache entry's
+    key), or None when there is none to take now."""
     path = warm_dir(cache_root) / f"{key}.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(TAKE_TIMEOUT)
@@ -177,7 +184,7 @@ def take(cache_root: Path, key: str, spec: EnvSpec) -> Instance | None:
                     {k: Path(v) for k, v in meta["logs"].items()})
     inst.hello = meta["hello"]
     inst.root = meta["root"]
-    return inst
+    return inst, meta
 
 
 #: keepers this process started (kept referenced: no ResourceWarning, no early reap)
@@ -335,7 +342,7 @@ class Keeper:
             if spare is not None:
                 spare.stop()
             return
-        meta = {"hello": spare.hello, "root": spare.root,
+        meta = {"hello": spare.hello, "root": spare.root, "entry_key": self.desc.entry.key,
                 "logs": {k: str(v) for k, v in spare.logs.items()}}
         try:
             socket.send_fds(client, [json.dumps(meta).encode()],

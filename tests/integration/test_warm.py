@@ -240,3 +240,50 @@ def test_only_the_user_reaches_a_keeper(tmp_path: Path, session_cache: str,
     assert result.returncode == 0, output(result)
     assert "no warm environment" in result.stdout and "mode 0700" in result.stdout, output(result)
     assert not project_keepers(session_cache, root)
+
+
+BUILT_TEST = '''
+import pathlib
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+
+@pytest.mark.isolate("built")
+def test_image_is_the_dockerfiles():
+    assert pathlib.Path("/etc/marker").read_text() == (HERE / "ci" / "marker").read_text()
+'''
+
+
+@pytest.fixture
+def base_image(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tag of the Debian image the docker backend builds (from the cached rootfs)."""
+    import uuid
+
+    from pytest_isolate.backends.base import RunContext
+    from pytest_isolate.backends.docker import DockerBackend
+
+    manager: Any = pytestconfig.pluginmanager.get_plugin("isolate-manager")
+    log_dir = tmp_path_factory.mktemp("base")
+    run = RunContext(run_id=f"itest-{uuid.uuid4().hex[:8]}", rootdir=pytestconfig.rootpath,
+                     cache=manager.cache, log_dir=log_dir / "logs", work_dir=log_dir / "work",
+                     progress=lambda message: None, strict=True)
+    return str(DockerBackend(run).provision(manager.specs["docker"]).manifest["image"])
+
+
+def test_an_image_is_keyed_by_its_digest(tmp_path: Path, session_cache: str, base_image: str,
+                                         stop_keepers: None) -> None:
+    """An image's spare is taken only while the image is the same: a rebuilt one (another
+    digest) starts cold, and its tests see the new image."""
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.pytest-isolate.envs.built]\nbackend = "docker"\ndockerfile = "ci/Dockerfile"\n')
+    (tmp_path / "test_built.py").write_text(BUILT_TEST)
+    ci = tmp_path / "ci"
+    ci.mkdir()
+    (ci / "Dockerfile").write_text(f"FROM {base_image}\nCOPY marker /etc/marker\n")
+    (ci / "marker").write_text("first\n")
+    assert warm_run(tmp_path, session_cache)["warm"] is False
+    wait_for("the keeper's spare", lambda: [
+        k for k in project_keepers(session_cache, tmp_path) if k["spare"]], timeout=120)
+    assert warm_run(tmp_path, session_cache)["warm"] is True
+    (ci / "marker").write_text("second\n")  # a new build, a new digest: another key
+    assert warm_run(tmp_path, session_cache)["warm"] is False

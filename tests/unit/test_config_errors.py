@@ -173,6 +173,22 @@ def test_bad_timeout_option(project: Project) -> None:
     result.stderr.fnmatch_lines(["ERROR: --isolate-timeout: timeout must be a positive number of seconds*"])
 
 
+@pytest.mark.parametrize(("where", "args", "expected"), [
+    ("flag", ("--isolate-warm", "soon"), "ERROR: --isolate-warm: warm must be a number of "
+     "seconds (0: off), got 'soon'"),
+    ("table", (), "ERROR: *pyproject.toml: [[]tool.pytest-isolate[]] key 'warm': warm must be "
+     "a number of seconds (0: off), got -5"),
+])
+def test_bad_warm_setting(project: Project, where: str, args: tuple[str, ...],
+                          expected: str) -> None:
+    if where == "table":
+        project.pyproject("\n[tool.pytest-isolate]\nwarm = -5\n", base="")
+    project.tests(MARKED)
+    result = project.run_inprocess(*args)
+    assert result.ret == USAGE
+    result.stderr.fnmatch_lines([expected])
+
+
 def test_isolate_env_fixture_unknown_name(project: Project) -> None:
     project.tests("""
         def test_it(isolate_env):
