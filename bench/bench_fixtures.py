@@ -32,7 +32,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from run import WARM_SECONDS, stop_keepers, user_environ, wait_for_spare  # noqa: E402
+from run import WARM_SECONDS, settle, stop_keepers, user_environ, wait_for_spare  # noqa: E402
 
 PYTEST = Path(sys.executable).parent / "pytest"
 TARGET = 1.2
@@ -102,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, extra in subjects.items():
                     if name.endswith(" warm"):  # as a user's next run finds it
                         wait_for_spare(project, name.split()[0])
+                    else:  # no keeper's work in the way of the run
+                        settle(project)
                     samples[name].append(timed(project, extra, args.tests))
         finally:
             stop_keepers(project)

@@ -82,13 +82,27 @@ def project_keepers(project: Path) -> list[dict[str, Any]]:
 
 
 def wait_for_spare(project: Path, backend: str, timeout: float = 120.0) -> None:
+    """Until backend's keeper has its spare ready and every other keeper of the project is
+    idle too: a keeper that is still stopping the last run's instance or starting its next
+    spare would take CPU from the run being timed (another subject's, or the baseline)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(k["backend"] == backend and k["spare"] and not k["lent"]
-               for k in project_keepers(project)):
+        keepers = project_keepers(project)
+        if (any(k["backend"] == backend for k in keepers)
+                and all(k["spare"] and not k["lent"] for k in keepers)):
             return
         time.sleep(0.05)
     raise SystemExit(f"bench: no spare of {backend} within {timeout:g}s")
+
+
+def settle(project: Path, timeout: float = 120.0) -> None:
+    """Until every keeper of the project is idle with its spare (see wait_for_spare)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(k["spare"] and not k["lent"] for k in project_keepers(project)):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"bench: the keepers did not settle within {timeout:g}s")
 
 
 def stop_keepers(project: Path) -> None:
@@ -379,9 +393,11 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
     backends: list[str] = []
 
     def one(name: str, isolate: bool = True) -> Run:
+        settle(project)
         return run_pytest(project, [f"{name}_one_test.py"], tmp, isolate)
 
     def many(name: str, isolate: bool = True) -> Run:
+        settle(project)
         return run_pytest(project, [f"{name}_many_test.py"], tmp, isolate)
 
     def one_warm(name: str) -> Run:
@@ -427,6 +443,7 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
     bare_argv = [str(PYTEST), "-p", "no:cacheprovider", "--co", "-q", "local_one_test.py"]
     for r in range(args.repeats):
         log(f"repeat {r + 1}/{args.repeats}: local, bare --co, {', '.join(backends)}")
+        settle(project)
         t0 = time.monotonic()
         subprocess.run(bare_argv, cwd=project, capture_output=True, check=True,
                        env=user_environ())
