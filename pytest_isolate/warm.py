@@ -177,6 +177,8 @@ def take(cache_root: Path, key: str, spec: EnvSpec) -> tuple[Instance, dict[str,
             os.close(fd)
         sock.close()
         return None
+    for fd in fds:  # the run's own children (a test's subprocesses) never hold them
+        os.set_inheritable(fd, False)
     meta = json.loads(data.decode())
     sock.settimeout(None)
     label = f"environment {spec.name!r}"
@@ -347,10 +349,10 @@ class Keeper:
         try:
             socket.send_fds(client, [json.dumps(meta).encode()],
                             [spare.conn.rfd, spare.conn.wfd])
-        except OSError as exc:
+        except OSError as exc:  # the run gave up waiting: the spare stays untouched
             self.say(f"could not hand the spare over: {exc}")
             client.close()
-            spare.stop()
+            self.spare = spare
             return
         client.settimeout(None)
         self.lent[client] = spare
