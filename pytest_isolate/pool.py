@@ -322,7 +322,7 @@ class InstancePool:
         """A started instance of spec; with warm environments, an image's spare when one
         waits (its key needs the entry), and a keeper left for the next run."""
         key = self.warm_key(name, self.settings.specs[name], entry)
-        if key is None:
+        if key is None or not backend.warm_ok(spec):
             return backend.start(spec, entry)
         from pytest_isolate import warm
 

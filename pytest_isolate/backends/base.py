@@ -357,6 +357,12 @@ class Backend(abc.ABC):
         self.endpoint: str | None = None
         self._reaped = False
 
+    def warm_ok(self, spec: EnvSpec) -> bool:
+        """Whether an instance of spec may wait for a later run (supports_warm): not where
+        it holds a copy of the project taken at its start, which a later run would find
+        stale (a remote engine's copy, a VM's disk)."""
+        return self.supports_warm
+
     @abc.abstractmethod
     def check(self, spec: EnvSpec) -> None:
         """Raise BackendUnavailable saying what to install when spec cannot run here."""

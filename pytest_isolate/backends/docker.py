@@ -652,6 +652,10 @@ class DockerBackend(Backend):
                 **resources, **self.create_options(),
             )
 
+    def warm_ok(self, spec: EnvSpec) -> bool:
+        """Not with a copied project (a remote engine): a later run would find it stale."""
+        return self.supports_warm and self.transfer(spec) == "bind"
+
     def transfer(self, spec: EnvSpec) -> str:
         """How host paths reach a container: "bind" (local engine) or "copy" (remote engine)."""
         wanted = spec.option("docker_transfer")
