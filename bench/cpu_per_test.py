@@ -1,6 +1,7 @@
 """Where the CPU time of a clean state per test goes (issue 13): host, agent, zygote, test.
 
-    .venv/bin/python bench/cpu_per_test.py [--backend chroot] [--tests 200] [--repeats 3]
+    .venv/bin/python bench/cpu_per_test.py [--backend chroot|lxc|schroot] [--tests 200]
+                                           [--repeats 3]
 
 bench/run.py measures the wall time each trivial test adds; on a machine with two cores
 that is bounded by the CPU time the processes of the pipeline spend per test, which this
@@ -130,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tests", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
+    if args.backend not in ("chroot", "lxc", "schroot"):
+        p.error("--backend: chroot, lxc or schroot (the agent must be a descendant of the "
+                "pytest process; a docker container's is the engine's)")
     n = args.tests
     per: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="isolate-bench-cpu-") as tmp:

@@ -135,6 +135,8 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
             f"last used {format_age(now - item.last_use)} ago)")
     for item, reason in done.kept:
         out(f"kept {item.kind}/{item.key}: {reason}")
+    if done.kept:
+        keeper_hint(root)
     out(f"{verb} {len(done.removed)} entries, {format_size(sum(i.size for i in done.removed))}; "
         f"{done.remaining} entries remain, {format_size(done.remaining_size)}")
     if args.max_size is not None and done.remaining_size > args.max_size:
@@ -219,4 +221,20 @@ def cmd_cache_rm(args: argparse.Namespace, project: Project) -> int:
         else:
             sys.stderr.write(f"{PROG}: not removed: {item.kind}/{item.key}: {reason}\n")
             status = 1
+    if status:
+        keeper_hint(root)
     return status
+
+
+def keeper_hint(root: Path) -> None:
+    """What holds entries besides running sessions: the keepers of warm environments."""
+    from pytest_isolate import warm
+
+    keepers = warm.keepers(root)
+    if len(keepers) == 1:
+        sys.stderr.write(f"{PROG}: a warm keeper (--isolate-warm) holds the entries it uses "
+                         "until it ends; end it with: pytest-isolate warm --stop\n")
+    elif keepers:
+        sys.stderr.write(f"{PROG}: {len(keepers)} warm keepers (--isolate-warm) hold the "
+                         "entries they use until they end; end them with: pytest-isolate warm "
+                         "--stop\n")

@@ -143,6 +143,12 @@ def test_later_runs_take_a_fresh_spare(backend: str, tmp_path: Path, session_cac
                           f"--cache-dir={session_cache}"], cwd=root, capture_output=True,
                          text=True, env=inner_environ())
     assert status["key"][:12] in cli.stdout and backend in cli.stdout, cli.stdout
+    if backend == "chroot":  # what holds the entries it uses is said where gc keeps them
+        gc = subprocess.run([sys.executable, "-m", "pytest_isolate", "cache", "gc", "--dry-run",
+                             "--max-size", "0", f"--cache-dir={session_cache}"], cwd=root,
+                            capture_output=True, text=True, env=inner_environ())
+        assert f"kept rootfs/{second['key']}" in gc.stdout, gc.stdout
+        assert "warm keeper" in gc.stderr and "pytest-isolate warm --stop" in gc.stderr, gc.stderr
     assert warm.stop_keeper(status)
     pid = status["owner"]["pid"]
     wait_for("the keeper's end", lambda: not os.path.exists(f"/proc/{pid}"), timeout=60)
