@@ -235,6 +235,33 @@ def keepers(cache_root: Path) -> list[dict[str, Any]]:
     return found
 
 
+def sweep(cache_root: Path, dry: bool = False) -> list[str]:
+    """The files of keepers that are gone (killed, or ended with a failure log): the keys
+    whose lock nobody holds; removed unless dry.  Returns those keys."""
+    directory = cache_root / "warm"
+    keys = sorted({p.name.split(".")[0] for p in directory.iterdir()}) if directory.is_dir() else []
+    gone = []
+    for key in keys:
+        try:
+            fd = os.open(directory / f"{key}.lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:  # a keeper holds its lock from before it starts to its end
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a keeper runs (or starts)
+        try:
+            gone.append(key)
+            if not dry:
+                for suffix in (".sock", ".json", ".log", ".lock"):
+                    with contextlib.suppress(FileNotFoundError):
+                        (directory / f"{key}{suffix}").unlink()
+        finally:
+            os.close(fd)
+    return gone
+
+
 def stop_keeper(status: dict[str, Any]) -> bool:
     """End one keeper (it stops its instances first); False when it was gone already."""
     owner = Owner.from_label(status.get("owner"))

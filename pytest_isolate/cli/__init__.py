@@ -102,6 +102,7 @@ def build_parser() -> Parser:
     c = csub.add_parser("gc", parents=[common], help="remove old or excess entries",
                         description="Remove what killed runs left outside the cache "
                                     "(containers, LXC containers, schroot sessions, cgroups), "
+                                    "the files of warm keepers that have ended, "
                                     "stale build directories of killed runs, log "
                                     "directories of finished runs (older than --max-age, default "
                                     f"{RUNS_MAX_AGE_DAYS:g} days), entries not used for --max-age "

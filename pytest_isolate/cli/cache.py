@@ -104,6 +104,12 @@ def cmd_cache_gc(args: argparse.Namespace, project: Project) -> int:
         out(f"removed {len(removed)} leftovers of killed runs"
             + (f": {', '.join(removed)}" if removed else ""))
 
+    # the files of warm keepers that are gone (a live keeper's are its own)
+    from pytest_isolate import warm
+
+    gone = warm.sweep(root, dry=dry)
+    out(f"{verb} the files of {plural(len(gone), 'ended warm keeper', 'ended warm keepers')}")
+
     # 1. build directories left by killed runs (their build lock is free)
     swept = cache.clean_tmp(dry=dry)
     for path, why in swept.kept:

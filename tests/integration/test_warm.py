@@ -293,3 +293,28 @@ def test_an_image_is_keyed_by_its_digest(tmp_path: Path, session_cache: str, bas
     assert warm_run(tmp_path, session_cache)["warm"] is True
     (ci / "marker").write_text("second\n")  # a new build, a new digest: another key
     assert warm_run(tmp_path, session_cache)["warm"] is False
+
+
+def test_a_killed_keeper_is_replaced_and_its_files_swept(tmp_path: Path, session_cache: str,
+                                                         stop_keepers: None) -> None:
+    """SIGKILL: the keeper's spare goes with it (its launcher's input closes), the next run
+    starts cold and a new keeper for the same key; `cache gc` removes only what the dead
+    one left."""
+    root = make_project(tmp_path, "chroot")
+    warm_run(root, session_cache)
+    status = wait_for("the keeper's spare", lambda: [
+        k for k in project_keepers(session_cache, root) if k["spare"]], timeout=120)[0]
+    pid = status["owner"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the keeper's end", lambda: not os.path.exists(f"/proc/{pid}"), timeout=30)
+    wait_for("its spare's end", lambda: not [
+        line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                        text=True).stdout.splitlines()
+        if f"-{pid}-warm" in line], timeout=30)
+    assert status["key"] in warm.sweep(Path(session_cache), dry=True)
+    assert warm_run(root, session_cache)["warm"] is False
+    wait_for("the new keeper's spare", lambda: [
+        k for k in project_keepers(session_cache, root) if k["spare"]], timeout=120)
+    assert status["key"] not in warm.sweep(Path(session_cache))  # the new one's files stay
+    assert (Path(session_cache) / "warm" / f"{status['key']}.sock").exists()
+    assert warm_run(root, session_cache)["warm"] is True
