@@ -85,24 +85,21 @@ def wait_for_spare(project: Path, backend: str, timeout: float = 120.0) -> None:
     """Until backend's keeper has its spare ready and every other keeper of the project is
     idle too: a keeper that is still stopping the last run's instance or starting its next
     spare would take CPU from the run being timed (another subject's, or the baseline)."""
+    settle(project, timeout, backend)
+
+
+def settle(project: Path, timeout: float = 120.0, backend: str | None = None) -> None:
+    """Until every keeper of the project is idle with its spare (and, given backend, one
+    of them is backend's)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         keepers = project_keepers(project)
-        if (any(k["backend"] == backend for k in keepers)
-                and all(k["spare"] and not k["lent"] for k in keepers)):
+        if (all(k["spare"] and not k["lent"] for k in keepers)
+                and (backend is None or any(k["backend"] == backend for k in keepers))):
             return
         time.sleep(0.05)
-    raise SystemExit(f"bench: no spare of {backend} within {timeout:g}s")
-
-
-def settle(project: Path, timeout: float = 120.0) -> None:
-    """Until every keeper of the project is idle with its spare (see wait_for_spare)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(k["spare"] and not k["lent"] for k in project_keepers(project)):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"bench: the keepers did not settle within {timeout:g}s")
+    raise SystemExit(f"bench: the keepers{f' (of {backend})' if backend else ''} did not "
+                     f"settle within {timeout:g}s")
 
 
 def stop_keepers(project: Path) -> None:
@@ -246,26 +243,17 @@ class Samples:
     reset_mean: list[float] = dataclasses.field(default_factory=list)
 
     def add(self, one: Run, many: Run, n: int) -> None:
-        self.first_result.append(one.first_result)
-        self.wall_one.append(one.wall)
+        self.add_first(one)
         self.wall_many.append(many.wall)
-        self.startup.append(one.marks.get("configure", 0.0))
-        self.collect.append(one.marks.get("collected", 0.0) - one.marks.get("configure", 0.0))
         self.marginal.append((many.wall - one.wall) / (n - 1))
         self.steady.append((many.results[-1] - many.results[0]) / (n - 1))
-        if one.report and one.report.get("tests"):
-            phases = one.report["tests"][0]["phases"]
-            self.provision.append(phases.get("provision", 0.0))
-            self.env_start.append(phases.get("start", 0.0))
-            self.sync.append(phases.get("sync", 0.0))
-            self.first_run.append(phases.get("run", 0.0))
         for phase, into in (("run", self.run_mean), ("reset", self.reset_mean)):
             value = phase_mean(many.report, phase)
             if value is not None:
                 into.append(value)
 
     def add_first(self, one: Run) -> None:
-        """Only the first result of a one-test run and its phases (a warm subject)."""
+        """The first result of a one-test run and its phases (alone: a warm subject)."""
         self.first_result.append(one.first_result)
         self.wall_one.append(one.wall)
         self.startup.append(one.marks.get("configure", 0.0))

@@ -55,7 +55,7 @@ from pytest_isolate.agent.wire import message
 from pytest_isolate.backends.base import Backend, Instance, RunContext
 from pytest_isolate.cache import Cache, Entry
 from pytest_isolate.channel import Connection
-from pytest_isolate.ownership import Owner, RunId, record_run
+from pytest_isolate.ownership import Owner, RunId, process_start_time, record_run
 from pytest_isolate.spec import EnvSpec
 
 #: Environment variables that differ between runs of the same project without changing
@@ -217,7 +217,24 @@ def spawn_keeper(desc: Description) -> bool:
     proc.stdin.write(payload)
     proc.stdin.close()
     _STARTED.append(proc)
+    # its status from now on, not from when it has started up: `pytest-isolate warm --stop`
+    # right after this run must find it
+    write_status(directory, desc, Owner(proc.pid, process_start_time(proc.pid)), spare=False,
+                 lent=0, served=0, deadline=time.time() + desc.idle)
     return True
+
+
+def write_status(directory: Path, desc: Description, owner: Owner, spare: bool, lent: int,
+                 served: int, deadline: float) -> None:
+    """What `pytest-isolate warm` shows of a keeper: <key>.json beside its socket,
+    replaced whole."""
+    status = {"key": desc.key, "env": desc.spec.name, "backend": desc.spec.backend,
+              "rootdir": str(desc.rootdir), "owner": owner.label(), "idle": desc.idle,
+              "deadline": deadline, "spare": spare, "lent": lent, "served": served,
+              "log": str(directory / f"{desc.key}.log")}
+    tmp = directory / f".{desc.key}.json.{os.getpid()}"
+    tmp.write_text(json.dumps(status))
+    os.replace(tmp, directory / f"{desc.key}.json")
 
 
 def keepers(cache_root: Path) -> list[dict[str, Any]]:
@@ -318,16 +335,8 @@ class Keeper:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     def write_status(self) -> None:
-        """What `pytest-isolate warm` shows: <key>.json beside the socket (replaced whole)."""
-        status = {"key": self.desc.key, "env": self.desc.spec.name,
-                  "backend": self.desc.spec.backend, "rootdir": str(self.desc.rootdir),
-                  "owner": Owner.me().label(), "idle": self.desc.idle,
-                  "deadline": time.time() + max(0.0, self.deadline - time.monotonic()),
-                  "spare": self.spare is not None, "lent": len(self.lent),
-                  "served": self.served, "log": str(self.dir / f"{self.desc.key}.log")}
-        tmp = self.dir / f".{self.desc.key}.json.tmp"
-        tmp.write_text(json.dumps(status))
-        os.replace(tmp, self.dir / f"{self.desc.key}.json")
+        write_status(self.dir, self.desc, Owner.me(), self.spare is not None, len(self.lent),
+                     self.served, time.time() + max(0.0, self.deadline - time.monotonic()))
 
     def start_spare(self) -> None:
         self.starts += 1

@@ -1,5 +1,6 @@
 """Helpers of the integration tests that start a daemon (sshd, a registry) for a test, or
-run pytest as the unprivileged user; running an inner pytest is shared_support's.
+run pytest as the unprivileged user, or build FROM the session's docker image; running an
+inner pytest is shared_support's.
 
 A module of its own (imported by name: pytest's prepend import mode puts this directory on
 sys.path).
@@ -11,9 +12,12 @@ import os
 import shutil
 import socket
 import subprocess
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import pytest
 from shared_support import wait_for
 
 
@@ -70,3 +74,17 @@ def stage_for_user(root: Path, modules: Sequence[str] = ()) -> None:
             shutil.copy2(src, site / name)
     subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
     os.chmod(root, 0o755)
+
+
+def session_docker_image(config: pytest.Config, log_dir: Path) -> str:
+    """The tag of the Debian image the docker backend builds in this session (from the
+    cached root filesystem): what a test's Dockerfile starts FROM, so nothing is pulled
+    and its build needs no network."""
+    from pytest_isolate.backends.base import RunContext
+    from pytest_isolate.backends.docker import DockerBackend
+
+    manager: Any = config.pluginmanager.get_plugin("isolate-manager")
+    run = RunContext(run_id=f"itest-{uuid.uuid4().hex[:8]}", rootdir=config.rootpath,
+                     cache=manager.cache, log_dir=log_dir / "logs", work_dir=log_dir / "work",
+                     progress=lambda message: None, strict=True)
+    return str(DockerBackend(run).provision(manager.specs["docker"]).manifest["image"])

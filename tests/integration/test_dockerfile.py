@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import textwrap
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from integration_support import session_docker_image
 from shared_support import output, run_pytest
-
-from pytest_isolate.backends.base import RunContext
-from pytest_isolate.backends.docker import DockerBackend
 
 pytestmark = pytest.mark.integration
 
@@ -60,12 +57,7 @@ def pyproject(marker_env: str = "") -> str:
 @pytest.fixture(scope="module")
 def base_image(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tag of the Debian image the docker backend builds (from the cached rootfs)."""
-    manager: Any = pytestconfig.pluginmanager.get_plugin("isolate-manager")
-    log_dir = tmp_path_factory.mktemp("base")
-    run = RunContext(run_id=f"itest-{uuid.uuid4().hex[:8]}", rootdir=pytestconfig.rootpath,
-                     cache=manager.cache, log_dir=log_dir / "logs", work_dir=log_dir / "work",
-                     progress=lambda message: None, strict=True)
-    return str(DockerBackend(run).provision(manager.specs["docker"]).manifest["image"])
+    return session_docker_image(pytestconfig, tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from integration_support import session_docker_image
 from shared_support import inner_environ, output, pytest_argv, run_pytest, wait_for
 
 from pytest_isolate import warm
@@ -262,18 +263,7 @@ def test_image_is_the_dockerfiles():
 
 @pytest.fixture
 def base_image(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tag of the Debian image the docker backend builds (from the cached rootfs)."""
-    import uuid
-
-    from pytest_isolate.backends.base import RunContext
-    from pytest_isolate.backends.docker import DockerBackend
-
-    manager: Any = pytestconfig.pluginmanager.get_plugin("isolate-manager")
-    log_dir = tmp_path_factory.mktemp("base")
-    run = RunContext(run_id=f"itest-{uuid.uuid4().hex[:8]}", rootdir=pytestconfig.rootpath,
-                     cache=manager.cache, log_dir=log_dir / "logs", work_dir=log_dir / "work",
-                     progress=lambda message: None, strict=True)
-    return str(DockerBackend(run).provision(manager.specs["docker"]).manifest["image"])
+    return session_docker_image(pytestconfig, tmp_path_factory.mktemp("base"))
 
 
 def test_an_image_is_keyed_by_its_digest(tmp_path: Path, session_cache: str, base_image: str,
