@@ -256,7 +256,9 @@ def sweep(cache_root: Path, dry: bool = False) -> list[str]:
     """The files of keepers that are gone (killed, or ended with a failure log): the keys
     whose lock nobody holds; removed unless dry.  Returns those keys."""
     directory = cache_root / "warm"
-    keys = sorted({p.name.split(".")[0] for p in directory.iterdir()}) if directory.is_dir() else []
+    names = [p.name for p in directory.iterdir()] if directory.is_dir() else []
+    # <key>.sock|json|log|lock; ".<key>.json.<pid>" is a status being written
+    keys = sorted({name.lstrip(".").split(".")[0] for name in names} - {""})
     gone = []
     for key in keys:
         try:
@@ -271,9 +273,10 @@ def sweep(cache_root: Path, dry: bool = False) -> list[str]:
         try:
             gone.append(key)
             if not dry:
-                for suffix in (".sock", ".json", ".log", ".lock"):
+                for name in [f"{key}{suffix}" for suffix in (".sock", ".json", ".log", ".lock")
+                             ] + [n for n in names if n.startswith(f".{key}.json.")]:
                     with contextlib.suppress(FileNotFoundError):
-                        (directory / f"{key}{suffix}").unlink()
+                        (directory / name).unlink()
         finally:
             os.close(fd)
     return gone
