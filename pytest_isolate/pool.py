@@ -274,7 +274,6 @@ class InstancePool:
             plan = self.layer_plan(name) if name in self.bound else None
         except IsolateError:
             return None  # said by the run's own provisioning, with its test
-
         if plan is not None:
             from pytest_isolate.images.deps import choose_installer, host_index_config
 

@@ -269,9 +269,12 @@ class Agent:
         import importlib
 
         import pytest  # noqa: F401
-        from _pytest.config import default_plugins
 
-        for name in default_plugins:
+        try:  # the list pytest's Config imports from (no public name for it)
+            from _pytest.config import default_plugins as names
+        except ImportError:
+            names = ()  # type: ignore[assignment]
+        for name in names:
             try:
                 importlib.import_module("_pytest." + name)
             except ImportError:
