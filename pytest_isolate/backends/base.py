@@ -482,6 +482,7 @@ class HostRootBackend(RootfsBackend):
     and each instance is named after the run, for the reaper (``instance_name``)."""
 
     needs_root = True
+    supports_warm = True  # the agent's stream is the pipes of lxc-attach or schroot
     options: ClassVar[Mapping[str, Option] | None] = {"map_root": MAP_ROOT_OPTION}
     #: the start of every instance's name (what the reapers look for)
     PREFIX: ClassVar[str] = "pytest-isolate-"

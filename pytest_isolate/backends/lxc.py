@@ -198,7 +198,6 @@ LIVE: LiveSet[Path] = LiveSet(destroy_container)
 class LxcBackend(HostRootBackend):
     name = "lxc"
     supports_snapshot = True
-    supports_warm = True
     host_needs = HOST_NEEDS["lxc"]
 
     def check(self, spec: EnvSpec) -> None:

@@ -243,7 +243,6 @@ LIVE: LiveSet[tuple[list[str], str]] = LiveSet(_end_definition)
 class SchrootBackend(HostRootBackend):
     name = "schroot"
     supports_snapshot = True
-    supports_warm = True
     host_needs = HOST_NEEDS["schroot"]
 
     def check(self, spec: EnvSpec) -> None:
