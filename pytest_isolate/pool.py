@@ -124,6 +124,8 @@ class InstancePool:
         self.holds: dict[str, Callable[[], None]] = {}
         #: why warm environments are not used, said once (warm_refused)
         self.warm_said = False
+        #: (environment, its image entry's key or None) -> its warm key (warm_key)
+        self.warm_keys: dict[tuple[str, str | None], str | None] = {}
         self._cache: Cache | None = None
 
     @property
@@ -217,8 +219,7 @@ class InstancePool:
             self.unavailable[name] = exc
             raise
         endpoint = backend.endpoint
-        stats = self.report.envs.setdefault(
-            name, EnvStats(name, spec.backend, spec.arch, spec.release))
+        stats = self.env_stats(name, spec)
         stats.host = pool_host.name if pool_host is not None else "default"
         stats.endpoint = endpoint or ""
         if name in self.broken:
@@ -249,18 +250,35 @@ class InstancePool:
         with timer.phase("start"):
             started = time.perf_counter()
             inst = self.start(name, spec, entry, backend)
-            stats.start += time.perf_counter() - started
-            stats.starts += 1
-            stats.root = inst.root or stats.root
-        stats.logs = {k: str(v) for k, v in inst.logs.items()}
+            self.started(stats, inst, time.perf_counter() - started)
         self.instances[name] = inst
         return inst
+
+    def env_stats(self, name: str, spec: EnvSpec) -> EnvStats:
+        """Environment name's record in the run's report (made at its first instance)."""
+        return self.report.envs.setdefault(
+            name, EnvStats(name, spec.backend, spec.arch, spec.release))
+
+    @staticmethod
+    def started(stats: EnvStats, inst: Instance, seconds: float) -> None:
+        """Record an instance's start (or a warm spare's take) in its environment's record."""
+        stats.start += seconds
+        stats.starts += 1
+        stats.root = inst.root or stats.root
+        stats.logs = {k: str(v) for k, v in inst.logs.items()}
 
     # ------------------------------------------------------------ warm environments
     def warm_key(self, name: str, spec: EnvSpec, entry: Any = None) -> str | None:
         """The key of environment name's warm instances (warm.py), None when it has none:
         warm environments off, a backend without them, a pool of hosts to place it on, or
-        (entry None) an image, whose key needs the digest its provisioning pins."""
+        (entry None) an image, whose key needs the digest its provisioning pins.  Made once
+        per environment and run (an image's: once per entry)."""
+        memo = (name, entry.key if spec.from_image and entry is not None else None)
+        if memo not in self.warm_keys:
+            self.warm_keys[memo] = self._warm_key(name, spec, entry)
+        return self.warm_keys[memo]
+
+    def _warm_key(self, name: str, spec: EnvSpec, entry: Any) -> str | None:
         if self.settings.warm <= 0 or self.settings.pool_hosts:
             return None
         if not getattr(self.settings.backend_class(spec.backend), "supports_warm", False):
@@ -301,15 +319,11 @@ class InstancePool:
             if taken is None:
                 return None
             inst, meta = taken
-            stats = self.report.envs.setdefault(
-                name, EnvStats(name, spec.backend, spec.arch, spec.release))
+            stats = self.env_stats(name, spec)
             stats.warm = True
             stats.key = str(meta.get("entry_key", ""))
             stats.cache_hit = True if stats.cache_hit is None else stats.cache_hit
-            stats.start += time.perf_counter() - started
-            stats.starts += 1
-            stats.root = inst.root or stats.root
-            stats.logs = {k: str(v) for k, v in inst.logs.items()}
+            self.started(stats, inst, time.perf_counter() - started)
         return inst
 
     def warm_refused(self, why: str) -> None:

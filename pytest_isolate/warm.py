@@ -84,6 +84,18 @@ def warm_dir(cache_root: Path) -> Path:
     return path
 
 
+def locked(path: Path) -> int | None:
+    """An exclusive flock on path (made if missing) and its descriptor, to close when done;
+    None when another process holds it (a keeper holds its key's from start to end)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def code_stamp() -> str:
     """What identifies this pytest-isolate's code: every module's path, size and mtime."""
     h = hashlib.sha256()
@@ -197,14 +209,10 @@ def spawn_keeper(desc: Description) -> bool:
     """Start a keeper for desc's key unless one runs (or is starting); False when desc
     cannot be sent to another process (a backend class that does not pickle)."""
     directory = warm_dir(desc.cache_root)
-    lock = directory / f"{desc.key}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    fd = locked(directory / f"{desc.key}.lock")
+    if fd is None:
         return True  # a keeper holds it
-    finally:
-        os.close(fd)  # the keeper takes the lock itself
+    os.close(fd)  # the keeper takes the lock itself
     try:
         payload = pickle.dumps(desc)
     except Exception:
@@ -261,14 +269,10 @@ def sweep(cache_root: Path, dry: bool = False) -> list[str]:
     keys = sorted({name.lstrip(".").split(".")[0] for name in names} - {""})
     gone = []
     for key in keys:
-        try:
-            fd = os.open(directory / f"{key}.lock", os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:  # a keeper holds its lock from before it starts to its end
-            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        # no lock file: no keeper (one holds its lock from before it starts to its end)
+        lock = directory / f"{key}.lock"
+        fd = locked(lock) if lock.exists() else os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if fd is None:
             continue  # a keeper runs (or starts)
         try:
             gone.append(key)
@@ -466,10 +470,8 @@ def keeper_main() -> int:
     desc: Description = pickle.load(sys.stdin.buffer)
     os.close(0)
     lock = warm_dir(desc.cache_root) / f"{desc.key}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    # held to the end of this process (the descriptor is never closed)
+    if locked(lock) is None:
         return 0  # another keeper serves this key
     keeper = Keeper(desc)
 
