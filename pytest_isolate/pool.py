@@ -77,7 +77,7 @@ def check_image_support(spec: EnvSpec, backend_class: Any) -> None:
     if spec.from_image and not getattr(backend_class, "supports_images", False):
         key = "image" if spec.image is not None else "dockerfile"
         raise ConfigError(f"{spec.source(key)}: backend {spec.backend!r} cannot run an image yet "
-                          "(docker, podman, chroot, lxc and schroot can); remove the key, or "
+                          "(docker, podman, chroot, lxc, schroot and qemu can); remove the key, or "
                           "use one of those backends")
 
 

@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 import json
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pytest_isolate.cli.common import (
     Project,
@@ -14,11 +15,15 @@ from pytest_isolate.cli.common import (
     dump_json,
     format_age,
     image_pins,
+    open_cache,
     out,
     resolve_specs,
     rootfs_key_of,
     table,
 )
+
+if TYPE_CHECKING:
+    from pytest_isolate.spec import EnvSpec
 
 
 def cmd_envs(args: argparse.Namespace, project: Project) -> int:
@@ -32,6 +37,7 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
     names = args.names or list(specs)
     root, where = cache_location(args, project)
     pins = image_pins(root, where)
+    kernels = vm_kernels(root, where)
     fields = [f.name for f in dataclasses.fields(EnvSpec) if f.name not in ("name", "sources")]
     result: dict[str, Any] = {}
     for name in names:
@@ -53,6 +59,7 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
             "rootfs_key": key,
             "rootfs_cached": read_manifest(root / "rootfs" / key) is not None,
             "image_pin": pins.get(spec.image) if spec.image else None,
+            "kernel": vm_kernel_line(spec, kernels),
         }
     if args.json:
         dump_json({"pyproject": str(project.pyproject) if project.pyproject else None,
@@ -76,6 +83,9 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
             out(line)
         if specs[name].image:
             out(f"  {image_line(specs[name].image, info['image_pin'])}")
+        if info["kernel"]:
+            out(f"  {info['kernel']}")
+        if specs[name].image:
             continue
         state = "cached" if info["rootfs_cached"] else "not built yet"
         if info["python"]:
@@ -92,3 +102,30 @@ def image_line(ref: str | None, pin: dict[str, Any] | None) -> str:
     python = f"python {pin['python']}, " if pin.get("python") else ""
     return (f"image {ref}: pinned at {pin['digest']} ({python}last used {age} ago; "
             f"`docker pull {ref}` picks up a moved tag)")
+
+
+def vm_kernels(root: Path, where: str) -> dict[str, tuple[str, str]]:
+    """Per image reference, the kernel its newest VM disk boots: (version, where from)."""
+    found: dict[str, tuple[float, str, str]] = {}
+    for item in open_cache(root, where, create=False).listing(with_size=False):
+        ref = item.manifest.get("reference")
+        if item.kind != "vmdisk" or not isinstance(ref, str):
+            continue
+        if ref not in found or found[ref][0] < item.last_use:
+            found[ref] = (item.last_use, str(item.manifest.get("kernel")),
+                          str(item.manifest.get("kernel_from")))
+    return {ref: (version, source) for ref, (_, version, source) in found.items()}
+
+
+def vm_kernel_line(spec: EnvSpec, kernels: dict[str, tuple[str, str]]) -> str | None:
+    """Which kernel a VM of an image boots, for `envs`: as its last VM disk was made, or
+    the rule when none was made yet; None for other environments."""
+    from pytest_isolate.images.kernel import ARCHES
+
+    if spec.image is None or spec.backend != "qemu":
+        return None
+    if spec.image in kernels:
+        version, source = kernels[spec.image]
+        return f"kernel {version}, from {source}"
+    return (f"kernel: the image's own when its /boot has one with its modules, else Debian "
+            f"{spec.release}'s {ARCHES[spec.arch][0]} (known after the first run)")

@@ -6,8 +6,9 @@ disks and its virtio-serial port, and an ``/init`` shell script that
 1. loads the modules (in dependency order, from the kernel's ``modules.dep``),
 2. mounts the root disk read-only at ``/lower``, a tmpfs upper and an overlay of
    the two as the new root -- the root disk is never written,
-3. binds the pristine root at ``/.isolate/lower``, creates ``/.isolate/ws`` and
-   mounts the shipped-packages disk at ``/.isolate/site`` (read-only),
+3. binds the pristine root at ``/.isolate/lower``, creates ``/.isolate/ws``,
+   mounts the shipped-packages disk at ``/.isolate/site`` (read-only) and copies its
+   busybox to ``/.isolate/bin`` (an image's root may have none),
 4. ``switch_root``s into the new root and execs the agent's bootstrap with its
    stdin/stdout on the virtio-serial port named ``isolate.agent``.
 
@@ -28,12 +29,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 #: Bump when the layout or /init changes, so cached initramfs images are rebuilt.
-INITRAMFS_FORMAT = 6
+INITRAMFS_FORMAT = 7
 #: The virtio-serial port the agent talks on.
 PORT_NAME = "isolate.agent"
 #: Serial numbers of the virtio disks, which is how /init tells them apart.
 ROOT_SERIAL = "isolate-root"
 SITE_SERIAL = "isolate-site"
+#: Where /init puts its static busybox in the new root: an image's root filesystem may have
+#: none (or only a dynamic one), and the agent's first commands and env(1) need one.
+GUEST_BUSYBOX = "/.isolate/bin/busybox"
 #: Printed by /init on the console once the agent is about to start (boot progress marker).
 READY_MARK = "pytest-isolate: starting agent"
 #: Printed by /init in probe mode (kernel command line ``isolate.probe``) before powering off.
@@ -44,7 +48,7 @@ WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "overlay")
 #: Loaded only when the environment asks for a network (QEMU user-mode networking).
 NETWORK_MODULES = ("virtio_net",)
 BUSYBOX_APPLETS = ("sh", "mount", "umount", "insmod", "mkdir", "cat", "echo", "sleep",
-                   "switch_root", "poweroff", "hostname", "env", "ifconfig", "route", "ls",
+                   "switch_root", "poweroff", "chmod", "hostname", "env", "ifconfig", "route", "ls",
                    "dmesg")
 
 INIT_SCRIPT = r"""#!/bin/sh
@@ -85,7 +89,8 @@ mount -t tmpfs -o mode=755 tmpfs /rw
 mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || fail "cannot mount the root overlay"
-mkdir -p /newroot/.isolate/lower /newroot/.isolate/ws /newroot/.isolate/site
+mkdir -p /newroot/.isolate/lower /newroot/.isolate/ws /newroot/.isolate/site /newroot/.isolate/bin
+cat /bin/busybox >/newroot@BUSYBOX@ && chmod 755 /newroot@BUSYBOX@ || fail "cannot copy busybox"
 mount -o bind /lower /newroot/.isolate/lower || fail "cannot bind the lower root"
 if site=$(disk @SITE@); then
     mount -t ext4 -o ro,noload "$site" /newroot/.isolate/site || fail "cannot mount $site"
@@ -123,7 +128,7 @@ echo "@READY@ on $port" >/dev/console
 eval "set -- $ISOLATE_ENV switch_root /newroot $ISOLATE_AGENT"
 exec env -i "$@" <>"/newroot$port" >&0 2>/newroot/dev/console
 """.replace("@ROOT@", ROOT_SERIAL).replace("@SITE@", SITE_SERIAL).replace("@PORT@", PORT_NAME).replace(
-    "@READY@", READY_MARK).replace("@PROBE@", PROBE_MARK)
+    "@READY@", READY_MARK).replace("@BUSYBOX@", GUEST_BUSYBOX).replace("@PROBE@", PROBE_MARK)
 
 
 class CpioWriter:

@@ -362,7 +362,7 @@ def test_bad_python_and_dockerfile_keys(values: dict[str, object], expected: str
 
 
 def test_image_on_a_backend_that_cannot_run_one(project: Project) -> None:
-    """A backend without supports_images (the fake one here, as the qemu backend) refuses
+    """A backend without supports_images (the fake one here) refuses
     `image` with one message instead of ignoring it."""
     project.pyproject("\n[tool.pytest-isolate.envs.fakeenv]\nbackend = 'fake'\n"
                       "image = 'python:3.12-slim'\n", base="")
@@ -370,5 +370,5 @@ def test_image_on_a_backend_that_cannot_run_one(project: Project) -> None:
     result = project.run()
     text = result.stdout.str() + result.stderr.str()
     assert ("envs.fakeenv] key 'image': backend 'fake' cannot run an image yet (docker, "
-            "podman, chroot, lxc and schroot can)") in text, text
+            "podman, chroot, lxc, schroot and qemu can)") in text, text
     assert result.ret != 0

@@ -51,6 +51,8 @@ class QemuBackend(LibvirtDriver, SavedStates):
     name = "qemu"
     needs_root = False
     supports_snapshot = True
+    #: the image's root filesystem as the root disk (machine.py: provision, kernel_spec)
+    supports_images = True
     host_needs = HOST_NEEDS["qemu"]
     options = {
         "vm_driver": Option("a string", "QEMU driven directly, or a libvirt domain",

@@ -26,7 +26,14 @@ from pytest_isolate.images import initramfs as ird
 from pytest_isolate.images.deps import VENV
 from pytest_isolate.images.disk import ext4_from_paths, make_ext4
 from pytest_isolate.images.envvars import environment_variables, system_variables
-from pytest_isolate.images.kernel import ARCHES, TCG_CPUS, find_kernel, kvm_candidate, probe_kvm
+from pytest_isolate.images.kernel import (
+    ARCHES,
+    TCG_CPUS,
+    GuestKernel,
+    find_kernel,
+    kvm_candidate,
+    probe_kvm,
+)
 from pytest_isolate.images.rootfs import provision_rootfs
 from pytest_isolate.images.tree import ProjectTree, human, scan_tree, stage_tree
 from pytest_isolate.limits import cgroup_values
@@ -119,14 +126,15 @@ class Disk:
     mountpoint: str
 
 
-#: Runs inside the guest (busybox from the root filesystem): set the clock, then mount
+#: Runs inside the guest (the busybox /init copied into the root): set the clock, then mount
 #: each disk (found by its virtio serial number) read-only at its path.  Arguments:
-#: the time, then serial and mount point pairs.
+#: $0 the busybox, then the time, then serial and mount point pairs.
 MOUNT_DISKS = r"""
 set -e
+bb=$0
 read -r up _ </proc/uptime
 echo "started at uptime $up"
-busybox date -u -s "@$1" >/dev/null
+$bb date -u -s "@$1" >/dev/null
 shift
 while [ $# -ge 2 ]; do
     serial=$1 dir=$2 dev= n=0
@@ -143,10 +151,10 @@ while [ $# -ge 2 ]; do
             echo "the disk with serial $serial did not appear in the guest in 20s" >&2
             exit 1
         fi
-        busybox usleep 50000
+        $bb usleep 50000
     done
-    busybox mkdir -p "$dir"
-    busybox mount -t ext4 -o ro,noload "$dev" "$dir"
+    $bb mkdir -p "$dir"
+    $bb mount -t ext4 -o ro,noload "$dev" "$dir"
     read -r up _ </proc/uptime
     echo "$serial after $n polls, mounted at uptime $up"
 done
@@ -177,6 +185,33 @@ class VmLaunch(Launch):
     how: str = ""
 
 
+def kernel_spec(spec: EnvSpec) -> EnvSpec:
+    """The Debian root filesystem a machine of an image takes its kernel (when the image
+    has none) and its initramfs's static busybox from: the environment's architecture
+    and release, nothing but the kernel package and busybox-static (python3 comes with
+    every root filesystem), so every image of an architecture shares one."""
+    return EnvSpec(name=f"{spec.name} (kernel)", backend=spec.backend, arch=spec.arch,
+                   release=spec.release, mirror=spec.mirror,
+                   packages=(ARCHES[spec.arch][0], "busybox-static"),
+                   sources={"packages": "the VM's kernel and busybox (built-in)"})
+
+
+def guest_kernel(spec: EnvSpec, root: Path, tools: Path) -> tuple[GuestKernel, str]:
+    """The kernel a machine boots, and where it comes from (for `envs` and the log): the
+    root filesystem's own when it has one with its modules, else (an image's root) the
+    Debian kernel package in tools."""
+    try:
+        return find_kernel(root), ("the image's /boot" if spec.from_image
+                                   else f"Debian {spec.release}'s {ARCHES[spec.arch][0]}")
+    except LookupError as exc:
+        if root == tools:
+            raise ProvisionError(str(exc)) from None
+    try:
+        return find_kernel(tools), f"Debian {spec.release}'s {ARCHES[spec.arch][0]}"
+    except LookupError as exc:
+        raise ProvisionError(str(exc)) from None
+
+
 class QemuBase(Backend):
     """The VM backend's building blocks (and its ready(): handshake, disks); QemuBackend adds
     its check, reap and launch."""
@@ -196,34 +231,52 @@ class QemuBase(Backend):
 
     # -------------------------------------------------------------- provision
     def provision(self, spec: EnvSpec) -> Entry:
+        """The machine's files (kernel, initramfs, root disk) as a "vmdisk" cache entry.
+
+        The root disk is the Debian root filesystem (the spec's plus a kernel and busybox),
+        or an image's root filesystem (image_rootfs.py: the same export chroot uses).  An
+        image's kernel is its own when its /boot has one with modules, else the Debian
+        kernel package of the environment's architecture, from a Debian root filesystem
+        cached separately (kernel_spec) that also gives the static busybox of the initramfs.
+        """
         log = self.run.log_path(spec.name, "provision.log")
-        rootfs = provision_rootfs(self.rootfs_spec(spec), self.run.cache, log, self.run.rootdir,
-                                  self.run.progress)
+        if spec.from_image:
+            from pytest_isolate.backends.image_rootfs import provision_image_rootfs
+
+            rootfs = provision_image_rootfs(spec, self.run.cache, log, self.run.progress,
+                                            self.run.rootdir)
+            tools = provision_rootfs(kernel_spec(spec), self.run.cache, log, self.run.rootdir,
+                                     self.run.progress)
+            described = {"image": spec.image or f"built from {spec.dockerfile}",
+                         "digest": rootfs.manifest.get("digest")}
+        else:
+            rootfs = tools = provision_rootfs(self.rootfs_spec(spec), self.run.cache, log,
+                                              self.run.rootdir, self.run.progress)
+            described = {"spec": spec.rootfs_fields()}
         fields = {"format": VMDISK_FORMAT, "initramfs": ird.INITRAMFS_FORMAT,
-                  "rootfs": rootfs.key}
+                  "rootfs": rootfs.key, "tools": tools.key}
 
         def build(data: Path, log_path: Path) -> dict[str, Any]:
             self.run.progress(f"making the VM disk and initramfs for {spec.name!r}")
             data.mkdir(parents=True)
-            try:
-                kernel = find_kernel(rootfs.data)
-            except LookupError as exc:
-                raise ProvisionError(str(exc)) from None
+            kernel, kernel_from = guest_kernel(spec, rootfs.data, tools.data)
             shutil.copyfile(kernel.image, data / "vmlinuz")
-            busybox = next((p for p in (rootfs.data / "usr/bin/busybox",
-                                        rootfs.data / "bin/busybox") if p.exists()), None)
+            busybox = next((p for p in (tools.data / "usr/bin/busybox",
+                                        tools.data / "bin/busybox") if p.exists()), None)
             if busybox is None:
-                raise ProvisionError(f"no busybox in {rootfs.data} (busybox-static missing)")
+                raise ProvisionError(f"no busybox in {tools.data} (busybox-static missing)")
             try:
                 modules = ird.build_initramfs(busybox, kernel.modules, data / "initramfs.img",
                                               compress=False)
             except (LookupError, OSError) as exc:
                 raise ProvisionError(f"cannot build the initramfs: {exc}") from None
             make_ext4(rootfs.data, data / "root.img", label="isolate-root")
-            return {"kernel": kernel.version, "modules": modules, "rootfs_key": rootfs.key}
+            return {"kernel": kernel.version, "kernel_from": kernel_from, "modules": modules,
+                    "rootfs_key": rootfs.key,
+                    **({"reference": spec.image} if spec.image is not None else {})}
 
         return self.run.cache.get_or_build("vmdisk", content_hash(fields), build,
-                                           {**fields, "spec": spec.rootfs_fields()}, log)
+                                           {**fields, **described}, log)
 
     def _site_image(self) -> Path:
         """The shipped pytest packages as a cached ext4 image (keyed by their files)."""
@@ -394,7 +447,7 @@ class QemuBase(Backend):
         env = {**system_variables(), "TERM": "dumb"}
         env.update(environment_variables(boot_spec(spec)))
         if not agent_argv[0].startswith("/"):  # switch_root does no PATH lookup; env(1) does
-            agent_argv = ["/usr/bin/env", *agent_argv]
+            agent_argv = [ird.GUEST_BUSYBOX, "env", *agent_argv]
         extra = ird.instance_archive(f"isolate-{spec.name}"[:63], agent_argv, env, spec.network)
         with open(dest, "wb") as out, open(base, "rb") as src:
             shutil.copyfileobj(src, out)
@@ -485,7 +538,8 @@ class QemuBase(Backend):
             launch.marks("agent ready")
             pairs = [w for d in launch.disks for w in (d.serial, d.mountpoint)]
             reply, out = instance.conn.call(
-                0, message("exec", argv=["busybox", "sh", "-c", MOUNT_DISKS, "sh",
+                0, message("exec", argv=[ird.GUEST_BUSYBOX, "sh", "-c", MOUNT_DISKS,
+                                         ird.GUEST_BUSYBOX,
                                          str(int(time.time())), *pairs],
                            timeout=HANDSHAKE_TIMEOUT),
                 timeout=HANDSHAKE_TIMEOUT + 5)
