@@ -128,6 +128,8 @@ from pytest_isolate.spec import EnvSpec, content_hash
 
 #: Bump when the way images are made changes, so old tags are not reused.
 IMAGE_FORMAT = 1
+#: Seconds the image's dpkg may take to install an environment's packages.
+PACKAGES_TIMEOUT = 1800
 #: The cache entries that stand for images on an engine (see DockerBackend._record_image).
 IMAGE_KIND = "docker-image"
 #: The cache entries that pin a user's image (``image = REF``): its digest, id and python3.
@@ -397,14 +399,26 @@ class DockerBackend(Backend):
                                      lambda: self._import_rootfs(spec, rootfs, key, tag, log))
         base, pulled = self._base_image(spec, log)
         digest = docker_pull.pinned_digest(base, str(spec.image))
+        pinned = {"reference": spec.image, "digest": digest}
+        packaged: Entry | None = None
+        if spec.packages:  # python3 may be one of them: checked on the image they make
+            key = content_hash({"base": base.id, "packages": sorted(spec.packages),
+                                "mirror": spec.mirror, "docker_image_format": IMAGE_FORMAT,
+                                **self.engine_key()})
+            tag = f"{repository(spec.name)}:{key}"
+            with_base = base
+            packaged = self._image_entry(
+                spec, key, tag, log.parent, log,
+                lambda: self._commit_packages(spec, with_base, key, tag, log), pinned)
+            with self.engine.calls(f"finding image {tag}"):
+                base = self.client().images.get(packaged.manifest["id"])
         pin = self._pin(spec, base, digest, log)
         check_python_version(spec, str(pin.manifest.get("python") or ""))
-        pinned = {"reference": spec.image, "digest": digest}
         if not spec.setup:
-            return Entry("docker", pin.key, pin.path,
-                         {"image": base.id, "base": spec.image, **pinned},
-                         hit=pin.hit and pulled is None,
-                         build_seconds=(pulled or 0.0) + pin.build_seconds)
+            return packaged or Entry("docker", pin.key, pin.path,
+                                     {"image": base.id, "base": spec.image, **pinned},
+                                     hit=pin.hit and pulled is None,
+                                     build_seconds=(pulled or 0.0) + pin.build_seconds)
         key = content_hash({"base": base.id, "setup": list(spec.setup), "network": spec.network,
                             "docker_image_format": IMAGE_FORMAT, **self.engine_key()})
         tag = f"{repository(spec.name)}:{key}"
@@ -484,7 +498,8 @@ class DockerBackend(Backend):
 
         fix = (f"name an image that has python{'.'.join(map(str, MIN_PYTHON))} or newer as "
                f"{python!r} (e.g. python:3.12-slim, or a Debian or Alpine image built with it "
-               "installed), or leave `image` unset to use the Debian image pytest-isolate builds")
+               "installed; for a Debian-based image, \"python3\" in its `packages`), or leave "
+               "`image` unset to use the Debian image pytest-isolate builds")
         where = f"image {spec.image!r} (from {spec.source('image')})"
         code, out = self._probe_python(spec, image, python, where, fix)
         parts = out.splitlines()[-1].split(".") if code == 0 and out else []
@@ -602,6 +617,83 @@ class DockerBackend(Backend):
         finally:
             remove_container(container)
 
+    def _commit_packages(self, spec: EnvSpec, base: Any, key: str, tag: str, log: Path) -> None:
+        """The image with spec.packages installed (images/debs.py): the host's apt fetches
+        them for the image's release and dpkg status, read from a container of it, and
+        the image's dpkg installs them there, with no network and no python3 needed."""
+        import io
+        import tarfile
+        import tempfile
+
+        from pytest_isolate.images import debs
+
+        what = f"image {spec.image!r} (from {spec.source('image')})"
+        # the script is copied in with the packages: its plan is known once they are
+        script = (f"/bin/sh {debs.DEBS_DIR}/install.sh; status=$?; rm -rf {debs.DEBS_DIR}; "
+                  "exit $status")
+        container = self._create(spec, base.id, [], purpose="packages",
+                                 entrypoint=["/bin/sh", "-c", script], command=["packages"])
+        try:
+            status = self._read_file(container, "/var/lib/dpkg/status", what)
+            os_release = next((text for path in ("/usr/lib/os-release", "/etc/os-release")
+                               if (text := self._read_file(container, path, what))), None)
+            codename = debs.debian_codename(
+                None if os_release is None else os_release.decode(errors="replace"),
+                status is not None, what, spec.packages, spec.mirror)
+            assert status is not None
+            with tempfile.TemporaryDirectory(prefix=f"docker-{key}.",
+                                             dir=self.run.cache.root / "tmp") as tmp:
+                found, install = debs.download(spec, codename, status, Path(tmp) / "debs",
+                                               Path(tmp) / "work", log, self.run.progress, what)
+                (Path(tmp) / "debs" / "install.sh").write_text(install)
+                archive = io.BytesIO()
+                with tarfile.open(fileobj=archive, mode="w") as tar:
+                    for path in [*found, Path(tmp) / "debs" / "install.sh"]:
+                        tar.add(path, arcname=f"{debs.DEBS_DIR.lstrip('/')}/{path.name}")
+                with self.engine.calls(f"copying packages into a container of {what}"):
+                    container.put_archive("/", archive.getvalue())
+            self.run.progress(f"{self.name}: installing {len(found)} packages into {what}")
+            with self.engine.calls(f"installing the packages of {spec.name!r} into {what}"):
+                container.start()
+                code = int(container.wait(timeout=PACKAGES_TIMEOUT).get("StatusCode", -1))
+                out = container.logs(stdout=True, stderr=True)
+            with open(log, "ab") as f:
+                f.write(out)
+            if code != 0:
+                raise ProvisionError(f"{self.name}: installing the packages of {spec.name!r} "
+                                     f"into {what} failed with exit status {code}",
+                                     out.decode(errors="replace")[-4000:], str(log))
+            repo, _, name = tag.rpartition(":")
+            with self.engine.calls(f"committing the packages of {spec.name!r}"):
+                container.commit(repository=repo, tag=name,
+                                 changes=[f'LABEL "{LABEL}.key"="{key}"'])
+        finally:
+            remove_container(container)
+
+    def _read_file(self, container: Any, path: str, what: str) -> bytes | None:
+        """A regular file of a container (created or running); None when it has none."""
+        import io
+        import tarfile
+
+        missing = ProvisionError(f"{path} is not in {what}")
+
+        def explain(words: str, status: int | None) -> ProvisionError:
+            return missing if status == 404 else ProvisionError(
+                f"{self.name}: reading {path} of a container of {what} failed: {words}")
+
+        try:
+            with self.engine.calls(f"reading {path} of a container of {what}", explain):
+                stream, _ = container.get_archive(path)
+                data = b"".join(stream)
+        except ProvisionError as exc:
+            if exc is missing:
+                return None
+            raise
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = next((m for m in tar if m.isfile()), None)
+            handle = tar.extractfile(member) if member is not None else None
+            return handle.read() if handle is not None else None
+
     def _run_setup(self, container: Any, spec: EnvSpec, rootdir: str, log: Path) -> None:
         """Each setup command in container, its output in the provision log; ProvisionError
         with the output's tail at the first that fails."""
@@ -622,9 +714,10 @@ class DockerBackend(Backend):
 
     # ------------------------------------------------------------------ containers
     def _create(self, spec: EnvSpec, image: str, binds: list[list[Any]], purpose: str,
-                command: list[str] | None = None) -> Any:
-        """A container of image; its main process is python3 running command (default:
-        MAIN_PROCESS), as the entrypoint, so an image's own ENTRYPOINT does not wrap it."""
+                command: list[str] | None = None, entrypoint: list[str] | None = None) -> Any:
+        """A container of image; its main process is python3 (or entrypoint) running command
+        (default: MAIN_PROCESS), as the entrypoint, so an image's own ENTRYPOINT does not
+        wrap it."""
         docker = sdk()
         mounts = [docker.types.Mount(target=dst, source=src, type="bind", read_only=bool(ro))
                   for src, dst, ro in binds]
@@ -643,7 +736,7 @@ class DockerBackend(Backend):
                     resources["cpuset_cpus"] = cpu_list(cpus)
         with self.engine.calls(f"creating a container of {image}"):
             return self.client().containers.create(
-                image, entrypoint=[spec.option("python", "python3")],
+                image, entrypoint=entrypoint or [spec.option("python", "python3")],
                 command=command or ["-c", MAIN_PROCESS],
                 name=re.sub(r"[^a-zA-Z0-9_.-]", "-", name), hostname=f"isolate-{spec.name}"[:63],
                 labels=self.labels(spec), network_mode=self.network_mode(spec),

@@ -6,7 +6,8 @@ same progress, credentials and messages); a container of it is created (never st
 and the engine's export of it -- the image's layers flattened -- is unpacked into a cache
 entry of kind ``image-rootfs``, keyed by the image's digest and id, so the same image runs
 in a chroot and a container and a moved tag is a new entry. Unpacking keeps owners and
-device nodes, so it needs root.
+device nodes, so it needs root. The environment's `packages` are installed into the
+export by the image's own dpkg (images/debs.py), in an entry of their own.
 """
 
 from __future__ import annotations
@@ -55,19 +56,27 @@ def provision_image_rootfs(spec: EnvSpec, cache: Any, log: Path, progress: Any,
     spec = with_built_image(client, spec, rootdir, progress, log)
     image, _ = image_of(Engine("docker", lambda: client, engine_error), spec, progress, log)
     digest = pinned_digest(image, str(spec.image))
-    key = content_hash({"digest": digest, "id": image.id, "format": FORMAT})
+    # packages installed into the export make another entry (and none keeps the old key)
+    packages = {"packages": sorted(spec.packages), "mirror": spec.mirror} if spec.packages else {}
+    key = content_hash({"digest": digest, "id": image.id, "format": FORMAT, **packages})
 
     def build(data: Path, log_path: Path) -> dict[str, Any]:
         progress(f"{spec.backend}: exporting the root filesystem of {spec.image} ({digest})")
         export(client, image.id, data, log_path)
+        if spec.packages:
+            from pytest_isolate.images.debs import install_in_root
+
+            install_in_root(spec, data, f"image {spec.image!r} (from {spec.source('image')})",
+                            log_path, progress)
         if not any((data / d / "python3").exists() or (data / d / "python3").is_symlink()
                    for d in PYTHON_DIRS):
             raise ProvisionError(
                 f"{spec.backend}: image {spec.image!r} (from {spec.source('image')}) has no "
                 f"python3 in /{', /'.join(PYTHON_DIRS)} (the agent that runs tests inside "
-                "needs one); name an image that has python3.9 or newer (e.g. python:3.12-slim)")
+                "needs one); name an image that has python3.9 or newer (e.g. python:3.12-slim), "
+                "or, for a Debian-based image, add \"python3\" to its `packages`")
         return {"reference": spec.image, "digest": digest, "id": image.id,
-                "python": python_version_in(data)}
+                "python": python_version_in(data), **packages}
 
     entry: Entry = cache.get_or_build(KIND, key, build, {"env": spec.name, "image": spec.image},
                                       log)

@@ -35,6 +35,7 @@ from pytest_isolate.backends.base import RunContext
 from pytest_isolate.backends.docker import DockerBackend
 from pytest_isolate.backends.docker_engine import LABEL
 from pytest_isolate.errors import ProvisionError
+from pytest_isolate.images.kernel import ARCHES
 from pytest_isolate.spec import EnvSpec
 
 REGISTRY = "/usr/bin/docker-registry"
@@ -455,13 +456,15 @@ def test_missing_image_fails_its_tests_with_one_message(
     assert f"image {good}: pinned at {logged_in.digests['isolate/debian']}" in envs.stdout
 
 
-def test_same_image_runs_under_chroot_lxc_schroot_and_docker(
+def test_same_image_runs_under_chroot_lxc_schroot_docker_and_qemu(
         logged_in: Seeded, client: Any, pytestconfig: pytest.Config, tmp_path: Path) -> None:
     """The chroot backend runs the image's root filesystem, exported from the engine into
     the cache by digest: the same files as in a container of it; lxc and schroot run the
-    same export (one cache entry for all three)."""
+    same export (one cache entry for all three), and a VM boots it as its root disk with
+    the Debian kernel package of its release (the image has no kernel)."""
     from pytest_isolate.backends.chroot import ChrootBackend
     from pytest_isolate.backends.lxc import LxcBackend
+    from pytest_isolate.backends.qemu import QemuBackend
     from pytest_isolate.backends.schroot import SchrootBackend
 
     ref = logged_in.ref("isolate/debian")
@@ -482,12 +485,19 @@ def test_same_image_runs_under_chroot_lxc_schroot_and_docker(
         chroot.provision(dataclasses.replace(chroot_spec, python="3.11"))
     others = [(cls(make_backend(pytestconfig, tmp_path / name).run),
                dataclasses.replace(docker_spec, name=f"{docker_spec.name}-{name}", backend=name))
-              for name, cls in (("lxc", LxcBackend), ("schroot", SchrootBackend))]
+              for name, cls in (("lxc", LxcBackend), ("schroot", SchrootBackend),
+                                ("qemu", QemuBackend))]
     seen = []
     for backend, spec in ((chroot, chroot_spec), (docker_backend, docker_spec), *others):
         backend.check(spec)
         entry = backend.provision(spec)
-        if backend is not docker_backend:
+        if isinstance(backend, QemuBackend):  # its disk is made of the same export
+            assert entry.kind == "vmdisk" and entry.manifest["rootfs_key"] == rootfs.key
+            assert entry.manifest["reference"] == spec.image
+            kernel_package = ARCHES[spec.arch][0]
+            assert entry.manifest["kernel_from"] == (f"Debian {spec.release}'s "
+                                                     f"{kernel_package}"), entry.manifest
+        elif backend is not docker_backend:
             assert entry.path == rootfs.path, (spec.backend, entry.path)
         instance = backend.start(spec, entry)
         try:
@@ -495,7 +505,7 @@ def test_same_image_runs_under_chroot_lxc_schroot_and_docker(
                          run_in(instance, ["python3", "-c", "import sys; print(sys.version)"])))
         finally:
             instance.stop()
-    assert seen[0] == seen[1] == seen[2] == seen[3], seen
+    assert len(seen) == 5 and all(each == seen[0] for each in seen), seen
     assert seen[0][0][1].startswith("debian-1\n"), seen
 
     # an image without python3: said when it is exported, and nothing is cached
@@ -506,3 +516,78 @@ def test_same_image_runs_under_chroot_lxc_schroot_and_docker(
     assert (f"chroot: image {nopython.image!r} (from {nopython.source('image')}) has no "
             "python3") in str(info.value)
     assert not [e for e in manager.cache.entries() if e.manifest.get("reference") == nopython.image]
+
+
+# ---------------------------------------------------------------- packages on an image
+
+
+def python_less_debian_image(client: Any, base: str, ref: str) -> None:
+    """ref: the Debian image base with python3 purged (dpkg says so too), on the engine only."""
+    purge = ("dpkg --purge --force-depends --force-remove-essential "
+             "$(dpkg-query -W -f '${Package}\\n' 'python3*' 'libpython3*') >/dev/null")
+    container = client.containers.create(base, entrypoint=["/bin/sh", "-c", purge],
+                                         network_disabled=True)
+    try:
+        container.start()
+        assert container.wait(timeout=120)["StatusCode"] == 0, container.logs()
+        repo, _, tag = ref.rpartition(":")
+        container.commit(repository=repo, tag=tag,
+                         changes=[f'LABEL "{LABEL}.key"="" "{LABEL}.rootfs"=""'])
+    finally:
+        container.remove(force=True)
+
+
+def test_packages_on_a_debian_image_are_installed_by_its_dpkg(
+        logged_in: Seeded, client: Any, pytestconfig: pytest.Config, tmp_path: Path) -> None:
+    """`packages` on a Debian-based image without python3: the host's apt fetches them
+    (and python3) for the image's release, the image's dpkg installs them, with no network
+    inside; the docker backend commits an image of it, chroot a cache entry of the export.
+    Both are made once. A non-Debian image with packages is one clear error."""
+    from pytest_isolate.backends.chroot import ChrootBackend
+
+    ref = logged_in.ref("isolate/nopy-debian")  # never pushed: removed with the pulled ones
+    python_less_debian_image(client, logged_in.base_image, ref)
+    spec = image_spec(logged_in, ref, packages=("python3", "hello"))
+    docker_backend = make_backend(pytestconfig, tmp_path / "docker")
+    chroot = ChrootBackend(make_backend(pytestconfig, tmp_path / "chroot").run)
+    chroot_spec = dataclasses.replace(spec, name=f"{spec.name}-chroot", backend="chroot")
+    made: list[str] = []
+    try:
+        seen = []
+        for backend, each in ((docker_backend, spec), (chroot, chroot_spec)):
+            backend.check(each)
+            entry = backend.provision(each)
+            assert not entry.hit
+            if backend is docker_backend:
+                made.append(entry.manifest["image"])
+            else:
+                assert entry.kind == "image-rootfs"
+                assert entry.manifest["packages"] == ["hello", "python3"]
+                assert entry.manifest["python"] == "3.13"  # python3 came with the packages
+            assert backend.provision(each).hit  # made once
+            instance = backend.start(each, entry)
+            try:
+                seen.append((run_in(instance, ["hello"]),
+                             run_in(instance, ["python3", "-c",
+                                               "import sys; print(sys.version_info[:2])"]),
+                             run_in(instance, ["ls", "-A", "/.isolate"])))
+            finally:
+                instance.stop()
+        assert seen[0][:2] == seen[1][:2] == ((0, "Hello, world!\n"), (0, "(3, 13)\n")), seen
+        assert "debs" not in seen[0][2][1] and "debs" not in seen[1][2][1], seen
+        log = (tmp_path / "docker" / "logs").rglob("provision.log")
+        assert any("Setting up hello" in p.read_text() for p in log)
+
+        # not Debian-based: said once, naming the image and the fix
+        other = image_spec(logged_in, logged_in.ref("isolate/nopython"), packages=("hello",))
+        for backend, each in ((docker_backend, other),
+                              (chroot, dataclasses.replace(other, backend="chroot"))):
+            with pytest.raises(ProvisionError) as info:
+                backend.provision(each)
+            assert (f"image {other.image!r} (from {other.source('image')}) is not Debian-based "
+                    "(no /etc/os-release, no dpkg), so its packages (hello) cannot be "
+                    "installed") in str(info.value), (each.backend, str(info.value))
+    finally:
+        for tag in made:
+            with contextlib.suppress(Exception):
+                client.images.remove(tag, force=True)
