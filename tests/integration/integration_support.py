@@ -8,10 +8,12 @@ sys.path).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import textwrap
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +45,58 @@ def wait_for_log(proc: subprocess.Popen[bytes], log: Path, text: str, what: str,
     """Wait until a daemon a test started writes text to its log (it listens)."""
     wait_for(f"{what} to start listening ({text!r} in {log})", lambda: text in log.read_text(),
              seconds, proc, explain=lambda: log.read_text()[-3000:])
+
+
+#: An sshd of our own (its config, keys and log in a directory of the test's): never the
+#: system service.
+SSHD = "/usr/sbin/sshd"
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (sshd's per-connection sessions)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pytest-isolate",
+                    "-f", str(path)], check=True)
+    return path.with_suffix(".pub").read_text()
+
+
+def start_sshd(base: Path, port: int) -> subprocess.Popen[bytes]:
+    host_pub = keygen(base / "host_key")
+    (base / "authorized_keys").write_text(keygen(base / "client_key"))
+    config = base / "sshd_config"
+    config.write_text(textwrap.dedent(f"""\
+        ListenAddress 127.0.0.1
+        HostKey {base}/host_key
+        AuthorizedKeysFile {base}/authorized_keys
+        PermitRootLogin prohibit-password
+        PasswordAuthentication no
+        KbdInteractiveAuthentication no
+        UsePAM no
+        StrictModes no
+        PidFile none
+    """))
+    home_ssh = base / "home" / ".ssh"
+    home_ssh.mkdir(parents=True)
+    shutil.copy(base / "client_key", home_ssh / "id_ed25519")
+    os.chmod(home_ssh / "id_ed25519", 0o600)
+    (home_ssh / "known_hosts").write_text(
+        f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n")
+    # sshd insists on its privilege separation directory (compiled in; the system's
+    # sshd service would make it)
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    with open(base / "sshd.log", "wb") as log:
+        return subprocess.Popen([SSHD, "-D", "-e", "-f", str(config), "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
 #: The unprivileged user scripts/setup.sh (`pytest-isolate setup`) creates.

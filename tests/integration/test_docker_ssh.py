@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from integration_support import free_port, stop, wait_for_log
+from integration_support import SSHD, children, free_port, keygen, start_sshd, stop, wait_for_log
 from shared_support import output, run_pytest
 
-SSHD = "/usr/sbin/sshd"
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="the loopback sshd logs in as root"),
@@ -57,53 +56,6 @@ class Sshd:
 
     def env(self, **extra: str) -> dict[str, str]:
         return {"HOME": str(self.home), "DOCKER_HOST": self.url, **extra}
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is pid (sshd's per-connection sessions)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rpartition(")")[2].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
-
-
-def keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pytest-isolate",
-                    "-f", str(path)], check=True)
-    return path.with_suffix(".pub").read_text()
-
-
-def start_sshd(base: Path, port: int) -> subprocess.Popen[bytes]:
-    host_pub = keygen(base / "host_key")
-    (base / "authorized_keys").write_text(keygen(base / "client_key"))
-    config = base / "sshd_config"
-    config.write_text(textwrap.dedent(f"""\
-        ListenAddress 127.0.0.1
-        HostKey {base}/host_key
-        AuthorizedKeysFile {base}/authorized_keys
-        PermitRootLogin prohibit-password
-        PasswordAuthentication no
-        KbdInteractiveAuthentication no
-        UsePAM no
-        StrictModes no
-        PidFile none
-    """))
-    home_ssh = base / "home" / ".ssh"
-    home_ssh.mkdir(parents=True)
-    shutil.copy(base / "client_key", home_ssh / "id_ed25519")
-    os.chmod(home_ssh / "id_ed25519", 0o600)
-    (home_ssh / "known_hosts").write_text(
-        f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n")
-    # sshd insists on its privilege separation directory (compiled in; the system's
-    # sshd service would make it)
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-    with open(base / "sshd.log", "wb") as log:
-        return subprocess.Popen([SSHD, "-D", "-e", "-f", str(config), "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,8 @@ class QemuBackend(LibvirtDriver, SavedStates):
         "vm_snapshot": Option("true or false", "save the booted machine and restore it "
                               "instead of booting"),
         "libvirt_uri": Option("a string", "the libvirt connection of the libvirt driver"),
+        "libvirt_pool": Option("a string", "the storage pool a remote libvirt gets the "
+                               "machine's kernel and disks in"),
         "accel": Option("a string", "the accelerator (auto: KVM after a probe, else TCG)",
                         choices=("auto", "kvm", "tcg")),
         "cpu": Option("a string", "the CPU model under TCG"),

@@ -15,6 +15,7 @@ from typing import Any
 from pytest_isolate.backends.base import agent_command
 from pytest_isolate.backends.qemu.machine import (
     BOOT_TIMEOUT,
+    PROJECT_SERIAL,
     Disk,
     Marks,
     QemuBase,
@@ -26,6 +27,15 @@ from pytest_isolate.backends.qemu.machine import (
 )
 from pytest_isolate.backends.qemu.qmp import QMP_TIMEOUT
 from pytest_isolate.backends.qemu.reaping import socket_dir
+from pytest_isolate.backends.qemu.remote import (
+    POOL,
+    RemotePool,
+    delete_volume,
+    group_of,
+    is_remote,
+    open_streams,
+    start_event_loop,
+)
 from pytest_isolate.backends.qemu.transport import LibvirtProcess, destroy_domain
 from pytest_isolate.cache import Entry
 from pytest_isolate.errors import AgentLost, BackendUnavailable
@@ -61,6 +71,7 @@ class LibvirtDriver(QemuBase):
 
             # errors are raised as libvirtError; keep them off stderr
             libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+            start_event_loop(libvirt)  # before the first connection (remote.py)
         except ImportError:
             raise BackendUnavailable(
                 self.name, "the libvirt driver needs the libvirt-python package",
@@ -114,6 +125,7 @@ class LibvirtDriver(QemuBase):
         qemu_log = self.run.log_path(spec.name, "qemu.log")
         marks = Marks()
         local = uri.startswith("qemu:///")
+        remote = is_remote(uri)
         name = f"pytest-isolate-{self.run.run_id}-{spec.name}-{os.urandom(3).hex()}"
         disks = self.disks(spec)
         conn = self._libvirt_connect(libvirt, uri)
@@ -122,7 +134,12 @@ class LibvirtDriver(QemuBase):
         virt, why = self.libvirt_virt_type(spec, conn, uri, files, tmp)
         initrd = tmp / "initrd.img"
         self.write_initrd(files.initramfs, initrd, spec, agent_command(boot_spec(spec)))
-        xml = self.domain_xml(spec, files, initrd, tmp, console_log, name, disks, virt)
+        if remote:  # everything through libvirt's connection: that machine reads no path here
+            files, initrd, disks = self._upload(stack, spec, libvirt, conn, uri, name, files,
+                                                initrd, disks)
+            marks("uploaded")
+        xml = self.domain_xml(spec, files, initrd, tmp, console_log, name, disks, virt,
+                              remote=remote)
         with open(qemu_log, "a") as log:
             log.write(f"# libvirt {uri}: domain {name}, type {virt} ({why})\n{xml}\n")
         try:
@@ -131,17 +148,15 @@ class LibvirtDriver(QemuBase):
             raise AgentLost(f"{describe}: libvirt could not start the VM: {exc}") from None
         stack.callback(destroy_domain, dom, name, local)
         marks("domain started")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if remote:
+            bridge, console = open_streams(libvirt, conn, dom, ird.PORT_NAME, console_log,
+                                           describe)
+            stack.callback(console.close)
+            stack.callback(bridge.close)
+            sock = bridge.sock
+        else:
+            sock = self._agent_socket(tmp, describe)
         stack.callback(sock.close)  # the transport's own once launched (closing twice is no harm)
-        deadline = time.monotonic() + QMP_TIMEOUT
-        while True:
-            try:
-                sock.connect(str(tmp / "agent.sock"))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise AgentLost(f"{describe}: the agent's socket did not appear") from None
-                time.sleep(0.01)
         process = LibvirtProcess(dom, sock, describe, name, local, console_log,
                                  vm_memory_mib(spec))
         # the agent's source waits in the socket until the guest opens its port: the
@@ -150,6 +165,48 @@ class LibvirtDriver(QemuBase):
                         self.vm_settings(spec), float(spec.option("boot_timeout", BOOT_TIMEOUT)),
                         console_log=console_log, qemu_log=qemu_log, disks=disks, marks=marks,
                         how="boot (libvirt)")
+
+    def _agent_socket(self, tmp: Path, describe: str) -> socket.socket:
+        """The local libvirt's unix socket behind the agent's port, connected."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + QMP_TIMEOUT
+        while True:
+            try:
+                sock.connect(str(tmp / "agent.sock"))
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    sock.close()
+                    raise AgentLost(f"{describe}: the agent's socket did not appear") from None
+                time.sleep(0.01)
+
+    def _upload(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec, libvirt: Any,
+                conn: Any, uri: str, name: str, files: VmFiles, initrd: Path,
+                disks: list[Disk]) -> tuple[VmFiles, Path, list[Disk]]:
+        """The machine's files as volumes of the remote pool (remote.py): cached ones are
+        uploaded once, the instance's initrd for this start (deleted at its stop)."""
+        pool = RemotePool(libvirt, conn, uri, str(spec.option("libvirt_pool", POOL)),
+                          self.name)
+        started = time.monotonic()
+        with contextlib.suppress(OSError), open(self.run.log_path(spec.name, "qemu.log"),
+                                                "a") as log:
+            log.write(f"# uploading into pool {pool.pool.name()} of {uri}\n")
+        remote_files = VmFiles(Path(pool.file("kernel", files.kernel)), files.initramfs,
+                               Path(pool.file("root", files.root)),
+                               Path(pool.file("site", files.site)))
+        # a project's disk replaces the older ones of the same tree; a layer's is a cache
+        # entry of its own
+        remote_disks = [Disk(Path(pool.file(
+            disk.serial.removeprefix("isolate-"), disk.path,
+            group_of(str(self.run.rootdir)) if disk.serial == PROJECT_SERIAL else None)),
+            disk.serial, disk.mountpoint) for disk in disks]
+        path, volume = pool.data(f"isolate-initrd-{name}", initrd.read_bytes())
+        stack.callback(delete_volume, volume)
+        took = time.monotonic() - started
+        if took > 2:
+            self.run.progress(f"environment {spec.name!r}: uploaded the machine's images to "
+                              f"{uri} in {took:.1f}s")
+        return remote_files, Path(path), remote_disks
 
     def libvirt_virt_type(self, spec: EnvSpec, conn: Any, uri: str, files: VmFiles,
                           tmp: Path) -> tuple[str, str]:
@@ -177,7 +234,11 @@ class LibvirtDriver(QemuBase):
 
     def domain_xml(self, spec: EnvSpec, files: VmFiles, initrd: Path, tmp: Path,
                    console_log: Path, name: str, extra: list[Disk] | None = None,
-                   virt: str = "qemu") -> str:
+                   virt: str = "qemu", remote: bool = False) -> str:
+        """The transient domain.  Local: the console a file and the agent's port a socket
+        here, QEMU run as this user without relabelling the cached images.  Remote: the
+        console a pty and the port a socket libvirt allocates there (both read through
+        the connection), the files volumes of its pool, QEMU as that libvirt runs it."""
         from xml.sax.saxutils import escape, quoteattr
 
         _, binary, machine, console = ARCHES[spec.arch]
@@ -200,6 +261,17 @@ class LibvirtDriver(QemuBase):
                       f"<readonly/><serial>{serial}</serial></disk>")
         net = ("<interface type='user'><model type='virtio'/></interface>" if spec.network
                else "")
+        if remote:
+            console_xml = "<serial type='pty'/><console type='pty'/>"
+            channel_source = "<source mode='bind'/>"
+            seclabel = ""
+        else:
+            console_xml = (f"<serial type='file'><source path={quoteattr(str(console_log))} "
+                           "append='on'/></serial>")
+            channel_source = f"<source mode='bind' path={quoteattr(str(tmp / 'agent.sock'))}/>"
+            # run QEMU as the calling user, and never relabel (chown) the cached images
+            seclabel = (f"<seclabel type='static' model='dac' relabel='no'>"
+                        f"<label>+{os.getuid()}:+{os.getgid()}</label></seclabel>")
         return (
             f"<domain type='{virt}'><name>{escape(name)}</name>"
             f"<memory unit='MiB'>{vm_memory_mib(spec)}</memory>"
@@ -210,13 +282,9 @@ class LibvirtDriver(QemuBase):
             f"{cpu}<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>"
             f"<on_crash>destroy</on_crash><devices>"
             f"<emulator>{escape(shutil.which(binary) or binary)}</emulator>{disks}"
-            f"<serial type='file'><source path={quoteattr(str(console_log))} append='on'/>"
-            f"</serial>"
-            f"<channel type='unix'><source mode='bind' path={quoteattr(str(tmp / 'agent.sock'))}/>"
+            f"{console_xml}"
+            f"<channel type='unix'>{channel_source}"
             f"<target type='virtio' name='{ird.PORT_NAME}'/></channel>"
             f"{net}<controller type='usb' model='none'/><memballoon model='none'/>"
-            f"<video><model type='none'/></video></devices>"
-            # run QEMU as the calling user, and never relabel (chown) the cached images
-            f"<seclabel type='static' model='dac' relabel='no'>"
-            f"<label>+{os.getuid()}:+{os.getgid()}</label></seclabel></domain>"
+            f"<video><model type='none'/></video></devices>{seclabel}</domain>"
         )
