@@ -47,14 +47,17 @@ import procmem  # noqa: E402  (bench/ is on sys.path: this script's directory)
 from pytest_isolate.backends.base import SITE, shipped_paths  # noqa: E402
 
 BACKENDS = ("chroot", "docker", "lxc", "schroot")
+#: Measured when named in --backends (slow under TCG: use --tests 20 or so); no warm runs.
+VM_ENVS = ("qemu_vm", "arm64_vm")
 PYTEST = Path(sys.executable).parent / "pytest"
 CLOCK_PLUGIN = "isolate_bench_clock"
 #: Issue 13: pytest start -> first result with a warm cache: ("x", r) is r times the same
 #: test run locally in the same benchmark, ("s", t) is t seconds.
 FIRST_RESULT_TARGET = {"chroot": ("x", 1.3), "docker": ("s", 0.5), "lxc": ("x", 1.3),
-                       "schroot": ("x", 1.3)}
+                       "schroot": ("x", 1.3), "qemu_vm": ("s", 0.5), "arm64_vm": ("s", 0.5)}
 #: Issue 13: time added per test with a clean state per test.
-PER_TEST_TARGET_MS = {"chroot": 5.0, "docker": 8.0, "lxc": 5.0, "schroot": 5.0}
+PER_TEST_TARGET_MS = {"chroot": 5.0, "docker": 8.0, "lxc": 5.0, "schroot": 5.0,
+                      "qemu_vm": 30.0, "arm64_vm": 60.0}
 #: Issue 3: a fresh container per test must cost more than this many times our per test.
 NAIVE_RATIO_TARGET = 10.0
 SLEEP = 1.5
@@ -346,9 +349,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.tests, args.repeats, args.naive = 30, 1, 5
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(args.backends) - set(BACKENDS))
+    unknown = sorted(set(args.backends) - set(BACKENDS) - set(VM_ENVS))
     if unknown:
-        p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+        p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS + VM_ENVS)}")
     for option in args.option:
         env, dot, rest = option.partition(".")
         if not dot or env not in args.backends or "=" not in rest:
@@ -417,7 +420,7 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
         if b == "docker":
             docker_report = run.report
 
-    warm = [] if args.no_warm else list(backends)
+    warm = [] if args.no_warm else [b for b in backends if b not in VM_ENVS]
     for b in warm:  # a cold run that leaves the keeper the timed runs take spares from
         log(f"warm-up: {b} with --isolate-warm (starts its keeper)")
         run = run_pytest(project, [f"{b}_one_test.py", f"--isolate-warm={WARM_SECONDS}"], tmp)

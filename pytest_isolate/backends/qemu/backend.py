@@ -11,7 +11,7 @@ import signal
 from typing import Any
 
 from pytest_isolate.agent.wire import message
-from pytest_isolate.backends.base import agent_command, need_tool
+from pytest_isolate.backends.base import SITE, agent_command, need_tool
 from pytest_isolate.backends.qemu.libvirt import LibvirtDriver
 from pytest_isolate.backends.qemu.machine import (
     HANDSHAKE_TIMEOUT,
@@ -38,6 +38,8 @@ from pytest_isolate.spec import EnvSpec
 
 #: A restored agent must answer this fast, else the state is dropped and the VM booted.
 RESTORE_HELLO_TIMEOUT = 15.0
+#: Seconds the agent of a machine to be saved may take to import pytest (TCG is slow).
+PRELOAD_TIMEOUT = 300.0
 
 
 def vm_rootfs_spec(spec: EnvSpec) -> EnvSpec:
@@ -171,6 +173,12 @@ class QemuBackend(LibvirtDriver, SavedStates):
                     process.conn.bootstrap()
                     process.conn.call(0, message("hello"), timeout=HANDSHAKE_TIMEOUT)
                     marks("agent started")
+                    # pytest imported from the site disk (part of the state's key): a
+                    # restored agent starts pytest without importing it under TCG again
+                    process.conn.call(0, message("configure", settings={"site": SITE}),
+                                      timeout=HANDSHAKE_TIMEOUT)
+                    process.conn.call(0, message("preload"), timeout=PRELOAD_TIMEOUT)
+                    marks("pytest imported")
                     self._save_state(spec, vm, key, fields, qemu_log)
                     marks("state saved")
             # run-specific from here on: the guest finds the disks while the agent starts

@@ -16,7 +16,7 @@ from pytest_isolate.channel import AGENT_SOURCE, log_tail
 from pytest_isolate.errors import IsolateError
 from pytest_isolate.spec import EnvSpec, content_hash
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3  # 3: the agent has imported pytest (backend.py)
 #: Seconds to save or restore a machine state.
 STATE_TIMEOUT = 60.0
 
