@@ -143,7 +143,9 @@ class LibvirtDriver(QemuBase):
         with open(qemu_log, "a") as log:
             log.write(f"# libvirt {uri}: domain {name}, type {virt} ({why})\n{xml}\n")
         try:
-            dom = conn.createXML(xml, 0)
+            # a remote domain also ends when this connection does (a killed run's: no reaper
+            # of ours reaches that machine)
+            dom = conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY if remote else 0)
         except libvirt.libvirtError as exc:
             raise AgentLost(f"{describe}: libvirt could not start the VM: {exc}") from None
         stack.callback(destroy_domain, dom, name, local)

@@ -138,8 +138,11 @@ class RemotePool:
         size = path.stat().st_size
         try:
             volume = self._create(name, size)
-        except self.libvirt.libvirtError:  # another run began the same upload meanwhile
-            return self.file(kind, path, replaces)
+        except self.libvirt.libvirtError as exc:
+            if self._lookup(name) is not None:  # another run began the same upload meanwhile
+                return self.file(kind, path, replaces)
+            raise ProvisionError(f"{self.backend}: cannot make volume {name} in pool "
+                                 f"{self.pool.name()} of {self.uri} for {path}: {exc}") from None
         try:
             with open(path, "rb") as f:
                 self._send(volume, size, iter(lambda: f.read(CHUNK), b""))
