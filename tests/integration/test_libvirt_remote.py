@@ -228,3 +228,47 @@ def test_conformance_suite_through_a_qemu_ssh_pool_host(
     assert remote.logins() >= before + 2  # one connection per worker at least
     placed = json.loads(report.read_text())["environments"]
     assert {stats["endpoint"] for stats in placed.values()} == {remote.uri}, placed
+
+
+def test_a_killed_run_leaves_no_domain_on_the_remote(remote: Remote, tmp_path: Path,
+                                                     session_cache: str) -> None:
+    """SIGKILL while the remote machine runs (its agent started, the console read back
+    through the connection says so): no reaper of ours reaches that machine, so the
+    domain ends with the run's connection (AUTODESTROY).  What stays in the pool is the
+    instance's initrd volume (a few MB; `virsh vol-delete` removes it)."""
+    from shared_support import inner_environ, pytest_argv, wait_for
+
+    root = tmp_path / "project"
+    root.mkdir()
+    project(root, f'vm_driver = "libvirt", libvirt_uri = "{remote.uri}"')
+    (root / "test_remote.py").write_text(textwrap.dedent("""\
+        import time
+        import pytest
+
+        @pytest.mark.isolate("rvm")
+        def test_sleeps():
+            time.sleep(600)
+    """))
+    with open(tmp_path / "out.txt", "wb") as out:
+        proc = subprocess.Popen(pytest_argv(session_cache, "-q", "-s"), cwd=root,
+                                env=inner_environ(None), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        consoles = Path(session_cache) / "runs" / f"*-{proc.pid}" / "logs" / "rvm"
+
+        def agent_started() -> bool:
+            return any("starting agent" in c.read_text(errors="replace")
+                       for c in Path("/").glob(str(consoles / "console.log").lstrip("/")))
+
+        wait_for("the remote machine's agent to start", agent_started, 300, proc,
+                 explain=lambda: (tmp_path / "out.txt").read_text()[-3000:])
+        assert virsh(remote.uri, "list", "--name").strip()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+        wait_for("the remote domain to end", lambda: not virsh(
+            remote.uri, "list", "--name").strip(), 60)
+        left = [v for v in pool_volumes(remote.uri) if "initrd" in v]
+        assert len(left) == 1, pool_volumes(remote.uri)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
