@@ -127,5 +127,6 @@ def vm_kernel_line(spec: EnvSpec, kernels: dict[str, tuple[str, str]]) -> str | 
     if spec.image in kernels:
         version, source = kernels[spec.image]
         return f"kernel {version}, from {source}"
+    package = ARCHES[spec.arch][0] if spec.arch in ARCHES else "cloud kernel"
     return (f"kernel: the image's own when its /boot has one with its modules, else Debian "
-            f"{spec.release}'s {ARCHES[spec.arch][0]} (known after the first run)")
+            f"{spec.release}'s {package} (known after the first run)")
