@@ -62,3 +62,18 @@ def test_images_of_an_architecture_share_one_kernel_root() -> None:
     assert kernel_spec(IMAGE).rootfs_key() == plain.rootfs_key()
     arm = EnvSpec(name="arm", backend="qemu", arch="arm64", release="trixie", image="x:1")
     assert kernel_spec(arm).rootfs_key() != kernel_spec(IMAGE).rootfs_key()
+
+
+def test_envs_says_which_kernel_an_image_vm_boots() -> None:
+    from pytest_isolate.cli.envs import vm_kernel_line
+
+    kernels = {"example/app:1": ("6.12.0-deb", "Debian trixie's linux-image-cloud-amd64")}
+    assert vm_kernel_line(IMAGE, kernels) == (
+        "kernel 6.12.0-deb, from Debian trixie's linux-image-cloud-amd64")
+    assert vm_kernel_line(IMAGE, {}) == (
+        "kernel: the image's own when its /boot has one with its modules, else Debian "
+        "trixie's linux-image-cloud-amd64 (known after the first run)")
+    armhf = EnvSpec(name="a", backend="qemu", arch="armhf", image="x:1")
+    assert "else Debian trixie's cloud kernel" in str(vm_kernel_line(armhf, {}))
+    assert vm_kernel_line(EnvSpec(name="c", backend="chroot", image="x:1"), kernels) is None
+    assert vm_kernel_line(EnvSpec(name="q", backend="qemu"), kernels) is None
