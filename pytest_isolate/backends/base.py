@@ -345,6 +345,13 @@ class Backend(abc.ABC):
         return None
 
     @classmethod
+    def describe_image(cls, spec: EnvSpec, pin: Mapping[str, Any] | None) -> str | None:
+        """A line for `envs` on how this backend runs spec's image beyond what the image is
+        pinned at (pin: cli.common.image_pins' record, None before its first use); None:
+        nothing to add."""
+        return None
+
+    @classmethod
     def rootfs_spec(cls, spec: EnvSpec) -> EnvSpec:
         """The spec of the Debian root filesystem this backend builds for spec (a backend
         that adds packages says so here; `cache ls` and `envs` show the right key)."""

@@ -634,8 +634,8 @@ class DockerBackend(Backend):
         container = self._create(spec, base.id, [], purpose="packages",
                                  entrypoint=["/bin/sh", "-c", script], command=["packages"])
         try:
-            status = self._read_file(container, "/var/lib/dpkg/status", what)
-            os_release = next((text for path in ("/usr/lib/os-release", "/etc/os-release")
+            status = self._read_file(container, debs.DPKG_STATUS, what)
+            os_release = next((text for path in debs.OS_RELEASE
                                if (text := self._read_file(container, path, what))), None)
             codename = debs.debian_codename(
                 None if os_release is None else os_release.decode(errors="replace"),

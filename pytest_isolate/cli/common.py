@@ -200,15 +200,23 @@ def rootfs_key_of(spec: EnvSpec) -> str:
 
 def image_pins(root: Path, where: str) -> dict[str, dict[str, Any]]:
     """Per image reference, the newest cache record of what it resolved to (its digest,
-    as the docker backend pinned it when it last provisioned it)."""
+    as the docker backend pinned it when it last provisioned it), with "kernel" ("VERSION,
+    from WHERE") when a machine booted it (the newest of its VM disks), in one listing."""
     pins: dict[str, tuple[float, dict[str, Any]]] = {}
+    kernels: dict[str, tuple[float, str]] = {}
     for item in open_cache(root, where, create=False).listing(with_size=False):
         ref, digest = item.manifest.get("reference"), item.manifest.get("digest")
-        newer = isinstance(ref, str) and (ref not in pins or pins[ref][0] < item.last_use)
-        if newer and isinstance(ref, str) and isinstance(digest, str):
+        if not isinstance(ref, str):
+            continue
+        if "kernel_from" in item.manifest:
+            if ref not in kernels or kernels[ref][0] < item.last_use:
+                kernels[ref] = (item.last_use, f"{item.manifest.get('kernel')}, from "
+                                               f"{item.manifest['kernel_from']}")
+        elif isinstance(digest, str) and (ref not in pins or pins[ref][0] < item.last_use):
             pins[ref] = (item.last_use, {"digest": digest, "last_use": item.last_use,
                                          "python": item.manifest.get("python")})
-    return {ref: pin for ref, (_, pin) in pins.items()}
+    return {ref: {**pin, **({"kernel": kernels[ref][1]} if ref in kernels else {})}
+            for ref, (_, pin) in pins.items()}
 
 
 def envs_by_key(specs: dict[str, EnvSpec]) -> dict[str, list[str]]:

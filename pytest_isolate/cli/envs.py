@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_isolate.cli.common import (
@@ -15,7 +14,7 @@ from pytest_isolate.cli.common import (
     dump_json,
     format_age,
     image_pins,
-    open_cache,
+    load_backend,
     out,
     resolve_specs,
     rootfs_key_of,
@@ -37,7 +36,6 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
     names = args.names or list(specs)
     root, where = cache_location(args, project)
     pins = image_pins(root, where)
-    kernels = vm_kernels(root, where)
     fields = [f.name for f in dataclasses.fields(EnvSpec) if f.name not in ("name", "sources")]
     result: dict[str, Any] = {}
     for name in names:
@@ -59,7 +57,7 @@ def cmd_envs(args: argparse.Namespace, project: Project) -> int:
             "rootfs_key": key,
             "rootfs_cached": read_manifest(root / "rootfs" / key) is not None,
             "image_pin": pins.get(spec.image) if spec.image else None,
-            "kernel": vm_kernel_line(spec, kernels),
+            "kernel": image_line_of_backend(spec, pins.get(spec.image) if spec.image else None),
         }
     if args.json:
         dump_json({"pyproject": str(project.pyproject) if project.pyproject else None,
@@ -104,29 +102,10 @@ def image_line(ref: str | None, pin: dict[str, Any] | None) -> str:
             f"`docker pull {ref}` picks up a moved tag)")
 
 
-def vm_kernels(root: Path, where: str) -> dict[str, tuple[str, str]]:
-    """Per image reference, the kernel its newest VM disk boots: (version, where from)."""
-    found: dict[str, tuple[float, str, str]] = {}
-    for item in open_cache(root, where, create=False).listing(with_size=False):
-        ref = item.manifest.get("reference")
-        if item.kind != "vmdisk" or not isinstance(ref, str):
-            continue
-        if ref not in found or found[ref][0] < item.last_use:
-            found[ref] = (item.last_use, str(item.manifest.get("kernel")),
-                          str(item.manifest.get("kernel_from")))
-    return {ref: (version, source) for ref, (_, version, source) in found.items()}
 
-
-def vm_kernel_line(spec: EnvSpec, kernels: dict[str, tuple[str, str]]) -> str | None:
-    """Which kernel a VM of an image boots, for `envs`: as its last VM disk was made, or
-    the rule when none was made yet; None for other environments."""
-    from pytest_isolate.images.kernel import ARCHES
-
-    if spec.image is None or spec.backend != "qemu":
+def image_line_of_backend(spec: EnvSpec, pin: dict[str, Any] | None) -> str | None:
+    """What spec's backend says of how it runs spec's image (a VM: which kernel it boots)."""
+    if spec.image is None:
         return None
-    if spec.image in kernels:
-        version, source = kernels[spec.image]
-        return f"kernel {version}, from {source}"
-    package = ARCHES[spec.arch][0] if spec.arch in ARCHES else "cloud kernel"
-    return (f"kernel: the image's own when its /boot has one with its modules, else Debian "
-            f"{spec.release}'s {package} (known after the first run)")
+    cls, _ = load_backend(spec.backend)
+    return cls.describe_image(spec, pin) if cls is not None else None

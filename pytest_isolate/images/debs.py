@@ -29,6 +29,9 @@ from pytest_isolate.spec import EnvSpec
 #: Where the downloaded packages are bound (chroot) or copied (a container) inside.
 DEBS_DIR = "/.isolate/debs"
 DPKG = "dpkg --force-confdef --force-confold"
+#: Where an image says what it is (the first that is a regular file), and what dpkg has.
+OS_RELEASE = ("/usr/lib/os-release", "/etc/os-release")
+DPKG_STATUS = "/var/lib/dpkg/status"
 SOURCES_DIRS = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 #: Releases with no -updates or -security suites.
 ROLLING = ("sid", "unstable", "experimental")
@@ -214,14 +217,13 @@ def install_in_root(spec: EnvSpec, root: Path, what: str, log: Path, progress: A
     fetched on the host, then its dpkg in a chroot of it (no network); ProvisionError
     with the log's tail when a step fails."""
     from pytest_isolate.images.envvars import environment_variables
-    from pytest_isolate.images.rootfs import run_logged
-    from pytest_isolate.namespaces import launcher_argv
+    from pytest_isolate.images.rootfs import run_in_root
 
     # not through a symlink: an absolute one would name the host's file
     os_release = next((p.read_text(errors="replace") for p in
-                       (root / "usr/lib/os-release", root / "etc/os-release")
+                       (root / path.lstrip("/") for path in OS_RELEASE)
                        if p.is_file() and not p.is_symlink()), None)
-    status = root / "var/lib/dpkg/status"
+    status = root / DPKG_STATUS.lstrip("/")
     codename = debian_codename(os_release, status.is_file(), what, spec.packages, spec.mirror)
     work = root.parent / "debs-work"
     debs = root.parent / "debs"
@@ -232,15 +234,10 @@ def install_in_root(spec: EnvSpec, root: Path, what: str, log: Path, progress: A
             progress(f"{what} has every package of {spec.name!r} already")
             return
         progress(f"installing {len(found)} packages into {what}")
-        cfg = {
-            "rootfs": str(root), "workdir": str(work / "launch"), "mode": "direct",
-            "binds": [[str(debs), DEBS_DIR, False]], "network": False,
-            "hostname": "isolate-setup", "argv": ["/bin/sh", "-c", script],
-            "env": environment_variables(spec, system=True), "cwd": "/",
-        }
-        (work / "launch").mkdir()
-        run_logged(launcher_argv(cfg), log, progress,
-                   f"installing the packages of {spec.name!r} into {what}")
+        run_in_root(root, work / "launch", ["/bin/sh", "-c", script],
+                    [[str(debs), DEBS_DIR, False]], False,
+                    environment_variables(spec, system=True), "/", log, progress,
+                    f"installing the packages of {spec.name!r} into {what}")
     finally:
         for d in (work, debs):
             shutil.rmtree(d, ignore_errors=True)

@@ -139,20 +139,27 @@ def run_setup(spec: EnvSpec, rootfs: Path, command: str, index: int, log_path: P
               rootdir: Path, progress: Any) -> None:
     """One setup command inside the new root filesystem, written straight into it."""
     from pytest_isolate.images.envvars import environment_variables
+
+    run_in_root(rootfs, rootfs.parent / f"setup-{index}", ["/bin/sh", "-c", command],
+                [[str(rootdir), str(rootdir), False]], spec.network,
+                environment_variables(spec), str(rootdir), log_path, progress,
+                f"setup command {index + 1} of {spec.name!r} ({command!r})")
+
+
+def run_in_root(root: Path, work: Path, argv: list[str], binds: list[list[Any]],
+                network: bool, env: dict[str, str], cwd: str, log_path: Path, progress: Any,
+                label: str) -> None:
+    """argv run by the namespace launcher in root, its writes going straight into root
+    (provisioning: setup commands, an image's packages); work is its scratch directory,
+    made and removed here."""
     from pytest_isolate.namespaces import launcher_argv
 
-    work = rootfs.parent / f"setup-{index}"
     work.mkdir()
-    cfg = {
-        "rootfs": str(rootfs), "workdir": str(work), "mode": "direct",
-        "binds": [[str(rootdir), str(rootdir), False]],
-        "network": spec.network, "hostname": "isolate-setup",
-        "argv": ["/bin/sh", "-c", command], "env": environment_variables(spec),
-        "cwd": str(rootdir),
-    }
+    cfg = {"rootfs": str(root), "workdir": str(work), "mode": "direct", "binds": binds,
+           "network": network, "hostname": "isolate-setup", "argv": argv, "env": env,
+           "cwd": cwd}
     try:
-        run_logged(launcher_argv(cfg), log_path, progress,
-                   f"setup command {index + 1} of {spec.name!r} ({command!r})")
+        run_logged(launcher_argv(cfg), log_path, progress, label)
     finally:
         work.rmdir()
 

@@ -65,15 +65,17 @@ def test_images_of_an_architecture_share_one_kernel_root() -> None:
 
 
 def test_envs_says_which_kernel_an_image_vm_boots() -> None:
-    from pytest_isolate.cli.envs import vm_kernel_line
+    """The qemu backend's line in `envs` (Backend.describe_image), from the image's pin
+    record (cli.common.image_pins: its newest VM disk's kernel), else the rule."""
+    from pytest_isolate.cli.envs import image_line_of_backend
 
-    kernels = {"example/app:1": ("6.12.0-deb", "Debian trixie's linux-image-cloud-amd64")}
-    assert vm_kernel_line(IMAGE, kernels) == (
+    pin = {"digest": "sha256:x", "kernel": "6.12.0-deb, from Debian trixie's linux-image-cloud-amd64"}
+    assert image_line_of_backend(IMAGE, pin) == (
         "kernel 6.12.0-deb, from Debian trixie's linux-image-cloud-amd64")
-    assert vm_kernel_line(IMAGE, {}) == (
+    assert image_line_of_backend(IMAGE, None) == (
         "kernel: the image's own when its /boot has one with its modules, else Debian "
         "trixie's linux-image-cloud-amd64 (known after the first run)")
     armhf = EnvSpec(name="a", backend="qemu", arch="armhf", image="x:1")
-    assert "else Debian trixie's cloud kernel" in str(vm_kernel_line(armhf, {}))
-    assert vm_kernel_line(EnvSpec(name="c", backend="chroot", image="x:1"), kernels) is None
-    assert vm_kernel_line(EnvSpec(name="q", backend="qemu"), kernels) is None
+    assert "else Debian trixie's cloud kernel" in str(image_line_of_backend(armhf, None))
+    assert image_line_of_backend(EnvSpec(name="c", backend="chroot", image="x:1"), pin) is None
+    assert image_line_of_backend(EnvSpec(name="q", backend="qemu"), pin) is None

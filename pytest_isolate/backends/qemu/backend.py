@@ -8,6 +8,7 @@ import dataclasses
 import os
 import shutil
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 from pytest_isolate.agent.wire import message
@@ -87,6 +88,16 @@ class QemuBackend(LibvirtDriver, SavedStates):
     @classmethod
     def rootfs_spec(cls, spec: EnvSpec) -> EnvSpec:
         return vm_rootfs_spec(spec)
+
+    @classmethod
+    def describe_image(cls, spec: EnvSpec, pin: Mapping[str, Any] | None) -> str | None:
+        """Which kernel a machine of the image boots: as its newest VM disk recorded
+        (machine.py guest_kernel), else the rule."""
+        if pin and pin.get("kernel"):
+            return f"kernel {pin['kernel']}"
+        package = ARCHES[spec.arch][0] if spec.arch in ARCHES else "cloud kernel"
+        return (f"kernel: the image's own when its /boot has one with its modules, else "
+                f"Debian {spec.release}'s {package} (known after the first run)")
 
     def reap(self) -> list[str]:
         """QEMU processes (direct or libvirt's) and socket directories of runs whose

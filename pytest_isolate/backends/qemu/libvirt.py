@@ -136,7 +136,7 @@ class LibvirtDriver(QemuBase):
         self.write_initrd(files.initramfs, initrd, spec, agent_command(boot_spec(spec)))
         if remote:  # everything through libvirt's connection: that machine reads no path here
             files, initrd, disks = self._upload(stack, spec, libvirt, conn, uri, name, files,
-                                                initrd, disks)
+                                                initrd, disks, qemu_log)
             marks("uploaded")
         xml = self.domain_xml(spec, files, initrd, tmp, console_log, name, disks, virt,
                               remote=remote)
@@ -184,14 +184,13 @@ class LibvirtDriver(QemuBase):
 
     def _upload(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec, libvirt: Any,
                 conn: Any, uri: str, name: str, files: VmFiles, initrd: Path,
-                disks: list[Disk]) -> tuple[VmFiles, Path, list[Disk]]:
+                disks: list[Disk], qemu_log: Path) -> tuple[VmFiles, Path, list[Disk]]:
         """The machine's files as volumes of the remote pool (remote.py): cached ones are
         uploaded once, the instance's initrd for this start (deleted at its stop)."""
         pool = RemotePool(libvirt, conn, uri, str(spec.option("libvirt_pool", POOL)),
                           self.name)
         started = time.monotonic()
-        with contextlib.suppress(OSError), open(self.run.log_path(spec.name, "qemu.log"),
-                                                "a") as log:
+        with contextlib.suppress(OSError), open(qemu_log, "a") as log:
             log.write(f"# uploading into pool {pool.pool.name()} of {uri}\n")
         remote_files = VmFiles(Path(pool.file("kernel", files.kernel)), files.initramfs,
                                Path(pool.file("root", files.root)),

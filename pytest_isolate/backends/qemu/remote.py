@@ -43,11 +43,23 @@ def is_remote(uri: str) -> bool:
     return "+" in scheme and not scheme.endswith("+unix")
 
 
-def volume_name(kind: str, path: Path) -> str:
-    """A volume's name: its kind and its file's identity (cached files never change)."""
+def file_identity(path: Path) -> str:
+    """What names a cached file's volume: its path, size and mtime (cache entries never
+    change)."""
     st = os.stat(path)
-    ident = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
-    return f"{kind}-{ident[:20]}"
+    return hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:20]
+
+
+def send_all(stream: Any, data: bytes) -> None:
+    """All of data into a libvirt stream; a non-blocking one answers -2 while its buffer is
+    full (the event loop drains it)."""
+    view = memoryview(data)
+    while view:
+        sent = stream.send(bytes(view))
+        if sent == -2:
+            time.sleep(0.001)
+            continue
+        view = view[sent:]
 
 
 def group_of(what: str) -> str:
@@ -103,10 +115,7 @@ class RemotePool:
         volume.upload(stream, 0, size, 0)
         try:
             for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    sent = stream.send(bytes(view))
-                    view = view[sent:]
+                send_all(stream, chunk)
             stream.finish()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -121,7 +130,7 @@ class RemotePool:
         on one keeps its open file.
         """
         prefix = f"isolate-{kind}-{replaces + '-' if replaces else ''}"
-        name = prefix + volume_name(kind, path).split("-", 1)[1]
+        name = prefix + file_identity(path)
         done = f"{name}.done"
         deadline = time.monotonic() + UPLOAD_WAIT
         while True:
@@ -275,13 +284,7 @@ class ChannelBridge(StreamReader):
                 data = self._peer.recv(CHUNK)
                 if not data:
                     break
-                view = memoryview(data)
-                while view and not self.ended.is_set():
-                    sent = self.stream.send(bytes(view))
-                    if sent == -2:  # the stream's buffer is full: the event loop drains it
-                        time.sleep(0.001)
-                        continue
-                    view = view[sent:]
+                send_all(self.stream, data)
         except Exception:
             pass
         self.close()
