@@ -363,3 +363,16 @@ def test_libvirt_driver(tmp_path: Path) -> None:
     # transient domains: nothing is left defined or running
     assert domains("qemu:///system") == set()
     assert domains("qemu:///session") == set()
+
+    # saved states: the first run booted each machine and saved it (in slot 0 of its
+    # state), the second restores it, hot-plugs the project's disk, and leaves nothing
+    assert "domain pytest-isolate-saved-virt_x86-" in header and "saved in slot 0" in header
+    proc, outcomes, data = run_project(tmp_path, LIBVIRT_TESTS, pyproject=LIBVIRT_ENVS)
+    assert outcomes == {"test_arm": "passed", "test_x86_a": "passed",
+                        "test_x86_b": "passed"}, proc.stdout + proc.stderr
+    for env in ("virt_arm", "virt_x86"):
+        qemu_log = Path(env_logs(data, env)["qemu"]).read_text()
+        assert "# restore (libvirt): " in qemu_log, qemu_log
+        assert "# boot (libvirt)" not in qemu_log, qemu_log
+        assert "disks added" in qemu_log, qemu_log
+    assert domains("qemu:///system") == set()

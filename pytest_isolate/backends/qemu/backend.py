@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pytest_isolate.agent.wire import message
-from pytest_isolate.backends.base import SITE, agent_command, need_tool
+from pytest_isolate.backends.base import agent_command, need_tool
 from pytest_isolate.backends.qemu.libvirt import LibvirtDriver
 from pytest_isolate.backends.qemu.machine import (
     HANDSHAKE_TIMEOUT,
@@ -23,8 +23,18 @@ from pytest_isolate.backends.qemu.machine import (
     vm_memory_mib,
 )
 from pytest_isolate.backends.qemu.qmp import QmpError
-from pytest_isolate.backends.qemu.reaping import qemu_processes_of_runs, reap_temp_dirs, socket_dir
-from pytest_isolate.backends.qemu.states import SavedStates, saved_state_group
+from pytest_isolate.backends.qemu.reaping import (
+    qemu_processes_of_gone_dirs,
+    qemu_processes_of_runs,
+    reap_temp_dirs,
+    socket_dir,
+)
+from pytest_isolate.backends.qemu.states import (
+    RESTORE_HELLO_TIMEOUT,
+    SavedStates,
+    saved_state_group,
+    settle_agent,
+)
 from pytest_isolate.backends.qemu.transport import VmProcess
 from pytest_isolate.cache import Entry
 from pytest_isolate.channel import log_tail
@@ -36,11 +46,6 @@ from pytest_isolate.namespaces import check_foreign, check_namespaces, check_roo
 from pytest_isolate.ownership import run_gone
 from pytest_isolate.setup_host import HOST_NEEDS
 from pytest_isolate.spec import EnvSpec
-
-#: A restored agent must answer this fast, else the state is dropped and the VM booted.
-RESTORE_HELLO_TIMEOUT = 15.0
-#: Seconds the agent of a machine to be saved may take to import pytest (TCG is slow).
-PRELOAD_TIMEOUT = 300.0
 
 
 def vm_rootfs_spec(spec: EnvSpec) -> EnvSpec:
@@ -109,6 +114,10 @@ class QemuBackend(LibvirtDriver, SavedStates):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                     reaped.append(f"qemu {pid} of run {run_id}")
+        for pid, path in qemu_processes_of_gone_dirs():  # before the directories go
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                reaped.append(f"qemu {pid} of {path}")
         reap_temp_dirs()
         for what in reaped:
             self.run.progress(f"qemu: killed {what} (an interrupted run)")
@@ -179,17 +188,7 @@ class QemuBackend(LibvirtDriver, SavedStates):
                 how = f"boot ({accel})"
                 marks("booted")
                 if snapshots:
-                    # save the machine with the agent running and idle, before anything
-                    # run-specific (settings, project, clock) reaches it
-                    process.conn.bootstrap()
-                    process.conn.call(0, message("hello"), timeout=HANDSHAKE_TIMEOUT)
-                    marks("agent started")
-                    # pytest imported from the site disk (part of the state's key): a
-                    # restored agent starts pytest without importing it under TCG again
-                    process.conn.call(0, message("configure", settings={"site": SITE}),
-                                      timeout=HANDSHAKE_TIMEOUT)
-                    process.conn.call(0, message("preload"), timeout=PRELOAD_TIMEOUT)
-                    marks("pytest imported")
+                    settle_agent(process.conn, marks)
                     self._save_state(spec, vm, key, fields, qemu_log)
                     marks("state saved")
             # run-specific from here on: the guest finds the disks while the agent starts

@@ -12,9 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pytest_isolate.agent.wire import message
 from pytest_isolate.backends.base import agent_command
+from pytest_isolate.backends.qemu.libvirt_states import (
+    disk_xml,
+    restore_xml,
+    slot_machine,
+    spare_ports,
+    state_fields,
+    take_slot,
+    versions,
+)
 from pytest_isolate.backends.qemu.machine import (
     BOOT_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
     PROJECT_SERIAL,
     Disk,
     Marks,
@@ -36,9 +47,10 @@ from pytest_isolate.backends.qemu.remote import (
     open_streams,
     start_event_loop,
 )
+from pytest_isolate.backends.qemu.states import RESTORE_HELLO_TIMEOUT, settle_agent
 from pytest_isolate.backends.qemu.transport import LibvirtProcess, destroy_domain
 from pytest_isolate.cache import Entry
-from pytest_isolate.errors import AgentLost, BackendUnavailable
+from pytest_isolate.errors import AgentLost, BackendUnavailable, IsolateError
 from pytest_isolate.images import initramfs as ird
 from pytest_isolate.images.kernel import ARCHES
 from pytest_isolate.spec import EnvSpec
@@ -51,7 +63,8 @@ def close_quietly(conn: Any) -> None:
 
 
 class LibvirtDriver(QemuBase):
-    """QemuBackend's libvirt driver (no saved states: every start boots)."""
+    """QemuBackend's libvirt driver: a local libvirt restores saved states (one per slot,
+    libvirt_states.py); a remote one boots every start."""
 
     # ---------------------------------------------------------------- libvirt
     def driver(self, spec: EnvSpec) -> str:
@@ -111,8 +124,9 @@ class LibvirtDriver(QemuBase):
                         image: Entry) -> VmLaunch:
         """A transient libvirt domain with the same kernel, initramfs, disks and port.
 
-        No saved states here: every start boots.  The domain is named after the
-        run, destroyed by stop(), and destroys itself when its agent dies.
+        On a local libvirt (unless vm_snapshot is false), a slot's saved domain restored, or
+        booted and saved first; else a domain named after the run, booted with its disks.
+        Either is destroyed by stop(), and powers off when its agent's channel closes.
         """
         libvirt = self._libvirt()
         describe = f"environment {spec.name!r}"
@@ -138,6 +152,17 @@ class LibvirtDriver(QemuBase):
             files, initrd, disks = self._upload(stack, spec, libvirt, conn, uri, name, files,
                                                 initrd, disks, qemu_log)
             marks("uploaded")
+        elif bool(spec.option("vm_snapshot", True)):
+            saved = self._saved_domain(stack, spec, libvirt, conn, uri, image, files, initrd,
+                                       tmp, console_log, qemu_log, virt, why, marks)
+            if saved is not None:
+                process, how = saved
+                self._attach(libvirt, process.dom, disks)
+                marks("disks added")
+                return VmLaunch(process, {"agent": console_log, "console": console_log,
+                                          "qemu": qemu_log}, self.vm_settings(spec),
+                                HANDSHAKE_TIMEOUT, console_log=console_log, qemu_log=qemu_log,
+                                disks=disks, marks=marks, how=how)
         xml = self.domain_xml(spec, files, initrd, tmp, console_log, name, disks, virt,
                               remote=remote)
         with open(qemu_log, "a") as log:
@@ -167,6 +192,122 @@ class LibvirtDriver(QemuBase):
                         self.vm_settings(spec), float(spec.option("boot_timeout", BOOT_TIMEOUT)),
                         console_log=console_log, qemu_log=qemu_log, disks=disks, marks=marks,
                         how="boot (libvirt)")
+
+    def _saved_domain(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
+                      libvirt: Any, conn: Any, uri: str, image: Entry, files: VmFiles,
+                      initrd: Path, tmp: Path, console_log: Path, qemu_log: Path, virt: str,
+                      why: str, marks: Marks) -> tuple[LibvirtProcess, str] | None:
+        """A local domain restored from its slot's saved state (libvirt_states.py), or
+        booted and saved into that slot first; None when every slot runs a machine."""
+        describe = f"environment {spec.name!r}"
+        shape = self.domain_xml(spec, files, initrd, tmp, console_log, "@NAME@", None, virt,
+                                uuid="@UUID@")
+        shape = shape.replace(str(console_log), "@CONSOLE@").replace(str(tmp), "@TMP@")
+        binary = ARCHES[spec.arch][1]
+        fields = state_fields(uri, image.key, files.site, shape,
+                              versions(conn, self._version(shutil.which(binary) or binary)),
+                              initrd)
+        slot, key = take_slot(self.run.cache.root / "locks", fields, spec.name)
+        if slot is None:
+            return None
+        stack.callback(slot.release)  # after the domain's destroy (pushed later)
+        with contextlib.suppress(libvirt.libvirtError):  # a killed run's, whose lock died
+            destroy_domain(conn.lookupByName(slot.name), slot.name, True)
+        state = self.run.cache.lookup("vmstate", key)
+        if state is not None:
+            try:
+                process = self._restore_domain(stack, libvirt, conn, state, slot.name, tmp,
+                                               console_log, describe, spec)
+                marks("restored")
+                return process, "restore (libvirt)"
+            except (libvirt.libvirtError, IsolateError) as exc:
+                self.run.progress(f"{describe}: cannot restore the saved VM state, booting "
+                                  f"instead ({str(exc).splitlines()[0]})")
+                with contextlib.suppress(OSError):
+                    self.run.cache.remove(state)
+        xml = self.domain_xml(spec, files, initrd, tmp, console_log, slot.name, None, virt,
+                              uuid=slot.uuid)
+        with open(qemu_log, "a") as log:
+            log.write(f"# libvirt {uri}: domain {slot.name}, type {virt} ({why}), saved in "
+                      f"slot {slot.index} once booted\n{xml}\n")
+        try:
+            dom = conn.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            raise AgentLost(f"{describe}: libvirt could not start the VM: {exc}") from None
+        try:
+            booted = LibvirtProcess(dom, self._agent_socket(tmp, describe), describe, slot.name,
+                                    True, console_log, vm_memory_mib(spec))
+            marks("domain started")
+            try:
+                settle_agent(booted.conn, marks, float(spec.option("boot_timeout", BOOT_TIMEOUT)))
+                entry = self._save_domain(spec, dom, key, {
+                    **fields, "slot": slot.index, "machine": slot_machine(uri, spec.name, slot)},
+                    tmp, console_log, qemu_log)
+            finally:
+                booted.sock.close()
+        except BaseException:
+            destroy_domain(dom, slot.name, True)
+            raise
+        marks("state saved")
+        process = self._restore_domain(stack, libvirt, conn, entry, slot.name, tmp, console_log,
+                                       describe, spec)
+        return process, "boot (libvirt)"
+
+    def _save_domain(self, spec: EnvSpec, dom: Any, key: str, fields: dict[str, Any],
+                     tmp: Path, console_log: Path, qemu_log: Path) -> Entry:
+        """Save the domain (virDomainSave: it stops) into the cache, with the paths its XML
+        names that a restore replaces."""
+
+        def build(data: Path, log_path: Path) -> dict[str, Any]:
+            data.mkdir(parents=True)
+            started = time.monotonic()
+            dom.save(str(data / "state"))
+            return {"state_seconds": round(time.monotonic() - started, 3), "tmp": str(tmp),
+                    "console": str(console_log)}
+
+        entry = self.run.cache.get_or_build("vmstate", key, build, fields, qemu_log)
+        self.run.progress(f"saved the state of {spec.name!r} "
+                          f"({entry.manifest.get('size', 0) >> 20} MiB) in "
+                          f"{entry.manifest.get('state_seconds', 0):.2f}s")
+        return entry
+
+    def _restore_domain(self, stack: contextlib.ExitStack[bool | None], libvirt: Any,
+                        conn: Any, state: Entry, name: str, tmp: Path, console_log: Path,
+                        describe: str, spec: EnvSpec) -> LibvirtProcess:
+        """Restore a saved domain with this instance's paths; its agent must answer.
+
+        Restored paused, and resumed once the agent's channel is connected: the guest
+        then finds its port's host end connected, as when it was saved.  (Resumed first,
+        it sees the host end gone, and its agent ends as when a run is killed.)"""
+        path = str(state.data / "state")
+        xml = restore_xml(conn.saveImageGetXMLDesc(path, 0), state.manifest, tmp, console_log)
+        conn.restoreFlags(path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+        dom = conn.lookupByName(name)
+        try:
+            process = LibvirtProcess(dom, self._agent_socket(tmp, describe), describe, name,
+                                     True, console_log, vm_memory_mib(spec))
+            process.vconn.bootstrapped = True  # the saved machine's agent runs already
+            try:
+                dom.resume()
+                process.conn.call(0, message("hello"), timeout=RESTORE_HELLO_TIMEOUT)
+            except BaseException:
+                process.sock.close()
+                raise
+        except BaseException:
+            destroy_domain(dom, name, True)
+            raise
+        stack.callback(destroy_domain, dom, name, True)
+        stack.callback(process.sock.close)
+        return process
+
+    def _attach(self, libvirt: Any, dom: Any, disks: list[Disk]) -> None:
+        """Hot-plug the run's disks (project, layers) into the running domain."""
+        for i, disk in enumerate(disks):
+            try:
+                dom.attachDeviceFlags(disk_xml(disk, f"vd{'cdefgh'[i]}"),
+                                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                raise AgentLost(f"cannot add disk {disk.serial} to the VM: {exc}") from None
 
     def _agent_socket(self, tmp: Path, describe: str) -> socket.socket:
         """The local libvirt's unix socket behind the agent's port, connected."""
@@ -235,11 +376,13 @@ class LibvirtDriver(QemuBase):
 
     def domain_xml(self, spec: EnvSpec, files: VmFiles, initrd: Path, tmp: Path,
                    console_log: Path, name: str, extra: list[Disk] | None = None,
-                   virt: str = "qemu", remote: bool = False) -> str:
+                   virt: str = "qemu", remote: bool = False, uuid: str | None = None) -> str:
         """The transient domain.  Local: the console a file and the agent's port a socket
         here, QEMU run as this user without relabelling the cached images.  Remote: the
         console a pty and the port a socket libvirt allocates there (both read through
-        the connection), the files volumes of its pool, QEMU as that libvirt runs it."""
+        the connection), the files volumes of its pool, QEMU as that libvirt runs it.
+        With a uuid, the domain of a saved state's slot: spare PCIe root ports for the disks
+        hot-plugged after a restore."""
         from xml.sax.saxutils import escape, quoteattr
 
         _, binary, machine, console = ARCHES[spec.arch]
@@ -275,17 +418,22 @@ class LibvirtDriver(QemuBase):
                         f"<label>+{os.getuid()}:+{os.getgid()}</label></seclabel>")
         return (
             f"<domain type='{virt}'><name>{escape(name)}</name>"
+            f"{f'<uuid>{uuid}</uuid>' if uuid else ''}"
             f"<memory unit='MiB'>{vm_memory_mib(spec)}</memory>"
             f"<vcpu>{vm_cpus(spec)}</vcpu>"
             f"<os><type arch='{arch}' machine='{machine[1]}'>hvm</type>"
             f"<kernel>{escape(str(files.kernel))}</kernel><initrd>{escape(str(initrd))}</initrd>"
             f"<cmdline>console={console} panic=-1 loglevel=4 rdinit=/init</cmdline></os>"
+            # ACPI as the direct driver's x86 machine has: without it (libvirt's -no-acpi), a
+            # disk hot-plugged after a restore takes the other PCIe devices away
+            f"{'<features><acpi/></features>' if spec.arch == 'amd64' else ''}"
             f"{cpu}<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>"
             f"<on_crash>destroy</on_crash><devices>"
             f"<emulator>{escape(shutil.which(binary) or binary)}</emulator>{disks}"
             f"{console_xml}"
             f"<channel type='unix'>{channel_source}"
             f"<target type='virtio' name='{ird.PORT_NAME}'/></channel>"
-            f"{net}<controller type='usb' model='none'/><memballoon model='none'/>"
+            f"{net}{spare_ports() if uuid else ''}"
+            f"<controller type='usb' model='none'/><memballoon model='none'/>"
             f"<video><model type='none'/></video></devices>{seclabel}</domain>"
         )

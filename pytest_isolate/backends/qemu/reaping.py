@@ -38,6 +38,29 @@ def qemu_processes_of(domain: str) -> list[int]:
 
 
 TMP_PREFIX = "pytest-isolate-vm-"
+_SOCKET_DIR = re.compile(rb"(/[^\0,=]*/" + TMP_PREFIX.encode() + rb"[^/\0,]+)/")
+
+
+def qemu_processes_of_gone_dirs() -> list[tuple[int, str]]:
+    """(pid, directory) of every QEMU whose socket directory is gone or names an owner
+    that no longer runs: a libvirt driver's restored domain, named after its saved
+    state's slot rather than its run (libvirt_states.py)."""
+    found = []
+    for pid, cmdline in qemu_command_lines():
+        m = _SOCKET_DIR.search(cmdline)
+        if m is None:
+            continue
+        path = m.group(1).decode(errors="replace")
+        try:  # the path as that QEMU sees it (its mount namespace)
+            owner = Owner.from_name(Path(f"/proc/{pid}/root{path}/pid").read_text())
+        except FileNotFoundError:
+            found.append((pid, path))
+            continue
+        except OSError:
+            continue
+        if owner is not None and not owner.alive():
+            found.append((pid, path))
+    return found
 
 
 def reap_temp_dirs() -> None:

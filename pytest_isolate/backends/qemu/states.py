@@ -9,16 +9,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_isolate.backends.qemu.machine import QemuBase, Vm, VmFiles
+from pytest_isolate.agent.wire import message
+from pytest_isolate.backends.base import SITE
+from pytest_isolate.backends.qemu.machine import HANDSHAKE_TIMEOUT, Marks, QemuBase, Vm, VmFiles
 from pytest_isolate.backends.qemu.qmp import QmpError
 from pytest_isolate.cache import Entry
-from pytest_isolate.channel import AGENT_SOURCE, log_tail
+from pytest_isolate.channel import AGENT_SOURCE, Connection, log_tail
 from pytest_isolate.errors import IsolateError
 from pytest_isolate.spec import EnvSpec, content_hash
 
 STATE_FORMAT = 3  # 3: the agent has imported pytest (backend.py)
 #: Seconds to save or restore a machine state.
 STATE_TIMEOUT = 60.0
+#: A restored agent must answer this fast, else the state is dropped and the VM booted.
+RESTORE_HELLO_TIMEOUT = 15.0
+#: Seconds the agent of a machine to be saved may take to import pytest (TCG is slow).
+PRELOAD_TIMEOUT = 300.0
+
+
+def settle_agent(conn: Connection, marks: Marks, hello_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    """Bring a booted machine's agent where a saved state holds it: running and idle, with
+    pytest imported from the site disk (part of the state's key), before anything
+    run-specific (settings, project, clock) reaches it.  A restored agent then starts
+    pytest without importing it under TCG again."""
+    conn.bootstrap()
+    conn.call(0, message("hello"), timeout=hello_timeout)
+    marks("agent started")
+    conn.call(0, message("configure", settings={"site": SITE}), timeout=HANDSHAKE_TIMEOUT)
+    conn.call(0, message("preload"), timeout=PRELOAD_TIMEOUT)
+    marks("pytest imported")
 
 
 def saved_state_group(kind: str, manifest: dict[str, Any]) -> str | None:
@@ -30,6 +49,8 @@ def saved_state_group(kind: str, manifest: dict[str, Any]) -> str | None:
     spec = manifest.get("spec")
     if kind != "vmstate" or not isinstance(spec, dict):
         return None
+    if isinstance(spec.get("machine"), str):  # the libvirt driver's (libvirt_states.py)
+        return str(spec["machine"])
     argv = spec.get("argv")
     if not isinstance(argv, list) or "-name" not in argv or argv.index("-name") + 1 >= len(argv):
         return None

@@ -135,8 +135,8 @@ class LibvirtProcess:
                  ) -> None:
         self.dom = dom
         self.sock = sock
-        self.conn: Connection = VmConnection(sock.fileno(), sock.fileno(), label, console,
-                                             memory_mib)
+        self.vconn = VmConnection(sock.fileno(), sock.fileno(), label, console, memory_mib)
+        self.conn: Connection = self.vconn
         self.name = name
         self.local = local
 
