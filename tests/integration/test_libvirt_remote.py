@@ -168,19 +168,25 @@ def test_a_run_through_qemu_ssh_uploads_once_and_reads_no_host_path(
     assert "assert (1 + 1) == 3" in result.stdout
     assert remote.logins() > before
     volumes = pool_volumes(remote.uri)
-    # kernel, root, site and project disks, each with its completion marker; the
-    # instance's initrd was deleted at its stop
+    # kernel, root, site and project disks, and the booted machine's saved state, each
+    # with its completion marker; the instance's initrd was deleted at its stop
     kinds = sorted({v.split("-")[1] for v in volumes})
-    assert kinds == ["kernel", "project", "root", "site"], volumes
+    assert kinds == ["kernel", "project", "root", "site", "state"], volumes
     assert all(f"{v}.done" in volumes for v in volumes if not v.endswith(".done")), volumes
     stats = json.loads(report.read_text())["environments"]["rvm"]
     assert stats["tests"] == 3 and stats["endpoint"] == ""  # libvirt_uri, not a pool host
+    assert "# boot (libvirt): " in Path(stats["logs"]["qemu"]).read_text()
 
-    # the second run uploads nothing new (only its initrd, deleted again)
-    result = run_pytest(root, session_cache, "-q", "-p", "no:cacheprovider", timeout=900)
+    # the second run uploads nothing new (only its initrd, deleted again), and restores
+    # the saved machine there instead of booting it
+    result = run_pytest(root, session_cache, "-q", "-p", "no:cacheprovider",
+                        f"--isolate-report={report}", timeout=900)
     assert "1 failed, 2 passed" in result.stdout, output(result)
     assert pool_volumes(remote.uri) == volumes
     assert not virsh(remote.uri, "list", "--name").strip()  # no domain left
+    stats = json.loads(report.read_text())["environments"]["rvm"]
+    qemu_log = Path(stats["logs"]["qemu"]).read_text()
+    assert "# restore (libvirt): " in qemu_log and "# boot (libvirt)" not in qemu_log, qemu_log
 
     # an edited tree: its new disk replaces the old one in the pool
     (root / "data.txt").write_text("edited\n")
@@ -230,17 +236,15 @@ def test_conformance_suite_through_a_qemu_ssh_pool_host(
     assert {stats["endpoint"] for stats in placed.values()} == {remote.uri}, placed
 
 
-def test_a_killed_run_leaves_no_domain_on_the_remote(remote: Remote, tmp_path: Path,
-                                                     session_cache: str) -> None:
-    """SIGKILL while the remote machine runs (its agent started, the console read back
-    through the connection says so): no reaper of ours reaches that machine, so the
-    domain ends with the run's connection (AUTODESTROY).  What stays in the pool is the
-    instance's initrd volume (a few MB; `virsh vol-delete` removes it)."""
+def killed_while_running(remote: Remote, tmp_path: Path, session_cache: str,
+                         options: str) -> Path:
+    """A run of a sleeping test in rvm, SIGKILLed once its machine runs (ready() noted
+    the start after mounting the project); its project directory."""
     from shared_support import inner_environ, pytest_argv, wait_for
 
     root = tmp_path / "project"
-    root.mkdir()
-    project(root, f'vm_driver = "libvirt", libvirt_uri = "{remote.uri}"')
+    root.mkdir(exist_ok=True)
+    project(root, f'vm_driver = "libvirt", libvirt_uri = "{remote.uri}"{options}')
     (root / "test_remote.py").write_text(textwrap.dedent("""\
         import time
         import pytest
@@ -249,27 +253,58 @@ def test_a_killed_run_leaves_no_domain_on_the_remote(remote: Remote, tmp_path: P
         def test_sleeps():
             time.sleep(600)
     """))
-    initrds = {v for v in pool_volumes(remote.uri) if "initrd" in v}
     with open(tmp_path / "out.txt", "wb") as out:
         proc = subprocess.Popen(pytest_argv(session_cache, "-q", "-s"), cwd=root,
                                 env=inner_environ(None), stdout=out, stderr=subprocess.STDOUT)
     try:
-        consoles = Path(session_cache) / "runs" / f"*-{proc.pid}" / "logs" / "rvm"
+        logs = Path(session_cache) / "runs" / f"*-{proc.pid}" / "logs" / "rvm"
 
-        def agent_started() -> bool:
-            return any("starting agent" in c.read_text(errors="replace")
-                       for c in Path("/").glob(str(consoles / "console.log").lstrip("/")))
+        def started() -> bool:
+            return any("# restore (libvirt): " in q.read_text(errors="replace")
+                       or "# boot (libvirt): " in q.read_text(errors="replace")
+                       for q in Path("/").glob(str(logs / "qemu.log").lstrip("/")))
 
-        wait_for("the remote machine's agent to start", agent_started, 300, proc,
+        wait_for("the remote machine to start", started, 300, proc,
                  explain=lambda: (tmp_path / "out.txt").read_text()[-3000:])
         assert virsh(remote.uri, "list", "--name").strip()
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
-        wait_for("the remote domain to end", lambda: not virsh(
-            remote.uri, "list", "--name").strip(), 60)
-        left = {v for v in pool_volumes(remote.uri) if "initrd" in v} - initrds
-        assert len(left) == 1, (initrds, pool_volumes(remote.uri))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return root
+
+
+def test_a_killed_runs_booted_machine_ends_with_its_connection(
+        remote: Remote, tmp_path: Path, session_cache: str) -> None:
+    """Without saved states the domain is started AUTODESTROY: no reaper of ours reaches
+    that machine, and the domain ends with the killed run's connection.  What stays in
+    the pool is the instance's initrd volume (a few MB; `virsh vol-delete` removes it)."""
+    from shared_support import wait_for
+
+    initrds = {v for v in pool_volumes(remote.uri) if "initrd" in v}
+    killed_while_running(remote, tmp_path, session_cache, ", vm_snapshot = false")
+    wait_for("the remote domain to end", lambda: not virsh(
+        remote.uri, "list", "--name").strip(), 60)
+    left = {v for v in pool_volumes(remote.uri) if "initrd" in v} - initrds
+    assert len(left) == 1, (initrds, pool_volumes(remote.uri))
+
+
+def test_a_killed_runs_restored_machine_is_destroyed_by_the_next_run(
+        remote: Remote, tmp_path: Path, session_cache: str) -> None:
+    """libvirt starts no restore AUTODESTROY, so the machine restored from its saved state
+    may outlive a killed run there.  Its slot's lock died with the run: the next run from
+    this machine takes the slot, destroys that domain, restores its own and leaves none."""
+    root = killed_while_running(remote, tmp_path, session_cache, "")
+    (root / "test_remote.py").write_text(textwrap.dedent("""\
+        import pytest
+
+        @pytest.mark.isolate("rvm")
+        def test_after():
+            pass
+    """))
+    result = run_pytest(root, session_cache, "-q", "-p", "no:cacheprovider", timeout=900)
+    assert "1 passed" in result.stdout, output(result)
+    assert "left running by a killed run" in result.stdout + result.stderr, output(result)
+    assert not virsh(remote.uri, "list", "--name").strip()

@@ -9,14 +9,17 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pytest_isolate.agent.wire import message
 from pytest_isolate.backends.base import agent_command
 from pytest_isolate.backends.qemu.libvirt_states import (
+    CacheStates,
+    PoolStates,
+    StateStore,
     disk_xml,
-    restore_xml,
     slot_machine,
     spare_ports,
     state_fields,
@@ -148,21 +151,21 @@ class LibvirtDriver(QemuBase):
         virt, why = self.libvirt_virt_type(spec, conn, uri, files, tmp)
         initrd = tmp / "initrd.img"
         self.write_initrd(files.initramfs, initrd, spec, agent_command(boot_spec(spec)))
-        if remote:  # everything through libvirt's connection: that machine reads no path here
-            files, initrd, disks = self._upload(stack, spec, libvirt, conn, uri, name, files,
-                                                initrd, disks, qemu_log)
-            marks("uploaded")
-        elif bool(spec.option("vm_snapshot", True)):
+        if bool(spec.option("vm_snapshot", True)):
             saved = self._saved_domain(stack, spec, libvirt, conn, uri, image, files, initrd,
-                                       tmp, console_log, qemu_log, virt, why, marks)
+                                       tmp, console_log, qemu_log, virt, why, marks, disks)
             if saved is not None:
-                process, how = saved
+                process, how, disks = saved
                 self._attach(libvirt, process.dom, disks)
                 marks("disks added")
                 return VmLaunch(process, {"agent": console_log, "console": console_log,
                                           "qemu": qemu_log}, self.vm_settings(spec),
                                 HANDSHAKE_TIMEOUT, console_log=console_log, qemu_log=qemu_log,
                                 disks=disks, marks=marks, how=how)
+        if remote:  # everything through libvirt's connection: that machine reads no path here
+            files, initrd, disks, _ = self._upload(stack, spec, libvirt, conn, uri, name, files,
+                                                   initrd, disks, qemu_log)
+            marks("uploaded")
         xml = self.domain_xml(spec, files, initrd, tmp, console_log, name, disks, virt,
                               remote=remote)
         with open(qemu_log, "a") as log:
@@ -175,15 +178,8 @@ class LibvirtDriver(QemuBase):
             raise AgentLost(f"{describe}: libvirt could not start the VM: {exc}") from None
         stack.callback(destroy_domain, dom, name, local)
         marks("domain started")
-        if remote:
-            bridge, console = open_streams(libvirt, conn, dom, ird.PORT_NAME, console_log,
-                                           describe)
-            stack.callback(console.close)
-            stack.callback(bridge.close)
-            sock = bridge.sock
-        else:
-            sock = self._agent_socket(tmp, describe)
-        stack.callback(sock.close)  # the transport's own once launched (closing twice is no harm)
+        sock, close = self._channel(libvirt, conn, dom, tmp, console_log, describe, remote)
+        stack.callback(close)  # the transport's own once launched (closing twice is no harm)
         process = LibvirtProcess(dom, sock, describe, name, local, console_log,
                                  vm_memory_mib(spec))
         # the agent's source waits in the socket until the guest opens its port: the
@@ -196,37 +192,54 @@ class LibvirtDriver(QemuBase):
     def _saved_domain(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec,
                       libvirt: Any, conn: Any, uri: str, image: Entry, files: VmFiles,
                       initrd: Path, tmp: Path, console_log: Path, qemu_log: Path, virt: str,
-                      why: str, marks: Marks) -> tuple[LibvirtProcess, str] | None:
-        """A local domain restored from its slot's saved state (libvirt_states.py), or
-        booted and saved into that slot first; None when every slot runs a machine."""
+                      why: str, marks: Marks, disks: list[Disk],
+                      ) -> tuple[LibvirtProcess, str, list[Disk]] | None:
+        """A domain restored from its slot's saved state (libvirt_states.py), or booted and
+        saved into that slot first, and the disks to add (a remote libvirt's volumes);
+        None when every slot runs a machine."""
         describe = f"environment {spec.name!r}"
+        remote = is_remote(uri)
+        local = uri.startswith("qemu:///")
         shape = self.domain_xml(spec, files, initrd, tmp, console_log, "@NAME@", None, virt,
-                                uuid="@UUID@")
+                                remote=remote, uuid="@UUID@")
         shape = shape.replace(str(console_log), "@CONSOLE@").replace(str(tmp), "@TMP@")
         binary = ARCHES[spec.arch][1]
         fields = state_fields(uri, image.key, files.site, shape,
                               versions(conn, self._version(shutil.which(binary) or binary)),
-                              initrd)
+                              initrd, str(spec.option("libvirt_pool", POOL)) if remote else None)
         slot, key = take_slot(self.run.cache.root / "locks", fields, spec.name)
         if slot is None:
             return None
         stack.callback(slot.release)  # after the domain's destroy (pushed later)
-        with contextlib.suppress(libvirt.libvirtError):  # a killed run's, whose lock died
-            destroy_domain(conn.lookupByName(slot.name), slot.name, True)
-        state = self.run.cache.lookup("vmstate", key)
-        if state is not None:
+        # a domain of the slot is a killed run's, whose lock died with it (a restored domain
+        # cannot be AUTODESTROY, and no reaper of ours reaches a remote libvirt's)
+        with contextlib.suppress(libvirt.libvirtError):
+            leftover = conn.lookupByName(slot.name)
+            self.run.progress(f"{describe}: destroying {slot.name} at {uri}, left running by "
+                              "a killed run")
+            destroy_domain(leftover, slot.name, local)
+        store: StateStore
+        if remote:
+            # the slot's initrd volume is replaced at each start; the rest is uploaded once
+            files, initrd, disks, pool = self._upload(stack, spec, libvirt, conn, uri, slot.name,
+                                                      files, initrd, disks, qemu_log)
+            marks("uploaded")
+            store = PoolStates(pool)
+        else:
+            store = CacheStates(self.run.cache, tmp, console_log)
+        path = store.find(key)
+        if path is not None:
             try:
-                process = self._restore_domain(stack, libvirt, conn, state, slot.name, tmp,
-                                               console_log, describe, spec)
+                process = self._restore_domain(stack, libvirt, conn, store, path, slot.name,
+                                               tmp, console_log, describe, spec)
                 marks("restored")
-                return process, "restore (libvirt)"
+                return process, "restore (libvirt)", disks
             except (libvirt.libvirtError, IsolateError) as exc:
                 self.run.progress(f"{describe}: cannot restore the saved VM state, booting "
                                   f"instead ({str(exc).splitlines()[0]})")
-                with contextlib.suppress(OSError):
-                    self.run.cache.remove(state)
+                store.drop(key)
         xml = self.domain_xml(spec, files, initrd, tmp, console_log, slot.name, None, virt,
-                              uuid=slot.uuid)
+                              remote=remote, uuid=slot.uuid)
         with open(qemu_log, "a") as log:
             log.write(f"# libvirt {uri}: domain {slot.name}, type {virt} ({why}), saved in "
                       f"slot {slot.index} once booted\n{xml}\n")
@@ -235,70 +248,77 @@ class LibvirtDriver(QemuBase):
         except libvirt.libvirtError as exc:
             raise AgentLost(f"{describe}: libvirt could not start the VM: {exc}") from None
         try:
-            booted = LibvirtProcess(dom, self._agent_socket(tmp, describe), describe, slot.name,
-                                    True, console_log, vm_memory_mib(spec))
-            marks("domain started")
+            sock, close = self._channel(libvirt, conn, dom, tmp, console_log, describe, remote)
             try:
+                booted = LibvirtProcess(dom, sock, describe, slot.name, local, console_log,
+                                        vm_memory_mib(spec))
+                marks("domain started")
                 settle_agent(booted.conn, marks, float(spec.option("boot_timeout", BOOT_TIMEOUT)))
-                entry = self._save_domain(spec, dom, key, {
-                    **fields, "slot": slot.index, "machine": slot_machine(uri, spec.name, slot)},
-                    tmp, console_log, qemu_log)
+                took = store.save(dom, key, {**fields, "slot": slot.index,
+                                             "machine": slot_machine(uri, spec.name, slot)},
+                                  qemu_log)
             finally:
-                booted.sock.close()
+                close()
         except BaseException:
-            destroy_domain(dom, slot.name, True)
+            destroy_domain(dom, slot.name, local)
             raise
+        self.run.progress(f"saved the state of {spec.name!r} ({took})")
         marks("state saved")
-        process = self._restore_domain(stack, libvirt, conn, entry, slot.name, tmp, console_log,
-                                       describe, spec)
-        return process, "boot (libvirt)"
-
-    def _save_domain(self, spec: EnvSpec, dom: Any, key: str, fields: dict[str, Any],
-                     tmp: Path, console_log: Path, qemu_log: Path) -> Entry:
-        """Save the domain (virDomainSave: it stops) into the cache, with the paths its XML
-        names that a restore replaces."""
-
-        def build(data: Path, log_path: Path) -> dict[str, Any]:
-            data.mkdir(parents=True)
-            started = time.monotonic()
-            dom.save(str(data / "state"))
-            return {"state_seconds": round(time.monotonic() - started, 3), "tmp": str(tmp),
-                    "console": str(console_log)}
-
-        entry = self.run.cache.get_or_build("vmstate", key, build, fields, qemu_log)
-        self.run.progress(f"saved the state of {spec.name!r} "
-                          f"({entry.manifest.get('size', 0) >> 20} MiB) in "
-                          f"{entry.manifest.get('state_seconds', 0):.2f}s")
-        return entry
+        path = store.find(key)
+        if path is None:
+            raise AgentLost(f"{describe}: the saved VM state is not where it was saved")
+        process = self._restore_domain(stack, libvirt, conn, store, path, slot.name, tmp,
+                                       console_log, describe, spec)
+        return process, "boot (libvirt)", disks
 
     def _restore_domain(self, stack: contextlib.ExitStack[bool | None], libvirt: Any,
-                        conn: Any, state: Entry, name: str, tmp: Path, console_log: Path,
-                        describe: str, spec: EnvSpec) -> LibvirtProcess:
-        """Restore a saved domain with this instance's paths; its agent must answer.
+                        conn: Any, store: StateStore, path: str, name: str, tmp: Path,
+                        console_log: Path, describe: str, spec: EnvSpec) -> LibvirtProcess:
+        """Restore a saved domain, made this instance's; its agent must answer.
 
         Restored paused, and resumed once the agent's channel is connected: the guest
         then finds its port's host end connected, as when it was saved.  (Resumed first,
         it sees the host end gone, and its agent ends as when a run is killed.)"""
-        path = str(state.data / "state")
-        xml = restore_xml(conn.saveImageGetXMLDesc(path, 0), state.manifest, tmp, console_log)
+        remote = isinstance(store, PoolStates)
+        local = not remote and str(conn.getURI()).startswith("qemu:///")
+        xml = store.restore_xml(conn.saveImageGetXMLDesc(path, 0))
         conn.restoreFlags(path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
         dom = conn.lookupByName(name)
         try:
-            process = LibvirtProcess(dom, self._agent_socket(tmp, describe), describe, name,
-                                     True, console_log, vm_memory_mib(spec))
-            process.vconn.bootstrapped = True  # the saved machine's agent runs already
+            sock, close = self._channel(libvirt, conn, dom, tmp, console_log, describe, remote)
             try:
+                process = LibvirtProcess(dom, sock, describe, name, local, console_log,
+                                         vm_memory_mib(spec))
+                process.vconn.bootstrapped = True  # the saved machine's agent runs already
                 dom.resume()
                 process.conn.call(0, message("hello"), timeout=RESTORE_HELLO_TIMEOUT)
             except BaseException:
-                process.sock.close()
+                close()
                 raise
         except BaseException:
-            destroy_domain(dom, name, True)
+            destroy_domain(dom, name, local)
             raise
-        stack.callback(destroy_domain, dom, name, True)
-        stack.callback(process.sock.close)
+        stack.callback(destroy_domain, dom, name, local)
+        stack.callback(close)
         return process
+
+    def _channel(self, libvirt: Any, conn: Any, dom: Any, tmp: Path, console_log: Path,
+                 describe: str, remote: bool) -> tuple[socket.socket, Callable[[], None]]:
+        """The running domain's agent channel, connected, and what closes it: a local
+        libvirt's unix socket here; a remote one's channel stream (and the console's,
+        read into console_log) through the connection (remote.py)."""
+        if not remote:
+            sock = self._agent_socket(tmp, describe)
+            return sock, sock.close
+        bridge, console = open_streams(libvirt, conn, dom, ird.PORT_NAME, console_log, describe)
+
+        def close() -> None:
+            bridge.close()
+            console.close()
+            with contextlib.suppress(OSError):
+                bridge.sock.close()
+
+        return bridge.sock, close
 
     def _attach(self, libvirt: Any, dom: Any, disks: list[Disk]) -> None:
         """Hot-plug the run's disks (project, layers) into the running domain."""
@@ -325,7 +345,8 @@ class LibvirtDriver(QemuBase):
 
     def _upload(self, stack: contextlib.ExitStack[bool | None], spec: EnvSpec, libvirt: Any,
                 conn: Any, uri: str, name: str, files: VmFiles, initrd: Path,
-                disks: list[Disk], qemu_log: Path) -> tuple[VmFiles, Path, list[Disk]]:
+                disks: list[Disk], qemu_log: Path,
+                ) -> tuple[VmFiles, Path, list[Disk], RemotePool]:
         """The machine's files as volumes of the remote pool (remote.py): cached ones are
         uploaded once, the instance's initrd for this start (deleted at its stop)."""
         pool = RemotePool(libvirt, conn, uri, str(spec.option("libvirt_pool", POOL)),
@@ -348,7 +369,7 @@ class LibvirtDriver(QemuBase):
         if took > 2:
             self.run.progress(f"environment {spec.name!r}: uploaded the machine's images to "
                               f"{uri} in {took:.1f}s")
-        return remote_files, Path(path), remote_disks
+        return remote_files, Path(path), remote_disks, pool
 
     def libvirt_virt_type(self, spec: EnvSpec, conn: Any, uri: str, files: VmFiles,
                           tmp: Path) -> tuple[str, str]:

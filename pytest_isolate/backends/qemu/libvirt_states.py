@@ -7,23 +7,29 @@ workers) each take a free slot with a file lock held for the machine's life.  A 
 first start boots and saves it; later starts restore it, then hot-plug the run's disks
 into free PCIe root ports, as the direct driver does.
 
-The saved XML names this run's socket directory and console log; a restore rewrites
-those paths for the new instance (paths only: libvirt checks the rest for ABI
-stability).
+Where states live: a local libvirt's in the cache (CacheStates; the saved XML names this
+run's socket directory and console log, which a restore rewrites for the new instance --
+paths only: libvirt checks the rest for ABI stability); a remote one's in its storage
+pool, beside the uploaded images (PoolStates; nothing there names a path of this machine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from xml.sax.saxutils import escape, quoteattr
 
 from filelock import FileLock, Timeout
 
 from pytest_isolate.backends.qemu.machine import Disk
+from pytest_isolate.backends.qemu.remote import RemotePool
 from pytest_isolate.backends.qemu.states import STATE_FORMAT
+from pytest_isolate.cache import Cache, Entry
 from pytest_isolate.channel import AGENT_SOURCE
 from pytest_isolate.spec import content_hash
 
@@ -35,12 +41,25 @@ SPARE_PORTS = 8
 _NAMESPACE = uuid.UUID("6f1c7a52-3b0e-4c55-9a57-1d3c1e4b2a90")
 
 
+def controller() -> str:
+    """This machine, as a remote libvirt tells its runs apart from other machines': its
+    machine-id (else its host name)."""
+    try:
+        ident = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        ident = ""
+    return ident or socket.gethostname()
+
+
 def state_fields(uri: str, vmdisk: str, site: Path, shape: str, versions: dict[str, str],
-                 initrd: Path) -> dict[str, Any]:
+                 initrd: Path, pool: str | None = None) -> dict[str, Any]:
     """What a libvirt saved state depends on: the domain's XML (this instance's paths
     replaced by placeholders), the disk images, libvirt's and QEMU's versions, the initrd
-    and the agent."""
-    return {"format": STATE_FORMAT, "driver": "libvirt", "uri": uri, "vmdisk": vmdisk,
+    and the agent; on a remote libvirt, the pool that holds it and this machine, so that a
+    slot's domain there is always this machine's (its lock is here: a domain of a slot
+    this run holds is a killed run's, to destroy)."""
+    return {"format": STATE_FORMAT, "driver": "libvirt", "uri": uri, "pool": pool,
+            "controller": controller() if pool is not None else None, "vmdisk": vmdisk,
             "site": str(site), "xml": shape, **versions,
             "initrd": hashlib.sha256(initrd.read_bytes()).hexdigest(),
             "agent": hashlib.sha256(AGENT_SOURCE).hexdigest()}
@@ -101,3 +120,81 @@ def spare_ports() -> str:
 
 def versions(conn: Any, qemu: str) -> dict[str, str]:
     return {"libvirt": str(conn.getLibVersion()), "qemu": qemu}
+
+
+class StateStore(Protocol):
+    """Where a libvirt's saved states are kept."""
+
+    def find(self, key: str) -> str | None:
+        """The path (on libvirt's machine) of the state saved under key, if there is one."""
+
+    def restore_xml(self, saved: str) -> str:
+        """The found state's saved XML, made this instance's."""
+
+    def save(self, dom: Any, key: str, fields: dict[str, Any], log: Path) -> str:
+        """Save the domain (virDomainSave: it stops) under key; what it took, in words."""
+
+    def drop(self, key: str) -> None:
+        """Remove the state saved under key (it could not be restored)."""
+
+
+class CacheStates:
+    """A local libvirt's saved states: cache entries (kind "vmstate"), which libvirtd
+    saves straight into the entry's build directory."""
+
+    def __init__(self, cache: Cache, tmp: Path, console: Path) -> None:
+        self.cache = cache
+        self.tmp = tmp
+        self.console = console
+        self.entry: Entry | None = None
+
+    def find(self, key: str) -> str | None:
+        self.entry = self.cache.lookup("vmstate", key)
+        return None if self.entry is None else str(self.entry.data / "state")
+
+    def restore_xml(self, saved: str) -> str:
+        if self.entry is None:
+            return saved
+        return restore_xml(saved, self.entry.manifest, self.tmp, self.console)
+
+    def save(self, dom: Any, key: str, fields: dict[str, Any], log: Path) -> str:
+        def build(data: Path, log_path: Path) -> dict[str, Any]:
+            data.mkdir(parents=True)
+            started = time.monotonic()
+            dom.save(str(data / "state"))
+            # the paths a restore replaces (restore_xml)
+            return {"state_seconds": round(time.monotonic() - started, 3),
+                    "tmp": str(self.tmp), "console": str(self.console)}
+
+        self.entry = entry = self.cache.get_or_build("vmstate", key, build, fields, log)
+        return (f"{entry.manifest.get('size', 0) >> 20} MiB in "
+                f"{entry.manifest.get('state_seconds', 0):.2f}s")
+
+    def drop(self, key: str) -> None:
+        entry = self.cache.lookup("vmstate", key)
+        if entry is not None:
+            with contextlib.suppress(OSError):
+                self.cache.remove(entry)
+
+
+class PoolStates:
+    """A remote libvirt's saved states: files that libvirt saves into the storage pool
+    the images are uploaded to, named by key, with a marker volume once complete
+    (RemotePool.state_path)."""
+
+    def __init__(self, pool: RemotePool) -> None:
+        self.pool = pool
+
+    def find(self, key: str) -> str | None:
+        return self.pool.state_path(key)
+
+    def restore_xml(self, saved: str) -> str:
+        return saved
+
+    def save(self, dom: Any, key: str, fields: dict[str, Any], log: Path) -> str:
+        started = time.monotonic()
+        self.pool.save_state(dom, key)
+        return f"in {self.pool.pool.name()} of {self.pool.uri} in {time.monotonic() - started:.2f}s"
+
+    def drop(self, key: str) -> None:
+        self.pool.drop_state(key)

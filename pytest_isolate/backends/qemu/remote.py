@@ -182,6 +182,46 @@ class RemotePool:
         return str(volume.path()), volume
 
 
+    # ------------------------------------------------------------ saved states
+    def _state_name(self, key: str) -> str:
+        return f"isolate-state-{key}"
+
+    def _target(self) -> str:
+        """The pool's directory there (a dir pool's target path)."""
+        import xml.etree.ElementTree as ET
+
+        path = ET.fromstring(self.pool.XMLDesc(0)).findtext("target/path")
+        if not path:
+            raise ProvisionError(f"{self.backend}: pool {self.pool.name()} of {self.uri} has "
+                                 "no directory to save machine states in")
+        return path
+
+    def state_path(self, key: str) -> str | None:
+        """Where the machine state saved under key is there, if its save completed."""
+        name = self._state_name(key)
+        if self._lookup(f"{name}.done") is None:
+            return None
+        return f"{self._target()}/{name}"
+
+    def save_state(self, dom: Any, key: str) -> str:
+        """Save the domain (it stops) into the pool's directory, then mark it complete."""
+        self.drop_state(key)  # a killed run's partial save
+        name = self._state_name(key)
+        path = f"{self._target()}/{name}"
+        dom.save(path)
+        with contextlib.suppress(self.libvirt.libvirtError):  # busy with an upload: later
+            self.pool.refresh(0)  # a volume, for `virsh vol-list` and vol-delete
+        self._create(f"{name}.done", 0)
+        return path
+
+    def drop_state(self, key: str) -> None:
+        name = self._state_name(key)
+        for each in (f"{name}.done", name):
+            volume = self._lookup(each)
+            if volume is not None:
+                delete_volume(volume)
+
+
 def delete_volume(volume: Any) -> None:
     with contextlib.suppress(Exception):
         volume.delete(0)
