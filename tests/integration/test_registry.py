@@ -16,12 +16,14 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +118,35 @@ def registry() -> Iterator[Registry]:
     finally:
         stop(proc, 5)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def podman_url(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A podman service of this module's own, whose registries.conf marks the loopback
+    registry insecure (plain http): podman's Docker-compatible pull has no per-request
+    switch for it, and a service reads that file once, at its start.  Rootful, on the
+    same storage as the machine's service."""
+    from pytest_isolate.setup_host import PODMAN_CONF, podman_service
+
+    base = tmp_path_factory.mktemp("podman")
+    (base / "registries.conf").write_text(
+        f'[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n')
+    url = f"unix://{base}/podman.sock"
+    env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(base / "registries.conf")}
+    if os.path.exists(PODMAN_CONF):  # setup's: no fixed container ulimits (podman.py)
+        env["CONTAINERS_CONF"] = PODMAN_CONF
+    with open(base / "podman.log", "wb") as log:
+        proc = subprocess.Popen(podman_service(url), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (base / "podman.sock").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"podman's service did not start: {(base / 'podman.log').read_text()}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        stop(proc, 10)
 
 
 @pytest.fixture(scope="module")
@@ -456,16 +487,21 @@ def test_missing_image_fails_its_tests_with_one_message(
     assert f"image {good}: pinned at {logged_in.digests['isolate/debian']}" in envs.stdout
 
 
-def test_same_image_runs_under_chroot_lxc_schroot_docker_and_qemu(
-        logged_in: Seeded, client: Any, pytestconfig: pytest.Config, tmp_path: Path) -> None:
+def test_same_image_runs_under_chroot_lxc_schroot_docker_podman_and_qemu(
+        logged_in: Seeded, client: Any, podman_url: str, pytestconfig: pytest.Config,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The chroot backend runs the image's root filesystem, exported from the engine into
     the cache by digest: the same files as in a container of it; lxc and schroot run the
-    same export (one cache entry for all three), and a VM boots it as its root disk with
-    the Debian kernel package of its release (the image has no kernel)."""
+    same export (one cache entry for all three), a VM boots it as its root disk with the
+    Debian kernel package of its release (the image has no kernel), and podman pulls it
+    from the same registry with the same credentials."""
     from pytest_isolate.backends.chroot import ChrootBackend
     from pytest_isolate.backends.lxc import LxcBackend
+    from pytest_isolate.backends.podman import PodmanBackend
     from pytest_isolate.backends.qemu import QemuBackend
     from pytest_isolate.backends.schroot import SchrootBackend
+
+    monkeypatch.setenv("CONTAINER_HOST", podman_url)
 
     ref = logged_in.ref("isolate/debian")
     remove_local(client, ref)
@@ -486,7 +522,7 @@ def test_same_image_runs_under_chroot_lxc_schroot_docker_and_qemu(
     others = [(cls(make_backend(pytestconfig, tmp_path / name).run),
                dataclasses.replace(docker_spec, name=f"{docker_spec.name}-{name}", backend=name))
               for name, cls in (("lxc", LxcBackend), ("schroot", SchrootBackend),
-                                ("qemu", QemuBackend))]
+                                ("qemu", QemuBackend), ("podman", PodmanBackend))]
     seen = []
     for backend, spec in ((chroot, chroot_spec), (docker_backend, docker_spec), *others):
         backend.check(spec)
@@ -497,6 +533,8 @@ def test_same_image_runs_under_chroot_lxc_schroot_docker_and_qemu(
             kernel_package = ARCHES[spec.arch][0]
             assert entry.manifest["kernel_from"] == (f"Debian {spec.release}'s "
                                                      f"{kernel_package}"), entry.manifest
+        elif isinstance(backend, PodmanBackend):  # pinned by the digest it pulled
+            assert entry.manifest["digest"] == logged_in.digests["isolate/debian"]
         elif backend is not docker_backend:
             assert entry.path == rootfs.path, (spec.backend, entry.path)
         instance = backend.start(spec, entry)
@@ -505,7 +543,7 @@ def test_same_image_runs_under_chroot_lxc_schroot_docker_and_qemu(
                          run_in(instance, ["python3", "-c", "import sys; print(sys.version)"])))
         finally:
             instance.stop()
-    assert len(seen) == 5 and all(each == seen[0] for each in seen), seen
+    assert len(seen) == 6 and all(each == seen[0] for each in seen), seen
     assert seen[0][0][1].startswith("debian-1\n"), seen
 
     # an image without python3: said when it is exported, and nothing is cached

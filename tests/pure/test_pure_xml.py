@@ -32,7 +32,10 @@ CASES: dict[str, tuple[dict[str, Any], str, list[Disk]]] = {
     "amd64_kvm_disks_network": ({"backend": "qemu", "arch": "amd64", "network": True,
                                  "memory": "1G", "cpus": 2}, "kvm", EXTRA),
     "arm64_qemu": ({"backend": "qemu", "arch": "arm64"}, "qemu", EXTRA[:1]),
+    # a saved state's slot: its UUID, and spare root ports for the disks added after a restore
+    "amd64_saved_slot": ({"backend": "qemu", "arch": "amd64"}, "qemu", []),
 }
+SLOT_UUID = "0b7c2c4e-7d0e-5a4f-9d59-3c7e61f0d1a2"
 
 
 def one_element_a_line(xml: str) -> str:
@@ -50,9 +53,15 @@ def test_domain_xml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str,
                      log_dir=tmp_path, work_dir=tmp_path, progress=print)
     xml = QemuBackend(run).domain_xml(spec, FILES, Path("/tmp/vm/initrd.img"), Path("/tmp/vm"),
                                       Path("/logs/e/console.log"), "pytest-isolate-golden-e<&>",
-                                      extra, virt)
+                                      extra, virt,
+                                      uuid=SLOT_UUID if case.endswith("_slot") else None)
     root = ElementTree.fromstring(xml)  # well-formed, the odd name escaped
     assert root.get("type") == virt
+    ports = root.findall("devices/controller[@model='pcie-root-port']")
+    if case.endswith("_slot"):
+        assert root.findtext("uuid") == SLOT_UUID and len(ports) >= 3, xml
+    else:
+        assert root.find("uuid") is None and not ports, xml
     assert root.findtext("name") == "pytest-isolate-golden-e<&>"
     assert len(root.findall("devices/disk")) == 2 + len(extra)
     label = f"+{os.getuid()}:+{os.getgid()}"

@@ -66,8 +66,8 @@ def close_quietly(conn: Any) -> None:
 
 
 class LibvirtDriver(QemuBase):
-    """QemuBackend's libvirt driver: a local libvirt restores saved states (one per slot,
-    libvirt_states.py); a remote one boots every start."""
+    """QemuBackend's libvirt driver: saved states restored (one per slot,
+    libvirt_states.py), on this machine's libvirt or another's."""
 
     # ---------------------------------------------------------------- libvirt
     def driver(self, spec: EnvSpec) -> str:
@@ -127,9 +127,10 @@ class LibvirtDriver(QemuBase):
                         image: Entry) -> VmLaunch:
         """A transient libvirt domain with the same kernel, initramfs, disks and port.
 
-        On a local libvirt (unless vm_snapshot is false), a slot's saved domain restored, or
-        booted and saved first; else a domain named after the run, booted with its disks.
-        Either is destroyed by stop(), and powers off when its agent's channel closes.
+        Unless vm_snapshot is false, a slot's saved domain restored, or booted and saved
+        first; else a domain named after the run, booted with its disks (AUTODESTROY on a
+        remote libvirt).  Either is destroyed by stop(), and powers off when its agent's
+        channel closes.
         """
         libvirt = self._libvirt()
         describe = f"environment {spec.name!r}"
@@ -231,7 +232,7 @@ class LibvirtDriver(QemuBase):
         if path is not None:
             try:
                 process = self._restore_domain(stack, libvirt, conn, store, path, slot.name,
-                                               tmp, console_log, describe, spec)
+                                               tmp, console_log, describe, spec, local)
                 marks("restored")
                 return process, "restore (libvirt)", disks
             except (libvirt.libvirtError, IsolateError) as exc:
@@ -268,19 +269,19 @@ class LibvirtDriver(QemuBase):
         if path is None:
             raise AgentLost(f"{describe}: the saved VM state is not where it was saved")
         process = self._restore_domain(stack, libvirt, conn, store, path, slot.name, tmp,
-                                       console_log, describe, spec)
+                                       console_log, describe, spec, local)
         return process, "boot (libvirt)", disks
 
     def _restore_domain(self, stack: contextlib.ExitStack[bool | None], libvirt: Any,
                         conn: Any, store: StateStore, path: str, name: str, tmp: Path,
-                        console_log: Path, describe: str, spec: EnvSpec) -> LibvirtProcess:
+                        console_log: Path, describe: str, spec: EnvSpec,
+                        local: bool) -> LibvirtProcess:
         """Restore a saved domain, made this instance's; its agent must answer.
 
         Restored paused, and resumed once the agent's channel is connected: the guest
         then finds its port's host end connected, as when it was saved.  (Resumed first,
         it sees the host end gone, and its agent ends as when a run is killed.)"""
         remote = isinstance(store, PoolStates)
-        local = not remote and str(conn.getURI()).startswith("qemu:///")
         xml = store.restore_xml(conn.saveImageGetXMLDesc(path, 0))
         conn.restoreFlags(path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
         dom = conn.lookupByName(name)
