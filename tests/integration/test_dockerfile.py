@@ -8,7 +8,9 @@ nothing is pulled and the build needs no network)."""
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,3 +136,70 @@ def test_failed_build_is_one_clear_error(project: Path, pytestconfig: pytest.Con
     assert result.returncode == 1, text
     assert "building the image of dockerfile 'ci/Dockerfile'" in text, text
     assert "returned a non-zero code: 3" in text, text
+
+
+KERNEL_TESTS = '''
+import platform
+import pytest
+
+@pytest.mark.isolate("kernelled")
+def test_boots_the_images_kernel():
+    assert platform.release() == open("/etc/kernel-release").read().strip()
+'''
+
+
+def test_an_image_with_its_own_kernel_boots_it(tmp_path: Path, base_image: str,
+                                               pytestconfig: pytest.Config) -> None:
+    """A VM of an image whose /boot has a kernel with its modules boots that kernel, not
+    the Debian package's: the Dockerfile copies in the kernel of the cached qemu_vm root
+    (the only one at hand without a network), and the VM's disk entry says where its
+    kernel came from."""
+    import uuid
+
+    from pytest_isolate.backends.base import RunContext
+    from pytest_isolate.backends.qemu import QemuBackend
+
+    manager: Any = pytestconfig.pluginmanager.get_plugin("isolate-manager")
+    run = RunContext(run_id=f"itest-{uuid.uuid4().hex[:8]}", rootdir=pytestconfig.rootpath,
+                     cache=manager.cache, log_dir=tmp_path / "logs", work_dir=tmp_path / "work",
+                     progress=lambda message: None, strict=True)
+    QemuBackend(run).provision(manager.specs["qemu_vm"])  # its root filesystem, cached
+    roots = [e.data for e in manager.cache.entries() if e.kind == "rootfs"
+             and e.manifest.get("spec", {}).get("arch") == "amd64"
+             and list((e.data / "boot").glob("vmlinuz-*"))]
+    assert roots, "no cached amd64 root filesystem with a kernel"
+    kernel = sorted((roots[0] / "boot").glob("vmlinuz-*"))[-1]
+    release = kernel.name.removeprefix("vmlinuz-")
+    ci = tmp_path / "ci"
+    ci.mkdir()
+    shutil.copyfile(kernel, ci / kernel.name)
+    shutil.copytree(roots[0] / "usr/lib/modules" / release, ci / "modules", symlinks=True)
+    (ci / "kernel-release").write_text(release + "\n")
+    (ci / "Dockerfile").write_text(
+        f"FROM {base_image}\nCOPY {kernel.name} /boot/{kernel.name}\n"
+        f"COPY modules/ /usr/lib/modules/{release}/\nCOPY kernel-release /etc/kernel-release\n")
+    (tmp_path / "pyproject.toml").write_text(textwrap.dedent("""\
+        [tool.pytest-isolate.envs.kernelled]
+        backend = "qemu"
+        dockerfile = "ci/Dockerfile"
+        """))
+    (tmp_path / "test_kernel.py").write_text(KERNEL_TESTS)
+    started = time.time()
+    try:
+        result = run_pytest(tmp_path, str(manager.cache.root), "-rA")
+        assert "1 passed" in result.stdout, output(result)
+        disks = [e for e in manager.cache.entries() if e.kind == "vmdisk"
+                 and e.manifest.get("created", 0) >= started]
+        assert [e.manifest.get("kernel_from") for e in disks] == ["the image's /boot"], [
+            e.manifest for e in disks]
+    finally:
+        import docker
+
+        client = docker.from_env()
+        for image in client.images.list(filters={"label": "pytest-isolate.build=kernelled"}):
+            client.images.remove(image.id, force=True)
+        # the throwaway image's export, VM disk and saved state (~0.5 GB) go with it
+        for entry in list(manager.cache.entries()):
+            if (entry.kind in ("image-rootfs", "vmdisk", "vmstate")
+                    and entry.manifest.get("created", 0) >= started):
+                manager.cache.remove(entry)
