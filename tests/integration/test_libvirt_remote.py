@@ -304,7 +304,11 @@ def test_a_killed_runs_restored_machine_is_destroyed_by_the_next_run(
         def test_after():
             pass
     """))
+    # (over ssh the restored guest has been seen to run on for minutes after its channel
+    # closed; should it end by itself, there is nothing to destroy)
+    left = virsh(remote.uri, "list", "--name").strip()
     result = run_pytest(root, session_cache, "-q", "-p", "no:cacheprovider", timeout=900)
     assert "1 passed" in result.stdout, output(result)
-    assert "left running by a killed run" in result.stdout + result.stderr, output(result)
+    destroyed = "left running by a killed run" in result.stdout + result.stderr
+    assert destroyed == bool(left), (left, output(result))
     assert not virsh(remote.uri, "list", "--name").strip()
