@@ -119,6 +119,7 @@ def spare_ports() -> str:
 
 
 def versions(conn: Any, qemu: str) -> dict[str, str]:
+    """libvirt's version (the connection's daemon) and QEMU's, for a state's key."""
     return {"libvirt": str(conn.getLibVersion()), "qemu": qemu}
 
 

@@ -181,7 +181,6 @@ class RemotePool:
             raise
         return str(volume.path()), volume
 
-
     # ------------------------------------------------------------ saved states
     def _state_name(self, key: str) -> str:
         return f"isolate-state-{key}"
