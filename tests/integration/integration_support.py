@@ -130,15 +130,22 @@ def stage_for_user(root: Path, modules: Sequence[str] = ()) -> None:
     os.chmod(root, 0o755)
 
 
+def session_run(config: pytest.Config, log_dir: Path) -> Any:
+    """A RunContext on this session's cache (backends made in the test process), quiet."""
+    from pytest_isolate.backends.base import RunContext
+
+    manager: Any = config.pluginmanager.get_plugin("isolate-manager")
+    return RunContext(run_id=f"itest-{uuid.uuid4().hex[:8]}", rootdir=config.rootpath,
+                      cache=manager.cache, log_dir=log_dir / "logs", work_dir=log_dir / "work",
+                      progress=lambda message: None, strict=True)
+
+
 def session_docker_image(config: pytest.Config, log_dir: Path) -> str:
     """The tag of the Debian image the docker backend builds in this session (from the
     cached root filesystem): what a test's Dockerfile starts FROM, so nothing is pulled
     and its build needs no network."""
-    from pytest_isolate.backends.base import RunContext
     from pytest_isolate.backends.docker import DockerBackend
 
     manager: Any = config.pluginmanager.get_plugin("isolate-manager")
-    run = RunContext(run_id=f"itest-{uuid.uuid4().hex[:8]}", rootdir=config.rootpath,
-                     cache=manager.cache, log_dir=log_dir / "logs", work_dir=log_dir / "work",
-                     progress=lambda message: None, strict=True)
-    return str(DockerBackend(run).provision(manager.specs["docker"]).manifest["image"])
+    return str(DockerBackend(session_run(config, log_dir)).provision(
+        manager.specs["docker"]).manifest["image"])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_support import session_docker_image
+from integration_support import session_docker_image, session_run
 from shared_support import output, run_pytest
 
 pytestmark = pytest.mark.integration
@@ -154,16 +154,11 @@ def test_an_image_with_its_own_kernel_boots_it(tmp_path: Path, base_image: str,
     the Debian package's: the Dockerfile copies in the kernel of the cached qemu_vm root
     (the only one at hand without a network), and the VM's disk entry says where its
     kernel came from."""
-    import uuid
-
-    from pytest_isolate.backends.base import RunContext
     from pytest_isolate.backends.qemu import QemuBackend
 
     manager: Any = pytestconfig.pluginmanager.get_plugin("isolate-manager")
-    run = RunContext(run_id=f"itest-{uuid.uuid4().hex[:8]}", rootdir=pytestconfig.rootpath,
-                     cache=manager.cache, log_dir=tmp_path / "logs", work_dir=tmp_path / "work",
-                     progress=lambda message: None, strict=True)
-    QemuBackend(run).provision(manager.specs["qemu_vm"])  # its root filesystem, cached
+    # its root filesystem, cached
+    QemuBackend(session_run(pytestconfig, tmp_path)).provision(manager.specs["qemu_vm"])
     roots = [e.data for e in manager.cache.entries() if e.kind == "rootfs"
              and e.manifest.get("spec", {}).get("arch") == "amd64"
              and list((e.data / "boot").glob("vmlinuz-*"))]

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 from integration_support import free_port, stop, wait_for_log
-from shared_support import output, run_pytest
+from shared_support import output, run_pytest, wait_for
 
 from pytest_isolate.backends.base import RunContext
 from pytest_isolate.backends.docker import DockerBackend
@@ -139,11 +138,8 @@ def podman_url(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> 
         proc = subprocess.Popen(podman_service(url), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while not (base / "podman.sock").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"podman's service did not start: {(base / 'podman.log').read_text()}")
-            time.sleep(0.1)
+        wait_for("podman's service to listen", (base / "podman.sock").exists, 60, proc,
+                 explain=(base / "podman.log").read_text)
         yield url
     finally:
         stop(proc, 10)

@@ -24,6 +24,7 @@ from pytest_isolate.backends.qemu.machine import (
 )
 from pytest_isolate.backends.qemu.qmp import QmpError
 from pytest_isolate.backends.qemu.reaping import (
+    qemu_command_lines,
     qemu_processes_of_gone_dirs,
     qemu_processes_of_runs,
     reap_temp_dirs,
@@ -109,12 +110,13 @@ class QemuBackend(LibvirtDriver, SavedStates):
         process is gone.  A guest powers itself off when its agent's channel closes;
         this covers one that cannot (hung) and QEMU kept by libvirt's -no-shutdown."""
         reaped = []
-        for pid, run_id in qemu_processes_of_runs():
+        lines = qemu_command_lines()  # read once for both looks
+        for pid, run_id in qemu_processes_of_runs(lines):
             if run_gone(run_id, self.run.runs_dir):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                     reaped.append(f"qemu {pid} of run {run_id}")
-        for pid, path in qemu_processes_of_gone_dirs():  # before the directories go
+        for pid, path in qemu_processes_of_gone_dirs(lines):  # before the directories go
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
                 reaped.append(f"qemu {pid} of {path}")

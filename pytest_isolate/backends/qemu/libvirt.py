@@ -232,7 +232,7 @@ class LibvirtDriver(QemuBase):
         if path is not None:
             try:
                 process = self._restore_domain(stack, libvirt, conn, store, path, slot.name,
-                                               tmp, console_log, describe, spec, local)
+                                               tmp, console_log, describe, spec, local, remote)
                 marks("restored")
                 return process, "restore (libvirt)", disks
             except (libvirt.libvirtError, IsolateError) as exc:
@@ -269,19 +269,18 @@ class LibvirtDriver(QemuBase):
         if path is None:
             raise AgentLost(f"{describe}: the saved VM state is not where it was saved")
         process = self._restore_domain(stack, libvirt, conn, store, path, slot.name, tmp,
-                                       console_log, describe, spec, local)
+                                       console_log, describe, spec, local, remote)
         return process, "boot (libvirt)", disks
 
     def _restore_domain(self, stack: contextlib.ExitStack[bool | None], libvirt: Any,
                         conn: Any, store: StateStore, path: str, name: str, tmp: Path,
                         console_log: Path, describe: str, spec: EnvSpec,
-                        local: bool) -> LibvirtProcess:
+                        local: bool, remote: bool) -> LibvirtProcess:
         """Restore a saved domain, made this instance's; its agent must answer.
 
         Restored paused, and resumed once the agent's channel is connected: the guest
         then finds its port's host end connected, as when it was saved.  (Resumed first,
         it sees the host end gone, and its agent ends as when a run is killed.)"""
-        remote = isinstance(store, PoolStates)
         xml = store.restore_xml(conn.saveImageGetXMLDesc(path, 0))
         conn.restoreFlags(path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
         dom = conn.lookupByName(name)

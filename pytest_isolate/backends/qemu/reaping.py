@@ -15,10 +15,12 @@ _RUN_NAME = re.compile(rb"(?:^|\0)-name\0(?:guest=)?pytest-isolate[:-](" + RUN_S
                        + rb")")
 
 
-def qemu_processes_of_runs() -> list[tuple[int, str]]:
-    """(pid, run id) of every QEMU named after a pytest-isolate run (``-name``)."""
+def qemu_processes_of_runs(lines: list[tuple[int, bytes]] | None = None,
+                           ) -> list[tuple[int, str]]:
+    """(pid, run id) of every QEMU named after a pytest-isolate run (``-name``); lines:
+    qemu_command_lines() when already read."""
     found = []
-    for pid, cmdline in qemu_command_lines():
+    for pid, cmdline in qemu_command_lines() if lines is None else lines:
         m = _RUN_NAME.search(cmdline)
         if m:
             found.append((pid, m.group(1).decode()))
@@ -41,38 +43,41 @@ TMP_PREFIX = "pytest-isolate-vm-"
 _SOCKET_DIR = re.compile(rb"(/[^\0,=]*/" + TMP_PREFIX.encode() + rb"[^/\0,]+)/")
 
 
-def qemu_processes_of_gone_dirs() -> list[tuple[int, str]]:
+def owner_gone(pid_file: Path, if_missing: bool) -> bool:
+    """Whether the owner a socket directory's pid file names no longer runs (``PID-START``,
+    or a bare ``PID`` from older versions); if_missing when there is no such file."""
+    try:
+        owner = Owner.from_name(pid_file.read_text())
+    except FileNotFoundError:
+        return if_missing
+    except OSError:
+        return False
+    return owner is not None and not owner.alive()
+
+
+def qemu_processes_of_gone_dirs(lines: list[tuple[int, bytes]] | None = None,
+                                ) -> list[tuple[int, str]]:
     """(pid, directory) of every QEMU whose socket directory is gone or names an owner
     that no longer runs: a libvirt driver's restored domain, named after its saved
-    state's slot rather than its run (libvirt_states.py)."""
+    state's slot rather than its run (libvirt_states.py); lines as for
+    qemu_processes_of_runs."""
     found = []
-    for pid, cmdline in qemu_command_lines():
+    for pid, cmdline in qemu_command_lines() if lines is None else lines:
         m = _SOCKET_DIR.search(cmdline)
         if m is None:
             continue
         path = m.group(1).decode(errors="replace")
-        try:  # the path as that QEMU sees it (its mount namespace)
-            owner = Owner.from_name(Path(f"/proc/{pid}/root{path}/pid").read_text())
-        except FileNotFoundError:
-            found.append((pid, path))
-            continue
-        except OSError:
-            continue
-        if owner is not None and not owner.alive():
+        # the path as that QEMU sees it (its mount namespace); gone with its directory
+        if owner_gone(Path(f"/proc/{pid}/root{path}/pid"), if_missing=True):
             found.append((pid, path))
     return found
 
 
 def reap_temp_dirs() -> None:
-    """Remove socket directories left by runs that were killed (their pid file names an
-    owner that no longer runs: ``PID-START``, or a bare ``PID`` from older versions)."""
+    """Remove socket directories left by runs that were killed (owner_gone)."""
     base = Path(tempfile.gettempdir())
     for path in base.glob(TMP_PREFIX + "*"):
-        try:
-            owner = Owner.from_name((path / "pid").read_text())
-        except OSError:
-            continue
-        if owner is not None and not owner.alive():
+        if owner_gone(path / "pid", if_missing=False):
             shutil.rmtree(path, ignore_errors=True)
 
 
