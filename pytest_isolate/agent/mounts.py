@@ -8,14 +8,22 @@ mounts, and the agent mapping itself where its backend could not (map_root_here)
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import platform
 import signal
 import socket
 import struct
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+try:
+    import ctypes
+except ImportError as exc:  # a Python built without libffi: said once, with the fix
+    raise ImportError(f"pytest-isolate's agent needs ctypes, which this Python "
+                      f"({sys.executable} {platform.python_version()}) lacks ({exc}); use a "
+                      "python3 built with ctypes (libffi), as Debian's, Alpine's and the python "
+                      "images' are") from None
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000

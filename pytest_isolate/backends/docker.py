@@ -493,7 +493,8 @@ class DockerBackend(Backend):
 
     def _check_python(self, spec: EnvSpec, image: Any, python: str) -> str:
         """The version of python in image, from a throwaway container; ProvisionError
-        naming the image and the fix when it has none (or one too old for the agent)."""
+        naming the image and the fix when it has none (or one too old for the agent, or one
+        without ctypes)."""
         from pytest_isolate.agent.wire import MIN_PYTHON
 
         fix = (f"name an image that has python{'.'.join(map(str, MIN_PYTHON))} or newer as "
@@ -502,18 +503,27 @@ class DockerBackend(Backend):
                "`image` unset to use the Debian image pytest-isolate builds")
         where = f"image {spec.image!r} (from {spec.source('image')})"
         code, out = self._probe_python(spec, image, python, where, fix)
-        parts = out.splitlines()[-1].split(".") if code == 0 and out else []
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        versions = [line for line in out.splitlines()
+                    if re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", line)]
+        if not versions:
             raise ProvisionError(f"{self.name}: {python} in {where} does not run (exit status "
                                  f"{code}): {out[-2000:]}; {fix}")
-        if tuple(int(p) for p in parts[:2]) < MIN_PYTHON:
-            raise ProvisionError(f"{self.name}: {where} has Python {out.splitlines()[-1]} as "
+        version = versions[-1]
+        if tuple(int(p) for p in version.split(".")[:2]) < MIN_PYTHON:
+            raise ProvisionError(f"{self.name}: {where} has Python {version} as "
                                  f"{python!r}, too old for the agent; {fix}")
-        return ".".join(parts)
+        if code != 0:  # it printed its version, then could not import ctypes
+            raise ProvisionError(
+                f"{self.name}: {python} in {where} (Python {version}) cannot import ctypes, "
+                f"which the agent needs for its system calls ({out.splitlines()[-1]}); use a "
+                "python3 built with ctypes (libffi), as Debian's, Alpine's and the python "
+                "images' are")
+        return version
 
     def _probe_python(self, spec: EnvSpec, image: Any, python: str, where: str,
                       fix: str) -> tuple[int, str]:
-        """Exit status and output of python printing its version in a throwaway container."""
+        """Exit status and output of python printing its version, then importing ctypes,
+        in a throwaway container."""
         def refused(text: str, status: int | None) -> ProvisionError:
             # the engine refuses to start a container whose entrypoint is not there
             if "not found" in text or "no such file" in text.lower():
@@ -522,7 +532,8 @@ class DockerBackend(Backend):
             return ProvisionError(f"{self.name}: cannot run {python} in {where}: {text}")
 
         self.run.progress(f"{self.name}: checking for {python} in {spec.image}")
-        probe = ["-c", "import sys;print('%d.%d.%d'%sys.version_info[:3])"]
+        probe = ["-c", "import sys;print('%d.%d.%d'%sys.version_info[:3],flush=True);"
+                 "import ctypes"]
         container = self._create(spec, image.id, [], purpose="check", command=probe)
         try:
             with self.engine.calls(f"starting {python} in {where}", refused):
