@@ -271,9 +271,12 @@ class QemuBase(Backend):
             except (LookupError, OSError) as exc:
                 raise ProvisionError(f"cannot build the initramfs: {exc}") from None
             make_ext4(rootfs.data, data / "root.img", label="isolate-root")
+            # an image's reference and digest (the report's `image` and `digest`)
+            pin = {"reference": spec.image} if spec.image is not None else {}
+            if spec.from_image and rootfs.manifest.get("digest"):
+                pin["digest"] = rootfs.manifest["digest"]
             return {"kernel": kernel.version, "kernel_from": kernel_from, "modules": modules,
-                    "rootfs_key": rootfs.key,
-                    **({"reference": spec.image} if spec.image is not None else {})}
+                    "rootfs_key": rootfs.key, **pin}
 
         return self.run.cache.get_or_build("vmdisk", content_hash(fields), build,
                                            {**fields, **described}, log)
