@@ -15,10 +15,13 @@ echo "==> python3, venv, what building the [all] extra (libvirt-python) needs, a
 # openssh-server: the remote-engine tests (tests/integration/test_docker_ssh.py) start
 # an sshd of their own on 127.0.0.1 (its own config and keys, never the system service);
 # docker-registry, apache2-utils (htpasswd -B): the pull tests (tests/integration/
-# test_registry.py) start a registry of their own on 127.0.0.1 with htpasswd auth
+# test_registry.py) start a registry of their own on 127.0.0.1 with htpasswd auth;
+# musl-tools, busybox-static, make: the same tests build a musl-based image (a CPython
+# built against musl from the host's Debian source, with busybox: musl_support.py)
 need=""
 for pkg in python3 python3-venv python3-dev ca-certificates procps gcc pkg-config libvirt-dev \
-           openssh-server openssh-client docker-registry apache2-utils; do
+           openssh-server openssh-client docker-registry apache2-utils \
+           musl-tools busybox-static make; do
   dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null | grep -q '^ii' || need="$need $pkg"
 done
 if [ -n "$need" ]; then

@@ -35,7 +35,7 @@ from shared_support import output, run_pytest, wait_for
 from pytest_isolate.backends.base import RunContext
 from pytest_isolate.backends.docker import DockerBackend
 from pytest_isolate.backends.docker_engine import LABEL
-from pytest_isolate.errors import ProvisionError
+from pytest_isolate.errors import AgentLost, ProvisionError
 from pytest_isolate.images.kernel import ARCHES
 from pytest_isolate.spec import EnvSpec
 
@@ -625,3 +625,114 @@ def test_packages_on_a_debian_image_are_installed_by_its_dpkg(
         for tag in made:
             with contextlib.suppress(Exception):
                 client.images.remove(tag, force=True)
+
+
+# ---------------------------------------------------------------- a musl-based image
+
+
+@pytest.fixture(scope="module")
+def musl_root(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Alpine-like root of musl's libc, busybox and a CPython built against musl
+    (musl_support.py; built once per machine, kept in pytest's cache)."""
+    from musl_support import musl_root
+
+    log = tmp_path_factory.mktemp("musl") / "build.log"
+    return musl_root(pytestconfig.cache.mkdir("musl-image"), log,
+                     progress=lambda message: None)
+
+
+def push_root(seeded: Seeded, client: Any, root: Path, repo: str, work: Path,
+              leave_out: str = "") -> str:
+    """root as the image repo:1 in the registry (not on the engine), less the files whose
+    path has leave_out in it; its reference."""
+    archive = work / f"{repo.replace('/', '-')}.tar"
+    with tarfile.open(archive, "w") as tar:
+        for top in sorted(root.iterdir()):
+            tar.add(top, arcname=top.name,
+                    filter=lambda info: None if leave_out and leave_out in info.name else info)
+    client.api.import_image_from_file(str(archive), repository=f"{seeded.registry.host}/{repo}",
+                                      tag="1")
+    seeded.digests[repo] = push(client, seeded.registry, repo, "1")
+    return seeded.ref(repo)
+
+
+@pytest.fixture(scope="module")
+def musl_image(seeded: Seeded, client: Any, musl_root: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> str:
+    """isolate/musl:1: the musl root as an image."""
+    return push_root(seeded, client, musl_root, "isolate/musl", tmp_path_factory.mktemp("push"))
+
+
+def test_a_musl_image_runs_tests_under_chroot_docker_podman_and_qemu(
+        musl_image: str, logged_in: Seeded, podman_url: str, tmp_path: Path,
+        session_cache: str) -> None:
+    """A musl-based image (Alpine's kind: no glibc, busybox for a userland) is the root of
+    every kind of backend: the agent is stdlib-only, and the host's pytest runs on the
+    image's own musl CPython. Each test sees musl's loader mapped and no glibc; the failing
+    one's traceback comes back from inside; the report pins the image's digest."""
+    backends = {"musl-chroot": "chroot", "musl-docker": "docker", "musl-podman": "podman",
+                "musl-qemu": "qemu"}
+    (tmp_path / "pyproject.toml").write_text("".join(
+        f'[tool.pytest-isolate.envs.{name}]\nbackend = "{backend}"\nimage = "{musl_image}"\n\n'
+        for name, backend in backends.items()))
+    names = ", ".join(repr(name) for name in backends)
+    (tmp_path / "test_musl.py").write_text(
+        "import os, platform, sys, sysconfig\n"
+        "import pytest\n\n"
+        f"@pytest.mark.isolate({names})\n"
+        "def test_runs_on_musl():\n"
+        "    maps = open('/proc/self/maps').read()\n"
+        "    assert f'/lib/ld-musl-{platform.machine()}.so.1' in maps, maps\n"
+        "    assert 'libc.so.6' not in maps, maps\n"
+        "    assert sysconfig.get_config_var('MULTIARCH').endswith('-linux-musl')\n"
+        "    assert os.path.realpath('/bin/sh') == '/bin/busybox'\n"
+        "    assert not os.path.exists('/etc/debian_version')\n\n"
+        f"@pytest.mark.isolate({names})\n"
+        "def test_fails_inside():\n"
+        "    assert sys.platform == 'musl-is-still-linux'\n")
+    report = tmp_path / "report.json"
+    registry = logged_in.registry
+    env = {"DOCKER_CONFIG": registry.docker_config(registry.password),
+           "CONTAINER_HOST": podman_url}
+    result = run_pytest(tmp_path, session_cache, "-q", "-p", "no:randomly",
+                        f"--isolate-report={report}", extra_env=env, timeout=900)
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "4 failed, 4 passed" in text, text
+    assert text.count("AssertionError: assert 'linux' == 'musl-is-still-linux'") >= 4, text
+    environments = json.loads(report.read_text())["environments"]
+    for name in backends:
+        assert environments[name]["image"] == musl_image, environments[name]
+        assert environments[name]["digest"] == logged_in.digests["isolate/musl"], name
+
+
+def test_a_python_without_ctypes_is_one_clear_error(
+        logged_in: Seeded, client: Any, musl_root: Path, pytestconfig: pytest.Config,
+        tmp_path: Path) -> None:
+    """The agent's system calls go through ctypes: a python3 built without it (no libffi)
+    is said as such, by the engine backends' check of the image and by the agent itself
+    under chroot (which runs the export as it is)."""
+    from pytest_isolate.backends.chroot import ChrootBackend
+
+    ref = push_root(logged_in, client, musl_root, "isolate/musl-noctypes", tmp_path,
+                    leave_out="lib-dynload/_ctypes.")
+    spec = image_spec(logged_in, ref)
+    with pytest.raises(ProvisionError) as info:
+        make_backend(pytestconfig, tmp_path / "docker").provision(spec)
+    assert (f"docker: python3 in image {ref!r} (from {spec.source('image')}) (Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}.") in str(info.value)
+    assert ("cannot import ctypes, which the agent needs for its system calls "
+            "(ModuleNotFoundError: No module named '_ctypes'); use a python3 built with ctypes "
+            "(libffi)") in str(info.value)
+
+    chroot_spec = dataclasses.replace(spec, name=f"{spec.name}-chroot", backend="chroot")
+    chroot = ChrootBackend(make_backend(pytestconfig, tmp_path / "chroot").run)
+    chroot.check(chroot_spec)
+    entry = chroot.provision(chroot_spec)
+    with pytest.raises(AgentLost):
+        chroot.start(chroot_spec, entry).stop()
+    # the agent's log: what a run shows under the error as "environment log tail"
+    log = (tmp_path / "chroot/logs" / chroot_spec.name / "agent.log").read_text()
+    assert ("ImportError: pytest-isolate's agent needs ctypes, which this Python "
+            f"(/usr/bin/python3 {sys.version_info.major}.{sys.version_info.minor}.") in log, log
+    assert "(No module named '_ctypes'); use a python3 built with ctypes (libffi)" in log, log
