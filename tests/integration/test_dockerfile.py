@@ -63,7 +63,7 @@ def base_image(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture
-def project(tmp_path: Path, base_image: str) -> Iterator[Path]:
+def project(tmp_path: Path, base_image: str, pytestconfig: pytest.Config) -> Iterator[Path]:
     (tmp_path / "pyproject.toml").write_text(pyproject())
     (tmp_path / "test_built.py").write_text(TESTS)
     ci = tmp_path / "ci"
@@ -76,10 +76,17 @@ def project(tmp_path: Path, base_image: str) -> Iterator[Path]:
     import docker
 
     client = docker.from_env()
-    for image in client.images.list(filters={"label": "pytest-isolate.build=built"}):
+    built = [image for label in ("built", "built_chroot")
+             for image in client.images.list(filters={"label": f"pytest-isolate.build={label}"})]
+    for image in built:
         client.images.remove(image.id, force=True)
-    for image in client.images.list(filters={"label": "pytest-isolate.build=built_chroot"}):
-        client.images.remove(image.id, force=True)
+    # and the cache's records of those throwaway images: chroot's exports of them (each
+    # a whole root filesystem) and the docker backend's pins
+    manager: Any = pytestconfig.pluginmanager.get_plugin("isolate-manager")
+    ids = {image.id for image in built}
+    for entry in list(manager.cache.entries()):
+        if entry.kind in ("image-rootfs", "docker-pin") and entry.manifest.get("id") in ids:
+            manager.cache.remove(entry)
 
 
 def built_images(report: dict[str, Any]) -> dict[str, str]:
