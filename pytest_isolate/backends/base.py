@@ -517,12 +517,15 @@ def need_tool(backend: str, tool: str, package: str) -> str:
     return path
 
 
-def agent_command(spec: EnvSpec) -> list[str]:
-    """The command inside an environment that starts the agent (source comes on stdin)."""
+def agent_command(spec: EnvSpec, cwd: str | None = None) -> list[str]:
+    """The command inside an environment that starts the agent (source comes on stdin);
+    cwd: the directory it changes into first (not `env -C`: busybox's env, the one of
+    Alpine and other musl images, has no -C)."""
     if spec.layer is not None:
         from pytest_isolate.images.deps import VENV
 
         python = f"{VENV}/bin/python"
     else:
         python = spec.option("python", "python3")
-    return [python, "-u", "-c", BOOTSTRAP]
+    chdir = f"import os;os.chdir({cwd!r})\n" if cwd is not None else ""
+    return [python, "-u", "-c", chdir + BOOTSTRAP]

@@ -296,8 +296,8 @@ class LxcBackend(HostRootBackend):
             env.update(agent_map_request(mapping, ["/.isolate/lower", rootdir, PYCACHE]))
         argv = ["lxc-attach", "-n", name, "-P", str(lxcpath), "--clear-env",
                 "-o", str(lxc_log), "-l", "WARN", "--",
-                "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
-                *agent_command(spec)]
+                "env", "-i", *[f"{k}={v}" for k, v in env.items()],
+                *agent_command(spec, cwd=rootdir)]
         process = AgentProcess(argv, agent_log, f"environment {spec.name!r}")
         return Launch(process, {"agent": agent_log, "lxc": lxc_log},
                       agent_settings(self.run, spec, mounts),

@@ -377,8 +377,8 @@ class SchrootBackend(HostRootBackend):
                 f"isolate-{safe_name(spec.name)}"[:63], "0" if spec.network else "1",
                 json.dumps(mapping.cfg()) if mapping else "-", str(AGENT_DIR),
                 "schroot", "-r", "-c", session, "-d", "/", "--",
-                "env", "-i", "-C", rootdir, *[f"{k}={v}" for k, v in env.items()],
-                *agent_command(spec)]
+                "env", "-i", *[f"{k}={v}" for k, v in env.items()],
+                *agent_command(spec, cwd=rootdir)]
         process = AgentProcess(group.wrap(argv) if group else argv, agent_log,
                                f"environment {spec.name!r}")
         mounts = standard_mounts(self.run, spec, image)  # what the fstab above binds
