@@ -663,15 +663,15 @@ def musl_image(seeded: Seeded, client: Any, musl_root: Path,
     return push_root(seeded, client, musl_root, "isolate/musl", tmp_path_factory.mktemp("push"))
 
 
-def test_a_musl_image_runs_tests_under_chroot_docker_podman_and_qemu(
+def test_a_musl_image_runs_tests_under_every_backend(
         musl_image: str, logged_in: Seeded, podman_url: str, tmp_path: Path,
         session_cache: str) -> None:
     """A musl-based image (Alpine's kind: no glibc, busybox for a userland) is the root of
     every kind of backend: the agent is stdlib-only, and the host's pytest runs on the
     image's own musl CPython. Each test sees musl's loader mapped and no glibc; the failing
     one's traceback comes back from inside; the report pins the image's digest."""
-    backends = {"musl-chroot": "chroot", "musl-docker": "docker", "musl-podman": "podman",
-                "musl-qemu": "qemu"}
+    backends = {"musl-chroot": "chroot", "musl-lxc": "lxc", "musl-schroot": "schroot",
+                "musl-docker": "docker", "musl-podman": "podman", "musl-qemu": "qemu"}
     (tmp_path / "pyproject.toml").write_text("".join(
         f'[tool.pytest-isolate.envs.{name}]\nbackend = "{backend}"\nimage = "{musl_image}"\n\n'
         for name, backend in backends.items()))
@@ -698,8 +698,9 @@ def test_a_musl_image_runs_tests_under_chroot_docker_podman_and_qemu(
                         f"--isolate-report={report}", extra_env=env, timeout=900)
     text = output(result)
     assert result.returncode == 1, text
-    assert "4 failed, 4 passed" in text, text
-    assert text.count("AssertionError: assert 'linux' == 'musl-is-still-linux'") >= 4, text
+    assert "6 failed, 6 passed" in text, text
+    assert result.stdout.count("AssertionError: assert 'linux' == 'musl-is-still-linux'") >= 6, \
+        text
     environments = json.loads(report.read_text())["environments"]
     for name in backends:
         assert environments[name]["image"] == musl_image, environments[name]
