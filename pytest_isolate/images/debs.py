@@ -147,6 +147,24 @@ def sources_for(codename: str, mirror: str | None) -> list[str]:
     return lines
 
 
+def private_apt(work: Path, sources: list[str], status: bytes = b"") -> list[str]:
+    """apt-get's options for an apt of its own in work: its lists, cache and dpkg status
+    (status: an image's; empty: nothing installed), the one-line sources given, no
+    preferences, no lock.  The host's apt configuration (proxy, CA) still applies."""
+    for d in ("state/lists/partial", "cache/archives/partial", "parts"):
+        (work / d).mkdir(parents=True, exist_ok=True)
+    (work / "status").write_bytes(status)
+    (work / "sources.list").write_text("\n".join(sources) + "\n")
+    return [
+        "-o", f"Dir::State={work / 'state'}", "-o", f"Dir::State::status={work / 'status'}",
+        "-o", f"Dir::Cache={work / 'cache'}",
+        "-o", f"Dir::Etc::SourceList={work / 'sources.list'}",
+        "-o", f"Dir::Etc::SourceParts={work / 'parts'}",
+        "-o", "APT::Sandbox::User=root", "-o", "Debug::NoLocking=true",
+        "-o", "Dir::Etc::Preferences=/dev/null", "-o", "Dir::Etc::PreferencesParts=/dev/null",
+    ]
+
+
 def install_script(plan: str, debs: list[Path]) -> str:
     """The shell script that installs debs (bound or copied at DEBS_DIR) in the order of
     plan, the output of `apt-get -s install` (Inst: unpack, Conf: configure): what apt
@@ -181,19 +199,8 @@ def download(spec: EnvSpec, codename: str, status: bytes, dest: Path, work: Path
         raise ProvisionError(f"{what}: installing packages on an image needs the host's "
                              "apt-get (a Debian or Ubuntu host); install the packages in the "
                              "image itself instead")
-    for d in ("state/lists/partial", "cache/archives/partial", "parts"):
-        (work / d).mkdir(parents=True, exist_ok=True)
-    (work / "status").write_bytes(status)
-    (work / "sources.list").write_text("\n".join(sources_for(codename, spec.mirror)) + "\n")
-    options = [
-        "-o", f"Dir::State={work / 'state'}", "-o", f"Dir::State::status={work / 'status'}",
-        "-o", f"Dir::Cache={work / 'cache'}",
-        "-o", f"Dir::Etc::SourceList={work / 'sources.list'}",
-        "-o", f"Dir::Etc::SourceParts={work / 'parts'}",
-        "-o", f"APT::Architecture={spec.arch}", "-o", f"APT::Architectures={spec.arch}",
-        "-o", "APT::Sandbox::User=root", "-o", "Debug::NoLocking=true",
-        "-o", "Dir::Etc::Preferences=/dev/null", "-o", "Dir::Etc::PreferencesParts=/dev/null",
-    ]
+    options = [*private_apt(work, sources_for(codename, spec.mirror), status),
+               "-o", f"APT::Architecture={spec.arch}", "-o", f"APT::Architectures={spec.arch}"]
     label = f"fetching the packages of {spec.name!r} for {what} ({codename})"
     progress(f"{label}: {', '.join(spec.packages)}")
     run_logged([apt, "-q", *options, "update"], log, progress, f"{label}: apt-get update")

@@ -1,8 +1,8 @@
 """A musl-based root filesystem for the image tests, made without Alpine's mirrors (out
 of reach here): CPython (with libffi, for ctypes) built from the host's own Debian source
 packages with musl-gcc (Debian's musl-tools), installed beside busybox-static's applets
-into an otherwise empty root.  Its layout is an Alpine system's: ``/lib/ld-musl-<arch>.so.1`` is the C library
-and its loader, ``/bin`` is busybox, and nothing in it comes from glibc.
+into an otherwise empty root.  Its layout is an Alpine system's: ``/lib/ld-musl-<arch>.so.1``
+is the C library and its loader, ``/bin`` is busybox, and nothing in it comes from glibc.
 
 Built once per machine (a few minutes on 2 cores) and kept in pytest's cache directory,
 keyed by the versions it is made of and by RECIPE.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_isolate.images.debs import OS_RELEASE, parse_os_release, sources_for
+from pytest_isolate.images.debs import OS_RELEASE, parse_os_release, private_apt, sources_for
 
 #: bumped when the build below changes, so a machine's earlier build is not reused
 RECIPE = 2
@@ -54,7 +54,7 @@ def host_codename() -> str:
     pytest.fail("the host's os-release names no Debian release to fetch python's source of")
 
 
-def musl_root(cache: Path, log: Path, progress: Callable[[str], None]) -> Path:
+def musl_root(cache: Path, log: Path) -> Path:
     """The root filesystem (built now unless cache holds it); the build's output in log."""
     for tool, package in NEEDS.items():
         if not os.path.exists(tool):
@@ -69,13 +69,12 @@ def musl_root(cache: Path, log: Path, progress: Callable[[str], None]) -> Path:
     work.mkdir(parents=True)
     with open(log, "ab") as out:
         def run(argv: list[str], cwd: Path, **env: str) -> None:
-            progress(f"musl image: {' '.join(argv[:3])}")
             out.write(f"$ {' '.join(argv)}\n".encode())
             out.flush()
-            done_ = subprocess.run(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **env}, stdin=subprocess.DEVNULL)
-            if done_.returncode:
-                pytest.fail(f"building the musl image: {argv[0]} failed ({done_.returncode}); "
+            proc = subprocess.run(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+            if proc.returncode:
+                pytest.fail(f"building the musl image: {argv[0]} failed ({proc.returncode}); "
                             f"its output ends:\n{log.read_text()[-3000:]}")
 
         python_src, ffi_src = fetch_sources(work, run, {PYTHON: "Python-*", "libffi": "libffi-*"})
@@ -112,19 +111,12 @@ def fetch_sources(work: Path, run: Callable[..., None], packages: dict[str, str]
     """The upstream source trees of packages (source package -> the glob of the directory
     its tarball unpacks into), from the deb-src of the host's own sources (through the
     host's apt configuration: proxy, CA), unpacked in work."""
-    apt = work / "apt"
-    for d in ("lists/partial", "cache/archives/partial", "parts"):
-        (apt / d).mkdir(parents=True)
     # the release's own suite only: its upstream tarball is the one every pocket uses, and
     # a security archive may lack a version's other source files
     codename = host_codename()
-    lines = [line for line in sources_for(codename, None) if line.split()[-2] == codename]
-    (apt / "sources.list").write_text(
-        "".join(line.replace("deb ", "deb-src ", 1) + "\n" for line in lines))
-    options = ["-o", f"Dir::State::Lists={apt / 'lists'}", "-o", f"Dir::Cache={apt / 'cache'}",
-               "-o", f"Dir::Etc::SourceList={apt / 'sources.list'}",
-               "-o", f"Dir::Etc::SourceParts={apt / 'parts'}",
-               "-o", "APT::Sandbox::User=root", "-o", "Debug::NoLocking=true"]
+    lines = [line.replace("deb ", "deb-src ", 1) for line in sources_for(codename, None)
+             if line.split()[-2] == codename]
+    options = private_apt(work / "apt", lines)
     run(["apt-get", "-q", *options, "update"], work)
     run(["apt-get", "-q", *options, "source", "--download-only", *packages], work)
     trees = []
@@ -175,7 +167,8 @@ def prune(root: Path) -> None:
 
 def add_system(root: Path) -> None:
     """musl's libc as /lib/ld-musl-ARCH.so.1 (also libc.musl-ARCH.so.1, as on Alpine),
-    busybox with a link per applet (/bin/sh, /usr/bin/env, ...), and the directories a root has."""
+    busybox with a link per applet (/bin/sh, /usr/bin/env, ...), and the directories a
+    root has."""
     machine = platform.machine()
     loader = f"/lib/ld-musl-{machine}.so.1"  # musl's package: a link to its libc.so
     if not os.path.exists(loader):
