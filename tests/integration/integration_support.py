@@ -140,6 +140,25 @@ def session_run(config: pytest.Config, log_dir: Path) -> Any:
                       progress=lambda message: None, strict=True)
 
 
+def remove_made_from(cache: Any, gone: set[str]) -> None:
+    """Remove the cache entries made from what gone names (image ids, entry keys), and
+    what was made from those in turn: an image's exports and pins (by its id), an export's
+    VM disks, a disk's saved states (by key).  Matched by that chain, never by time, so
+    what a concurrent run made stays."""
+    def made_from(entry: Any) -> Any:
+        if entry.kind in ("image-rootfs", "docker-pin"):
+            return entry.manifest.get("id")
+        if entry.kind == "vmdisk":
+            return entry.manifest.get("rootfs_key")
+        return entry.manifest.get("spec", {}).get("vmdisk")  # a vmstate
+
+    for kinds in (("image-rootfs", "docker-pin"), ("vmdisk",), ("vmstate",)):
+        for entry in list(cache.entries()):
+            if entry.kind in kinds and made_from(entry) in gone:
+                gone.add(entry.key)
+                cache.remove(entry)
+
+
 def session_docker_image(config: pytest.Config, log_dir: Path) -> str:
     """The tag of the Debian image the docker backend builds in this session (from the
     cached root filesystem): what a test's Dockerfile starts FROM, so nothing is pulled

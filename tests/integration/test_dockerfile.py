@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_support import session_docker_image, session_run
+from integration_support import remove_made_from, session_docker_image, session_run
 from shared_support import output, run_pytest
 
 pytestmark = pytest.mark.integration
@@ -73,20 +73,21 @@ def project(tmp_path: Path, base_image: str, pytestconfig: pytest.Config) -> Ite
     (ci / "ignored").write_text("not part of the context\n")
     (ci / ".dockerignore").write_text("ignored\n")
     yield tmp_path
+    remove_builds(pytestconfig, "built", "built_chroot")
+
+
+def remove_builds(config: pytest.Config, *envs: str) -> None:
+    """Remove the images the Dockerfile environments envs built, and what the cache made
+    of them (remove_made_from)."""
     import docker
 
     client = docker.from_env()
-    built = [image for label in ("built", "built_chroot")
-             for image in client.images.list(filters={"label": f"pytest-isolate.build={label}"})]
+    built = [image for env in envs
+             for image in client.images.list(filters={"label": f"pytest-isolate.build={env}"})]
     for image in built:
         client.images.remove(image.id, force=True)
-    # and the cache's records of those throwaway images: chroot's exports of them (each
-    # a whole root filesystem) and the docker backend's pins
-    manager: Any = pytestconfig.pluginmanager.get_plugin("isolate-manager")
-    ids = {image.id for image in built}
-    for entry in list(manager.cache.entries()):
-        if entry.kind in ("image-rootfs", "docker-pin") and entry.manifest.get("id") in ids:
-            manager.cache.remove(entry)
+    manager: Any = config.pluginmanager.get_plugin("isolate-manager")
+    remove_made_from(manager.cache, {image.id for image in built})
 
 
 def built_images(report: dict[str, Any]) -> dict[str, str]:
@@ -194,14 +195,5 @@ def test_an_image_with_its_own_kernel_boots_it(tmp_path: Path, base_image: str,
                  and e.manifest.get("created", 0) >= started]
         assert [e.manifest.get("kernel_from") for e in disks] == ["the image's /boot"], [
             e.manifest for e in disks]
-    finally:
-        import docker
-
-        client = docker.from_env()
-        for image in client.images.list(filters={"label": "pytest-isolate.build=kernelled"}):
-            client.images.remove(image.id, force=True)
-        # the throwaway image's export, VM disk and saved state (~0.5 GB) go with it
-        for entry in list(manager.cache.entries()):
-            if (entry.kind in ("image-rootfs", "vmdisk", "vmstate")
-                    and entry.manifest.get("created", 0) >= started):
-                manager.cache.remove(entry)
+    finally:  # the throwaway image's export, VM disk and saved state (~0.5 GB) go with it
+        remove_builds(pytestconfig, "kernelled")

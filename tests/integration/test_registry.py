@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_support import free_port, stop, wait_for_log
+from integration_support import free_port, remove_made_from, stop, wait_for_log
 from shared_support import output, run_pytest, wait_for
 
 from pytest_isolate.backends.base import RunContext
@@ -218,10 +218,14 @@ def remove_local(client: Any, ref: str) -> None:
 
 def remove_pulled(client: Any, registry: Registry, cache: Any) -> None:
     """Remove every image of registry from the engine (what the tests pulled), and the
-    cache entries of them (each session's images are new: their entries would pile up)."""
+    cache entries of them and made from them, saved VM states included (each session's
+    images are new: their entries would pile up)."""
+    gone: set[str] = set()
     for entry in list(cache.entries()):
         if str(entry.manifest.get("reference") or "").startswith(f"{registry.host}/"):
+            gone.add(entry.key)
             cache.remove(entry)
+    remove_made_from(cache, gone)
     for image in client.images.list(all=True):
         refs = [*(image.attrs.get("RepoTags") or []), *(image.attrs.get("RepoDigests") or [])]
         if refs and all(ref.startswith(f"{registry.host}/") for ref in refs):
@@ -634,11 +638,10 @@ def test_packages_on_a_debian_image_are_installed_by_its_dpkg(
 def musl_root(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An Alpine-like root of musl's libc, busybox and a CPython built against musl
     (musl_support.py; built once per machine, kept in pytest's cache)."""
-    from musl_support import musl_root
+    import musl_support
 
     log = tmp_path_factory.mktemp("musl") / "build.log"
-    return musl_root(pytestconfig.cache.mkdir("musl-image"), log,
-                     progress=lambda message: None)
+    return musl_support.musl_root(pytestconfig.cache.mkdir("musl-image"), log)
 
 
 def push_root(seeded: Seeded, client: Any, root: Path, repo: str, work: Path,
