@@ -92,7 +92,12 @@ def pivot_root(new_root: str, allow_move: bool = False) -> None:
     boundary, never falls back: a chroot alone can be escaped.
     """
     nr = SYS_PIVOT_ROOT.get(platform.machine())
-    os.chdir(new_root)
+    new = os.open(new_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        to_namespace_top(new_root)
+        os.fchdir(new)
+    finally:
+        os.close(new)
     if nr is not None:
         if libc().syscall(nr, b".", b".") == 0:
             umount(".", MNT_DETACH)
@@ -106,6 +111,27 @@ def pivot_root(new_root: str, allow_move: bool = False) -> None:
     mount(".", "/", None, MS_MOVE)
     os.chroot(".")
     os.chdir("/")
+
+
+def to_namespace_top(below: str) -> None:
+    """Make the top of the mount namespace this process's root, where the root is a
+    directory below it (a chroot: schroot starts the agent in one).
+
+    pivot_root from such a root swaps mounts below the top only: the top (the host's root
+    filesystem, under schroot) stays above the new root, and a process with CAP_SYS_CHROOT
+    -- a test has it, as root in a Docker container does -- reaches it by chroot into a
+    directory and '..' from outside it.  From the top, the new root replaces the top, and
+    nothing is left above it.  The way up is that same chroot and '..': this process
+    chroots into below (a directory under its root), climbs from its old root until '..'
+    is '.', and makes that its root."""
+    os.chdir("/")
+    os.chroot(below)
+    while True:
+        here, up = os.stat("."), os.stat("..")
+        if (here.st_dev, here.st_ino) == (up.st_dev, up.st_ino):
+            break
+        os.chdir("..")
+    os.chroot(".")
 
 
 def set_pdeathsig(sig: int = signal.SIGKILL) -> None:

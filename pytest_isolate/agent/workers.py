@@ -254,6 +254,16 @@ def enter_pid_namespace(sock: socket.socket) -> None:
     end_like(status)
 
 
+def enter_root_alone(root: str) -> None:
+    """In a process a worker starts for a command (exec, pty): root as its root, in a
+    mount namespace of its own with nothing above root.  A chroot alone would leave the
+    worker's own root reachable (chroot into a directory, then '..' from outside it), and
+    under schroot that is the host's root filesystem (mounts.to_namespace_top)."""
+    unshare(CLONE_NEWNS)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    pivot_root(root, allow_move=True)
+
+
 def wait_for(pid: int) -> int:
     """pid's wait status (pid: a child)."""
     while True:
@@ -357,7 +367,7 @@ class WorkerServer:
         if pid == 0:
             try:
                 if root is not None:
-                    os.chroot(root)
+                    enter_root_alone(root)
                 try:
                     os.chdir(cwd)
                 except OSError:
@@ -412,7 +422,7 @@ class WorkerServer:
         opts = harden_opts(self.agent.settings)
 
         def enter() -> None:
-            os.chroot(root)
+            enter_root_alone(root)
             os.chdir(cwd)
             if opts is not None:  # as a test's own process is (see worker_main)
                 harden_process(opts)

@@ -66,7 +66,20 @@ HOSTILE = """
     def test_no_host_disks():
         devices = set(os.listdir("/dev"))
         assert not devices & {{"sda", "vda", "xvda", "nvme0n1", "loop0", "mem", "kmsg"}}
+
+    @pytest.mark.isolate(ENV)
+    def test_chroot_and_dotdot_stay_inside():
+        # root in a Docker container has CAP_SYS_CHROOT, and so has a test
+        {climb}
+        assert not os.path.exists({marker!r})
 """
+
+#: The classic way out of a chroot: chroot into a directory, then '..' from outside it
+#: up to the top of the mount namespace, and make that the root.  A test and a command
+#: run inside have CAP_SYS_CHROOT; the top must be the environment's own root.
+CLIMB = ("os.makedirs('/tmp/climb', exist_ok=True); top = os.open('/', os.O_RDONLY); "
+         "os.chroot('/tmp/climb'); os.fchdir(top); [os.chdir('..') for _ in range(64)]; "
+         "os.chroot('.'); print('TOP', sorted(os.listdir('/')))")
 
 
 @pytest.mark.parametrize("env", BACKENDS)
@@ -75,6 +88,8 @@ def test_marker_tests_cannot_reach_the_host(inner: Inner, env: str,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     host_dir = tmp_path_factory.mktemp("host-side")
     host_file = host_dir / "escaped.txt"
+    marker = tmp_path_factory.mktemp("host-only") / "marker"  # on the host alone
+    marker.write_text("host")
     probe = inner.path / "isolate-write-probe"
     outer_mark = f"faults-outer-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("ISOLATE_FAULTS_FAKE_TOKEN", "fake-token-value")
@@ -83,12 +98,12 @@ def test_marker_tests_cannot_reach_the_host(inner: Inner, env: str,
     try:
         inner.write("test_hostile.py", HOSTILE.format(
             env=env, host_dir=str(host_dir), host_file=str(host_file), probe=str(probe),
-            outer_mark=outer_mark, outer_pid=sleeper.pid))
+            outer_mark=outer_mark, outer_pid=sleeper.pid, climb=CLIMB, marker=str(marker)))
         result = inner.run(timeout=240)
     finally:
         sleeper.kill()
         sleeper.wait()
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=7)
     assert not host_file.exists()
     assert list(host_dir.iterdir()) == []
     assert not probe.exists()
@@ -100,6 +115,19 @@ def test_marker_tests_cannot_reach_the_host(inner: Inner, env: str,
 @pytest.fixture(params=BACKENDS)
 def env(request: pytest.FixtureRequest, isolate_env: Callable[[str], Environment]) -> Environment:
     return isolate_env(request.param)
+
+
+def test_a_command_run_inside_cannot_climb_out(env: Environment, tmp_path: Path) -> None:
+    """A command the fixture runs has a test's powers, CAP_SYS_CHROOT among them: its
+    chroot and '..' end at the environment's root.  (Under schroot they reached the
+    host's root filesystem, whose agent runs in a chroot below it.)"""
+    marker = tmp_path / "host-only-marker"
+    marker.write_text("host")
+    code = "import os; " + CLIMB + f"; print('MARKER', os.path.exists({str(marker)!r}))"
+    result = env.run(["python3", "-c", code])
+    assert result.returncode == 0, result.stderr
+    assert "MARKER False" in result.stdout, result.stdout
+    assert "'usr'" in result.stdout  # it climbed to a root filesystem: the environment's
 
 
 def test_put_with_dotdot_stays_inside(env: Environment, tmp_path: Path) -> None:
