@@ -238,6 +238,10 @@ class ItemRun:
             elif op == "report":
                 self.emit(self.rebuild(reply["data"]))
             elif op == "done":
+                if reply.get("reused"):
+                    stats = self.pool.report.envs.get(self.env)
+                    if stats is not None:
+                        stats.reused_roots += 1
                 return None
             elif op == "warning":
                 self.item.warn(pytest.PytestWarning(reply["message"]))

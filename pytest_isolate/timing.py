@@ -50,6 +50,9 @@ class EnvStats:
     bound: int = 0
     tests: int = 0
     run_total: float = 0.0
+    #: tests whose worker joined the namespaces a test before it left as they were made
+    #: (agent/slots.py) instead of making its own
+    reused_roots: int = 0
     logs: dict[str, str] = dataclasses.field(default_factory=dict)
     #: an environment made from an image reference (``image = REF``): the reference and
     #: the digest it was pinned to in this run
@@ -105,6 +108,7 @@ class RunReport:
                 continue
             for key in ("start", "starts", "tests", "run_total"):
                 setattr(mine, key, getattr(mine, key) + env[key])
+            mine.reused_roots += env.get("reused_roots", 0)
             # every xdist worker collects (and binds) all items: not a sum
             mine.bound = max(mine.bound, env.get("bound", 0))
             # workers build a key once and the others wait for it: the longest is the cost

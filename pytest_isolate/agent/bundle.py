@@ -21,7 +21,7 @@ from pathlib import Path
 AGENT_DIR = Path(__file__).resolve().parent
 
 #: The shipped modules, each after the ones it imports at its top.
-SHIPPED = ("wire", "mounts", "harden", "ops", "collect", "workers", "zygote", "server")
+SHIPPED = ("wire", "mounts", "slots", "harden", "ops", "collect", "workers", "zygote", "server")
 
 #: A relative import statement, one line or parenthesised over several.
 _RELATIVE = re.compile(r"^([ \t]*)from \.\w* import (?:\([^)]*\)|[^\n]*)$", re.MULTILINE)

@@ -188,11 +188,13 @@ def size_opt(size: Optional[int]) -> str:
 def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
                   fresh_dev: bool, size: Optional[int] = None, tmp: bool = True,
                   userns_fd: Optional[int] = None,
-                  owner: Optional[Tuple[int, int]] = None) -> None:
+                  owner: Optional[Tuple[int, int]] = None, shm: Optional[str] = None) -> None:
     """Mount /proc, /dev, /sys, /tmp and the bind mounts into a new root.
 
     size bounds the tmpfs mounts (/tmp, /dev/shm); tmp=False leaves /tmp in the root's
     own writable layer (a worker's: one budget for both, and part of its snapshots).
+    shm: a directory to bind at /dev/shm instead of a tmpfs of its own (a slot's, on the
+    slot's tmpfs, where its zygote sees whether a test left anything in it).
     The launcher of a mapped root (make_userns) passes its namespace (the binds are
     idmapped through it) and the host uid of its root (owner of the tmpfs mounts).
     """
@@ -231,9 +233,14 @@ def populate_root(root: str, binds: Sequence[Sequence[Any]], dev_from: str,
               "mode=1777" + size_opt(size) + tmpfs_owner)
     else:
         mount(dev_from, dev, None, MS_BIND | MS_REC)
-        shm = os.path.join(dev, "shm")
-        if os.path.isdir(shm):  # its own, not the environment's shared one
-            mount("tmpfs", shm, "tmpfs", MS_NOSUID | MS_NODEV,
+        shm_dir = os.path.join(dev, "shm")
+        if not os.path.isdir(shm_dir):
+            pass
+        elif shm is not None:
+            mount(shm, shm_dir, None, MS_BIND)
+            mount(None, shm_dir, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
+        else:  # its own, not the environment's shared one
+            mount("tmpfs", shm_dir, "tmpfs", MS_NOSUID | MS_NODEV,
                   "mode=1777" + size_opt(size) + tmpfs_owner)
     sys_dir = os.path.join(root, "sys")
     if os.path.isdir(sys_dir):
@@ -405,6 +412,12 @@ class PidNamespaces:
                 got = pid
             if got:
                 del self.dying[pid]
+
+
+def layer_dirs(ws: str, generation: int) -> Tuple[str, str, str]:
+    """A worker's root, upper and work directories in its workspace ws (a tmpfs), for the
+    generation-th root it mounts there (snapshots remount it)."""
+    return "%s/root%d" % (ws, generation), "%s/upper%d" % (ws, generation), "%s/work%d" % (ws, generation)
 
 
 def overlay(root: str, lowers: Sequence[str], upper: str, work: str) -> None:

@@ -83,7 +83,7 @@ MESSAGES = {op: frozenset(fields.split()) for op, fields in (
     ("result", "returncode stdout_len duration timed_out"),
     ("collected", "nodeids errors"),
     ("report", "data"),
-    ("done", "nodeid"),
+    ("done", "nodeid reused"),
     ("missing", "nodeid known"),
     ("warning", "message"),
     ("exit", "code reason"),

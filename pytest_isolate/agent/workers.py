@@ -21,6 +21,7 @@ from .mounts import (
     MNT_DETACH,
     MS_PRIVATE,
     MS_REC,
+    layer_dirs,
     mount,
     overlay,
     pause_init,
@@ -32,6 +33,7 @@ from .mounts import (
     unshare,
 )
 from .ops import in_root_call, pack_path, run_command, set_winsize, unpack_to
+from .slots import Slot
 from .wire import Frame, FrameDecoder, ProtocolError, encode_frame, error_message, message, write_all
 
 if TYPE_CHECKING:
@@ -184,11 +186,12 @@ _INHERITED_CAPTURES: List[Any] = []
 
 
 def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
-                zygote: Optional["Zygote"] = None) -> int:
+                zygote: Optional["Zygote"] = None, slot: Optional[Slot] = None) -> int:
     """Runs in the forked worker: make a fresh root and a PID namespace, then serve.
 
     A zygote's test worker (zygote given) lays its fresh upper layer over the zygote's
-    layers (see Zygote) instead of over the pristine root alone.
+    layers (see Zygote) instead of over the pristine root alone.  Given a slot (slots.py)
+    whose namespaces a test before left as they were made, it joins them instead.
     """
     own_capture(agent.session)
     if req.get("kind") == "zygote":
@@ -198,28 +201,39 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
     isolated = agent.settings.get("isolation") == "overlay"
     if not isolated:
         return WorkerServer(agent, sock, ch, req, root=None, zygote=zygote).serve()
-    if zygote is None or zygote.pids is None:
-        enter_pid_namespace(sock)
+    test = req.get("kind", "test") == "test"
+    server = WorkerServer(agent, sock, ch, req, root=None, zygote=zygote)
+    if slot is not None and slot.mnt >= 0:
+        slot.enter()
+        server.reused = True
     else:
-        # the zygote forked this process into a PID namespace of its own (PidNamespaces);
-        # the zygote's mounts are private already (session_root)
-        unshare(CLONE_NEWNS)
+        if zygote is None or zygote.pids is None:
+            enter_pid_namespace(sock)
+        else:
+            # the zygote forked this process into a PID namespace of its own (PidNamespaces,
+            # a slot's); the zygote's mounts are private already (session_root)
+            unshare(CLONE_NEWNS)
+        if slot is not None:
+            server.ws = slot.ws  # the slot's tmpfs, mounted by the zygote
+        else:
+            server.ws = zygote.test_ws if zygote is not None else "/.isolate/ws"
+            mount("tmpfs", server.ws, "tmpfs", 0, "mode=755" + size_opt(agent.settings.get("disk")))
+        lowers = zygote.lowers if zygote is not None else [agent.settings["lower"]]
+        root = server.mount_layers(lowers, shm=slot.shm if slot is not None else None)
+        if not test:
+            server.root = root
+        else:
+            pivot_root(root, allow_move=True)
+            if slot is not None:
+                slot.hand_over()
     set_pdeathsig()
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    ws = zygote.test_ws if zygote is not None else "/.isolate/ws"
-    mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(agent.settings.get("disk")))
-    server = WorkerServer(agent, sock, ch, req, root=None, zygote=zygote, ws=ws)
-    lowers = zygote.lowers if zygote is not None else [agent.settings["lower"]]
-    root = server.mount_layers(lowers)
-    if req.get("kind", "test") == "test":
-        pivot_root(root, allow_move=True)
+    if test:
         os.chdir(agent.settings.get("cwd") or "/")
         opts = harden_opts(agent.settings)
         if opts is not None:  # every mount is made: the test's code runs from here on
             for note in harden_process(opts):
                 sys.stderr.write("pytest-isolate worker: %s\n" % note)
-    else:
-        server.root = root
     code = server.serve()
     os._exit(code)
 
@@ -307,21 +321,21 @@ class WorkerServer:
         self.upper = ""
         self.snapshots: Dict[str, List[str]] = {}
         self.pending: "collections.deque[Frame]" = collections.deque()
+        #: this worker joined a slot's namespaces that a test before it left (slots.py)
+        self.reused = False
 
     def send(self, obj: Dict[str, Any], blob: bytes = b"") -> None:
         self.sock.sendall(encode_frame(self.ch, obj, blob))
 
-    def mount_layers(self, lowers: List[str]) -> str:
+    def mount_layers(self, lowers: List[str], shm: Optional[str] = None) -> str:
         self.generation += 1
-        g = self.generation
-        ws = self.ws
-        root = "%s/root%d" % (ws, g)
-        self.upper = "%s/upper%d" % (ws, g)
+        root, self.upper, work = layer_dirs(self.ws, self.generation)
         self.lowers = list(lowers)
-        overlay(root, lowers, self.upper, "%s/work%d" % (ws, g))
+        overlay(root, lowers, self.upper, work)
         s = self.agent.settings
         binds = [[p, p, False] for p in s.get("binds", [])]
-        populate_root(root, binds, "/dev", fresh_dev=False, size=s.get("disk"), tmp=False)
+        populate_root(root, binds, "/dev", fresh_dev=False, size=s.get("disk"), tmp=False,
+                      shm=shm)
         if harden_opts(s) is not None:
             protect_paths(root)
         return root
@@ -500,7 +514,7 @@ class WorkerServer:
                 debug.close()
         sys.stdout.flush()
         sys.stderr.flush()
-        self.send(message("done", nodeid=req["nodeid"]))
+        self.send(message("done", nodeid=req["nodeid"], reused=self.reused))
 
 
 class Debugger:

@@ -24,6 +24,7 @@ from .mounts import (
     set_pdeathsig,
     unshare,
 )
+from .slots import Slots
 from .wire import FrameDecoder, drain, encode_frame, error_message, message
 from .workers import end_child, end_like, wait_for, worker_main
 
@@ -89,6 +90,10 @@ class Zygote:
         self.running = True
         #: each test worker's PID namespace (isolated backends)
         self.pids: Optional[PidNamespaces] = None
+        #: test workers' namespaces kept for later tests (isolated and hardened backends)
+        self.slots: Optional[Slots] = None
+        #: counts what the zygote set up or tore down: a slot is reused in its generation only
+        self.generation = 0
 
     def send(self, obj: Dict[str, Any], blob: bytes = b"") -> None:
         self.sock.sendall(encode_frame(self.ch, obj, blob))
@@ -101,6 +106,10 @@ class Zygote:
                 pids = PidNamespaces.probe()
             self.enter_layer()
             self.pids = pids
+            if pids is not None and harden_opts(self.agent.settings) is not None:
+                # hardened: a test cannot change its mounts, so what a slot's checks miss
+                # is only what no test can do (privileged tests make their own each time)
+                self.slots = Slots(self.test_ws, pids, self.agent.settings.get("disk"))
         self.sigr, self.sigw = os.pipe()
         os.set_blocking(self.sigr, False)
         os.set_blocking(self.sigw, False)
@@ -111,6 +120,8 @@ class Zygote:
             self.serve()
         finally:
             self.teardown_all()
+            if self.slots is not None:
+                self.slots.close()
             _kill_session_leftovers()
         return 0
 
@@ -180,7 +191,9 @@ class Zygote:
                 got, status = pid, int(signal.SIGKILL)
             if got:
                 ch = self.children.pop(pid)
-                if self.pids is not None:
+                if self.slots is not None and self.slots.ended(pid, status):
+                    pass
+                elif self.pids is not None:
                     self.pids.ended(pid)
                 self.send(message("reaped", ch=ch, pid=pid, status=status))
         if self.pids is not None:
@@ -197,10 +210,15 @@ class Zygote:
         ch = int(req["ch"])
         item = self.agent.items.get(req.get("nodeid") or "")
         warnings: List[str] = []
+        slot = None
         try:
             if item is not None:
                 warnings = self.prepare(item)
-            pid = self.pids.fork() if self.pids is not None else os.fork()
+            if self.slots is not None:
+                slot = self.slots.take(self.generation)
+                pid = self.slots.fork(slot)
+            else:
+                pid = self.pids.fork() if self.pids is not None else os.fork()
         except Exception as exc:
             self.not_forked(fd, ch, exc)
             return
@@ -216,7 +234,8 @@ class Zygote:
                 sock = socket.socket(fileno=fd)
                 for text in warnings:
                     sock.sendall(encode_frame(ch, message("warning", message=text)))
-                return worker_main(self.agent, sock, ch, dict(req, kind="test"), zygote=self)
+                return worker_main(self.agent, sock, ch, dict(req, kind="test"), zygote=self,
+                                   slot=slot)
 
             end_child(child)
         os.close(fd)
@@ -259,12 +278,14 @@ class Zygote:
         chain = item.listchain()
         warnings: List[str] = []
         if list(ss.stack) != chain[: len(ss.stack)]:  # the host did not advance: do it now
+            self.generation += 1
             try:
                 ss.teardown_exact(item)
             except TEST_OUTCOME as exc:
                 warnings.append("pytest-isolate: tearing down the scopes before %s failed "
                                 "in the zygote: %s: %s" % (item.nodeid, type(exc).__name__, exc))
         for col in chain[len(ss.stack):-1]:
+            self.generation += 1
             ss.stack[col] = ([col.teardown], None)
             try:
                 col.setup()
@@ -307,6 +328,8 @@ class Zygote:
                 continue
             before = set(threading.enumerate())
             idle = [d for d in defs if d.cached_result is None]
+            if any(d.argname == name for d in idle):
+                self.generation += 1  # set up now: what it writes goes to the session layer
             try:
                 request.getfixturevalue(name)
             except TEST_OUTCOME:
@@ -410,6 +433,7 @@ class Zygote:
         ss = session._setupstate
         needed = nxt.listchain() if nxt is not None else []
         if ss.stack and list(ss.stack) != needed[: len(ss.stack)]:
+            self.generation += 1
             if prev is None:
                 try:
                     ss.teardown_exact(nxt)

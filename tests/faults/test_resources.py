@@ -1,7 +1,7 @@
 """A test that fills the environment's disk or memory, or starts too many processes.
 
 Each test's writable root (its /tmp included) is a tmpfs of the spec's ``disk`` size,
-1 GiB by default, discarded with the test; /dev/shm is a tmpfs of its own of that size.
+1 GiB by default, discarded with the test; /dev/shm is bounded by it too.
 ``memory``, ``cpus`` and ``pids`` are a cgroup of the environment (host cgroups for
 chroot and schroot, the engine's for docker and lxc, a guest cgroup plus the guest's
 RAM and CPUs for qemu).  A test over its memory limit is ended by the kernel's OOM

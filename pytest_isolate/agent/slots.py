@@ -1,0 +1,225 @@
+"""Slots: the namespaces of a zygote's test workers, kept for a later test while they are
+still as they were made (issue 13).
+
+A test worker's clean state is its own PID namespace and its own mount namespace: a fresh
+overlay root with /proc, /dev, /sys and the hardening's masks mounted in it.  Making and
+tearing down those mounts is most of what a test costs beyond its fork.  Most tests leave
+them exactly as they found them: nothing written to the root (its overlay's upper layer
+is still empty), nothing in /dev/shm, no process left behind, and (hardened: no
+CAP_SYS_ADMIN) no mount changed.  Such a slot is then given to a later test, whose worker
+is a fresh fork of the zygote that joins the slot's namespaces (setns) instead of making
+its own.
+
+What a slot is:
+
+- a tmpfs of its own, mounted in the zygote's mount namespace (``ws``): the overlay's
+  upper and work directories and the directory bound at /dev/shm, so that the zygote
+  sees whether they are still empty;
+- a PID namespace whose PID 1 is a pause clone (mounts.pause_init);
+- the mount namespace its first worker made (unshare, the overlay over the zygote's
+  layers, the standard mounts, pivot_root): that worker sends it to the zygote (an
+  SCM_RIGHTS message on the slot's socket pair), which holds it open from then on.
+
+A slot is reused only when the zygote has set up or torn down nothing since it was made
+(``generation``): the session layer, a lower layer of the slot's overlay, must not have
+changed under it.  A later test in a reused slot gets the next free PID there, not 2.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any, Dict, List, Optional, Tuple
+
+from .mounts import (
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    MNT_DETACH,
+    PidNamespaces,
+    layer_dirs,
+    mount,
+    pause_init,
+    setns,
+    size_opt,
+    umount,
+    unshare,
+)
+
+
+class Slot:
+    """One test worker's namespaces (see the module's docstring)."""
+
+    def __init__(self, ws: str, pidns: int, init: Tuple[int, Any], generation: int) -> None:
+        self.ws = ws
+        self.root, self.upper, _work = layer_dirs(ws, 1)
+        self.shm = ws + "/shm"
+        #: its PID namespace (an open /proc/PID/ns/pid) and that namespace's PID 1
+        self.pidns = pidns
+        self.init = init
+        #: its mount namespace, once its first worker has sent it (-1: not yet)
+        self.mnt = -1
+        #: the zygote's end of the pair its first worker sends that on, and the worker's
+        self.keep, self.give = socket.socketpair()
+        self.generation = generation
+        #: the worker in it now (0: none)
+        self.worker = 0
+        #: tests run in it so far
+        self.uses = 0
+
+    def fds(self) -> List[int]:
+        return [fd for fd in (self.pidns, self.mnt, self.keep.fileno(), self.give.fileno())
+                if fd >= 0]
+
+    # -- in the worker
+    def enter(self) -> None:
+        """Join the slot's mount namespace: the root a test before left as it was made (the
+        caller is in the slot's PID namespace already: the zygote forked it there)."""
+        setns(self.mnt, CLONE_NEWNS)
+        os.close(self.mnt)
+        self.give.close()
+
+    def hand_over(self) -> None:
+        """The first worker, once its root is made and entered: send its mount namespace to
+        the zygote."""
+        fd = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+        try:
+            socket.send_fds(self.give, [b"m"], [fd])
+        finally:
+            os.close(fd)
+            self.give.close()
+
+    # -- in the zygote
+    def receive(self) -> None:
+        if self.mnt >= 0:
+            return
+        try:
+            _, fds, _, _ = socket.recv_fds(self.keep, 1, 1, socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        if fds:
+            self.mnt = fds[0]
+
+    def as_made(self) -> bool:
+        """Whether what the last test did left the slot as it was made: no process in its PID
+        namespace but PID 1 (whose children are the orphans, zombies included, of the
+        test), and an empty upper layer and /dev/shm."""
+        pid = self.init[0]
+        try:
+            with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+                if f.read().strip():
+                    return False
+            return not os.listdir(self.upper) and not os.listdir(self.shm)
+        except OSError:  # no such file (a kernel without CONFIG_PROC_CHILDREN), PID 1 gone
+            return False
+
+
+class Slots:
+    """A zygote's slots: ``take`` one for the next test (an idle one, or a new one),
+    ``fork`` its worker into it, and when the worker is reaped (``ended``) keep the slot for
+    another test if it is as it was made, else end it."""
+
+    def __init__(self, base: str, pids: PidNamespaces, size: Optional[int], keep: int = 2) -> None:
+        self.base = base
+        self.pids = pids
+        self.size = size
+        #: idle slots kept at most (the next test's worker is forked while a test runs)
+        self.keep = keep
+        self.idle: List[Slot] = []
+        self.busy: Dict[int, Slot] = {}
+        self.made = 0
+
+    def take(self, generation: int) -> Slot:
+        while self.idle:
+            slot = self.idle.pop()
+            if slot.generation == generation:
+                return slot
+            self.end(slot)
+        return self.make(generation)
+
+    def make(self, generation: int) -> Slot:
+        self.made += 1
+        ws = "%s/s%d" % (self.base, self.made)
+        os.makedirs(ws, exist_ok=True)
+        mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(self.size))
+        init: Optional[Tuple[int, Any]] = None
+        try:
+            os.mkdir(ws + "/shm", 0o1777)
+            os.chmod(ws + "/shm", 0o1777)  # past the umask
+            unshare(CLONE_NEWPID)
+            try:
+                init = pause_init()
+                # (not /proc/PID/ns/pid of init: that asks for ptrace access, which a
+                # mapped root lacks over a clone of its own)
+                pidns = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY)
+            finally:
+                setns(self.pids.own, CLONE_NEWPID)
+        except BaseException:
+            if init is not None:
+                self.pids.end(init)
+            umount(ws, MNT_DETACH)
+            raise
+        return Slot(ws, pidns, init, generation)
+
+    def fork(self, slot: Slot) -> int:
+        """os.fork() into slot's PID namespace; the child closes what is not its own (the
+        other slots', the zygote's end of this one)."""
+        setns(slot.pidns, CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        except BaseException:
+            setns(self.pids.own, CLONE_NEWPID)
+            self.end(slot)
+            raise
+        if pid == 0:
+            os.close(self.pids.own)
+            for other in [*self.idle, *self.busy.values()]:
+                for fd in other.fds():
+                    os.close(fd)
+            os.close(slot.pidns)
+            slot.keep.close()
+            return 0
+        setns(self.pids.own, CLONE_NEWPID)
+        slot.worker = pid
+        slot.uses += 1
+        self.busy[pid] = slot
+        return pid
+
+    def ended(self, pid: int, status: int) -> bool:
+        """pid was reaped: keep its slot if it is as it was made (False: pid had none)."""
+        slot = self.busy.pop(pid, None)
+        if slot is None:
+            return False
+        slot.worker = 0
+        slot.receive()
+        if status == 0 and slot.mnt >= 0 and len(self.idle) < self.keep and slot.as_made():
+            self.idle.append(slot)
+        else:
+            self.end(slot)
+        return True
+
+    def end(self, slot: Slot) -> None:
+        """End slot: its PID 1 (and with it anything left in its PID namespace), its mount
+        namespace (with the last reference to it), its tmpfs."""
+        for fd in (slot.pidns, slot.mnt):
+            if fd >= 0:
+                os.close(fd)
+        slot.keep.close()
+        slot.give.close()
+        self.pids.end(slot.init)
+        try:
+            umount(slot.ws, MNT_DETACH)
+            os.rmdir(slot.ws)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for slot in [*self.idle, *self.busy.values()]:
+            if slot.worker:
+                try:
+                    os.kill(slot.worker, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.end(slot)
+        self.idle.clear()
+        self.busy.clear()
