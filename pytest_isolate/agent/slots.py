@@ -67,9 +67,14 @@ class Slot:
         #: tests run in it so far
         self.uses = 0
 
-    def fds(self) -> List[int]:
-        return [fd for fd in (self.pidns, self.mnt, self.keep.fileno(), self.give.fileno())
-                if fd >= 0]
+    def close_all(self) -> None:
+        """Close every descriptor of the slot (in a worker: another slot's)."""
+        for fd in (self.pidns, self.mnt):
+            if fd >= 0:
+                os.close(fd)
+        self.pidns = self.mnt = -1
+        self.keep.close()
+        self.give.close()
 
     # -- in the worker
     def enter(self) -> None:
@@ -174,9 +179,9 @@ class Slots:
         if pid == 0:
             os.close(self.pids.own)
             for other in [*self.idle, *self.busy.values()]:
-                for fd in other.fds():
-                    os.close(fd)
+                other.close_all()
             os.close(slot.pidns)
+            slot.pidns = -1
             slot.keep.close()
             return 0
         setns(self.pids.own, CLONE_NEWPID)
@@ -201,11 +206,7 @@ class Slots:
     def end(self, slot: Slot) -> None:
         """End slot: its PID 1 (and with it anything left in its PID namespace), its mount
         namespace (with the last reference to it), its tmpfs."""
-        for fd in (slot.pidns, slot.mnt):
-            if fd >= 0:
-                os.close(fd)
-        slot.keep.close()
-        slot.give.close()
+        slot.close_all()
         self.pids.end(slot.init)
         try:
             umount(slot.ws, MNT_DETACH)
