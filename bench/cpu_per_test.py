@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PYTEST = Path(sys.executable).parent / "pytest"
+#: the reaped test workers' minor page faults, counted beside the CPU times
+FAULTS = "worker faults"
 TICK = os.sysconf("SC_CLK_TCK")
 SLEEP = 3.0
 #: what the agent's processes run (wire.BOOTSTRAP's first line)
@@ -49,11 +51,12 @@ def write_project(root: Path, backend: str, n: int) -> None:
     (root / "test_cpu.py").write_text("\n".join(lines))
 
 
-def cpu(pid: int) -> tuple[float, float, float]:
-    """(own, reaped children's user, their system) CPU seconds of pid."""
+def cpu(pid: int) -> tuple[float, float, float, int]:
+    """(own, reaped children's user, their system) CPU seconds of pid, and its reaped
+    children's minor page faults."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime) / TICK, cutime / TICK, cstime / TICK
+    return (utime + stime) / TICK, cutime / TICK, cstime / TICK, int(fields[8])
 
 
 def children(pid: int) -> list[int]:
@@ -104,7 +107,8 @@ def measure(project: Path, k: int) -> dict[str, float]:
                 zyg = [cpu(z) for z in parents]
                 sample = {"host": host, "agent": agent, "zygote": sum(z[0] for z in zyg),
                           "workers (user)": sum(z[1] for z in zyg),
-                          "workers (system)": sum(z[2] for z in zyg)}
+                          "workers (system)": sum(z[2] for z in zyg),
+                          FAULTS: sum(z[3] for z in zyg)}
             except OSError:
                 pass
         time.sleep(0.05)
@@ -148,10 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"median of {args.repeats}; {os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f}")
     total = 0.0
     for role, values in per.items():
+        if role == FAULTS:
+            continue
         med = statistics.median(values)
         total += med
         print(f"  {role:<17} {med * 1000:6.2f} ms")
     print(f"  {'total':<17} {total * 1000:6.2f} ms")
+    print(f"  the test workers' minor page faults (copy-on-write after the fork, mostly): "
+          f"{statistics.median(per[FAULTS]):.0f} per test")
     print(f"floor: fork + exit + wait of a 30 MB process here: {fork_floor(30) * 1000:.2f} ms")
     return 0
 

@@ -51,6 +51,9 @@ BACKENDS = ("chroot", "docker", "lxc", "schroot")
 VM_ENVS = ("qemu_vm", "arm64_vm")
 PYTEST = Path(sys.executable).parent / "pytest"
 CLOCK_PLUGIN = "isolate_bench_clock"
+#: The floor subject: the local tests, each in a fork of the pytest process, nothing more.
+FORKED = "local, fork per test"
+FORK_PLUGIN = "isolate_bench_forked"
 #: Issue 13: pytest start -> first result with a warm cache: ("x", r) is r times the same
 #: test run locally in the same benchmark, ("s", t) is t seconds.
 FIRST_RESULT_TARGET = {"chroot": ("x", 1.3), "docker": ("s", 0.5), "lxc": ("x", 1.3),
@@ -244,6 +247,9 @@ class Samples:
     steady: list[float] = dataclasses.field(default_factory=list)  # (last - first result)/(N-1)
     run_mean: list[float] = dataclasses.field(default_factory=list)
     reset_mean: list[float] = dataclasses.field(default_factory=list)
+    #: the share of the many-test run's tests whose worker joined a root a test before it
+    #: left as it was made (agent/slots.py)
+    reused: list[float] = dataclasses.field(default_factory=list)
 
     def add(self, one: Run, many: Run, n: int) -> None:
         self.add_first(one)
@@ -254,6 +260,10 @@ class Samples:
             value = phase_mean(many.report, phase)
             if value is not None:
                 into.append(value)
+        envs = (many.report or {}).get("environments", {})
+        tests = sum(e.get("tests", 0) for e in envs.values())
+        if tests:
+            self.reused.append(sum(e.get("reused_roots", 0) for e in envs.values()) / tests)
 
     def add_first(self, one: Run) -> None:
         """The first result of a one-test run and its phases (alone: a warm subject)."""
@@ -385,10 +395,14 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
 
     def one(name: str, isolate: bool = True) -> Run:
         settle(project)
+        if name == FORKED:
+            return run_pytest(project, ["-p", FORK_PLUGIN, "local_one_test.py"], tmp, False)
         return run_pytest(project, [f"{name}_one_test.py"], tmp, isolate)
 
     def many(name: str, isolate: bool = True) -> Run:
         settle(project)
+        if name == FORKED:
+            return run_pytest(project, ["-p", FORK_PLUGIN, "local_many_test.py"], tmp, False)
         return run_pytest(project, [f"{name}_many_test.py"], tmp, isolate)
 
     def one_warm(name: str) -> Run:
@@ -399,8 +413,8 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
                           tmp)
 
     # Warm every cache (built images, the host's bytecode, the page cache) first.
-    log("warm-up: local")
-    for run in (one("local", False), many("local", False)):
+    log("warm-up: local, and local with a fork per test")
+    for run in (one("local", False), many("local", False), one(FORKED), many(FORKED)):
         problem = run.problem(1 if "one" in run.argv[-1] else n)
         if problem:
             raise SystemExit(f"bench: the local baseline failed: {problem}")
@@ -428,19 +442,20 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
         if problem:
             raise SystemExit(f"bench: {b} with --isolate-warm failed: {problem}")
 
-    samples: dict[str, Samples] = {name: Samples() for name in ("local", *backends)}
+    samples: dict[str, Samples] = {name: Samples() for name in ("local", FORKED, *backends)}
     samples.update({f"{b}{WARM}": Samples() for b in warm})
     bare: list[float] = []
     bare_argv = [str(PYTEST), "-p", "no:cacheprovider", "--co", "-q", "local_one_test.py"]
     for r in range(args.repeats):
-        log(f"repeat {r + 1}/{args.repeats}: local, bare --co, {', '.join(backends)}")
+        log(f"repeat {r + 1}/{args.repeats}: local, bare --co, fork per test, "
+            f"{', '.join(backends)}")
         settle(project)
         t0 = time.monotonic()
         subprocess.run(bare_argv, cwd=project, capture_output=True, check=True,
                        env=user_environ())
         bare.append(time.monotonic() - t0)
-        for name in ("local", *backends):
-            isolate = name != "local"
+        for name in ("local", FORKED, *backends):
+            isolate = name not in ("local", FORKED)
             r1, rn = one(name, isolate), many(name, isolate)
             problem = r1.problem(1) or rn.problem(n)
             if problem:
@@ -525,9 +540,16 @@ def render(args: argparse.Namespace, backends: list[str], failed: dict[str, str]
     # 2. per test
     naive_pass = median(naive.get("python3 -c pass", []))
     rows = [["subject", "wall(1)", f"wall({n})", "per test", "added vs local", "min..max",
-             "target", "", "steady", "run phase", "reset phase", "docker-run ÷ this"]]
+             "target", "", "steady", "run phase", "reset phase", "roots reused",
+             "docker-run ÷ this"]]
     rows.append(["local (unmarked)", sec(local["wall_one"]), sec(local["wall_many"]),
-                 ms(local["marginal"], 2), "", "", "", "", ms(local["steady"], 2), "", "", ""])
+                 ms(local["marginal"], 2), "", "", "", "", ms(local["steady"], 2), "", "", "",
+                 ""])
+    forked = med[FORKED]
+    added = [e - loc for e, loc in zip(samples[FORKED].marginal, samples["local"].marginal)]
+    rows.append([FORKED, sec(forked["wall_one"]), sec(forked["wall_many"]),
+                 ms(forked["marginal"]), ms(median(added)), f"{ms(min(added))}..{ms(max(added))}",
+                 "(floor)", "", ms(forked["steady"]), "", "", "", ""])
     for b in backends:
         m = med[b]
         added = [e - loc for e, loc in zip(samples[b].marginal, samples["local"].marginal)]
@@ -539,9 +561,12 @@ def render(args: argparse.Namespace, backends: list[str], failed: dict[str, str]
         rows.append([b, sec(m["wall_one"]), sec(m["wall_many"]), ms(m["marginal"]),
                      ms(median(added)), f"{ms(min(added))}..{ms(max(added))}",
                      f"<= {limit:g} ms", v, ms(m["steady"]), ms(m["run_mean"]),
-                     ms(m["reset_mean"]), ratio])
+                     ms(m["reset_mean"]),
+                     "-" if m["reused"] is None else f"{100 * m['reused']:.0f} %", ratio])
     out += ["", f"2. clean state per test (reset=test): {n} trivial tests in one environment; "
-            f"per test = (wall({n}) - wall(1)) / {n - 1}; added = per test - local per test",
+            f"per test = (wall({n}) - wall(1)) / {n - 1}; added = per test - local per test; "
+            f"'{FORKED}': the local tests, each in a fork of the pytest process and nothing "
+            "more (bench/isolate_bench_forked.py), the floor of any fork per test",
             table(rows)]
 
     # 3. naive baseline
