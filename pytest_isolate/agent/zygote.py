@@ -106,9 +106,13 @@ class Zygote:
                 pids = PidNamespaces.probe()
             self.enter_layer()
             self.pids = pids
-            if pids is not None and harden_opts(self.agent.settings) is not None:
+            if (pids is not None and harden_opts(self.agent.settings) is not None
+                    and len(os.listdir("/proc/self/task")) == 1):
                 # hardened: a test cannot change its mounts, so what a slot's checks miss
-                # is only what no test can do (privileged tests make their own each time)
+                # is only what no test can do (privileged tests make their own each time).
+                # One thread: a worker forked from here may join a mount namespace (setns
+                # refuses a process whose threads share its root); under qemu-user (a
+                # foreign architecture) the emulator's own thread is in every process.
                 self.slots = Slots(self.test_ws, pids, self.agent.settings.get("disk"))
         self.sigr, self.sigw = os.pipe()
         os.set_blocking(self.sigr, False)
