@@ -52,9 +52,9 @@ class Slot:
 
     def __init__(self, ws: str, pidns: int, init: Tuple[int, Any], generation: int) -> None:
         self.ws = ws
-        self.root, self.upper, _work = layer_dirs(ws, 1)
+        _root, self.upper, _work = layer_dirs(ws, 1)  # (the first worker's, see mount_layers)
         self.shm = ws + "/shm"
-        #: its PID namespace (an open /proc/PID/ns/pid) and that namespace's PID 1
+        #: its PID namespace (an open /proc/self/ns/pid_for_children) and its PID 1
         self.pidns = pidns
         self.init = init
         #: its mount namespace, once its first worker has sent it (-1: not yet)
@@ -64,8 +64,6 @@ class Slot:
         self.generation = generation
         #: the worker in it now (0: none)
         self.worker = 0
-        #: tests run in it so far
-        self.uses = 0
 
     def close_all(self) -> None:
         """Close every descriptor of the slot (in a worker: another slot's)."""
@@ -186,7 +184,6 @@ class Slots:
             return 0
         setns(self.pids.own, CLONE_NEWPID)
         slot.worker = pid
-        slot.uses += 1
         self.busy[pid] = slot
         return pid
 
