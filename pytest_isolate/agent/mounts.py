@@ -372,23 +372,47 @@ class PidNamespaces:
 
     def fork(self) -> int:
         """os.fork() into a new PID namespace."""
+        init, ns = self.make()
+        try:
+            pid = self.fork_into(ns)
+        except BaseException:
+            os.close(ns)
+            self.end(init)
+            raise
+        if pid:
+            os.close(ns)
+            self.inits[pid] = init
+        return pid
+
+    def make(self) -> Tuple[Tuple[int, Any], int]:
+        """A new PID namespace: its PID 1 (pid, stack) and an open descriptor of it (not
+        /proc/PID/ns/pid of PID 1: that asks for ptrace access, which a mapped root lacks
+        over a clone of its own)."""
         unshare(CLONE_NEWPID)
+        init: Optional[Tuple[int, Any]] = None
         try:
             init = pause_init()
+            return init, os.open("/proc/self/ns/pid_for_children", os.O_RDONLY)
         except BaseException:
-            setns(self.own, CLONE_NEWPID)
+            if init is not None:
+                self.end(init)
             raise
+        finally:
+            setns(self.own, CLONE_NEWPID)
+
+    def fork_into(self, ns: int) -> int:
+        """os.fork() into the PID namespace ns (from make); the child closes ns and ours."""
+        setns(ns, CLONE_NEWPID)
         try:
             pid = os.fork()
         except BaseException:
             setns(self.own, CLONE_NEWPID)
-            self.end(init)
             raise
         if pid == 0:
             os.close(self.own)
-            return 0
-        setns(self.own, CLONE_NEWPID)
-        self.inits[pid] = init
+            os.close(ns)
+        else:
+            setns(self.own, CLONE_NEWPID)
         return pid
 
     def end(self, init: Tuple[int, Any]) -> None:

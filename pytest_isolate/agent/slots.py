@@ -34,16 +34,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .mounts import (
     CLONE_NEWNS,
-    CLONE_NEWPID,
     MNT_DETACH,
     PidNamespaces,
     layer_dirs,
     mount,
-    pause_init,
     setns,
     size_opt,
     umount,
-    unshare,
 )
 
 
@@ -54,7 +51,7 @@ class Slot:
         self.ws = ws
         _root, self.upper, _work = layer_dirs(ws, 1)  # (the first worker's, see mount_layers)
         self.shm = ws + "/shm"
-        #: its PID namespace (an open /proc/self/ns/pid_for_children) and its PID 1
+        #: its PID namespace (a descriptor, PidNamespaces.make) and its PID 1
         self.pidns = pidns
         self.init = init
         #: its mount namespace, once its first worker has sent it (-1: not yet)
@@ -145,21 +142,11 @@ class Slots:
         ws = "%s/s%d" % (self.base, self.made)
         os.makedirs(ws, exist_ok=True)
         mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(self.size))
-        init: Optional[Tuple[int, Any]] = None
         try:
             os.mkdir(ws + "/shm", 0o1777)
             os.chmod(ws + "/shm", 0o1777)  # past the umask
-            unshare(CLONE_NEWPID)
-            try:
-                init = pause_init()
-                # (not /proc/PID/ns/pid of init: that asks for ptrace access, which a
-                # mapped root lacks over a clone of its own)
-                pidns = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY)
-            finally:
-                setns(self.pids.own, CLONE_NEWPID)
+            init, pidns = self.pids.make()
         except BaseException:
-            if init is not None:
-                self.pids.end(init)
             umount(ws, MNT_DETACH)
             raise
         return Slot(ws, pidns, init, generation)
@@ -167,22 +154,17 @@ class Slots:
     def fork(self, slot: Slot) -> int:
         """os.fork() into slot's PID namespace; the child closes what is not its own (the
         other slots', the zygote's end of this one)."""
-        setns(slot.pidns, CLONE_NEWPID)
         try:
-            pid = os.fork()
+            pid = self.pids.fork_into(slot.pidns)
         except BaseException:
-            setns(self.pids.own, CLONE_NEWPID)
             self.end(slot)
             raise
         if pid == 0:
-            os.close(self.pids.own)
+            slot.pidns = -1  # (closed by fork_into)
             for other in [*self.idle, *self.busy.values()]:
                 other.close_all()
-            os.close(slot.pidns)
-            slot.pidns = -1
             slot.keep.close()
             return 0
-        setns(self.pids.own, CLONE_NEWPID)
         slot.worker = pid
         self.busy[pid] = slot
         return pid

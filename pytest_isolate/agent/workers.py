@@ -202,7 +202,8 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
     if not isolated:
         return WorkerServer(agent, sock, ch, req, root=None, zygote=zygote).serve()
     test = req.get("kind", "test") == "test"
-    server = WorkerServer(agent, sock, ch, req, root=None, zygote=zygote)
+    ws = slot.ws if slot is not None else zygote.test_ws if zygote is not None else "/.isolate/ws"
+    server = WorkerServer(agent, sock, ch, req, root=None, zygote=zygote, ws=ws)
     if slot is not None and slot.mnt >= 0:
         slot.enter()
         server.reused = True
@@ -213,11 +214,8 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
             # the zygote forked this process into a PID namespace of its own (PidNamespaces,
             # a slot's); the zygote's mounts are private already (session_root)
             unshare(CLONE_NEWNS)
-        if slot is not None:
-            server.ws = slot.ws  # the slot's tmpfs, mounted by the zygote
-        else:
-            server.ws = zygote.test_ws if zygote is not None else "/.isolate/ws"
-            mount("tmpfs", server.ws, "tmpfs", 0, "mode=755" + size_opt(agent.settings.get("disk")))
+        if slot is None:  # (a slot's tmpfs is the zygote's to mount)
+            mount("tmpfs", ws, "tmpfs", 0, "mode=755" + size_opt(agent.settings.get("disk")))
         lowers = zygote.lowers if zygote is not None else [agent.settings["lower"]]
         root = server.mount_layers(lowers, shm=slot.shm if slot is not None else None)
         if not test:
