@@ -60,7 +60,10 @@ def virsh(uri: str, *argv: str, check: bool = True) -> str:
 
 
 def pool_volumes(uri: str) -> list[str]:
-    """The names of the volumes in the test pool (vol-list's first column)."""
+    """The names of the volumes in the test pool (vol-list's first column), as its
+    directory holds them: the pool's list is refreshed first (libvirt rescans the
+    directory on its own only after an upload, in a thread of its own)."""
+    virsh(uri, "pool-refresh", POOL, check=False)
     return sorted(line.split()[0] for line in virsh(uri, "vol-list", POOL).splitlines()
                   if line.strip())
 
@@ -190,10 +193,13 @@ def test_a_run_through_qemu_ssh_uploads_once_and_reads_no_host_path(
 
     # an edited tree: its new disk replaces the old one in the pool
     (root / "data.txt").write_text("edited\n")
-    result = run_pytest(root, session_cache, "-q", "-p", "no:cacheprovider", timeout=900)
+    result = run_pytest(root, session_cache, "-q", "-p", "no:cacheprovider",
+                        f"--isolate-report={report}", timeout=900)
     assert "2 failed, 1 passed" in result.stdout, output(result)
     edited = pool_volumes(remote.uri)
-    assert len(edited) == len(volumes) and edited != volumes, (volumes, edited)
+    qemu_log = Path(json.loads(report.read_text())["environments"]["rvm"]["logs"]["qemu"])
+    assert len(edited) == len(volumes) and edited != volumes, (volumes, edited,
+                                                               qemu_log.read_text())
     assert [v for v in edited if "project" not in v] == [v for v in volumes if "project" not in v]
 
 

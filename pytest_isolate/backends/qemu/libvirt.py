@@ -364,7 +364,7 @@ class LibvirtDriver(QemuBase):
             group_of(str(self.run.rootdir)) if disk.serial == PROJECT_SERIAL else None)),
             disk.serial, disk.mountpoint) for disk in disks]
         path, volume = pool.data(f"isolate-initrd-{name}", initrd.read_bytes())
-        stack.callback(delete_volume, volume)
+        stack.callback(delete_volume, volume, qemu_log)
         took = time.monotonic() - started
         if took > 2:
             self.run.progress(f"environment {spec.name!r}: uploaded the machine's images to "

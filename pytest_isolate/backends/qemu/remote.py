@@ -221,9 +221,22 @@ class RemotePool:
                 delete_volume(volume)
 
 
-def delete_volume(volume: Any) -> None:
-    with contextlib.suppress(Exception):
-        volume.delete(0)
+def delete_volume(volume: Any, log: Path | None = None, attempts: int = 5) -> bool:
+    """Delete a volume, trying again for a while: libvirt refuses while the pool is busy
+    (a refresh after an upload, an upload's stream not yet closed).  A failure is written
+    to log, if given, rather than raised: this runs while an instance stops."""
+    for attempt in range(attempts):
+        try:
+            volume.delete(0)
+            return True
+        except Exception as exc:  # libvirtError; a lost connection too
+            if attempt + 1 < attempts:
+                time.sleep(0.2 * 2 ** attempt)
+                continue
+            if log is not None:
+                with contextlib.suppress(OSError), open(log, "a") as f:
+                    f.write(f"# could not delete volume {volume.name()}: {exc}\n")
+    return False
 
 
 _events_lock = threading.Lock()
