@@ -14,6 +14,7 @@ tested on their own.
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -140,10 +141,24 @@ def addopts_of(config: Any) -> list[str]:
     return [str(v) for v in value or ()]
 
 
+def initial_paths(config: Any) -> list[str]:
+    """What the host's pytest was given to collect, as absolute paths in the project (its
+    root when none is there): a deferred pytest inside configures from them -- its initial
+    conftests are the host's -- before the host knows the files it binds there."""
+    rootdir = os.path.normpath(config.rootpath)
+    out = []
+    for arg in config.args:
+        path, sep, rest = str(arg).partition("::")
+        full = os.path.normpath(os.path.join(config.invocation_params.dir, path))
+        if (full == rootdir or full.startswith(rootdir + os.sep)) and os.path.exists(full):
+            out.append(full + sep + rest)
+    return out or [rootdir]
+
+
 def pytest_args(config: Any, files: Iterable[str], addopts: Sequence[str]) -> list[str]:
-    """The arguments of the pytest inside (but for the host's plugins it has): the bound
-    files, the project's addopts as filtered, and the host's options that shape
-    collection and reports."""
+    """The arguments of the pytest inside (but for the host's plugins it has): files (the
+    bound ones, or a deferred pytest's initial_paths), the project's addopts as filtered,
+    and the host's options that shape collection and reports."""
     rootdir = config.rootpath
     opt = config.option
     args = [str(rootdir / f) for f in files]

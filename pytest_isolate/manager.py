@@ -94,6 +94,18 @@ class IsolateManager:
         reporter.write_line(line)
 
     # ------------------------------------------------------------ collection
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Warm environments start their pytest while the host collects (start_early);
+        not under xdist, whose workers each collect every test, and not to collect only."""
+        if (self.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER")
+                or self.config.pluginmanager.has_plugin("dsession")):
+            return
+        try:
+            self.pool.start_early()
+        except ConfigError as exc:  # a bad dependency key: said with the first test's
+            self.pool.end_early(set())
+            raise pytest.UsageError(str(exc)) from None
+
     def envs_for(self, marker_args: Any, fixturenames: Any = ()) -> list[str]:
         return isolate_targets(marker_args or (), self.settings.default_envs, fixturenames)
 
@@ -203,6 +215,7 @@ class IsolateManager:
             env = item.stash.get(ENV_KEY, None)
             if env is not None:
                 counts[env] = counts.get(env, 0) + 1
+        self.pool.end_early(set(counts))
         for env, count in counts.items():
             spec = self.specs[env]
             stats = self.report.envs.setdefault(

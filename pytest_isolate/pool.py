@@ -126,6 +126,9 @@ class InstancePool:
         self.warm_said = False
         #: (environment, its image entry's key or None) -> its warm key (warm_key)
         self.warm_keys: dict[tuple[str, str | None], str | None] = {}
+        #: environments whose spare was taken before collection and whose pytest waits
+        #: for its files (start_early)
+        self.early: set[str] = set()
         self._cache: Cache | None = None
 
     @property
@@ -278,7 +281,10 @@ class InstancePool:
             self.warm_keys[memo] = self._warm_key(name, spec, entry)
         return self.warm_keys[memo]
 
-    def _warm_key(self, name: str, spec: EnvSpec, entry: Any) -> str | None:
+    def _warm_key(self, name: str, spec: EnvSpec, entry: Any, bound: bool | None = None
+                  ) -> str | None:
+        """bound: whether tests are bound to the environment (its dependency layer is part
+        of the key); None: as collection found."""
         if self.settings.warm <= 0 or self.settings.pool_hosts:
             return None
         if not getattr(self.settings.backend_class(spec.backend), "supports_warm", False):
@@ -289,7 +295,8 @@ class InstancePool:
 
         layer: list[Any] = []
         try:
-            plan = self.layer_plan(name) if name in self.bound else None
+            plan = self.layer_plan(name) if (
+                name in self.bound if bound is None else bound) else None
         except IsolateError:
             return None  # said by the run's own provisioning, with its test
         if plan is not None:
@@ -300,11 +307,13 @@ class InstancePool:
         return warm.key_of(spec, self.settings.backend_refs[spec.backend], None,
                            self.config.rootpath, [layer, image])
 
-    def warm_instance(self, name: str, spec: EnvSpec, timer: PhaseTimer) -> Instance | None:
-        """A keeper's spare of environment name, taken before anything else is done here:
-        its keeper checked the backend, provisioned and started it (warm.py); None when
-        there is none to take (the run goes on as without warm environments)."""
-        key = self.warm_key(name, spec)
+    def warm_instance(self, name: str, spec: EnvSpec, timer: PhaseTimer,
+                      key: str | None = None) -> Instance | None:
+        """A keeper's spare of environment name (of key: else warm_key's), taken before
+        anything else is done here: its keeper checked the backend, provisioned and
+        started it (warm.py); None when there is none to take (the run goes on as without
+        warm environments)."""
+        key = key or self.warm_key(name, spec)
         if key is None:
             return None
         from pytest_isolate import warm
@@ -429,20 +438,96 @@ class InstancePool:
         if inst is not None:
             inst.stop()
 
-    def ensure_pytest(self, name: str, inst: Instance, timer: PhaseTimer) -> None:
-        if inst.pytest_started:
+    # ------------------------------------------------------------ pytest inside
+    def start_early(self) -> None:
+        """Before the host collects: take the spare of each environment whose keeper waits
+        (an earlier run of the project used it), and start the pytest there on the host's
+        own arguments -- its configuration, plugins and initial conftests -- while the
+        host collects.  It collects once ensure_pytest sends the files bound to it; the
+        spare of an environment no test is bound to is given back (end_early)."""
+        if self.settings.warm <= 0 or self.settings.pool_hosts:
             return
-        rootdir = self.config.rootpath
-        files = sorted({nodeid.split("::", 1)[0] for nodeid in self.bound.get(name, ())})
+        from pytest_isolate import warm
+
+        for name in sorted(warm.with_spares(self.cache.root, self.config.rootpath)):
+            spec = self.settings.specs.get(name)
+            key = None if spec is None else self._warm_key(name, spec, None, bound=True)
+            if spec is None or key is None:
+                continue
+            inst = self.warm_instance(name, spec, PhaseTimer(), key)
+            if inst is None:
+                continue
+            self.instances[name] = inst
+            try:
+                inst.conn.send(0, self.pytest_request(name, inst, inside.initial_paths(
+                    self.config), deferred=True))
+            except (IsolateError, OSError):
+                self.drop(name)  # its tests start an environment of their own
+                continue
+            self.early.add(name)
+            self.env_stats(name, spec).early = True
+
+    def end_early(self, used: set[str]) -> None:
+        """After collection: give back the spares start_early took for environments no
+        selected test is bound to (stopped: their pytest had started)."""
+        for name in sorted(self.early - used):
+            self.early.discard(name)
+            self.drop(name)
+            self.report.envs.pop(name, None)
+
+    def pytest_request(self, name: str, inst: Instance, files: list[str],
+                       deferred: bool = False) -> dict[str, Any]:
+        """The message that starts inst's pytest on files (deferred: configured from them,
+        it waits for the files to collect), sent once coverage is set up there."""
         addopts, _ = inside.filter_addopts(inside.addopts_of(self.config))
-        args = inside.pytest_args(self.config, files, addopts) + self.plugins_inside(name, inst)
+        args = inside.pytest_args(self.config, files, addopts)
         coverage = hostplugins.coverage_options(self.config)
         if coverage is not None:  # pytest-cov: measured inside too (hostplugins.py)
             inst.conn.call(0, message("configure", settings={"coverage": coverage}),
                            timeout=self.settings.timeout)
-        request = message("pytest", args=args, cwd=str(rootdir),
-                          default_envs=self.settings.default_envs, ini_names=list(INI_NAMES),
-                          markers=[str(m) for m in self.config.getini("markers")])
+        return message("pytest", args=args, cwd=str(self.config.rootpath),
+                       default_envs=self.settings.default_envs, ini_names=list(INI_NAMES),
+                       markers=[str(m) for m in self.config.getini("markers")],
+                       plugins=[ep for ep, _ in inside.host_plugins(self.config.pluginmanager)],
+                       deferred=deferred)
+
+    def deferred_collect(self, name: str, inst: Instance, files: list[str]
+                         ) -> dict[str, Any] | None:
+        """The answer of a pytest start_early started to the files bound to it; None when
+        it failed to start (started again as ensure_pytest does, which says why)."""
+        reply, _ = inst.conn.recv(0, self.settings.timeout)
+        if reply["op"] == "error":
+            return None
+        if reply["op"] != "waiting":
+            raise AgentError(f"unexpected answer from the agent: {reply}")
+        self.plugins_missing(name, reply)
+        rootdir = self.config.rootpath
+        return inst.conn.call(0, message("files", args=[str(rootdir / f) for f in files]),
+                              timeout=self.settings.timeout)[0]
+
+    def ensure_pytest(self, name: str, inst: Instance, timer: PhaseTimer) -> None:
+        if inst.pytest_started:
+            return
+        files = sorted({nodeid.split("::", 1)[0] for nodeid in self.bound.get(name, ())})
+        reply = None
+        if name in self.early:
+            self.early.discard(name)
+            with timer.phase("sync"):
+                reply = self.deferred_collect(name, inst, files)
+        if reply is None:
+            request = self.pytest_request(name, inst, files)
+            reply = self.collect(name, inst, request, timer)
+        if reply["op"] != "collected":
+            raise AgentError(f"unexpected answer from the agent: {reply}")
+        inst.pytest_started = True
+        inst.collected = set(reply["nodeids"])
+        inst.collect_errors = list(reply["errors"])
+
+    def collect(self, name: str, inst: Instance, request: dict[str, Any],
+                timer: PhaseTimer) -> dict[str, Any]:
+        """inst's pytest started by request, and its answer once it collected."""
+        args = request["args"]
+        addopts, _ = inside.filter_addopts(inside.addopts_of(self.config))
         with timer.phase("sync"):
             try:
                 reply, _ = inst.conn.call(0, request, timeout=self.settings.timeout)
@@ -456,28 +541,21 @@ class InstancePool:
                               "running there without them")
                 request["args"] = ["addopts=" if a.startswith("addopts=") else a for a in args]
                 reply, _ = inst.conn.call(0, request, timeout=self.settings.timeout)
-        if reply["op"] != "collected":
-            raise AgentError(f"unexpected answer from the agent: {reply}")
-        inst.pytest_started = True
-        inst.collected = set(reply["nodeids"])
-        inst.collect_errors = list(reply["errors"])
+        self.plugins_missing(name, reply)
+        return reply
 
-    def plugins_inside(self, name: str, inst: Instance) -> list[str]:
-        """-p NAME for each plugin the host loaded that the environment has; one line for
-        each that it lacks (once per environment)."""
-        wanted = inside.host_plugins(self.config.pluginmanager)
-        if not wanted:
-            return []
-        reply, _ = inst.conn.call(0, message("plugins", names=[n for n, _ in wanted]),
-                                  timeout=self.settings.timeout)
-        present = set(reply.get("present", ()))
-        missing = [f"{dist} (plugin {ep!r})" for ep, dist in wanted if ep not in present]
-        if missing and name not in self.plugins_warned:
-            self.plugins_warned.add(name)
-            self.progress(f"{name}: pytest plugins loaded here but not installed inside: "
-                          f"{', '.join(missing)}; add them to 'deps' or 'dependency_groups' "
-                          f"in [{cfg.TABLE}] (or the environment's table) to load them there")
-        return [arg for ep, _ in wanted if ep in present for arg in ("-p", ep)]
+    def plugins_missing(self, name: str, reply: dict[str, Any]) -> None:
+        """One line (once per environment) for the host's plugins that the pytest inside
+        did not load, not being installed there (the agent's answer says which)."""
+        missing = set(reply.get("missing") or ())
+        if not missing or name in self.plugins_warned:
+            return
+        self.plugins_warned.add(name)
+        names = [f"{dist} (plugin {ep!r})" for ep, dist in
+                 inside.host_plugins(self.config.pluginmanager) if ep in missing]
+        self.progress(f"{name}: pytest plugins loaded here but not installed inside: "
+                      f"{', '.join(names)}; add them to 'deps' or 'dependency_groups' "
+                      f"in [{cfg.TABLE}] (or the environment's table) to load them there")
 
     # ------------------------------------------------------------ workers
     def next_in_zygote(self, item: pytest.Item,

@@ -62,6 +62,9 @@ class EnvStats:
     root: str = ""
     #: its instance was a warm keeper's spare (--isolate-warm), not started by this run
     warm: bool = False
+    #: that spare was taken before the host collected, and its pytest configured while
+    #: the host collected (InstancePool.start_early)
+    early: bool = False
 
 
 @dataclasses.dataclass

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -96,6 +97,7 @@ def locked(path: Path) -> int | None:
     return fd
 
 
+@functools.cache
 def code_stamp() -> str:
     """What identifies this pytest-isolate's code: every module's path, size and mtime."""
     h = hashlib.sha256()
@@ -169,6 +171,21 @@ class Borrowed:
         with contextlib.suppress(OSError):
             self.sock.sendall(b'{"op": "done"}\n')
         self.sock.close()
+
+
+def with_spares(cache_root: Path, rootdir: Path) -> set[str]:
+    """The environments of the project at rootdir whose keepers say they hold a spare (a
+    keeper of another key -- older code, other settings -- may say so too: the run's own
+    key finds its socket, or none)."""
+    names = set()
+    for path in (cache_root / "warm").glob("*.json"):
+        try:
+            status = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if status.get("rootdir") == str(rootdir) and status.get("spare"):
+            names.add(str(status.get("env")))
+    return names
 
 
 def take(cache_root: Path, key: str, spec: EnvSpec) -> tuple[Instance, dict[str, Any]] | None:

@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .collect import item_target, parametrize_envs, split_items
 from .mounts import MAP_ROOT_ENV, MS_RDONLY, ROOT_MAP_ENV, map_root_here, mount
@@ -100,6 +100,8 @@ class Agent:
         signal.signal(signal.SIGCHLD, lambda s, f: None)
         #: where reports go: channel 0 here, the worker's socket in a worker
         self.current_sender: Callable[..., None] = lambda obj, blob=b"": self.send(0, obj, blob)
+        #: frames read while waiting for one message (wait_for), served first by serve()
+        self.backlog: List[Tuple[int, Dict[str, Any], bytes]] = []
 
     # -- plumbing
     def send(self, ch: int, obj: Dict[str, Any], blob: bytes = b"") -> None:
@@ -117,7 +119,28 @@ class Agent:
                 if w.pid == pid and not w.via:  # our own child (a zygote's are its to reap)
                     w.status = status
 
+    def wait_for(self, op: str) -> Optional[Dict[str, Any]]:
+        """The next message op on channel 0, routing what comes before it as serve() would
+        (what came after it waits in the backlog); None when the stream ends or the host
+        shuts the agent down first."""
+        while self.running:
+            while self.backlog:
+                ch, obj, blob = self.backlog.pop(0)
+                if ch == 0 and obj.get("op") == op:
+                    return obj
+                self.route(ch, obj, blob)
+                if not self.running:
+                    return None
+            data = os.read(self.rfd, 1 << 20)
+            if not data:
+                self.running = False
+                return None
+            self.backlog.extend(self.decoder.feed(data))
+        return None
+
     def serve(self) -> None:
+        while self.backlog and self.running:
+            self.route(*self.backlog.pop(0))
         while self.running:
             rlist = [self.rfd, self.sigr] + [w.fd for w in self.workers.values() if w.fd >= 0]
             now = time.monotonic()
@@ -254,10 +277,17 @@ class Agent:
         import pytest
 
         plugin = make_pytest_plugin(self, req)
+        # the host's plugins that are installed here too (the others: said by the host)
+        args = list(req["args"])
+        wanted = list(req.get("plugins") or ())
+        if wanted:
+            have = installed_plugins()
+            args += [arg for name in wanted if name in have for arg in ("-p", name)]
+            plugin.missing = [name for name in wanted if name not in have]
         # coverage of collection (imports, module-level code) as on the host's pytest-cov
         self.coverage = start_coverage(self.settings.get("coverage"))
-        code = pytest.main(list(req["args"]), plugins=[plugin])
-        if not plugin.reached_loop:
+        code = pytest.main(args, plugins=[plugin])
+        if not plugin.reached_loop and self.running:
             self.send(0, message("error", type="PytestStartError",
                                  message="pytest inside the environment exited with %s before "
                                  "running tests (see the agent log)" % (code,)))
@@ -295,16 +325,6 @@ class Agent:
             except OSError:
                 pass
         self.send(0, message("coverage", files=len(names)), data)
-
-    def op_plugins(self, req: Dict[str, Any], blob: bytes) -> None:
-        """Which of the named pytest11 entry points are installed here."""
-        import importlib.metadata
-
-        eps = importlib.metadata.entry_points()
-        group = (eps.select(group="pytest11") if hasattr(eps, "select")
-                 else eps.get("pytest11", []))  # type: ignore[attr-defined,arg-type,unused-ignore]
-        have = {ep.name for ep in group}
-        self.send(0, message("plugins", present=[n for n in req["names"] if n in have]))
 
     def op_worker(self, req: Dict[str, Any], blob: bytes) -> None:
         ch = int(req["ch"])
@@ -368,17 +388,30 @@ class Agent:
         self.running = False
 
 
+def installed_plugins() -> Set[str]:
+    """The names of the pytest11 entry points installed here."""
+    import importlib.metadata
+
+    eps = importlib.metadata.entry_points()
+    group = (eps.select(group="pytest11") if hasattr(eps, "select")
+             else eps.get("pytest11", []))  # type: ignore[attr-defined,arg-type,unused-ignore]
+    return {ep.name for ep in group}
+
+
 def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
     import pytest
 
     default_envs = list(req.get("default_envs") or [])
     ini_names = list(req.get("ini_names") or [])
     host_markers = list(req.get("markers") or [])
+    deferred = bool(req.get("deferred"))
 
     class AgentPlugin:
         def __init__(self) -> None:
             self.reached_loop = False
             self.errors: List[Dict[str, Any]] = []
+            #: the host's plugins not installed here
+            self.missing: List[str] = []
             self.config: Any = None
 
         def pytest_addoption(self, parser: Any) -> None:
@@ -402,6 +435,18 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
             # plugin is loaded here, so --strict-markers judges them as on the host
             for line in host_markers:
                 config.addinivalue_line("markers", line)
+
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_collection(self, session: Any) -> None:
+            # deferred: configured from the host's own arguments while the host collected;
+            # the files to collect are the ones it bound to this environment
+            if not deferred:
+                return
+            agent.send(0, message("waiting", missing=self.missing))
+            files = agent.wait_for("files")
+            if files is None:
+                pytest.exit("the host ended the run before collection", returncode=2)
+            session.config.args = list(files["args"])
 
         @pytest.hookimpl(trylast=True)
         def pytest_generate_tests(self, metafunc: Any) -> None:
@@ -442,7 +487,8 @@ def make_pytest_plugin(agent: Agent, req: Dict[str, Any]) -> Any:
             agent.items = {item.nodeid: item for item in session.items}
             save_coverage(agent.coverage)  # each test worker measures its own test
             agent.coverage = None
-            agent.send(0, message("collected", nodeids=list(agent.items), errors=self.errors))
+            agent.send(0, message("collected", nodeids=list(agent.items), errors=self.errors,
+                                  missing=self.missing))
             agent.serve()
             return True
 

@@ -55,8 +55,9 @@ MESSAGES = {op: frozenset(fields.split()) for op, fields in (
     # the host to the agent (channel 0)
     ("hello", "protocol python machine pid uid executable uid_map root_map_problem"),
     ("configure", "settings"),
-    ("plugins", "names present"),
-    ("pytest", "args cwd default_envs ini_names markers"),
+    ("pytest", "args cwd default_envs ini_names markers plugins deferred"),
+    # the files a deferred pytest collects (the host knows them once it collected)
+    ("files", "args"),
     ("coverage", "files"),
     ("worker", "ch kind zygote nodeid"),
     ("shutdown", ""),
@@ -81,7 +82,9 @@ MESSAGES = {op: frozenset(fields.split()) for op, fields in (
     ("ok", ""),
     ("error", "type message traceback"),
     ("result", "returncode stdout_len duration timed_out"),
-    ("collected", "nodeids errors"),
+    ("collected", "nodeids errors missing"),
+    # a deferred pytest is configured and waits for its files
+    ("waiting", "missing"),
     ("report", "data"),
     ("done", "nodeid reused"),
     ("missing", "nodeid known"),

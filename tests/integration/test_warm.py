@@ -119,6 +119,30 @@ def stop_keepers(session_cache: str, tmp_path: Path) -> Iterator[None]:
         warm.stop_keeper(status)
 
 
+def test_a_spare_taken_before_collection_for_no_test_is_stopped(
+        tmp_path: Path, session_cache: str, stop_keepers: None) -> None:
+    """A run whose selection binds nothing to the environment gives back the spare it took
+    before collecting (its pytest had started: stopped, and the keeper starts another);
+    the next run takes that other one, fresh."""
+    root = make_project(tmp_path, "chroot")
+    (root / "test_local.py").write_text("def test_here():\n    assert True\n")
+    assert warm_run(root, session_cache)["warm"] is False
+    wait_for("the keeper's spare", lambda: [
+        k for k in project_keepers(session_cache, root) if k["spare"]], timeout=120)
+    report = root / "local.json"
+    result = run_pytest(root, session_cache, "--isolate-warm=120", f"--isolate-report={report}",
+                        "-rA", "test_local.py")
+    assert result.returncode == 0 and "1 passed" in result.stdout, output(result)
+    assert json.loads(report.read_text())["environments"] == {}
+    # lent to that run and returned: the keeper served it, and holds a new spare
+    wait_for("the keeper's next spare", lambda: [
+        k for k in project_keepers(session_cache, root)
+        if k["served"] == 1 and k["spare"] and not k["lent"]], timeout=120)
+    again = warm_run(root, session_cache, "test_warm_inner.py")
+    assert again["warm"] is True and again["early"] is True, again
+    assert again["tests"] == 2
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_later_runs_take_a_fresh_spare(backend: str, tmp_path: Path, session_cache: str,
                                        stop_keepers: None) -> None:
@@ -133,6 +157,9 @@ def test_later_runs_take_a_fresh_spare(backend: str, tmp_path: Path, session_cac
     # both taken from the keeper; each a different instance (its own log directory), and
     # the inner tests passed: neither saw what the run before it wrote
     assert second["warm"] is True and third["warm"] is True, (second, third)
+    # the keeper held its spare when the second run began: taken before the run collected,
+    # its pytest started on the run's arguments and collected the bound file after
+    assert first["early"] is False and second["early"] is True, (first, second)
     assert second["logs"]["agent"] != third["logs"]["agent"]
     assert second["start"] < first["start"], (first["start"], second["start"])
     status = wait_for("the third run's return", lambda: [
