@@ -66,6 +66,8 @@ class IsolateManager:
         self.split_errors: list[str] = []
         #: test functions whose marker pytest_generate_tests checked
         self.checked: set[str] = set()
+        #: warm environments' spares may be taken before collection (pytest_sessionstart)
+        self.early = False
 
     # what conftests reach through config.pluginmanager.get_plugin("isolate-manager")
     @property
@@ -97,13 +99,14 @@ class IsolateManager:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """Warm environments start their pytest while the host collects (start_early);
         not under xdist, whose workers each collect every test, and not to collect only."""
-        if (self.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER")
-                or self.config.pluginmanager.has_plugin("dsession")):
+        self.early = not (self.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER")
+                          or self.config.pluginmanager.has_plugin("dsession"))
+        if not self.early:
             return
         try:
             self.pool.start_early()
-        except ConfigError as exc:  # a bad dependency key: said with the first test's
-            self.pool.end_early(set())
+        except ConfigError as exc:  # an unwritable cache directory
+            self.pool.end_early(set(), remember=False)
             raise pytest.UsageError(str(exc)) from None
 
     def envs_for(self, marker_args: Any, fixturenames: Any = ()) -> list[str]:
@@ -215,7 +218,8 @@ class IsolateManager:
             env = item.stash.get(ENV_KEY, None)
             if env is not None:
                 counts[env] = counts.get(env, 0) + 1
-        self.pool.end_early(set(counts))
+        if self.early:
+            self.pool.end_early(set(counts))
         for env, count in counts.items():
             spec = self.specs[env]
             stats = self.report.envs.setdefault(

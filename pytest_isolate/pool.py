@@ -440,16 +440,18 @@ class InstancePool:
 
     # ------------------------------------------------------------ pytest inside
     def start_early(self) -> None:
-        """Before the host collects: take the spare of each environment whose keeper waits
-        (an earlier run of the project used it), and start the pytest there on the host's
-        own arguments -- its configuration, plugins and initial conftests -- while the
-        host collects.  It collects once ensure_pytest sends the files bound to it; the
-        spare of an environment no test is bound to is given back (end_early)."""
+        """Before the host collects: take the spare of each environment the last run of
+        this command used (end_early remembers them) whose keeper holds one, and start the
+        pytest there on the host's own arguments -- its configuration, plugins and initial
+        conftests -- while the host collects.  It collects once ensure_pytest sends the
+        files bound to it; the spare of an environment no test is bound to after all is
+        given back (end_early)."""
         if self.settings.warm <= 0 or self.settings.pool_hosts:
             return
         from pytest_isolate import warm
 
-        for name in sorted(warm.with_spares(self.cache.root, self.config.rootpath)):
+        used = warm.used_last(self.cache.root, self.command_key())
+        for name in sorted(used & warm.with_spares(self.cache.root, self.config.rootpath)):
             spec = self.settings.specs.get(name)
             key = None if spec is None else self._warm_key(name, spec, None, bound=True)
             if spec is None or key is None:
@@ -467,13 +469,26 @@ class InstancePool:
             self.early.add(name)
             self.env_stats(name, spec).early = True
 
-    def end_early(self, used: set[str]) -> None:
+    def end_early(self, used: set[str], remember: bool = True) -> None:
         """After collection: give back the spares start_early took for environments no
-        selected test is bound to (stopped: their pytest had started)."""
+        selected test is bound to (stopped: their pytest had started), and remember the
+        ones this command used, for its next run's start_early."""
         for name in sorted(self.early - used):
             self.early.discard(name)
             self.drop(name)
             self.report.envs.pop(name, None)
+        if remember and self.settings.warm > 0 and not self.settings.pool_hosts:
+            from pytest_isolate import warm
+
+            with contextlib.suppress(OSError):
+                warm.remember_used(self.cache.root, self.command_key(), used)
+
+    def command_key(self) -> str:
+        """What identifies this run's command: the project, where pytest ran, its arguments."""
+        from pytest_isolate import warm
+
+        params = self.config.invocation_params
+        return warm.command_key(self.config.rootpath, params.dir, params.args)
 
     def pytest_request(self, name: str, inst: Instance, files: list[str],
                        deferred: bool = False) -> dict[str, Any]:

@@ -188,6 +188,46 @@ def with_spares(cache_root: Path, rootdir: Path) -> set[str]:
     return names
 
 
+#: The environments the last runs of each command used (<cache>/warm/USED): a run takes
+#: spares before it collects for the ones its command used last time, at most this many
+#: commands remembered.
+USED = "used-envs.json"
+USED_COMMANDS = 64
+
+
+def command_key(rootdir: Path, invocation: Path, args: Any) -> str:
+    return hashlib.sha256(json.dumps([str(rootdir), str(invocation), list(args)]).encode()
+                          ).hexdigest()[:24]
+
+
+def used_last(cache_root: Path, command: str) -> set[str]:
+    """The environments the last run of command bound tests to (none when unknown)."""
+    try:
+        return set(json.loads((cache_root / "warm" / USED).read_text()).get(command, ()))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def remember_used(cache_root: Path, command: str, envs: set[str]) -> None:
+    """Record the environments this run of command bound tests to (when they changed)."""
+    path = warm_dir(cache_root) / USED
+    try:
+        table = json.loads(path.read_text())
+        if not isinstance(table, dict):
+            table = {}
+    except (OSError, ValueError):
+        table = {}
+    if set(table.get(command, ())) == envs and command in table:
+        return
+    table.pop(command, None)
+    table[command] = sorted(envs)
+    while len(table) > USED_COMMANDS:  # the oldest first (insertion order)
+        table.pop(next(iter(table)))
+    tmp = path.with_name(f".{USED}.{os.getpid()}")
+    tmp.write_text(json.dumps(table))
+    os.replace(tmp, path)
+
+
 def take(cache_root: Path, key: str, spec: EnvSpec) -> tuple[Instance, dict[str, Any]] | None:
     """The spare instance of key's keeper and what the keeper says of it (the cache entry's
     key), or None when there is none to take now."""
@@ -282,8 +322,10 @@ def sweep(cache_root: Path, dry: bool = False) -> list[str]:
     whose lock nobody holds; removed unless dry.  Returns those keys."""
     directory = cache_root / "warm"
     names = [p.name for p in directory.iterdir()] if directory.is_dir() else []
-    # <key>.sock|json|log|lock; ".<key>.json.<pid>" is a status being written
-    keys = sorted({name.lstrip(".").split(".")[0] for name in names} - {""})
+    # <key>.sock|json|log|lock; ".<key>.json.<pid>" is a status being written (and
+    # USED, which is not a keeper's)
+    keys = sorted({key for key in (name.lstrip(".").split(".")[0] for name in names)
+                   if len(key) == 32 and all(c in "0123456789abcdef" for c in key)})
     gone = []
     for key in keys:
         # no lock file: no keeper (one holds its lock from before it starts to its end)

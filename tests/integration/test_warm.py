@@ -121,26 +121,36 @@ def stop_keepers(session_cache: str, tmp_path: Path) -> Iterator[None]:
 
 def test_a_spare_taken_before_collection_for_no_test_is_stopped(
         tmp_path: Path, session_cache: str, stop_keepers: None) -> None:
-    """A run whose selection binds nothing to the environment gives back the spare it took
-    before collecting (its pytest had started: stopped, and the keeper starts another);
-    the next run takes that other one, fresh."""
+    """The same command again takes the spare before it collects (the last run of it used
+    the environment); when its tests are no longer bound there, the spare is given back
+    (its pytest had started: stopped, and the keeper starts another), and the next run
+    takes that other one, fresh."""
     root = make_project(tmp_path, "chroot")
-    (root / "test_local.py").write_text("def test_here():\n    assert True\n")
-    assert warm_run(root, session_cache)["warm"] is False
+    inner = root / "test_warm_inner.py"
+    assert warm_run(root, session_cache, "test_warm_inner.py")["warm"] is False
     wait_for("the keeper's spare", lambda: [
         k for k in project_keepers(session_cache, root) if k["spare"]], timeout=120)
-    report = root / "local.json"
+    marked = inner.read_text()
+    inner.write_text("def test_here():\n    assert True\n")  # the marker removed
+    report = root / "report.json"  # the command of warm_run, unchanged
     result = run_pytest(root, session_cache, "--isolate-warm=120", f"--isolate-report={report}",
-                        "-rA", "test_local.py")
+                        "-rA", "test_warm_inner.py")
     assert result.returncode == 0 and "1 passed" in result.stdout, output(result)
     assert json.loads(report.read_text())["environments"] == {}
     # lent to that run and returned: the keeper served it, and holds a new spare
     wait_for("the keeper's next spare", lambda: [
         k for k in project_keepers(session_cache, root)
         if k["served"] == 1 and k["spare"] and not k["lent"]], timeout=120)
+    inner.write_text(marked)
+    # that run used no environment: this one takes the spare when its first test needs it
     again = warm_run(root, session_cache, "test_warm_inner.py")
-    assert again["warm"] is True and again["early"] is True, again
+    assert again["warm"] is True and again["early"] is False, again
     assert again["tests"] == 2
+    wait_for("the keeper's next spare", lambda: [
+        k for k in project_keepers(session_cache, root)
+        if k["served"] == 2 and k["spare"] and not k["lent"]], timeout=120)
+    last = warm_run(root, session_cache, "test_warm_inner.py")
+    assert last["warm"] is True and last["early"] is True, last
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
