@@ -6,6 +6,7 @@ Pure functions and configuration only: no backend, no agent.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from unit_support import Project
@@ -13,7 +14,7 @@ from unit_support import Project
 from pytest_isolate.config import load_pyproject, resolve_envs
 from pytest_isolate.errors import ConfigError
 from pytest_isolate.images.deps import make_plan, resolve_groups
-from pytest_isolate.inside import disabled_plugins, filter_addopts
+from pytest_isolate.inside import disabled_plugins, filter_addopts, initial_paths
 from pytest_isolate.spec import EnvSpec
 
 
@@ -45,6 +46,28 @@ def specs(tmp_path: Path, text: str) -> dict[str, EnvSpec]:
     path = tmp_path / "pyproject.toml"
     path.write_text(text)
     return resolve_envs(load_pyproject(path), path, ["chroot", "docker", "qemu", "lxc", "schroot"])
+
+
+def test_a_deferred_pytest_configures_from_the_hosts_paths_in_the_project(
+        tmp_path: Path) -> None:
+    """initial_paths: the host's arguments made absolute (their node ids kept); those
+    outside the project or missing are left out, and the project's root stands in for
+    none.  (A stand-in for pytest's Config: the three attributes it reads.)"""
+    root = tmp_path / "project"
+    (root / "tests").mkdir(parents=True)
+    (root / "tests" / "test_a.py").write_text("")
+    (tmp_path / "elsewhere.py").write_text("")
+
+    def config(invoked: Path, *args: str) -> SimpleNamespace:
+        return SimpleNamespace(rootpath=root, args=list(args),
+                               invocation_params=SimpleNamespace(dir=invoked))
+
+    assert initial_paths(config(root / "tests", "test_a.py::test_x", "../tests", "gone.py",
+                                "../../elsewhere.py")) == [
+        f"{root}/tests/test_a.py::test_x", f"{root}/tests"]
+    assert initial_paths(config(root, "tests/test_a.py")) == [f"{root}/tests/test_a.py"]
+    assert initial_paths(config(tmp_path, "elsewhere.py")) == [str(root)]
+    assert initial_paths(config(root)) == [str(root)]
 
 
 def test_top_level_keys_are_defaults_for_every_environment(tmp_path: Path) -> None:
