@@ -196,6 +196,7 @@ USED_COMMANDS = 64
 
 
 def command_key(rootdir: Path, invocation: Path, args: Any) -> str:
+    """A run's command: its project, the directory pytest ran in and its arguments."""
     return hashlib.sha256(json.dumps([str(rootdir), str(invocation), list(args)]).encode()
                           ).hexdigest()[:24]
 
