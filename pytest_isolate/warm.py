@@ -188,9 +188,9 @@ def with_spares(cache_root: Path, rootdir: Path) -> set[str]:
     return names
 
 
-#: The environments the last runs of each command used (<cache>/warm/USED): a run takes
-#: spares before it collects for the ones its command used last time, at most this many
-#: commands remembered.
+#: The environments the last run of each command used (<cache>/warm/USED): a run takes
+#: spares before it collects for the ones its command used last time.  At most this many
+#: commands are remembered; the one whose record changed longest ago goes first.
 USED = "used-envs.json"
 USED_COMMANDS = 64
 
