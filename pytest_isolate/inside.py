@@ -150,7 +150,7 @@ def initial_paths(config: Any) -> list[str]:
     for arg in config.args:
         path, sep, rest = str(arg).partition("::")
         full = os.path.normpath(os.path.join(config.invocation_params.dir, path))
-        if (full == rootdir or full.startswith(rootdir + os.sep)) and os.path.exists(full):
+        if os.path.commonpath([full, rootdir]) == rootdir and os.path.exists(full):
             out.append(full + sep + rest)
     return out or [rootdir]
 

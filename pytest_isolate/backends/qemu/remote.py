@@ -222,9 +222,9 @@ class RemotePool:
 
 
 def delete_volume(volume: Any, log: Path | None = None, attempts: int = 5) -> bool:
-    """Delete a volume, trying again for a while: libvirt refuses while the pool is busy
-    (a refresh after an upload, an upload's stream not yet closed).  A failure is written
-    to log, if given, rather than raised: this runs while an instance stops."""
+    """Delete a volume, trying again for about 3 s: libvirt can refuse for a while (a pool
+    busy with a refresh or an upload, say).  A failure is written to log, if given, rather
+    than raised: this runs while an instance stops."""
     for attempt in range(attempts):
         try:
             volume.delete(0)
