@@ -451,6 +451,8 @@ class InstancePool:
         from pytest_isolate import warm
 
         used = warm.used_last(self.cache.root, self.command_key())
+        if not used:  # (a new command, or one that used none: no keeper's status read)
+            return
         for name in sorted(used & warm.with_spares(self.cache.root, self.config.rootpath)):
             spec = self.settings.specs.get(name)
             key = None if spec is None else self._warm_key(name, spec, None, bound=True)
@@ -542,7 +544,8 @@ class InstancePool:
                 timer: PhaseTimer) -> dict[str, Any]:
         """inst's pytest started by request, and its answer once it collected."""
         args = request["args"]
-        addopts, _ = inside.filter_addopts(inside.addopts_of(self.config))
+        # the project's addopts as pytest_request gave them (inside.pytest_args)
+        addopts = next((a for a in args if a.startswith("addopts=")), "")[len("addopts="):]
         with timer.phase("sync"):
             try:
                 reply, _ = inst.conn.call(0, request, timeout=self.settings.timeout)
@@ -552,7 +555,7 @@ class InstancePool:
                 # an option of the project's addopts that the pytest inside does not know
                 # (its plugin is not installed there): said once, then run without them
                 self.progress(f"{name}: pytest inside refused the project's addopts "
-                              f"{shlex.join(addopts)!r} (its log: {inst.logs.get('agent')}); "
+                              f"{addopts!r} (its log: {inst.logs.get('agent')}); "
                               "running there without them")
                 request["args"] = ["addopts=" if a.startswith("addopts=") else a for a in args]
                 reply, _ = inst.conn.call(0, request, timeout=self.settings.timeout)

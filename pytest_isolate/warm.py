@@ -174,18 +174,11 @@ class Borrowed:
 
 
 def with_spares(cache_root: Path, rootdir: Path) -> set[str]:
-    """The environments of the project at rootdir whose keepers say they hold a spare (a
-    keeper of another key -- older code, other settings -- may say so too: the run's own
-    key finds its socket, or none)."""
-    names = set()
-    for path in (cache_root / "warm").glob("*.json"):
-        try:
-            status = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if status.get("rootdir") == str(rootdir) and status.get("spare"):
-            names.add(str(status.get("env")))
-    return names
+    """The environments of the project at rootdir whose live keepers say they hold a spare
+    (a keeper of another key -- older code, other settings -- may say so too: the run's
+    own key finds its socket, or none)."""
+    return {str(k.get("env")) for k in keepers(cache_root)
+            if k.get("rootdir") == str(rootdir) and k.get("spare")}
 
 
 #: The environments the last run of each command used (<cache>/warm/USED): a run takes
