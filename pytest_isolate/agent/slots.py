@@ -23,6 +23,15 @@ What a slot is:
 A slot is reused only when the zygote has set up or torn down nothing since it was made
 (``generation``): the session layer, a lower layer of the slot's overlay, must not have
 changed under it.  A later test in a reused slot gets the next free PID there, not 2.
+
+Where tests keep CAP_SYS_ADMIN (a VM's guest, ``privileged = true``), a test may also
+mount, unmount or remount in its namespace.  Those slots are ``checked``: the first
+worker sends the mount table it made (/proc/self/mountinfo) with the namespace, and each
+later worker compares it, once it has joined, with the table it finds.  Once no process
+is left in the slot's PID namespace nothing can change its mounts (the zygote holds the
+namespace by a descriptor only), so a table that is the same is a namespace as it was
+made.  A worker that finds another goes back to the zygote's namespace, makes a root of
+its own as a worker without a slot does, and tells the zygote that the slot is spent.
 """
 
 from __future__ import annotations
@@ -43,11 +52,21 @@ from .mounts import (
     umount,
 )
 
+#: the largest mount table a checked slot keeps (a larger one is not kept: never the same)
+MOUNTS_MAX = 1 << 16
+
+
+def read_mounts() -> bytes:
+    """This process's mount table, as /proc shows it to a process in its mount namespace."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return f.read(MOUNTS_MAX + 1)
+
 
 class Slot:
     """One test worker's namespaces (see the module's docstring)."""
 
-    def __init__(self, ws: str, pidns: int, init: Tuple[int, Any], generation: int) -> None:
+    def __init__(self, ws: str, pidns: int, init: Tuple[int, Any], generation: int,
+                 checked: bool = False) -> None:
         self.ws = ws
         _root, self.upper, _work = layer_dirs(ws, 1)  # (the first worker's, see mount_layers)
         self.shm = ws + "/shm"
@@ -57,8 +76,14 @@ class Slot:
         #: its mount namespace, once its first worker has sent it (-1: not yet)
         self.mnt = -1
         #: the zygote's end of the pair its first worker sends that on, and the worker's
-        self.keep, self.give = socket.socketpair()
+        self.keep, self.give = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.keep.setblocking(False)  # (recv_fds passes no flags before Python 3.12)
         self.generation = generation
+        #: the mount table its first worker made, when tests may change it (checked)
+        self.checked = checked
+        self.mounts = b""
+        #: a later worker found the mount table changed (see the module's docstring)
+        self.spent = False
         #: the worker in it now (0: none)
         self.worker = 0
 
@@ -72,38 +97,61 @@ class Slot:
         self.give.close()
 
     # -- in the worker
-    def enter(self) -> None:
+    def enter(self) -> bool:
         """Join the slot's mount namespace: the root a test before left as it was made (the
-        caller is in the slot's PID namespace already: the zygote forked it there)."""
-        setns(self.mnt, CLONE_NEWNS)
-        os.close(self.mnt)
-        self.give.close()
+        caller is in the slot's PID namespace already: the zygote forked it there).  False
+        when a checked slot's mounts changed: the caller is still in the zygote's mount
+        namespace, and makes a root of its own."""
+        home = os.open("/proc/self/ns/mnt", os.O_RDONLY) if self.checked else -1
+        try:
+            setns(self.mnt, CLONE_NEWNS)
+            if home >= 0 and read_mounts() != self.mounts:
+                setns(home, CLONE_NEWNS)
+                self.give.send(b"x")
+                return False
+            return True
+        finally:
+            if home >= 0:
+                os.close(home)
+            os.close(self.mnt)
+            self.mnt = -1
+            self.give.close()
 
     def hand_over(self) -> None:
-        """The first worker, once its root is made and entered: send its mount namespace to
-        the zygote."""
+        """The first worker, once its root is made and entered: send its mount namespace
+        (and a checked slot's mount table) to the zygote."""
         fd = os.open("/proc/self/ns/mnt", os.O_RDONLY)
         try:
-            socket.send_fds(self.give, [b"m"], [fd])
+            socket.send_fds(self.give, [b"m" + (read_mounts() if self.checked else b"")], [fd])
         finally:
             os.close(fd)
             self.give.close()
 
     # -- in the zygote
     def receive(self) -> None:
-        if self.mnt >= 0:
-            return
-        try:
-            _, fds, _, _ = socket.recv_fds(self.keep, 1, 1, socket.MSG_DONTWAIT)
-        except OSError:
-            return
-        if fds:
-            self.mnt = fds[0]
+        """Take what the slot's workers sent: its first worker's namespace (and mount
+        table), a later worker's "spent"."""
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.keep, MOUNTS_MAX, 1)
+            except OSError:
+                return
+            if not data:
+                return
+            if data[:1] == b"x":
+                self.spent = True
+            for fd in fds:
+                if self.mnt < 0 and data[:1] == b"m":
+                    self.mnt, self.mounts = fd, data[1:]
+                else:
+                    os.close(fd)
 
     def as_made(self) -> bool:
         """Whether what the last test did left the slot as it was made: no process in its PID
         namespace but PID 1 (whose children are the orphans, zombies included, of the
         test), and an empty upper layer and /dev/shm."""
+        if self.spent:
+            return False
         pid = self.init[0]
         try:
             with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
@@ -119,12 +167,15 @@ class Slots:
     ``fork`` its worker into it, and when the worker is reaped (``ended``) keep the slot for
     another test if it is as it was made, else end it."""
 
-    def __init__(self, base: str, pids: PidNamespaces, size: Optional[int], keep: int = 2) -> None:
+    def __init__(self, base: str, pids: PidNamespaces, size: Optional[int], keep: int = 2,
+                 checked: bool = False) -> None:
         self.base = base
         self.pids = pids
         self.size = size
         #: idle slots kept at most (the next test's worker is forked while a test runs)
         self.keep = keep
+        #: tests may change their mounts: check each slot's (see the module's docstring)
+        self.checked = checked
         self.idle: List[Slot] = []
         self.busy: Dict[int, Slot] = {}
         self.made = 0
@@ -149,7 +200,7 @@ class Slots:
         except BaseException:
             umount(ws, MNT_DETACH)
             raise
-        return Slot(ws, pidns, init, generation)
+        return Slot(ws, pidns, init, generation, self.checked)
 
     def fork(self, slot: Slot) -> int:
         """os.fork() into slot's PID namespace; the child closes what is not its own (the

@@ -202,12 +202,14 @@ def worker_main(agent: Agent, sock: socket.socket, ch: int, req: Dict[str, Any],
     if not isolated:
         return WorkerServer(agent, sock, ch, req, root=None, zygote=zygote).serve()
     test = req.get("kind", "test") == "test"
+    reused = slot is not None and slot.mnt >= 0
+    if slot is not None and reused and not slot.enter():
+        # its mounts changed (a checked slot): a root of our own, in its PID namespace
+        slot, reused = None, False
     ws = slot.ws if slot is not None else zygote.test_ws if zygote is not None else "/.isolate/ws"
     server = WorkerServer(agent, sock, ch, req, root=None, zygote=zygote, ws=ws)
-    if slot is not None and slot.mnt >= 0:
-        slot.enter()
-        server.reused = True
-    else:
+    server.reused = reused
+    if not reused:
         if zygote is None or zygote.pids is None:
             enter_pid_namespace(sock)
         else:

@@ -91,7 +91,7 @@ class Zygote:
         self.running = True
         #: each test worker's PID namespace (isolated backends)
         self.pids: Optional[PidNamespaces] = None
-        #: test workers' namespaces kept for later tests (isolated and hardened backends)
+        #: test workers' namespaces kept for later tests (isolated backends)
         self.slots: Optional[Slots] = None
         #: counts what the zygote set up or tore down: a slot is reused in its generation only
         self.generation = 0
@@ -109,14 +109,14 @@ class Zygote:
                 pids = PidNamespaces.probe()
             self.enter_layer()
             self.pids = pids
-            if (pids is not None and harden_opts(self.agent.settings) is not None
-                    and len(os.listdir("/proc/self/task")) == 1):
-                # hardened: a test cannot change its mounts, so what a slot's checks miss
-                # is only what no test can do (privileged tests make their own each time).
+            if pids is not None and len(os.listdir("/proc/self/task")) == 1:
                 # One thread: a worker forked from here may join a mount namespace (setns
                 # refuses a process whose threads share its root); under qemu-user (a
                 # foreign architecture) the emulator's own thread is in every process.
-                self.slots = Slots(self.test_ws, pids, self.agent.settings.get("disk"))
+                # Hardened, a test cannot change its mounts; elsewhere (a VM, privileged)
+                # each slot's mount table is checked before it is used again.
+                self.slots = Slots(self.test_ws, pids, self.agent.settings.get("disk"),
+                                   checked=harden_opts(self.agent.settings) is None)
         self.sigr, self.sigw = os.pipe()
         os.set_blocking(self.sigr, False)
         os.set_blocking(self.sigw, False)
