@@ -76,8 +76,8 @@ class QemuBackend(LibvirtDriver, SavedStates):
         "cpu": Option("a string", "the CPU model under TCG"),
         "memory": Option("a whole number", "the guest's RAM in MiB when the spec has no "
                          "memory key", minimum=64),
-        "cpus": Option("a whole number", "virtual CPUs when the spec has no cpus key",
-                       minimum=1),
+        "cpus": Option("a whole number", "virtual CPUs when the spec has no cpus key "
+                       "(default 2)", minimum=1),
         "boot_timeout": Option("a number", "seconds to wait for the agent's port",
                                minimum=1),
         "exclude": EXCLUDE_OPTION,
