@@ -3,6 +3,8 @@
 own.  Whatever a test leaves -- a file in its root or in /dev/shm, a process -- makes its
 slot unusable, and the next test still starts from a clean state; a fixture the zygote
 sets up between tests (the session layer changes) retires every slot made before it.
+Where tests keep CAP_SYS_ADMIN (a VM's guest, ``privileged = true``) a test may change
+its mounts too: a slot whose mount table changed is not used again.
 
 Each case is a generated project run by a pytest subprocess against a real backend.
 """
@@ -90,3 +92,74 @@ def test_kept_namespaces_are_clean_and_reused(pytester: pytest.Pytester, session
     # a test runs, so it takes the slot of the test before that one); the three that left
     # something, and the fixture's set-up, make new ones
     assert 4 <= stats["reused_roots"] <= 15 - 4, stats
+
+
+#: Tests that change their mounts, for environments whose tests keep CAP_SYS_ADMIN.  They
+#: use mount(2) itself: mount(8) writes /run/mount, which would spoil the slot as a
+#: written file does, and this is about the mounts alone.
+MOUNT_TESTS = textwrap.dedent(
+    '''
+
+    import ctypes
+
+    MS_REMOUNT, MS_BIND = 32, 4096
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(src, dst, fstype, flags):
+        if libc.mount(src, dst, fstype, flags, None) != 0:
+            raise OSError(ctypes.get_errno(), "mount " + dst.decode())
+
+    def sys_writable():
+        return any(line.split()[4] == "/sys" and line.split()[5].split(",")[0] == "rw"
+                   for line in open("/proc/self/mountinfo"))
+
+    def clean_mounts():
+        clean()
+        assert not os.path.ismount("/mnt")
+        assert not sys_writable()
+
+    def test_mounts_a_tmpfs():
+        clean_mounts()
+        mount(b"none", b"/mnt", b"tmpfs", 0)
+        assert os.path.ismount("/mnt")
+
+    @pytest.mark.parametrize("i", range(3))
+    def test_after_the_tmpfs(i):
+        clean_mounts()
+
+    def test_makes_sys_writable():
+        clean_mounts()
+        mount(None, b"/sys", None, MS_REMOUNT | MS_BIND)
+        assert sys_writable()
+
+    @pytest.mark.parametrize("i", range(3))
+    def test_after_sys(i):
+        clean_mounts()
+    '''
+)
+
+PRIVILEGED = textwrap.dedent(
+    """
+    [tool.pytest-isolate.envs.privileged]
+    backend = "chroot"
+    privileged = true
+    """
+)
+
+
+@pytest.mark.parametrize("env", ["privileged", "qemu_vm"])
+def test_a_slot_whose_mounts_changed_is_not_used_again(pytester: pytest.Pytester,
+                                                       session_cache: str, env: str) -> None:
+    """A test that keeps CAP_SYS_ADMIN mounts a tmpfs, or makes the read-only /sys
+    writable, and leaves nothing else: the later tests that take its slot find its mount
+    table changed and make a root of their own, and the slots of the others are used
+    again (the same project fails when the check is left out)."""
+    pytester.makepyfile(test_slots=TESTS.format(env=env) + MOUNT_TESTS)
+    pytester.makefile(".toml", pyproject=PRIVILEGED)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "--isolate-strict",
+        "--isolate-report=report.json", f"--isolate-cache-dir={session_cache}", timeout=900)
+    result.assert_outcomes(passed=23)
+    stats = json.loads((pytester.path / "report.json").read_text())["environments"][env]
+    assert stats["tests"] == 23
+    assert 8 <= stats["reused_roots"] <= 23 - 6, stats
