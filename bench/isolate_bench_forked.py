@@ -5,12 +5,15 @@ overlay, hardening, agent or second process to relay through.
 This is the floor of any design that gives each test a process of its own by forking one
 that has imported pytest and collected the tests (the zygote's design, and
 pytest-forked's): the kernel's fork, the copy-on-write faults of the test's own run and
-the exit, plus the reports serialised over a pipe, as the agent sends them.  Table 2 of
+the exit, plus the reports serialised over a pipe, as the agent sends them.  The
+collector's objects are frozen before the fork (gc.freeze), as the zygote's are, so that
+a collection in the child copies no page of the parent's.  Table 2 of
 bench/run.py shows it beside the local run and the backends (issue 13's per-test target).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 from typing import Any
@@ -25,6 +28,7 @@ def pytest_runtest_protocol(item: Any, nextitem: Any) -> bool:
     config = item.config
     hook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
     read, write = os.pipe()
+    gc.freeze()
     pid = os.fork()
     if pid == 0:  # the test's process: run it, send its reports, end without clean-up
         code = 1

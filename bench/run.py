@@ -68,6 +68,9 @@ SLEEP = 1.5
 
 #: The name suffix of the first-result subjects whose environment is a keeper's spare.
 WARM = "+warm"
+#: The name suffix of a VM's subject without a clean state per test (reset = "session"):
+#: what a test costs in the guest under TCG before any clean state, in the same run.
+SESSION = ", reset=session"
 #: --isolate-warm for those runs: outlives the benchmark's gaps between them.
 WARM_SECONDS = 300
 
@@ -282,6 +285,11 @@ class Samples:
         return {f.name: median(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
+def reset_session(session: bool) -> list[str]:
+    """The arguments of a subject without a clean state per test (SESSION)."""
+    return ["--isolate-reset", "session"] if session else []
+
+
 def verdict(value: float | None, limit: float, above: bool = False) -> str:
     if value is None:
         return "-"
@@ -397,13 +405,17 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
         settle(project)
         if name == FORKED:
             return run_pytest(project, ["-p", FORK_PLUGIN, "local_one_test.py"], tmp, False)
-        return run_pytest(project, [f"{name}_one_test.py"], tmp, isolate)
+        env, session = name.removesuffix(SESSION), name.endswith(SESSION)
+        return run_pytest(project, [f"{env}_one_test.py", *reset_session(session)], tmp,
+                          isolate)
 
     def many(name: str, isolate: bool = True) -> Run:
         settle(project)
         if name == FORKED:
             return run_pytest(project, ["-p", FORK_PLUGIN, "local_many_test.py"], tmp, False)
-        return run_pytest(project, [f"{name}_many_test.py"], tmp, isolate)
+        env, session = name.removesuffix(SESSION), name.endswith(SESSION)
+        return run_pytest(project, [f"{env}_many_test.py", *reset_session(session)], tmp,
+                          isolate)
 
     def one_warm(name: str) -> Run:
         """One test taken from the keeper's spare (waited for, as a user's next run
@@ -442,7 +454,9 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
         if problem:
             raise SystemExit(f"bench: {b} with --isolate-warm failed: {problem}")
 
-    samples: dict[str, Samples] = {name: Samples() for name in ("local", FORKED, *backends)}
+    sessions = [f"{b}{SESSION}" for b in backends if b in VM_ENVS]
+    samples: dict[str, Samples] = {name: Samples()
+                                   for name in ("local", FORKED, *backends, *sessions)}
     samples.update({f"{b}{WARM}": Samples() for b in warm})
     bare: list[float] = []
     bare_argv = [str(PYTEST), "-p", "no:cacheprovider", "--co", "-q", "local_one_test.py"]
@@ -454,7 +468,7 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
         subprocess.run(bare_argv, cwd=project, capture_output=True, check=True,
                        env=user_environ())
         bare.append(time.monotonic() - t0)
-        for name in ("local", FORKED, *backends):
+        for name in ("local", FORKED, *backends, *sessions):
             isolate = name not in ("local", FORKED)
             r1, rn = one(name, isolate), many(name, isolate)
             problem = r1.problem(1) or rn.problem(n)
@@ -563,11 +577,27 @@ def render(args: argparse.Namespace, backends: list[str], failed: dict[str, str]
                      f"<= {limit:g} ms", v, ms(m["steady"]), ms(m["run_mean"]),
                      ms(m["reset_mean"]),
                      "-" if m["reused"] is None else f"{100 * m['reused']:.0f} %", ratio])
+        if f"{b}{SESSION}" in med:  # a VM: the same tests without a clean state
+            m = med[f"{b}{SESSION}"]
+            added = [e - loc for e, loc in zip(samples[f"{b}{SESSION}"].marginal,
+                                               samples["local"].marginal)]
+            rows.append([f"{b}{SESSION}", sec(m["wall_one"]), sec(m["wall_many"]),
+                         ms(m["marginal"]), ms(median(added)),
+                         f"{ms(min(added))}..{ms(max(added))}", "(no clean state)", "",
+                         ms(m["steady"]), ms(m["run_mean"]), ms(m["reset_mean"]), "", ""])
     out += ["", f"2. clean state per test (reset=test): {n} trivial tests in one environment; "
             f"per test = (wall({n}) - wall(1)) / {n - 1}; added = per test - local per test; "
             f"'{FORKED}': the local tests, each in a fork of the pytest process and nothing "
-            "more (bench/isolate_bench_forked.py), the floor of any fork per test",
+            "more (bench/isolate_bench_forked.py), the floor of any fork per test; "
+            f"'VM{SESSION}': the same tests in the VM without a clean state per test",
             table(rows)]
+    for b in backends:
+        if f"{b}{SESSION}" in med:
+            with_state = med[b]["marginal"]
+            without = med[f"{b}{SESSION}"]["marginal"]
+            if with_state is not None and without is not None:
+                out.append(f"{b}: a clean state per test adds {ms(with_state - without)} per "
+                           f"test to the same tests in the same VM without one")
 
     # 3. naive baseline
     rows = [["baseline", "per test", "min..max", "÷ docker backend per test", "target", ""]]
