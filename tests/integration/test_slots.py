@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -78,16 +79,25 @@ TESTS = textwrap.dedent(
 )
 
 
+def run_passing(pytester: pytest.Pytester, session_cache: str, env: str, tests: str,
+                passed: int, timeout: float = 600) -> dict[str, Any]:
+    """Run the project of tests, which must all pass; the report's figures of env."""
+    pytester.makepyfile(test_slots=tests)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", "--isolate-strict",
+        "--isolate-report=report.json", f"--isolate-cache-dir={session_cache}",
+        timeout=timeout)
+    result.assert_outcomes(passed=passed)
+    stats: dict[str, Any] = json.loads((pytester.path / "report.json").read_text())[
+        "environments"][env]
+    assert stats["tests"] == passed
+    return stats
+
+
 @pytest.mark.parametrize("env", BACKENDS)
 def test_kept_namespaces_are_clean_and_reused(pytester: pytest.Pytester, session_cache: str,
                                               env: str) -> None:
-    pytester.makepyfile(test_slots=TESTS.format(env=env))
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-p", "no:randomly", "--isolate-strict",
-        "--isolate-report=report.json", f"--isolate-cache-dir={session_cache}", timeout=600)
-    result.assert_outcomes(passed=15)
-    stats = json.loads((pytester.path / "report.json").read_text())["environments"][env]
-    assert stats["tests"] == 15
+    stats = run_passing(pytester, session_cache, env, TESTS.format(env=env), 15)
     # the read-only tests hand their namespaces on (the next test's worker is forked while
     # a test runs, so it takes the slot of the test before that one); the three that left
     # something, and the fixture's set-up, make new ones
@@ -154,12 +164,7 @@ def test_a_slot_whose_mounts_changed_is_not_used_again(pytester: pytest.Pytester
     writable, and leaves nothing else: the later tests that take its slot find its mount
     table changed and make a root of their own, and the slots of the others are used
     again (the same project fails when the check is left out)."""
-    pytester.makepyfile(test_slots=TESTS.format(env=env) + MOUNT_TESTS)
     pytester.makefile(".toml", pyproject=PRIVILEGED)
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-p", "no:randomly", "--isolate-strict",
-        "--isolate-report=report.json", f"--isolate-cache-dir={session_cache}", timeout=900)
-    result.assert_outcomes(passed=23)
-    stats = json.loads((pytester.path / "report.json").read_text())["environments"][env]
-    assert stats["tests"] == 23
+    stats = run_passing(pytester, session_cache, env, TESTS.format(env=env) + MOUNT_TESTS, 23,
+                        timeout=900)
     assert 8 <= stats["reused_roots"] <= 23 - 6, stats
