@@ -148,16 +148,13 @@ MOUNT_TESTS = textwrap.dedent(
     '''
 )
 
-PRIVILEGED = textwrap.dedent(
-    """
-    [tool.pytest-isolate.envs.privileged]
-    backend = "chroot"
-    privileged = true
-    """
-)
+#: each container backend as a privileged environment, "privileged-BACKEND"
+PRIVILEGED = "".join(
+    f'[tool.pytest-isolate.envs.privileged-{b}]\nbackend = "{b}"\nprivileged = true\n'
+    for b in BACKENDS)
 
 
-@pytest.mark.parametrize("env", ["privileged", "qemu_vm"])
+@pytest.mark.parametrize("env", [*(f"privileged-{b}" for b in BACKENDS), "qemu_vm"])
 def test_a_slot_whose_mounts_changed_is_not_used_again(pytester: pytest.Pytester,
                                                        session_cache: str, env: str) -> None:
     """A test that keeps CAP_SYS_ADMIN mounts a tmpfs, or makes the read-only /sys
