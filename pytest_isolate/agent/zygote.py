@@ -95,8 +95,6 @@ class Zygote:
         self.slots: Optional[Slots] = None
         #: counts what the zygote set up or tore down: a slot is reused in its generation only
         self.generation = 0
-        #: the generation whose objects the garbage collector has frozen (see freeze)
-        self.frozen = -1
 
     def send(self, obj: Dict[str, Any], blob: bytes = b"") -> None:
         self.sock.sendall(encode_frame(self.ch, obj, blob))
@@ -221,7 +219,7 @@ class Zygote:
         try:
             if item is not None:
                 warnings = self.prepare(item)
-            self.freeze()
+            gc.freeze()  # (see changing)
             if self.slots is not None:
                 slot = self.slots.take(self.generation)
                 pid = self.slots.fork(slot)
@@ -252,20 +250,16 @@ class Zygote:
             item._report_sections = []  # the worker reports what the set-up printed
         self.send_forked(ch, pid)
 
-    def freeze(self) -> None:
-        """Before a fork: move every object to the collector's permanent generation, which
-        it never scans (gc.freeze).  A worker's collections then look at what the worker
-        made only, instead of writing to the header of every object the zygote holds: a
-        copy of each of those pages, per test (under TCG, a full collection in a worker
-        costs ten times its fork).  Thawed while fixture code runs here (changing), so
-        that the garbage of the zygote's own set-ups and teardowns is collected."""
-        if self.frozen != self.generation:
-            gc.freeze()
-            self.frozen = self.generation
-
     def changing(self) -> None:
         """The zygote is about to set up or tear down something: a new generation (slots),
-        and the collector may scan the zygote's objects again while fixture code runs."""
+        and the collector may scan the zygote's objects again while fixture code runs.
+
+        Before each fork (op_fork) every object goes to the collector's permanent
+        generation, which it never scans (gc.freeze, constant time).  A worker's
+        collections then look at what the worker made only, instead of writing to the
+        header of every object the zygote holds: a copy of each of those pages, per test
+        (under TCG, a full collection in a worker cost ten times its fork).  Thawed here,
+        so that the garbage of the zygote's own set-ups and teardowns is collected."""
         self.generation += 1
         gc.unfreeze()
 
