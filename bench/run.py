@@ -285,9 +285,17 @@ class Samples:
         return {f.name: median(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
-def reset_session(session: bool) -> list[str]:
-    """The arguments of a subject without a clean state per test (SESSION)."""
-    return ["--isolate-reset", "session"] if session else []
+def subject_argv(name: str, kind: str) -> list[str]:
+    """pytest's arguments for subject name's generated file of kind ("one", "many")."""
+    if name == FORKED:
+        return ["-p", FORK_PLUGIN, f"local_{kind}_test.py"]
+    env = name.removesuffix(SESSION)
+    return [f"{env}_{kind}_test.py", *(["--isolate-reset", "session"] if env != name else [])]
+
+
+def added_vs_local(samples: dict[str, Samples], name: str) -> list[float]:
+    """Per repeat, what subject name's tests add per test to the local ones'."""
+    return [e - loc for e, loc in zip(samples[name].marginal, samples["local"].marginal)]
 
 
 def verdict(value: float | None, limit: float, above: bool = False) -> str:
@@ -403,19 +411,11 @@ def bench(args: argparse.Namespace, project: Path, tmp: Path, started: float) ->
 
     def one(name: str, isolate: bool = True) -> Run:
         settle(project)
-        if name == FORKED:
-            return run_pytest(project, ["-p", FORK_PLUGIN, "local_one_test.py"], tmp, False)
-        env, session = name.removesuffix(SESSION), name.endswith(SESSION)
-        return run_pytest(project, [f"{env}_one_test.py", *reset_session(session)], tmp,
-                          isolate)
+        return run_pytest(project, subject_argv(name, "one"), tmp, isolate and name != FORKED)
 
     def many(name: str, isolate: bool = True) -> Run:
         settle(project)
-        if name == FORKED:
-            return run_pytest(project, ["-p", FORK_PLUGIN, "local_many_test.py"], tmp, False)
-        env, session = name.removesuffix(SESSION), name.endswith(SESSION)
-        return run_pytest(project, [f"{env}_many_test.py", *reset_session(session)], tmp,
-                          isolate)
+        return run_pytest(project, subject_argv(name, "many"), tmp, isolate and name != FORKED)
 
     def one_warm(name: str) -> Run:
         """One test taken from the keeper's spare (waited for, as a user's next run
@@ -560,13 +560,13 @@ def render(args: argparse.Namespace, backends: list[str], failed: dict[str, str]
                  ms(local["marginal"], 2), "", "", "", "", ms(local["steady"], 2), "", "", "",
                  ""])
     forked = med[FORKED]
-    added = [e - loc for e, loc in zip(samples[FORKED].marginal, samples["local"].marginal)]
+    added = added_vs_local(samples, FORKED)
     rows.append([FORKED, sec(forked["wall_one"]), sec(forked["wall_many"]),
                  ms(forked["marginal"]), ms(median(added)), f"{ms(min(added))}..{ms(max(added))}",
                  "(floor)", "", ms(forked["steady"]), "", "", "", ""])
     for b in backends:
         m = med[b]
-        added = [e - loc for e, loc in zip(samples[b].marginal, samples["local"].marginal)]
+        added = added_vs_local(samples, b)
         limit = PER_TEST_TARGET_MS[b]
         v = verdict(None if not added else median(added), limit / 1000)
         verdicts.setdefault(b, {})["per_test"] = v
@@ -579,8 +579,7 @@ def render(args: argparse.Namespace, backends: list[str], failed: dict[str, str]
                      "-" if m["reused"] is None else f"{100 * m['reused']:.0f} %", ratio])
         if f"{b}{SESSION}" in med:  # a VM: the same tests without a clean state
             m = med[f"{b}{SESSION}"]
-            added = [e - loc for e, loc in zip(samples[f"{b}{SESSION}"].marginal,
-                                               samples["local"].marginal)]
+            added = added_vs_local(samples, f"{b}{SESSION}")
             rows.append([f"{b}{SESSION}", sec(m["wall_one"]), sec(m["wall_many"]),
                          ms(m["marginal"]), ms(median(added)),
                          f"{ms(min(added))}..{ms(max(added))}", "(no clean state)", "",
